@@ -1,0 +1,218 @@
+"""Exact leave-one-out head importance and partial pruning (SPEC "Head importance").
+
+The fast exact scheme:
+1. one unpruned pass stores the input ``x[l]`` of every block and the output distribution;
+2. for block ``l`` the attention ``A``, values ``v`` and per-head outputs are recomputed once;
+   each pruned variant (head h, regions) only changes head h's output, so the pruned
+   attention-module output ``z'`` is the output projection of the edited concatenation:
+   ``cls_dist`` and ``patch_dist`` need no further pass;
+3. the variants of a block are batched together (variants x images) through blocks l..L-1,
+   the last block computing only the prefix tokens when the pooled output reads only those.
+Every number equals a full forward with the head pruned (see tests/test_importance.py).
+Distances and divergences are computed in float64 from float32 activations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import InputError, LabelError
+from .hooks import attention_parts, block_after_attention, block_forward, heads_output, project
+from .pruning import MODE_LABELS, MODES, keep_mask
+from .vit import ViT
+
+METRICS = ("prob", "prob_drop", "jsd", "cls_dist", "patch_dist", "emb_dist")
+# Sequences (variants x images) pushed through the blocks at once: bounds memory to ~100s of MB.
+TOKENS_PER_CHUNK = 1 << 15
+
+
+@dataclass
+class Baseline:
+    """The unpruned pass of a batch. xs: block inputs, L x [B, N, C]; pooled [B, D];
+    logp: log-probabilities [B, C] float64 (None for a backbone)."""
+    xs: list[Tensor]
+    pooled: Tensor
+    logp: Tensor | None
+
+
+def run_baseline(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor], None] | None = None) -> Baseline:
+    """Unpruned forward keeping every block input; ``on_attention(layer, A [B,H,N,N])`` sees each pattern."""
+    x = vit.embed(images)
+    xs = []
+    hook = None if on_attention is None else (lambda layer, A: on_attention(layer, A))
+    for layer in range(vit.depth):
+        xs.append(x)
+        x = block_forward(vit.model.blocks[layer], x, layer, hook)
+    pooled, logits = vit.outputs(x)
+    logp = None if logits is None else torch.log_softmax(logits.double(), dim=-1)
+    return Baseline(xs, pooled, logp)
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cos(a, b) over the last dim, in float64."""
+    a, b = a.double(), b.double()
+    den = (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+    return 1.0 - (a * b).sum(-1) / den
+
+
+def jensen_shannon_bits(logp: Tensor, logq: Tensor) -> Tensor:
+    """JSD of two distributions given as log-probabilities [..., C], in bits, in [0, 1]."""
+    p, q = logp.exp(), logq.exp()
+    logm = torch.log((p + q) / 2)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    kl_p = torch.where(p > 0, p * (logp - logm), zero).sum(-1)
+    kl_q = torch.where(q > 0, q * (logq - logm), zero).sum(-1)
+    return ((kl_p + kl_q) / (2 * math.log(2))).clamp(0, 1)
+
+
+def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tuple[int, Tensor]],
+                   labels: Tensor | None) -> dict[str, Tensor]:
+    """Metrics of pruned variants of one block, each variant = (head, keep mask [N, N]).
+
+    Returns {metric: [V, B] float64} plus "logp" [V, B, C] (classifier models).
+    """
+    blk, T = vit.model.blocks[layer], vit.num_prefix_tokens
+    x = base.xs[layer]
+    B, N, _ = x.shape
+    A, v, gate = attention_parts(blk.attn, blk.norm1(x))
+    o = A @ v                                                   # [B, H, N, d]
+    z = project(blk.attn, heads_output(A, v), gate)             # [B, N, C]
+    last = layer == vit.depth - 1
+    keep_prefix_only = last and vit.pool_reads_prefix_only
+    per_chunk = max(1, TOKENS_PER_CHUNK // (N * B))
+    out: dict[str, list[Tensor]] = {}
+    for start in range(0, len(variants), per_chunk):
+        chunk = variants[start:start + per_chunk]
+        V = len(chunk)
+        o_var = o.unsqueeze(0).repeat(V, 1, 1, 1, 1)            # [V, B, H, N, d]
+        for i, (head, mask) in enumerate(chunk):
+            o_var[i, :, head] = (A[:, head] * mask) @ v[:, head]
+        o_cat = o_var.transpose(2, 3).reshape(V, B, N, -1)      # [V, B, N, H*d]
+        z_var = project(blk.attn, o_cat, gate)                  # [V, B, N, C]
+        res = {}
+        res["cls_dist"] = (cosine_distance(z[:, 0], z_var[:, :, 0]) if T > 0
+                           else torch.full((V, B), float("nan"), dtype=torch.float64))
+        res["patch_dist"] = cosine_distance(z[:, T:], z_var[:, :, T:]).mean(-1)
+        if keep_prefix_only:
+            h = block_after_attention(blk, x[:, :T], z_var[:, :, :T])
+        else:
+            h = block_after_attention(blk, x, z_var)
+        h = vit.blocks(h.reshape(V * B, *h.shape[2:]), start=layer + 1,
+                       prefix_only_last=vit.pool_reads_prefix_only)
+        pooled, logits = vit.outputs(h)
+        res["emb_dist"] = cosine_distance(base.pooled.repeat(V, 1), pooled).reshape(V, B)
+        if logits is not None:
+            logq = torch.log_softmax(logits.double(), dim=-1).reshape(V, B, -1)
+            res["logp"] = logq
+            if labels is not None:
+                p_true = base.logp.gather(1, labels[:, None]).exp()[:, 0]            # [B]
+                q_true = logq.gather(2, labels[None, :, None].expand(V, B, 1)).exp()[..., 0]
+                res["prob"] = q_true
+                res["prob_drop"] = p_true[None] - q_true
+            res["jsd"] = jensen_shannon_bits(base.logp[None], logq)
+        for k, t in res.items():
+            out.setdefault(k, []).append(t)
+    return {k: torch.cat(ts) for k, ts in out.items()}
+
+
+def check_labels(vit: ViT, labels, batch: int) -> Tensor | None:
+    """Labels as LongTensor [B] (None for a backbone); refuses labels outside the classes."""
+    if labels is None or not vit.has_head:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(vit.device)
+    if labels.numel() != batch:
+        raise InputError(f"Got {labels.numel()} labels for {batch} images.")
+    bad = ((labels < 0) | (labels >= vit.num_classes)).nonzero().flatten().tolist()
+    if bad:
+        raise LabelError(f"Labels outside the model's {vit.num_classes} classes at rows {bad[:10]}: "
+                         f"{labels[bad[:10]].tolist()}. Check the label column against the model's classes.")
+    return labels
+
+
+@torch.inference_mode()
+def importance_arrays(vit: ViT, images: Tensor, labels=None,
+                      on_attention: Callable[[int, Tensor], None] | None = None):
+    """Leave-one-out (mode 1) metrics of every head: {metric: [B, L, H] float64 numpy} and
+    the baseline. ``prob``/``prob_drop``/``jsd`` are NaN for a backbone or without labels."""
+    images = vit.check_images(images)
+    B, L, H = images.shape[0], vit.depth, vit.num_heads
+    labels = check_labels(vit, labels, B)
+    base = run_baseline(vit, images, on_attention)
+    arrays = {m: np.full((B, L, H), np.nan) for m in METRICS}
+    for layer in range(L):
+        mask = keep_mask(MODES[1], vit.num_tokens, vit.num_prefix_tokens, device=vit.device)
+        res = layer_variants(vit, base, layer, [(h, mask) for h in range(H)], labels)
+        for m in METRICS:
+            if m in res:
+                arrays[m][:, layer, :] = res[m].T.cpu().numpy()
+    return arrays, base
+
+
+def head_importance(vit: ViT, images: Tensor, labels=None, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+    """Exact leave-one-out importance of every head for every image.
+
+    images: float tensor [B, 3, H, W], preprocessed; labels: LongTensor [B] (None for a backbone).
+    Returns one row per (image, layer, head): image, layer, head, prob, prob_drop, jsd (bits),
+    cls_dist, patch_dist, emb_dist. prob/prob_drop/jsd are NaN for models without a head.
+    """
+    images = vit.check_images(images)
+    B = images.shape[0]
+    labels_t = check_labels(vit, labels, B)
+    frames = []
+    starts = range(0, B, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="head importance", unit="batch")
+    for s in starts:
+        lab = None if labels_t is None else labels_t[s:s + batch_size]
+        arrays, _ = importance_arrays(vit, images[s:s + batch_size], lab)
+        frames.append(arrays_to_frame(arrays, offset=s))
+    return pd.concat(frames, ignore_index=True)
+
+
+def arrays_to_frame(arrays: dict[str, np.ndarray], offset: int = 0) -> pd.DataFrame:
+    """{name: [B, L, H]} -> long DataFrame with columns image, layer, head, names..."""
+    B, L, H = next(iter(arrays.values())).shape[:3]
+    img, lay, hd = np.meshgrid(np.arange(B) + offset, np.arange(L), np.arange(H), indexing="ij")
+    df = pd.DataFrame({"image": img.ravel(), "layer": lay.ravel(), "head": hd.ravel()})
+    for name, arr in arrays.items():
+        df[name] = arr.reshape(B * L * H, *arr.shape[3:]).tolist() if arr.ndim > 3 else arr.ravel()
+    return df
+
+
+@torch.inference_mode()
+def partial_pruning(vit: ViT, image: Tensor, label: int | None, layer: int, head: int,
+                    top: int = 5) -> pd.DataFrame:
+    """All 8 pruning modes of one head for one image (the dashboard's online query).
+
+    image: [3, H, W] (or [1, 3, H, W]) preprocessed. Returns 8 rows: mode (0-7), regions,
+    prob, prob_drop, jsd, cls_dist, patch_dist, emb_dist, top5_classes, top5_probs
+    (top-5 lists are empty for a backbone). Mode 0 is the unpruned model.
+    """
+    if image.ndim == 3:
+        image = image[None]
+    images = vit.check_images(image)
+    if not (0 <= layer < vit.depth and 0 <= head < vit.num_heads):
+        raise InputError(f"Head ({layer}, {head}) does not exist: layers 0-{vit.depth - 1}, heads 0-{vit.num_heads - 1}.")
+    labels = check_labels(vit, None if label is None else [label], 1)
+    base = run_baseline(vit, images)
+    variants = [(head, keep_mask(m, vit.num_tokens, vit.num_prefix_tokens, device=vit.device)) for m in MODES]
+    res = layer_variants(vit, base, layer, variants, labels)
+    df = pd.DataFrame({"mode": range(len(MODES)), "regions": MODE_LABELS})
+    for m in METRICS:
+        df[m] = res[m][:, 0].cpu().numpy() if m in res else np.nan
+    if "logp" in res:
+        p, idx = res["logp"][:, 0].exp().topk(min(top, vit.num_classes), dim=-1)
+        df["top5_classes"] = idx.cpu().tolist()
+        df["top5_probs"] = p.float().cpu().tolist()
+    else:
+        df["top5_classes"] = [[] for _ in MODES]
+        df["top5_probs"] = [[] for _ in MODES]
+    return df
