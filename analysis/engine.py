@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .importance import arrays_to_frame, importance_arrays
 from .patterns import binarize_topq, cls_vector, pack_bits
+from .semantic import batch_semantic_weights, semantic_concentration
 from .strength import khop_strength, mean_attention_distance, strength_entropy
 from .vit import ViT
 
@@ -21,7 +22,8 @@ class BatchResult:
 
     importance: {metric: [B, L, H] float64}; probs: [B, C] float32 or None (backbone);
     strength [B, L, H, K] float32; strength_entropy, mean_distance_px [B, L, H] float32;
-    cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8.
+    cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8;
+    semantic_concentration, cls_semantic_concentration [B, L, H] float32 (see analysis.semantic).
     """
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     probs: np.ndarray | None = None
@@ -30,14 +32,17 @@ class BatchResult:
     mean_distance_px: np.ndarray | None = None
     cls_vectors: np.ndarray | None = None
     patch_bits: np.ndarray | None = None
+    semantic_concentration: np.ndarray | None = None
+    cls_semantic_concentration: np.ndarray | None = None
 
 
 class AttentionAnalyser:
     """Attention hook that turns each block's pattern A [B, H, N, N] into strength and pattern arrays."""
 
-    def __init__(self, vit: ViT, q: float = 0.01, patterns: bool = True):
-        self.vit, self.q, self.patterns = vit, q, patterns
+    def __init__(self, vit: ViT, q: float = 0.01, patterns: bool = True, semantic_weights: Tensor | None = None):
+        self.vit, self.q, self.patterns, self.weights = vit, q, patterns, semantic_weights
         self.strength, self.entropy, self.distance, self.cls, self.bits = [], [], [], [], []
+        self.semantic, self.cls_semantic = [], []
 
     def __call__(self, layer: int, A: Tensor) -> None:
         T, vit = self.vit.num_prefix_tokens, self.vit
@@ -49,6 +54,10 @@ class AttentionAnalyser:
         if self.patterns:
             self.cls.append(cls_vector(A, T).to(torch.float16).cpu().numpy())
             self.bits.append(pack_bits(binarize_topq(A_pp, self.q)))
+        if self.weights is not None:
+            sc, cls_sc = semantic_concentration(A, self.weights, T)
+            self.semantic.append(sc.float().cpu().numpy())
+            self.cls_semantic.append(cls_sc.float().cpu().numpy())
 
     def fill(self, result: BatchResult) -> BatchResult:
         stack = lambda arrays: np.stack(arrays, axis=1)  # L x [B, H, ...] -> [B, L, H, ...]
@@ -58,13 +67,21 @@ class AttentionAnalyser:
         if self.patterns:
             result.cls_vectors = stack(self.cls)
             result.patch_bits = stack(self.bits)
+        if self.weights is not None:
+            result.semantic_concentration = stack(self.semantic)
+            result.cls_semantic_concentration = stack(self.cls_semantic)
         return result
 
 
 @torch.inference_mode()
-def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01) -> BatchResult:
-    """Everything per image for a batch: images [B, 3, H, W] preprocessed, labels [B] or None."""
-    analyser = AttentionAnalyser(vit, q)
+def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, semantic: bool = True) -> BatchResult:
+    """Everything per image for a batch: images [B, 3, H, W] preprocessed, labels [B] or None.
+    semantic: also compute the SIFT-based semantic concentration (analysis.semantic)."""
+    weights = None
+    if semantic:
+        images = vit.check_images(images)
+        weights = torch.from_numpy(batch_semantic_weights(images, vit.data_config, vit.grid, vit.patch_size))
+    analyser = AttentionAnalyser(vit, q, semantic_weights=weights)
     importance, base = importance_arrays(vit, images, labels, on_attention=analyser)
     probs = None if base.logp is None else base.logp.exp().float().cpu().numpy()
     return analyser.fill(BatchResult(importance=importance, probs=probs))

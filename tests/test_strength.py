@@ -97,3 +97,23 @@ def test_pattern_inputs():
     assert (unpack_bits(packed, P) == bits.numpy()).all()
     odd = torch.rand(5, 5) > 0.5     # P*P not a multiple of 8
     assert (unpack_bits(pack_bits(odd), 5) == odd.numpy()).all()
+
+
+def test_semantic_concentration():
+    from analysis.semantic import semantic_concentration, semantic_weights
+
+    T, P = 1, 4
+    w = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    A = torch.zeros(1, 3, T + P, T + P)
+    A[0, 0, :, 1] = 1.0                      # head 0: everyone attends to patch 0 (w = 0.5)
+    A[0, 1, :, T:] = 0.25                    # head 1: uniform over patches
+    A[0, 2, :, 0] = 0.5                      # head 2: half to CLS, rest to patch 3 (w = 0)
+    A[0, 2, :, 4] = 0.5
+    patch_sc, cls_sc = semantic_concentration(A, w, T)
+    torch.testing.assert_close(patch_sc, torch.tensor([[2.0, 1.0, 0.0]]))   # P * 0.5, uniform = 1
+    torch.testing.assert_close(cls_sc, torch.tensor([[2.0, 1.0, 0.0]]))
+    square = np.zeros((28, 28))
+    square[8:20, 8:20] = 1.0                 # corners of a bright square inside patch grid 2x2
+    wts = semantic_weights(square, (2, 2), 14)
+    assert wts.shape == (4,) and wts.sum() == pytest.approx(1.0)
+    assert np.isnan(semantic_weights(np.zeros((28, 28)), (2, 2), 14)).all()
