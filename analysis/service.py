@@ -7,6 +7,7 @@ an LRU cache. Results are plain JSON-able dicts so any transport can carry them.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -44,16 +45,28 @@ class ModelService:
         self.max_models, self.max_results = max_models, max_results
         self._models: OrderedDict[str, ViT] = OrderedDict()
         self._results: OrderedDict[tuple, dict] = OrderedDict()
+        self._runs: dict[Path, tuple] = {}
         self._lock = threading.RLock()
 
     def run(self, run_dir: str | Path) -> Run:
-        return open_run(run_dir)
+        """The opened run, re-opened only when its manifest changes (a rebuild)."""
+        path = Path(run_dir).resolve()
+        try:
+            stamp = (path / "manifest.json").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        with self._lock:
+            cached = self._runs.get(path)
+            if cached is None or cached[0] != stamp:
+                self._runs[path] = cached = (stamp, open_run(path))
+            return cached[1]
 
     def vit(self, run_dir: str | Path) -> ViT:
-        key = str(Path(run_dir).resolve())
+        model = self.run(run_dir).model
+        key = json.dumps(model, sort_keys=True, default=str)  # same model -> loaded once, across runs
         with self._lock:
             if key not in self._models:
-                self._models[key] = model_from_manifest(self.run(run_dir).model, self.device)
+                self._models[key] = model_from_manifest(model, self.device)
                 while len(self._models) > self.max_models:
                     self._models.popitem(last=False)
             self._models.move_to_end(key)

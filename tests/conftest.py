@@ -6,3 +6,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# ---- browser tests (dash[testing]): headless Debian chromium ---------------------------------
+def pytest_setup_options():
+    """Chrome options for the dash_duo fixture: headless, no sandbox/GPU/network, a desktop window."""
+    from selenium.webdriver.chrome.options import Options
+
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--window-size=1680,1200", "--hide-scrollbars"):
+        options.add_argument(arg)
+    return options

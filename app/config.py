@@ -1,0 +1,44 @@
+"""Where the app finds its runs: the cache directory and the run to open first (set by create_app)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from analysis import store
+
+_settings = {"cache_dir": None, "run": None}
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def configure(cache_dir=None, run=None) -> None:
+    _settings["cache_dir"] = Path(cache_dir) if cache_dir else None
+    _settings["run"] = run
+
+
+def cache_dir() -> Path:
+    """--cache-dir, else $HEADSCOPE_CACHE, else <repo>/cache."""
+    return _settings["cache_dir"] or store.default_cache_dir()
+
+
+def valid_name(name) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name)) and name not in (".", "..")
+
+
+def run_dir(name: str) -> Path:
+    """The directory of run ``name`` under the cache dir (names with path separators are refused)."""
+    if not valid_name(name):
+        raise ValueError(f"'{name}' is not a run name")
+    return cache_dir() / name
+
+
+def default_run() -> str | None:
+    """--run, else 'default' when it opens, else the first run that opens, else the first run."""
+    if _settings["run"]:
+        return _settings["run"]
+    runs = store.list_runs(cache_dir())
+    ok = [r["name"] for r in runs if not r["error"]]
+    if "default" in ok:
+        return "default"
+    if ok:
+        return ok[0]
+    return runs[0]["name"] if runs else None

@@ -1,0 +1,146 @@
+"""Help: every number in the dashboard in plain words, with its formula (SPEC.md)."""
+from __future__ import annotations
+
+import dash
+from dash import dcc, html
+
+dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=3)
+
+TEXT = r"""
+## What HeadScope shows
+
+HeadScope explains the attention heads of a Vision Transformer (ViT), following Li et al.,
+*How Does Attention Work in Vision Transformers? A Visual Analytics Attempt* (IEEE TVCG 2023).
+A ViT with $L$ blocks ("layers") and $H$ heads per block cuts an image into a $g_h \times g_w$ grid
+of $P$ patches and adds $T$ prefix tokens (the CLS token, sometimes register tokens), so it works on
+$N = T + P$ tokens. Head $h$ of layer $l$ computes an $N \times N$ attention matrix $A$: row = the
+**source** (query) token, column = the **target** (key) token, every row sums to 1.
+Layers and heads are numbered from 0.
+
+The Explorer shows four linked views (the paper's Fig. 1). Selecting an image or a head in any view
+updates all the others; the selection is kept in the page address, so you can share a view as a link.
+
+| view | what it shows |
+|---|---|
+| **A** Image overview | every image placed by its head-importance vector (see *Layouts*), coloured by class |
+| **B1** Head importance | the chosen metric for all $L \cdot H$ heads: mean ± std over all images, and the selected image's curve |
+| **B2** Pruning modes | the metric when only some regions of the selected head are removed (computed live) |
+| **B3** Top-5 | the five most likely classes under the chosen pruning mode; the true label in **bold** |
+| **C1** Strength overview | every head of the image: x = layer, y = strength entropy |
+| **C2** k-hop strength | how much attention a patch gives, on average, to a patch $k$ hops away |
+| **C3** Entropy distribution | the selected head's strength entropy over all images; the line is the selected image |
+| **D1** Pattern layout | all heads of all images by attention pattern (CLS vectors or patch latents) |
+| **D2** Masks | the image, the patches that attend to a target token, the patches a source token attends to |
+| **D3** Two-axis view | source tokens on top, target tokens below, a segment per attention value above the threshold |
+| **D4** Heatmap | the attention matrix; the CLS row and column are drawn wider |
+| **D5** Histogram | all $N^2$ attention values and the top-$q$ threshold used by D3 and D4 |
+
+Colours: blue = attention that involves the CLS token, orange = patch-to-patch attention, darker =
+stronger. Layers use the cividis scale (dark blue = first layer, yellow = last) in every view.
+Class colours use the colour-blind-safe Okabe-Ito / "Safe" palettes.
+
+## Pruning a head
+
+To *prune* head $(l, h)$, HeadScope sets entries of its attention matrix to zero **after** the softmax
+(no renormalisation) and runs the rest of the network unchanged. The matrix has three regions:
+
+* **R1** prefix → prefix (CLS → CLS, the CLS token's self-attention),
+* **R2** prefix → patches and patches → prefix (the CLS ↔ patch interaction, both directions),
+* **R3** patches → patches.
+
+A **pruning mode** is a set of regions to remove. The eight modes:
+
+| mode | removed | meaning |
+|---|---|---|
+| 0 | none | the original head |
+| 1 | R1+R2+R3 | the whole head (used by every metric below unless stated) |
+| 2 | R1 | CLS self-attention only |
+| 3 | R2 | CLS ↔ patch interaction only |
+| 4 | R3 | patch ↔ patch attention only |
+| 5 | R1+R2 | everything CLS-related |
+| 6 | R1+R3 | CLS self-attention and patch ↔ patch |
+| 7 | R2+R3 | everything but CLS self-attention |
+
+Modes 0–5 are the paper's Fig. 4; 6 and 7 complete the set.
+
+## Head importance metrics
+
+Let $P(x)$ be the model's predicted class distribution for image $x$, $y$ its true label, and $P'$ the
+distribution with the head pruned (mode 1).
+
+* **prob** — the probability of the true class *with the head pruned*, $P'_y$. Low means the model
+  needs this head for this image. (The paper plots this value rather than the drop because it reads more easily.)
+* **prob_drop** — how much the true class loses: $P_y - P'_y$ (paper Eq. 3). Negative values mean the
+  head was *hurting* the prediction.
+* **jsd** — how much the whole output distribution changes, as the Jensen–Shannon divergence in bits
+  (0 = identical, 1 = completely different):
+  $\mathrm{JSD}(P \,\|\, P') = \tfrac12 \mathrm{KL}(P \,\|\, M) + \tfrac12 \mathrm{KL}(P' \,\|\, M)$,
+  $M = \tfrac12 (P + P')$, logarithms base 2 (Eq. 4).
+* **cls_dist** — how much the attention block's output for the CLS token changes:
+  $1 - \cos(z_l[0], z'_l[0])$, where $z_l$ is the block's attention output (after the output projection,
+  before the residual) (Eq. 5). It measures the head's effect on its own layer, before later layers
+  can compensate.
+* **patch_dist** — the same cosine distance averaged over the $P$ patch tokens:
+  $\frac{1}{P}\sum_{t} \big(1 - \cos(z_l[t], z'_l[t])\big)$ (Eq. 6).
+* **emb_dist** — for models without a classifier (self-supervised backbones such as DINOv2), where
+  prob, prob_drop and jsd do not exist: the cosine distance of the model's pooled output embedding
+  with and without the head.
+
+All metrics are exact leave-one-out: the network is really re-run with one head removed. Heads are
+removed one at a time, so two heads that can stand in for each other may each look unimportant.
+
+## Attention strength
+
+Only patch tokens have a position, so strength uses the patch → patch block $A[T{:}, T{:}]$.
+
+* **Hop distance** between patches $(r_1, c_1)$ and $(r_2, c_2)$ is $\max(|r_1 - r_2|, |c_1 - c_2|)$: the
+  8 patches around a patch are 1 hop away, the ring around those 2 hops, and so on.
+* **k-hop strength** of a source patch $u$: $s_k(u) = \frac{1}{|V_k(u)|}\sum_{v \in V_k(u)} A[u, v]$,
+  the average attention $u$ gives to one patch at hop $k$. The head's vector $s$ has $K = \max(g_h, g_w)$
+  entries: $s_k$ is the mean of $s_k(u)$ over the source patches that have any patch at hop $k$
+  (paper Eq. 7). A head with a tall bar at $k=0$ makes every patch look at itself.
+* **Strength entropy** — $-\sum_k p_k \log p_k \,/\, \log K$ with $p = s / \sum_k s_k$; between 0
+  (all attention on one hop distance: a *local* or strictly patterned head) and 1 (spread evenly over all
+  distances: a *global* head). Lower layers tend to have both kinds; higher layers are mostly global.
+* **Mean attention distance** (column mean_distance_px) — the attention-weighted average distance in
+  pixels between a patch and the patches it attends to (rows renormalised over patches), as in the
+  original ViT paper.
+
+## Attention patterns
+
+* **CLS vector** — the CLS token's attention row and column joined: $[A[0, :], A[T{:}, 0]]$, length
+  $N + P$. It says what the CLS token reads and which patches read the CLS token.
+* **Top-q binarisation** — the patch block $A[T{:}, T{:}]$ with its top $q$ fraction of values set to 1 and
+  the rest to 0 ($q = 1\%$ by default). It keeps the *shape* of the pattern (diagonal, shifted diagonal,
+  vertical stripes, blocks) and drops the magnitude.
+* **Threshold in D3–D5** — the same idea for viewing: only attention values in the top $q$ (set on
+  the D5 histogram) are drawn.
+* **Autoencoder layout** — a small convolutional autoencoder (encoder: two convolution layers and one
+  fully connected layer; the decoder mirrors it) is trained to reproduce all binarised patch matrices of
+  the run ($\text{images} \times L \times H$ of them). Its bottleneck codes ("patch latents") summarise
+  each head's pattern; heads with similar patterns get similar codes.
+
+## Layouts
+
+All 2-D layouts are t-SNE maps (nearby points = similar vectors; distances between far-apart clusters
+mean little):
+
+* **Image overview (A)** — each image's $L \cdot H$ vector of prob values, so images that depend on
+  the same heads sit together.
+* **CLS vectors (D1)** — every head of every image by its CLS vector.
+* **Patch latents (D1)** — every head of every image by its autoencoder code. Heads that do the same
+  thing on every image (content-agnostic, typical of low layers) form tight islands; content-dependent
+  heads (higher layers) spread out.
+
+## Tips
+
+* Start with no image selected: B1 shows which heads matter on average (mean ± std band).
+* Click an image in A, then a peak (or dip, for prob) in B1: B2 tells you *which region* of the head
+  matters, C tells you *how far* its attention reaches, D shows *what* it attends to.
+* Hover a token on D3's top axis to see, in D2, where that token looks; hover a token on the bottom
+  axis to see who looks at it.
+"""
+
+
+def layout(**_query):
+    return html.Div([dcc.Markdown(TEXT, mathjax=True, className="help-text")], className="help-page")

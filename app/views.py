@@ -1,0 +1,53 @@
+"""Small layout helpers shared by the pages (cards, messages, the run loader)."""
+from __future__ import annotations
+
+import dash_bootstrap_components as dbc
+from dash import dcc, html
+
+from analysis.errors import HeadScopeError
+
+from . import data
+
+GRAPH_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover",
+                "modeBarButtonsToRemove": ["autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
+                                           "hoverCompareCartesian"]}
+
+
+def load(sel) -> tuple[data.RunIndex | None, str | None]:
+    """(index, None) for the selected run, or (None, message) when it cannot be opened."""
+    try:
+        return data.get_index((sel or {}).get("run")), None
+    except HeadScopeError as err:
+        return None, str(err)
+    except Exception as err:  # a corrupt table: say so, keep the page alive
+        return None, f"Run {(sel or {}).get('run')} cannot be read: {type(err).__name__}: {err}"
+
+
+def card(letter: str, title: str, body, hint: str | None = None, tools=None, class_name: str = "") -> dbc.Card:
+    """A view: header 'A · Image overview' with an optional hint and controls on the right."""
+    header = [html.Span(letter, className="view-letter"), html.Span(title, className="view-title")]
+    if hint:
+        header.append(html.Span(hint, className="view-hint"))
+    return dbc.Card([
+        dbc.CardHeader([html.Div(header, className="view-head"), html.Div(tools or [], className="view-tools")],
+                       className="d-flex justify-content-between align-items-center flex-wrap gap-1"),
+        dbc.CardBody(body, className="p-1"),
+    ], className=f"view-card mb-2 {class_name}")
+
+
+def graph(id_: str, height: int, **kw) -> dcc.Graph:
+    return dcc.Graph(id=id_, config=GRAPH_CONFIG, style={"height": f"{height}px"},
+                     figure={"data": [], "layout": {"xaxis": {"visible": False}, "yaxis": {"visible": False}}}, **kw)
+
+
+def message(text: str | None, color: str = "warning"):
+    """An inline alert, or nothing."""
+    if not text:
+        return None
+    return dbc.Alert(text, color=color, className="py-1 px-2 mb-1 small view-message")
+
+
+def loading(children, id_: str | None = None):
+    kw = {"id": id_} if id_ else {}
+    return dcc.Loading(children, type="circle", delay_show=150, overlay_style={"visibility": "visible", "opacity": 0.5},
+                       **kw)

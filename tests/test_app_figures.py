@@ -1,0 +1,230 @@
+"""Unit tests of the dashboard's figure builders, run index and URL parsing (no browser)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from plotly.io.json import to_json_plotly
+
+from app import config, data, figures as F
+from app.server import parse_selection
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from make_synthetic_cache import make_run  # noqa: E402
+
+L, H = 4, 3
+
+
+def roundtrip(fig):
+    """Figures must serialise the way Dash sends them."""
+    return json.loads(to_json_plotly(fig))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    make_run(root / "syn", n_images=24, layers=L, heads=H, grid=5, n_classes=4, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def reset_config():
+    yield
+    config.configure(None, None)  # leave the app's settings as other tests expect them
+
+
+@pytest.fixture
+def index(cache):
+    config.configure(cache, "syn")
+    return data.get_index("syn")
+
+
+def test_synthetic_run_is_schema_valid(cache):
+    from analysis import store
+
+    run = store.open_run(cache / "syn")
+    assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
+    assert set(store.IMAGE_COLUMNS) <= set(run.images.columns)
+    assert set(store.HEAD_COLUMNS) <= set(run.head_metrics.columns)
+    assert run.metrics == list(store.METRIC_COLUMNS)
+    assert (cache / "syn" / "thumbs" / "0.png").is_file()
+    ent = run.head_metrics.strength_entropy
+    assert ent.between(0, 1).all() and len(run.head_metrics.strength.iloc[0]) == 5
+    assert {"layer", "head", "prob_mean", "prob_std"} <= set(run.head_summary.columns)
+
+
+def test_index_arrays(index, cache):
+    from analysis import store
+
+    hm = store.open_run(cache / "syn").head_metrics
+    assert index.L == L and index.H == H and index.n == 24
+    assert index.metric["jsd"].shape == (24, L * H)
+    row = hm[(hm.image_id == 5) & (hm.layer == 2) & (hm["head"] == 1)].iloc[0]
+    assert index.metric["jsd"][index.pos(5), 2 * H + 1] == pytest.approx(row.jsd)
+    assert index.strength.shape == (24, L * H, 5)
+    assert np.allclose(index.mean["prob"], hm.groupby(["layer", "head"]).prob.mean().to_numpy(), atol=1e-6)
+    assert index.pos(999) is None and index.head_index(L, 0) is None and index.head_index(1, 2) == 1 * H + 2
+    assert data.get_index("syn") is index  # built once
+
+
+def test_index_reports_missing_columns(tmp_path):
+    import pandas as pd
+
+    from analysis import store
+
+    run = make_run(tmp_path / "gaps", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
+    hm = pd.read_parquet(run / "head_metrics.parquet")
+    hm[["patch_x", "patch_y", "prob", "prob_drop", "jsd"]] = np.nan
+    store.write_table(run / "head_metrics.parquet", hm, store.HEAD_COLUMNS)
+    index = data.build_index(store.open_run(run))
+    assert "patch" in index.missing and "cls" not in index.missing
+    assert index.metrics == ["cls_dist", "patch_dist", "emb_dist"]
+
+
+def test_bad_run_names_are_refused(cache):
+    config.configure(cache, None)
+    from analysis.errors import CacheError
+
+    with pytest.raises(CacheError):
+        data.get_index("../etc")
+    with pytest.raises(CacheError, match="manifest.json missing"):
+        data.get_index("nope")
+
+
+def test_parse_selection():
+    assert parse_selection("?run=a&image=3&layer=1&head=2", "d") == {"run": "a", "image": 3, "layer": 1, "head": 2}
+    assert parse_selection("", "d") == {"run": "d", "image": None, "layer": None, "head": None}
+    assert parse_selection("?run=../x&image=oops", "d") == {"run": "d", "image": None, "layer": None, "head": None}
+
+
+def test_typed_roundtrip():
+    a = np.random.rand(3, 4).astype(np.float32)
+    assert np.array_equal(F.untyped(F.typed(a)), a)
+    assert F.typed(a)["shape"] == "3,4"
+
+
+def test_image_overview_one_trace_per_class_and_ring():
+    x, y = np.arange(6.0), np.arange(6.0)
+    fig = roundtrip(F.image_overview(x, y, [0, 1, 0, 2, 1, -1], np.arange(10, 16), ["a", "b", "c"], selected_pos=3))
+    names = [t["name"] for t in fig["data"]]
+    assert names[:4] == ["unknown", "a", "b", "c"]
+    assert fig["data"][1]["customdata"] == [10, 12]
+    assert fig["data"][-1]["x"] == [3.0]  # the ring around the selected image
+
+
+def test_class_colours_are_distinct_up_to_many_classes():
+    styles = F.class_style(30)
+    assert len(set(styles)) == 30
+    assert F.class_style(5)[0][0] == F.OKABE_ITO[0]
+
+
+def test_head_importance_band_and_selected_curve():
+    mean, std = np.linspace(0, 1, L * H), np.full(L * H, 0.1)
+    fig = roundtrip(F.head_importance(L, H, "P(true)", mean, std))
+    assert len(fig["data"]) == 3
+    assert fig["data"][0]["y"][0] == pytest.approx(0.1) and fig["data"][1]["fill"] == "tonexty"
+    fig = roundtrip(F.head_importance(L, H, "P(true)", mean, std, image_values=mean * 2, selected=(1, 2)))
+    assert len(fig["data"]) == 4 and fig["data"][3]["y"][-1] == pytest.approx(2)
+    assert fig["data"][2]["customdata"][5] == [1, 2]
+    boundaries = [s for s in fig["layout"]["shapes"] if s["type"] == "line" and s.get("line", {}).get("dash") is None]
+    assert sorted(s["x0"] for s in boundaries) == [H - 0.5, 2 * H - 0.5, 3 * H - 0.5]
+    assert any(s.get("line", {}).get("dash") == "dot" and s["x0"] == 1 * H + 2 for s in fig["layout"]["shapes"])
+    assert fig["layout"]["xaxis"]["ticktext"] == ["L0", "L1", "L2", "L3"]
+
+
+def test_pruning_modes_and_top5():
+    fig = roundtrip(F.pruning_modes(["none", "R1+R2+R3"] + ["x"] * 6, [0.9, 0.2, None, 0.8, 0.5, 0.3, 0.7, 0.1],
+                                    "P(true)", selected_mode=3, reference=0.9))
+    bars = fig["data"][0]
+    assert len(bars["y"]) == 8 and bars["y"][2] is None and bars["x"][1] == "1: R1+R2+R3"
+    assert bars["marker"]["color"][3] == F.ACCENT and bars["marker"]["color"][0] != F.ACCENT
+    assert fig["layout"]["shapes"][0]["y0"] == 0.9
+    fig = roundtrip(F.top5(["cat", "dog", "fox", "owl", "eel"], [0.5, 0.2, 0.1, 0.1, 0.05], "dog", "mode 1"))
+    assert fig["data"][0]["y"][0] == "eel" and "<b>dog</b>" in fig["data"][0]["y"]
+
+
+def test_strength_views():
+    ent = np.linspace(0, 1, L * H)
+    fig = roundtrip(F.strength_overview(ent, L, H, selected=(2, 0)))
+    pts = fig["data"][0]
+    assert pts["marker"]["color"] == [l for l in range(L) for _ in range(H)]
+    assert all(abs(x - l) < 0.5 for x, l in zip(pts["x"], pts["marker"]["color"]))
+    assert fig["data"][1]["y"] == [pytest.approx(ent[2 * H])]
+    fig = roundtrip(F.strength_bars([0.5, 0.2, 0.1]))
+    assert fig["data"][0]["x"] == [0, 1, 2]
+    fig = roundtrip(F.entropy_distribution(np.array([0.1, 0.1, 0.9, np.nan]), current=0.9, bins=10))
+    assert sum(fig["data"][0]["y"]) == pytest.approx(1)
+    assert fig["layout"]["shapes"][0]["x0"] == 0.9
+
+
+def test_pattern_layout_background_and_overlay():
+    xy = np.random.rand(5, L * H, 2)
+    for style, kind in (("points", "scattergl"), ("density", "heatmap")):
+        bg = F.pattern_background(xy, style)
+        assert bg[0]["type"] == kind
+    assert F.untyped(F.pattern_background(xy, "points")[0]["x"]).shape == (5 * L * H,)
+    overlay = F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4])
+    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "density"), overlay, "cls"))
+    assert [t["type"] for t in fig["data"]] == ["heatmap", "scatter", "scatter", "scatter"]
+    assert fig["data"][2]["customdata"][H + 1] == [1, 1]
+    assert fig["data"][3]["x"] == [pytest.approx(xy[2, H + 1, 0])]
+    empty = F.pattern_overlay(None, L, H)
+    assert len(empty) == 3 and all(t["x"] == [] for t in empty)
+
+
+def attention(N=10, T=1, seed=0):
+    rng = np.random.default_rng(seed)
+    A = rng.random((N, N)) ** 4
+    return (A / A.sum(1, keepdims=True)).astype(np.float32)
+
+
+def count_segments(fig):
+    return sum(t["meta"]["segments"] for t in fig["data"] if t.get("mode") == "lines")
+
+
+def test_two_axis_segments_follow_the_threshold():
+    A = attention()
+    for q in (0.01, 0.1, 0.5):
+        thr = data.threshold_for(A, q)
+        fig, drawn, above = F.two_axis(A, 1, thr, (3, 3))
+        assert drawn == above == int((A >= thr).sum()) == count_segments(fig)
+        assert drawn == pytest.approx(q * A.size, abs=1)
+    fig, drawn, above = F.two_axis(A, 1, 0.0, (3, 3), max_segments=20)
+    assert drawn == 20 and above == 100
+    # colours: CLS-related segments are blue, patch->patch orange
+    fig, _, _ = F.two_axis(A, 1, data.threshold_for(A, 0.3), (3, 3))
+    for t in fig["data"]:
+        if t.get("mode") == "lines":
+            xs = F.untyped(t["x"]).reshape(-1, 3)[:, :2]
+            cls = (xs < 1).any(1)
+            assert cls.all() if t["line"]["color"] in F.BLUES else not cls.any()
+    tokens = [t for t in fig["data"] if t.get("mode") == "markers"]
+    assert [t["customdata"][3] for t in tokens] == [[0, 3], [1, 3]]
+
+
+def test_heatmap_and_histogram():
+    A = attention()
+    thr = data.threshold_for(A, 0.2)
+    fig = roundtrip(F.attention_heatmap(A, 1, thr))
+    cls, patch = (F.untyped(t["z"]) for t in fig["data"])
+    assert np.isnan(cls[1:, 1:]).all() and np.isnan(patch[0]).all() and np.isnan(patch[:, 0]).all()
+    shown = ~np.isnan(cls) | ~np.isnan(patch)
+    assert shown.sum() == (A >= thr).sum()
+    edges = F.untyped(fig["data"][0]["x"])
+    assert edges[1] - edges[0] > edges[2] - edges[1]  # the CLS column is drawn wider
+    fig = roundtrip(F.attention_histogram(A, thr, 0.2))
+    assert sum(fig["data"][0]["y"]) == A.size and fig["layout"]["shapes"][0]["x0"] == thr
+
+
+def test_masked_image():
+    from PIL import Image
+
+    im = Image.new("RGB", (32, 32), (200, 100, 50))
+    uri = F.masked_image(im, np.arange(9.0), (3, 3), highlight=4, size=48)
+    assert uri.startswith("data:image/jpeg;base64,")
+
+
+def test_empty_figure_says_why():
+    fig = roundtrip(F.empty("This run has no patch layout"))
+    assert fig["layout"]["annotations"][0]["text"] == "This run has no patch layout"
