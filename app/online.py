@@ -4,8 +4,8 @@ In-process (default, no Redis): ``analysis.service.ModelService`` in this proces
 Worker: set ``HEADSCOPE_BROKER_URL`` (e.g. redis://localhost:6379/0) and the calls go to the
 Celery worker (``worker/``), which runs the same ModelService code.
 Every failure is raised as OnlineError with a message fit for the page; a worker that is down
-is reported within a few seconds (HEADSCOPE_PING_TIMEOUT, default 1 s), a slow query after
-HEADSCOPE_QUERY_TIMEOUT (default 60 s).
+is reported within a few seconds (HEADSCOPE_PING_TIMEOUT, default 2 s), a slow query after
+HEADSCOPE_QUERY_TIMEOUT (default 15 s).
 """
 from __future__ import annotations
 
@@ -80,10 +80,10 @@ def _celery(url: str):
 
 
 def _check_redis(url: str) -> None:
-    """Fail in about a second when Redis itself is away (Celery would retry for long)."""
+    """Fail within seconds when Redis itself is away (Celery would retry for long)."""
     import redis
 
-    t = _timeout("HEADSCOPE_PING_TIMEOUT", 1.0)
+    t = _timeout("HEADSCOPE_PING_TIMEOUT", 2.0)
     try:
         with _lock:
             if url not in _redis:
@@ -100,8 +100,10 @@ def _worker_answers(url: str, fresh: bool = False) -> bool:
     with _ping_lock:  # one ping at a time per process; the others reuse its answer
         checked, ok = _alive.get(url, (-1e9, False))
         if fresh or time.monotonic() - checked > ALIVE_TTL:
-            replies = _celery(url).control.ping(timeout=_timeout("HEADSCOPE_PING_TIMEOUT", 1.0), limit=1)
-            ok = bool(replies)
+            try:
+                ok = bool(_celery(url).control.ping(timeout=_timeout("HEADSCOPE_PING_TIMEOUT", 2.0), limit=1))
+            except Exception:  # the broker went away between checks
+                ok = False
             _alive[url] = (time.monotonic(), ok)
         return ok
 
@@ -118,7 +120,7 @@ def _remote(name: str, args: list) -> dict:
     _check_redis(url)
     if not _worker_answers(url):
         raise _not_answering(url)
-    limit = _timeout("HEADSCOPE_QUERY_TIMEOUT", 60.0)
+    limit = _timeout("HEADSCOPE_QUERY_TIMEOUT", 15.0)
     try:
         result = _celery(url).send_task(f"headscope.{name}", args=args, expires=limit)
         deadline = time.monotonic() + limit
@@ -129,7 +131,8 @@ def _remote(name: str, args: list) -> dict:
             except CeleryTimeout:
                 if time.monotonic() >= deadline:
                     raise OnlineError(f"The model worker did not finish the {name.replace('_', ' ')} query "
-                                      f"within {limit:g} s: it is busy or was restarted. Try again.") from None
+                                      f"within {limit:g} s: it is busy, loading the model or was restarted. "
+                                      "Try again in a moment (the worker keeps the result).") from None
                 if not _worker_answers(url, fresh=True):
                     raise _not_answering(url) from None
     except OnlineError:
@@ -137,6 +140,10 @@ def _remote(name: str, args: list) -> dict:
     except Exception as err:  # task killed (time limit, worker lost), broker lost mid-query, ...
         raise OnlineError(f"The {name.replace('_', ' ')} query failed on the model worker: "
                           f"{type(err).__name__}: {err}") from None
+    try:
+        result.forget()  # read once: free Redis now rather than at expiry
+    except Exception:
+        pass
     if not payload.get("ok"):
         raise OnlineError(payload.get("error") or f"The {name} query failed on the model worker.")
     return payload["result"]
@@ -144,7 +151,7 @@ def _remote(name: str, args: list) -> dict:
 
 def status() -> dict:
     """Where online queries run and whether they can run now: {"mode", "ok", "message"}.
-    Takes at most about a second; cheap to poll every few seconds."""
+    Takes at most a few seconds (answers are reused for ALIVE_TTL s): fine to poll every few seconds."""
     url = broker_url()
     if not url:
         return {"mode": "in-process", "ok": True, "message": "Online queries run in the app's process."}

@@ -1,0 +1,211 @@
+"""What can be checked here of the deployment: the compose file and Dockerfile (parsed), the
+commands they run (in this venv), optional basic auth, and the one-command local run script."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from flask import Flask
+
+from app import auth, online
+from test_worker import free_port, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADSCOPE_SERVICES = ("worker", "worker-gpu", "app", "build-cache")
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    return [tuple((line.split(None, 1) + [""])[:2]) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+# ---- compose ---------------------------------------------------------------------------------------
+def test_compose_defines_the_stack(compose):
+    services = compose["services"]
+    assert set(services) == {"redis", "worker", "worker-gpu", "app", "build-cache"}
+    assert "cache" in compose["volumes"]
+    for name in HEADSCOPE_SERVICES:
+        assert "cache:/data/cache" in services[name]["volumes"], name
+        assert services[name]["environment"]["HEADSCOPE_CACHE"] == "/data/cache"
+    for name in ("worker", "worker-gpu", "app"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[name]["environment"]["HEADSCOPE_BROKER_URL"] == "redis://redis:6379/0"
+    for name in ("redis", "worker", "worker-gpu", "app"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["worker-gpu"]["profiles"] == ["gpu"]
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    assert services["build-cache"]["profiles"] == ["build"] and services["build-cache"]["restart"] == "no"
+
+
+def test_compose_serves_with_gunicorn_on_all_interfaces_inside_only(compose):
+    app = compose["services"]["app"]
+    assert app["command"][0] == "gunicorn" and app["command"][-1] == "app.wsgi:server"
+    assert app["command"][app["command"].index("--bind") + 1] == "0.0.0.0:8050"
+    assert app["ports"] == ["${HEADSCOPE_PUBLISH:-127.0.0.1:8050}:8050"]  # host side: localhost by default
+
+
+def test_compose_worker_runs_the_documented_command(compose):
+    assert compose["services"]["worker"]["command"][:-1] == shlex.split(online.WORKER_COMMAND)
+    assert compose["services"]["worker-gpu"]["command"] == compose["services"]["worker"]["command"]
+
+
+def test_no_secrets_in_compose_or_dockerfile(compose):
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search("AUTH|PASSWORD|SECRET|TOKEN", key):
+                assert str(value).startswith("${") and str(value).endswith(":-}"), (name, key)
+    for op, arg in dockerfile_instructions():
+        if op in ("ENV", "ARG"):
+            assert not re.search("AUTH|PASSWORD|SECRET|TOKEN", arg, re.I), arg
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------
+def test_dockerfile_is_slim_non_root_with_a_gpu_build_argument():
+    ins = dockerfile_instructions()
+    ops = [op for op, _ in ins]
+    assert ins[0] == ("FROM", "python:3.11-slim-bookworm")
+    users = [arg for op, arg in ins if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")  # nothing runs as root after
+    assert any(op == "ARG" and arg.startswith("TORCH_INDEX=") for op, arg in ins)
+    assert "--build-arg TORCH_INDEX=" in (ROOT / "Dockerfile").read_text()  # the GPU variant is documented
+    copied = [src for op, arg in ins if op == "COPY" for src in arg.split()[:-1]]
+    for src in copied:
+        assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
+    assert {"analysis", "app", "assets", "worker", "scripts"} <= set(copied)  # what the services run
+    assert any("--no-deps -r requirements-data.txt" in arg for op, arg in ins if op == "RUN")
+    cmd = [arg for op, arg in ins if op == "CMD"][-1]
+    assert '"gunicorn"' in cmd and '"app.wsgi:server"' in cmd
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "cache", "tests", "**/__pycache__", ".env"):
+        assert entry in ignored
+
+
+# ---- basic auth ------------------------------------------------------------------------------------
+def test_basic_auth_users_from_env_and_file(tmp_path):
+    from werkzeug.security import generate_password_hash
+
+    f = tmp_path / "users.txt"
+    f.write_text(f"# team\nbob:{generate_password_hash('b0b')}\n\ncarol:plain\n")
+    users = auth.load_users({"HEADSCOPE_BASIC_AUTH": "alice:a1, dave:d:4", "HEADSCOPE_BASIC_AUTH_FILE": str(f)})
+    assert set(users) == {"alice", "bob", "carol", "dave"} and users["dave"] == "d:4"
+    assert auth.check_password(users["bob"], "b0b") and not auth.check_password(users["bob"], "x")
+    assert auth.load_users({}) == {}
+    with pytest.raises(ValueError, match="user:password"):
+        auth.parse_users("alice")
+    with pytest.raises(RuntimeError, match="Cannot read HEADSCOPE_BASIC_AUTH_FILE"):
+        auth.load_users({"HEADSCOPE_BASIC_AUTH_FILE": str(tmp_path / "missing")})
+
+
+def test_basic_auth_guards_every_path_but_healthz():
+    server = Flask("t")
+    server.add_url_rule("/", "index", lambda: "dashboard")
+    server.add_url_rule("/healthz", "healthz", lambda: "ok")
+    assert not auth.install_basic_auth(Flask("off"), users={})
+    assert auth.install_basic_auth(server, users={"alice": "a1"})
+    c = server.test_client()
+    r = c.get("/")
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+    assert c.get("/", auth=("alice", "wrong")).status_code == 401
+    assert c.get("/", auth=("alice", "a1")).status_code == 200
+    assert c.get("/healthz").status_code == 200
+
+
+# ---- the app command, served by gunicorn here ------------------------------------------------------
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory, compose):
+    """The compose app command (bound to localhost here), in-process online work, login on."""
+    from scripts.make_synthetic_cache import make_run
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_run(cache / "tiny", n_images=4, model="test_vit", img_size=32)
+    cmd = list(compose["services"]["app"]["command"])
+    port = free_port()
+    cmd[cmd.index("--bind") + 1] = f"127.0.0.1:{port}"
+    cmd[cmd.index("--workers") + 1] = "1"
+    env = {**os.environ, "HEADSCOPE_CACHE": str(cache), "HEADSCOPE_RUN": "tiny",
+           "HEADSCOPE_BASIC_AUTH": "alice:a1", "PYTHONPATH": str(ROOT)}
+    env.pop("HEADSCOPE_BROKER_URL", None)
+    log = cache / "gunicorn.log"
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"gunicorn did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url, cache / "tiny"
+    finally:
+        stop(proc)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/healthz", timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def test_gunicorn_serves_the_dashboard_behind_the_login(served_app):
+    url, _ = served_app
+    health = requests.get(url + "/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["online"]["mode"] == "in-process"
+    assert requests.get(url + "/", timeout=10).status_code == 401
+    page = requests.get(url + "/", auth=("alice", "a1"), timeout=30)
+    assert page.status_code == 200 and "HeadScope" in page.text
+    config = json.loads(re.search(r'id="_dash-config"[^>]*>(.*?)</script>', page.text, re.S).group(1))
+    assert config["ui"] is False  # debug off: no dev tools
+
+
+def test_online_api_answers_and_explains_errors(served_app):
+    url, run = served_app
+    a = ("alice", "a1")
+    r = requests.get(url + "/api/partial_pruning?run=tiny&image=1&layer=2&head=1", auth=a, timeout=60)
+    assert r.status_code == 200
+    assert r.json() == online.partial_pruning(run, 1, 2, 1)
+    r = requests.get(url + "/api/attention?run=tiny&image=1&layer=2&head=1", auth=a, timeout=60)
+    assert r.status_code == 200 and len(r.json()["attention"]) == 5
+    r = requests.get(url + "/api/attention?run=../etc&image=1&layer=2&head=1", auth=a, timeout=10)
+    assert r.status_code == 400 and "Unknown run" in r.json()["error"]
+    r = requests.get(url + "/api/partial_pruning?run=tiny&image=77&layer=0&head=0", auth=a, timeout=30)
+    assert r.status_code == 400 and "Image 77 is not in run tiny" in r.json()["error"]
+    r = requests.get(url + "/api/partial_pruning?run=tiny&image=1", auth=a, timeout=10)
+    assert r.status_code == 400 and "Missing parameter 'layer'" in r.json()["error"]
+
+
+# ---- the README's first command --------------------------------------------------------------------
+def test_run_local_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(ROOT / "scripts/run_local.sh")], check=True)
+
+
+@pytest.mark.skipif(not (ROOT / "app/__main__.py").is_file(), reason="app/__main__.py not written yet")
+def test_run_local_script_is_fast_when_everything_exists(tmp_path):
+    """With the venv installed and the default run built it goes straight to `python -m app`."""
+    from scripts.make_synthetic_cache import make_run
+
+    make_run(tmp_path / "default", n_images=2, layers=2, heads=2, grid=2)
+    t = time.monotonic()
+    out = subprocess.run(["bash", "scripts/run_local.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "HEADSCOPE_CACHE": str(tmp_path)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Building the default run" not in out.stdout and "usage" in out.stdout.lower()
+    assert time.monotonic() - t < 300
