@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import os
 
+import torch
 from flask import jsonify, request
 
 from app import config, online
 from app.server import create_app
 from app.auth import install_basic_auth
+
+# In-process online queries (no broker): one torch thread per request keeps a shared CPU
+# responsive, as `python -m app` does; HEADSCOPE_TORCH_THREADS raises it on a dedicated machine.
+torch.set_num_threads(max(1, int(os.environ.get("HEADSCOPE_TORCH_THREADS") or 1)))
 
 dash_app = create_app(cache_dir=os.environ.get("HEADSCOPE_CACHE") or None,
                       run=os.environ.get("HEADSCOPE_RUN") or None)

@@ -290,12 +290,13 @@ def view_b2_b3(sel, metric, mode):
     except (OnlineError, HeadScopeError) as err:
         return F.empty("Partial pruning unavailable."), F.empty(""), message(str(err), "danger")
     rows = sorted(res["rows"], key=lambda r: r["mode"])
+    mode = int(mode) if mode is not None else 1
     metric = metric if metric in rows[0] else "prob"
     values = [r.get(metric) for r in rows]
     reference = rows[0].get("prob") if metric == "prob" else None
     b2 = F.pruning_modes(MODE_LABELS, values, data.METRIC_AXIS.get(metric, metric), selected_mode=mode,
                          reference=reference)
-    row = rows[int(mode)] if 0 <= int(mode) < len(rows) else rows[1]
+    row = rows[mode] if 0 <= mode < len(rows) else rows[1]
     if not row.get("top5_classes"):
         b3 = F.empty("This model has no classifier head:\nno class probabilities.")
     else:
