@@ -1,0 +1,725 @@
+"""The cache build pipeline: per-image stage -> parts, run-level stages -> the run's tables.
+
+Stages (``build`` runs them all; ``scripts/build_cache.py`` is its command line):
+
+1. ``prepare``: load the model and the image set, then create the run directory or check that
+   it holds the same model, weights, data and parameters (``CacheError`` naming what differs).
+2. ``run_image_stage``: ``engine.analyse_batch`` per batch of images. Each finished batch is
+   written atomically as ``parts/part_<first image id>.npz`` (+ ``thumbs/ID.png``), so an
+   interrupt loses at most the batch in flight and a re-run skips finished images. With
+   ``shard=(K, N)`` only the K-th of N contiguous slices of the batches runs (one process per
+   GPU or machine); a worker pool can call ``run_image_stage(config, image_indices)`` directly.
+3. ``merge_run``: all parts -> pattern autoencoder, t-SNE layouts, ``images``, ``head_metrics``,
+   ``head_summary`` and ``skipped`` tables, and the manifest with status "complete".
+
+Image ids are positions in the image set (0-based). Results equal a single-process build
+whatever the sharding or interruptions, provided every process uses the same batch size (and,
+for bit-identical floats, the same --threads; the default picks the idle cores).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import store
+from .errors import CacheError, ImageReadError, InputError, ModelLoadError
+from .importance import METRICS
+
+EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
+# Parameters that change the results: a run directory refuses a build that differs in any.
+RESULT_PARAMS = ("q", "seed", "limit", "ae_epochs", "ae_latent", "thumb_px")
+
+
+@dataclass
+class BuildConfig:
+    """Everything a build needs; JSON-able (``to_dict`` / ``from_dict``) for worker pools.
+
+    model: timm ViT name, "default" or "default-backbone"; weights: state-dict file; dataset:
+    "fashion", "photos", a folder or a CSV manifest (dataset_kind forces the kind); limit: number
+    of images (None = the set's default); q: top fraction kept by the patch binarisation;
+    ae_epochs / ae_latent: pattern autoencoder training epochs and latent size; thumb_px:
+    thumbnail side in px (None: the model's input size clamped to 112-224); threads: CPU threads for
+    torch and t-SNE (None: the idle cores, see ``auto_threads``).
+    """
+    out: str
+    model: str = "default"
+    weights: str | None = None
+    pretrained: bool = False
+    img_size: int | None = None
+    dataset: str = "fashion"
+    dataset_kind: str | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    device: str = "cpu"
+    seed: int = 0
+    q: float = 0.01
+    ae_epochs: int = 2
+    ae_latent: int = 32
+    thumb_px: int | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "BuildConfig":
+        """Raise InputError naming the first out-of-range setting."""
+        checks = [(self.batch_size >= 1, "--batch-size must be at least 1"),
+                  (0 < self.q <= 1, "--q must be a fraction in (0, 1], e.g. 0.01 for the top 1%"),
+                  (self.limit is None or self.limit >= 1, "--limit must be a positive number of images"),
+                  (self.ae_epochs >= 1 and self.ae_latent >= 2, "--ae-epochs must be >= 1 and --ae-latent >= 2"),
+                  (self.thumb_px is None or 16 <= self.thumb_px <= 1024, "--thumb-px must be within 16-1024"),
+                  (self.threads is None or self.threads >= 1, "--threads must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"{message}.")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def params(self) -> dict:
+        """The manifest's "params": result parameters plus how the build ran."""
+        return {k: getattr(self, k) for k in RESULT_PARAMS + ("batch_size", "device", "threads")}
+
+
+@dataclass
+class BuildContext:
+    """A prepared build: config, the loaded ViT, the image set and the run's manifest."""
+    config: BuildConfig
+    vit: object
+    image_set: object
+    manifest: dict
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+def default_out(model: str, dataset: str) -> Path:
+    """cache/default for the embedded fashion run, cache/photos for photos, else cache/<model>-<set>."""
+    if EMBEDDED_RUNS.get(dataset) == model:
+        return store.default_cache_dir() / ("default" if dataset == "fashion" else dataset)
+    stem = Path(dataset).stem if dataset not in EMBEDDED_RUNS else dataset
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{stem}")
+    return store.default_cache_dir() / safe
+
+
+def config_from_manifest(run_dir: str | Path, **overrides) -> BuildConfig:
+    """The config a run was started with (for --resume), with execution settings overridden."""
+    mf = read_manifest(Path(run_dir))
+    if mf is None:
+        raise CacheError(f"Nothing to resume at {run_dir}: it has no manifest.json. Start the build "
+                         f"without --resume (python scripts/build_cache.py --out {run_dir} ...).")
+    cfg = dict(mf.get("build_config") or {})
+    if not cfg:
+        raise CacheError(f"{run_dir} was not written by scripts/build_cache.py (no build_config in its "
+                         "manifest) and cannot be resumed. Build a new run with another --out.")
+    cfg.update({k: v for k, v in overrides.items() if v is not None}, out=str(run_dir))
+    return BuildConfig.from_dict(cfg)
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(f"The manifest of {run_dir} cannot be read ({err}). Delete {run_dir} and "
+                         "build the run again.") from None
+
+
+# ---- stage 1: prepare ----------------------------------------------------------------------
+
+def load_model(config: BuildConfig):
+    """The ViT of a build (refuses a timm model without weights: it could not be reloaded)."""
+    import torch
+
+    from .defaults import DEFAULT_MODELS
+    from .vit import load_vit
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
+    if config.model not in DEFAULT_MODELS and not (config.weights or config.pretrained):
+        raise ModelLoadError(f"Model '{config.model}' needs weights: pass --weights PATH (.safetensors/.pth) or "
+                             "--pretrained. A random initialisation could not be reloaded by the dashboard.")
+    weights = str(Path(config.weights).resolve()) if config.weights else None
+    return load_vit(config.model, weights=weights, pretrained=config.pretrained, img_size=config.img_size,
+                    device=config.device)
+
+
+def load_images(config: BuildConfig, vit):
+    """The image set, labels checked against the model's classes; names the model's classes
+    after the set's when the model brings none."""
+    from .datasets import load_image_set, validate_labels
+
+    kind = config.dataset_kind or (config.dataset if config.dataset in EMBEDDED_RUNS else None)
+    image_set = load_image_set(config.dataset, kind=kind, limit=config.limit, seed=config.seed,
+                               class_names=vit.class_names)
+    validate_labels(image_set, vit.num_classes)
+    if vit.has_head and vit.class_names is None:
+        names = [str(c) for c in range(vit.num_classes)]
+        if image_set.class_names and len(image_set.class_names) == vit.num_classes:
+            names = list(image_set.class_names)
+        for it in image_set.items:
+            if it.label >= 0 and it.label_name:
+                names[it.label] = it.label_name
+        vit.class_names = names
+    return image_set
+
+
+def model_facts(config: BuildConfig, vit) -> dict:
+    """manifest["model"]: enough for analysis.service.model_from_manifest to reload the model."""
+    h, w = vit.img_size
+    return {"name": config.model, "weights": str(Path(config.weights).resolve()) if config.weights else None,
+            "pretrained": bool(config.pretrained), "img_size": h if h == w else [h, w],
+            "num_classes": vit.num_classes, "class_names": vit.class_names,
+            "weights_sha256": vit.weights_sha256, "depth": vit.depth, "heads": vit.num_heads,
+            "prefix_tokens": vit.num_prefix_tokens, "grid": list(vit.grid), "patch_size": vit.patch_size,
+            "embed_dim": vit.embed_dim, "num_tokens": vit.num_tokens}
+
+
+def library_versions() -> dict:
+    import openTSNE
+    import pyarrow
+    import sklearn
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+            "openTSNE": openTSNE.__version__, "scikit-learn": sklearn.__version__}
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_manifest(config: BuildConfig, vit, image_set) -> dict:
+    return {
+        "schema_version": store.SCHEMA_VERSION, "status": "building", "created": now_iso(),
+        "model": model_facts(config, vit),
+        "dataset": {"name": image_set.name, "kind": image_set.kind, "source": config.dataset,
+                    "fingerprint": image_set.fingerprint, "n_images": len(image_set.items),
+                    "class_names": image_set.class_names},
+        "params": config.params(), "build_config": config.to_dict(), "versions": library_versions(),
+    }
+
+
+IDENTITY = [("schema_version",), ("model", "name"), ("model", "weights_sha256"), ("model", "pretrained"),
+            ("model", "img_size"), ("model", "num_classes"), ("dataset", "fingerprint"), ("dataset", "n_images")]
+IDENTITY += [("params", p) for p in RESULT_PARAMS]
+
+
+def identity_differences(old: dict, new: dict) -> list[str]:
+    """'key: run has X, this build has Y' for every result-affecting setting that differs."""
+    def get(d, path):
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    def show(v):
+        return repr(v[:12] + "...") if isinstance(v, str) and len(v) > 40 else repr(v)
+
+    return [f"{'.'.join(p)}: run has {show(get(old, p))}, this build has {show(get(new, p))}"
+            for p in IDENTITY if get(old, p) != get(new, p)]
+
+
+def prepare(config: BuildConfig) -> BuildContext:
+    """Load model and images; create the run directory or check it is the same run."""
+    config.validate()
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CacheError(f"--out {run_dir} is a file, not a directory. Choose another --out.")
+    existing = read_manifest(run_dir) if run_dir.is_dir() else None
+    if existing is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise CacheError(f"{run_dir} exists and is not a HeadScope run (no manifest.json). Choose an empty or "
+                         "new --out directory.")
+    import torch
+
+    config.threads = config.threads or auto_threads()
+    torch.set_num_threads(config.threads)
+    timings = {}
+    t = time.perf_counter()
+    vit = load_model(config)
+    timings["load_model"] = time.perf_counter() - t
+    t = time.perf_counter()
+    image_set = load_images(config, vit)
+    timings["load_images"] = time.perf_counter() - t
+    if not image_set.items:
+        raise InputError(f"No readable images in '{config.dataset}' ({len(image_set.skipped)} skipped). "
+                         "Check the folder or manifest.")
+    manifest = new_manifest(config, vit, image_set)
+    if existing is not None:
+        diffs = identity_differences(existing, manifest)
+        if diffs:
+            raise CacheError(f"{run_dir} holds a run built with different settings:\n  " + "\n  ".join(diffs)
+                             + f"\nStart a new run with another --out (e.g. --out {run_dir}-2), or delete "
+                             f"{run_dir} to rebuild it.")
+        manifest = {**existing, "build_config": {**existing.get("build_config", {}), **_exec_settings(config)}}
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.write_json(run_dir / "manifest.json", manifest)
+    return BuildContext(config, vit, image_set, manifest, timings)
+
+
+def auto_threads() -> int:
+    """CPU cores not busy with other processes (cores minus the 1-minute load average), at least 1.
+    On a shared machine, torch with more threads than idle cores waits on descheduled threads and
+    runs up to 2x slower than with one thread (measured by scripts/bench_build.py)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def _exec_settings(config: BuildConfig) -> dict:
+    return {k: getattr(config, k) for k in ("batch_size", "device", "threads", "progress")}
+
+
+# ---- stage 2: per-image analysis -> parts --------------------------------------------------
+
+def parts_dir(run_dir: Path) -> Path:
+    return run_dir / "parts"
+
+
+def read_part(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
+    """The arrays of one part (only ``keys`` when given); None when the file is unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in (keys if keys is not None else z.files) if k in z.files}
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        print(f"warning: ignoring unreadable part {path.name} ({err}); its images will be recomputed",
+              file=sys.stderr)
+        return None
+
+
+def finished_images(run_dir: Path) -> set[int]:
+    """Ids of images whose results (or skip reason) are in a part."""
+    done: set[int] = set()
+    for path in sorted(parts_dir(run_dir).glob("part_*.npz")):
+        part = read_part(path, ["index", "skipped_index"])
+        if part is not None:
+            done.update(part["index"].tolist())
+            done.update(part.get("skipped_index", np.zeros(0, int)).tolist())
+    return done
+
+
+def batch_plan(n_images: int, batch_size: int, shard: tuple[int, int] | None = None) -> list[list[int]]:
+    """Image ids in batches; with shard (K, N) the K-th (1-based) of N contiguous groups of batches."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
+    batches = [list(range(s, min(s + batch_size, n_images))) for s in range(0, n_images, batch_size)]
+    if shard is None:
+        return batches
+    k, n = shard
+    if not (1 <= k <= n):
+        raise InputError(f"--shard {k}/{n} is not valid: use K/N with 1 <= K <= N, e.g. --shard 1/4.")
+    bounds = np.linspace(0, len(batches), n + 1).round().astype(int)
+    return batches[bounds[k - 1]:bounds[k]]
+
+
+def thumbnail_transform(vit, thumb_px: int | None):
+    """PIL -> the image as the model sees it (resize/crop, no normalisation) at thumb_px px."""
+    from PIL import Image
+
+    steps = []
+    for t in getattr(vit.transform, "transforms", []):
+        if "ToTensor" in type(t).__name__:
+            break
+        steps.append(t)
+    side = thumb_px or int(min(max(vit.img_size[0], 112), 224))
+
+    def apply(im):
+        for t in steps:
+            im = t(im)
+        im = im.convert("RGB")
+        if im.size != (side, side):
+            im = im.resize((side, round(side * im.height / im.width)), Image.BICUBIC)
+        return im
+    return apply
+
+
+def _load_batch(ctx: BuildContext, ids: Sequence[int]):
+    """Open and preprocess images -> (ok ids, tensor [b, 3, H, W] or None, thumbnails, skipped)."""
+    from .datasets import open_image
+
+    ok, pils, skipped = [], [], []
+    for i in ids:
+        try:
+            im = open_image(ctx.image_set.items[i].ref)
+            ok.append(i)
+            pils.append(im)
+        except ImageReadError as err:
+            skipped.append((i, str(err)))
+    x = ctx.vit.preprocess(pils) if pils else None
+    make_thumb = thumbnail_transform(ctx.vit, ctx.config.thumb_px)
+    return ok, x, [make_thumb(im) for im in pils], skipped
+
+
+def write_part(run_dir: Path, ids: list[int], result, skipped: list[tuple[int, str]], seconds: float) -> Path:
+    """One finished batch -> parts/part_<first id>.npz, written atomically."""
+    arrays = {"index": np.asarray(ids, np.int64), "seconds": np.float64(seconds),
+              "skipped_index": np.asarray([i for i, _ in skipped], np.int64),
+              "skipped_reason": np.asarray([r for _, r in skipped], dtype=str)}
+    if result is not None:
+        arrays.update({f"imp_{m}": a for m, a in result.importance.items()})
+        if result.probs is not None:
+            arrays["probs"] = result.probs
+        arrays.update(strength=result.strength, strength_entropy=result.strength_entropy,
+                      mean_distance_px=result.mean_distance_px, cls_vectors=result.cls_vectors,
+                      patch_bits=result.patch_bits)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = parts_dir(run_dir) / f"part_{min(ids + [i for i, _ in skipped]):06d}.npz"
+    store.atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+_CONTEXT: dict[str, BuildContext] = {}
+
+
+def context_for(config: BuildConfig | BuildContext | dict) -> BuildContext:
+    """A prepared context for a config, its dict, or a context; the last one is kept per process,
+    so a worker that runs many image batches of one run loads the model once."""
+    if isinstance(config, BuildContext):
+        return config
+    config = config if isinstance(config, BuildConfig) else BuildConfig.from_dict(config)
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _CONTEXT:
+        _CONTEXT.clear()
+        _CONTEXT[key] = prepare(config)
+    return _CONTEXT[key]
+
+
+def pending_batches(config: BuildConfig | BuildContext | dict, image_indices: Iterable[int] | None = None,
+                    shard: tuple[int, int] | None = None) -> list[list[int]]:
+    """Unfinished image ids in batches: of ``image_indices`` (default all, or this shard's slice)."""
+    ctx = context_for(config)
+    n, size = len(ctx.image_set.items), ctx.config.batch_size
+    if image_indices is None:
+        plan = batch_plan(n, size, shard)
+    else:
+        wanted = sorted({int(i) for i in image_indices})
+        bad = [i for i in wanted if not 0 <= i < n]
+        if bad:
+            raise InputError(f"Image ids {bad[:10]} are outside this run's images 0-{n - 1}.")
+        plan = [wanted[s:s + size] for s in range(0, len(wanted), size)]
+    done = finished_images(ctx.run_dir)
+    return [b for b in ([i for i in batch if i not in done] for batch in plan) if b]
+
+
+def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: Iterable[int] | None = None, *,
+                    shard: tuple[int, int] | None = None) -> dict:
+    """Analyse the unfinished images among ``image_indices`` (default: all, or this shard's
+    slice) in batches, writing one part per batch. Returns {"images", "skipped", "seconds"}.
+
+    ``config`` may be a BuildConfig, its ``to_dict()`` (e.g. from a Celery task: the model is
+    loaded once per worker process, see ``context_for``) or a prepared BuildContext. Once every
+    image is finished, ``merge_run(context_for(config))`` builds the tables.
+    """
+    import torch
+
+    from .engine import analyse_batch
+
+    ctx = context_for(config)
+    cfg, vit = ctx.config, ctx.vit
+    plan = pending_batches(ctx, image_indices, shard)
+    total = sum(map(len, plan))
+    stats = {"images": 0, "skipped": 0, "seconds": 0.0}
+    if not plan:
+        return stats
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="images", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    labels_of = [it.label for it in ctx.image_set.items]
+    with ThreadPoolExecutor(max_workers=1) as pool:  # opens the next batch while this one computes
+        pending = pool.submit(_load_batch, ctx, plan[0])
+        for b, ids in enumerate(plan):
+            t = time.perf_counter()
+            ok, x, thumbs, skipped = pending.result()
+            if b + 1 < len(plan):
+                pending = pool.submit(_load_batch, ctx, plan[b + 1])
+            result = None
+            if ok:
+                labels = torch.tensor([max(labels_of[i], 0) for i in ok])
+                known = torch.tensor([labels_of[i] >= 0 for i in ok])
+                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q)
+                if vit.has_head and not bool(known.all()):  # unknown labels: no true-class metrics
+                    for m in ("prob", "prob_drop"):
+                        result.importance[m][~known.numpy()] = np.nan
+                for i, im in zip(ok, thumbs):
+                    buf = io.BytesIO()
+                    im.save(buf, format="PNG")
+                    store.atomic_write_bytes(ctx.run_dir / "thumbs" / f"{i}.png", buf.getvalue())
+            seconds = time.perf_counter() - t
+            write_part(ctx.run_dir, ok, result, skipped, seconds)
+            stats["images"] += len(ok)
+            stats["skipped"] += len(skipped)
+            stats["seconds"] += seconds
+            bar.update(len(ids))
+    bar.close()
+    return stats
+
+
+# ---- stage 3: merge -> tables --------------------------------------------------------------
+
+def collect_parts(run_dir: Path, n_images: int) -> dict[str, np.ndarray]:
+    """All parts -> arrays ordered by image id (each image once); raises CacheError naming
+    the images that have no result yet."""
+    chunks: dict[str, list] = {}
+    for path in sorted(parts_dir(run_dir).glob("part_*.npz")):
+        part = read_part(path)
+        if part is None:
+            continue
+        for k, v in part.items():
+            if k != "seconds":
+                chunks.setdefault(k, []).append(v)
+        chunks.setdefault("seconds", []).append(float(part.get("seconds", 0.0)))
+    get = lambda k: chunks.get(k, [])
+    index = np.concatenate(get("index")) if get("index") else np.zeros(0, np.int64)
+    skipped_index = np.concatenate(get("skipped_index")) if get("skipped_index") else np.zeros(0, np.int64)
+    missing = sorted(set(range(n_images)) - set(index.tolist()) - set(skipped_index.tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise CacheError(f"{len(missing)} of {n_images} images of {run_dir.name} have no results yet (ids {shown}). "
+                         "Finish the missing --shard runs, or run the build without --shard/--merge to "
+                         "compute them here, then merge again.")
+    _, first = np.unique(index, return_index=True)  # duplicates (overlapping shards): keep one
+    order = first[np.argsort(index[first])]
+    out = {"index": index[order], "seconds": float(np.sum(get("seconds")))}
+    for k, arrs in chunks.items():
+        if k not in ("index", "seconds", "skipped_index", "skipped_reason") and arrs:
+            out[k] = np.concatenate(arrs)[order]
+    reasons = np.concatenate(get("skipped_reason")) if get("skipped_reason") else np.zeros(0, str)
+    skip_ids, skip_first = np.unique(skipped_index, return_index=True)
+    out["skipped_index"], out["skipped_reason"] = skip_ids, reasons[skip_first]
+    return out
+
+
+def overview_metric(has_head: bool, labels: np.ndarray) -> str:
+    """SPEC image overview uses prob; jsd when some labels are unknown; emb_dist for a backbone."""
+    if not has_head:
+        return "emb_dist"
+    return "prob" if np.all(labels >= 0) else "jsd"
+
+
+def images_table(ctx: BuildContext, arrays: dict, overview_xy: np.ndarray) -> pd.DataFrame:
+    items = [ctx.image_set.items[i] for i in arrays["index"]]
+    labels = np.array([it.label for it in items], np.int64)
+    n = len(items)
+    probs = arrays.get("probs")
+    if probs is not None:
+        k = min(5, probs.shape[1])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        pred = top[:, 0]
+        prob = np.where(labels >= 0, probs[np.arange(n), np.clip(labels, 0, None)], np.nan)
+        top_p = np.take_along_axis(probs, top, axis=1)
+        top5c, top5p = list(top), list(top_p)
+    else:
+        pred, prob = np.full(n, -1), np.full(n, np.nan)
+        top5c, top5p = [np.zeros(0, np.int32)] * n, [np.zeros(0, np.float32)] * n
+    return pd.DataFrame({
+        "image_id": arrays["index"], "path": [it.ref for it in items], "label": labels,
+        "label_name": [it.label_name for it in items], "pred": pred, "prob": prob,
+        "top5_classes": top5c, "top5_probs": top5p,
+        "overview_x": overview_xy[:, 0], "overview_y": overview_xy[:, 1],
+    })
+
+
+def head_table(arrays: dict, cls_xy: np.ndarray, patch_xy: np.ndarray) -> pd.DataFrame:
+    """One row per (image, layer, head), sorted by image_id, layer, head."""
+    n, L, H = arrays["strength_entropy"].shape
+    img, lay, hd = np.meshgrid(arrays["index"], np.arange(L), np.arange(H), indexing="ij")
+    df = pd.DataFrame({"image_id": img.ravel(), "layer": lay.ravel(), "head": hd.ravel()})
+    for m in METRICS:
+        df[m] = arrays[f"imp_{m}"].reshape(-1) if f"imp_{m}" in arrays else np.nan
+    df["strength"] = list(arrays["strength"].reshape(n * L * H, -1))
+    df["strength_entropy"] = arrays["strength_entropy"].reshape(-1)
+    df["mean_distance_px"] = arrays["mean_distance_px"].reshape(-1)
+    df["cls_x"], df["cls_y"] = cls_xy[:, 0], cls_xy[:, 1]
+    df["patch_x"], df["patch_y"] = patch_xy[:, 0], patch_xy[:, 1]
+    return df
+
+
+def summary_table(arrays: dict) -> pd.DataFrame:
+    """One row per head: <metric>_mean and <metric>_std (population std, ddof=0) over images of
+    SUMMARY_METRICS (NaN where a metric is undefined), strength_mean (mean k-hop vector), n_images."""
+    n, L, H = arrays["strength_entropy"].shape
+    lay, hd = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
+    df = pd.DataFrame({"layer": lay.ravel(), "head": hd.ravel()})
+    for m in store.SUMMARY_METRICS:
+        a = arrays.get(f"imp_{m}" if m in METRICS else m)
+        a = np.full((n, L * H), np.nan) if a is None else a.astype(np.float64).reshape(n, L * H)
+        defined = np.isfinite(a).any(axis=0)
+        mean, std = np.full(L * H, np.nan), np.full(L * H, np.nan)
+        mean[defined] = np.nanmean(a[:, defined], axis=0)
+        std[defined] = np.nanstd(a[:, defined], axis=0)
+        df[f"{m}_mean"], df[f"{m}_std"] = mean, std
+    df["strength_mean"] = list(arrays["strength"].mean(axis=0).reshape(L * H, -1).astype(np.float32))
+    df["n_images"] = n
+    return df
+
+
+class _Stages:
+    """Times stages and shows one tqdm bar per stage."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.timings = progress, {}
+
+    def bar(self, desc: str, total: int, unit: str = "step"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True)
+
+    @staticmethod
+    def advance(bar, done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - t, 3)
+        return out
+
+
+def _layout(stages: _Stages, name: str, X: np.ndarray, seed: int, jobs: int) -> np.ndarray:
+    from .layouts import tsne_2d
+
+    bar = stages.bar(f"layout {name} ({len(X)} points)", 1, unit="it")
+    xy = stages.timed(f"layout_{name}", tsne_2d, X, seed=seed, n_jobs=jobs,
+                      progress=lambda done, total: stages.advance(bar, done, total))
+    stages.advance(bar, bar.total, bar.total)
+    bar.close()
+    return xy
+
+
+def merge_run(ctx: BuildContext) -> dict:
+    """Run-level stages from all parts: autoencoder, layouts, tables; marks the run complete."""
+    from .autoencoder import input_side, train_autoencoder
+
+    cfg, vit, run_dir = ctx.config, ctx.vit, ctx.run_dir
+    stages = _Stages(cfg.progress)
+    arrays = stages.timed("read_parts", collect_parts, run_dir, len(ctx.image_set.items))
+    n, L, H = len(arrays["index"]), vit.depth, vit.num_heads
+    if n == 0:
+        raise CacheError(f"None of the images of {run_dir.name} could be read (see the skipped reasons in "
+                         f"{run_dir / 'parts'}). Check the data set.")
+    labels = np.array([ctx.image_set.items[i].label for i in arrays["index"]])
+    metric = overview_metric(vit.has_head, labels)
+    if ctx.manifest.get("status") == "complete":  # re-merge: readers wait until the tables match again
+        store.write_json(run_dir / "manifest.json", {**ctx.manifest, "status": "building"})
+
+    bits = arrays["patch_bits"].reshape(n * L * H, -1)
+    bar = stages.bar("autoencoder", 1, unit="batch")
+    ae = stages.timed("autoencoder", train_autoencoder, bits, vit.num_patches, latent_dim=cfg.ae_latent,
+                      epochs=cfg.ae_epochs, seed=cfg.seed, device=cfg.device,
+                      progress=lambda done, total: stages.advance(bar, done, total))
+    bar.close()
+    jobs = cfg.threads or 1
+    patch_xy = _layout(stages, "patch", ae.latents, cfg.seed, jobs)
+    cls_xy = _layout(stages, "cls", arrays["cls_vectors"].reshape(n * L * H, -1), cfg.seed, jobs)
+    overview_xy = _layout(stages, "overview", arrays[f"imp_{metric}"].reshape(n, L * H), cfg.seed, jobs)
+
+    t = time.perf_counter()
+    images = images_table(ctx, arrays, overview_xy)
+    store.write_table(run_dir / "images.parquet", images, store.IMAGE_COLUMNS)
+    store.write_table(run_dir / "head_metrics.parquet", head_table(arrays, cls_xy, patch_xy), store.HEAD_COLUMNS)
+    store.write_table(run_dir / "head_summary.parquet", summary_table(arrays))
+    skipped = list(ctx.image_set.skipped) + [(ctx.image_set.items[i].ref, r)
+                                             for i, r in zip(arrays["skipped_index"], arrays["skipped_reason"])]
+    store.write_table(run_dir / "skipped.parquet", pd.DataFrame(skipped, columns=list(store.SKIPPED_COLUMNS)),
+                      store.SKIPPED_COLUMNS)
+    stages.timings["tables"] = round(time.perf_counter() - t, 3)
+
+    timings = {k: round(v, 3) for k, v in ctx.timings.items()}
+    timings["images"] = round(arrays["seconds"], 3)
+    timings.update(stages.timings)
+    manifest = dict(ctx.manifest)
+    manifest["dataset"] = {**manifest["dataset"], "n_analysed": n, "n_skipped": len(skipped)}
+    manifest["params"] = {**manifest["params"], "overview_metric": metric,
+                          "layout": "openTSNE t-SNE (analysis.layouts.tsne_2d)",
+                          "ae": {"latent_dim": cfg.ae_latent, "epochs": ae.epochs, "samples": int(len(bits)),
+                                 "input_side": input_side(vit.num_patches)}}
+    manifest.update(
+        ae_loss=ae.loss_curve, ae_baseline_loss=ae.baseline_loss, timings=timings,
+        throughput={"images_per_s": round(n / arrays["seconds"], 4) if arrays["seconds"] else None},
+        completed=now_iso(), status="complete")
+    manifest["sizes"] = run_sizes(run_dir, n, vit)
+    store.write_json(run_dir / "manifest.json", manifest)
+    manifest["sizes"] = run_sizes(run_dir, n, vit)  # include the manifest itself
+    store.write_json(run_dir / "manifest.json", manifest)
+    ctx.manifest = manifest
+    return manifest
+
+
+def run_sizes(run_dir: Path, n: int, vit) -> dict:
+    """Bytes on disk (all, tables, thumbnails, parts) and what raw float32 attention would take."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    size = lambda ps: int(sum(p.stat().st_size for p in ps))
+    return {"cache_bytes": size(files),
+            "tables_bytes": size(p for p in files if p.suffix == ".parquet"),
+            "thumbs_bytes": size(p for p in files if p.parent.name == "thumbs"),
+            "parts_bytes": size(p for p in files if p.parent.name == "parts"),
+            "raw_attention_bytes": int(n) * vit.depth * vit.num_heads * vit.num_tokens ** 2 * 4}
+
+
+# ---- everything ------------------------------------------------------------------------------
+
+def build(config: BuildConfig, *, shard: tuple[int, int] | None = None, merge_only: bool = False,
+          context: BuildContext | None = None) -> dict:
+    """Run the stages: image stage (this shard's slice) unless merge_only, then merge unless a
+    shard was given. Returns the manifest (status "building" after a shard)."""
+    ctx = context or prepare(config)
+    if ctx.manifest.get("status") == "complete" and not merge_only:
+        return ctx.manifest
+    if not merge_only:
+        run_image_stage(ctx, shard=shard)
+    if shard is not None:
+        return ctx.manifest
+    return merge_run(ctx)
+
+
+def summary_lines(manifest: dict, wall_seconds: float | None = None) -> list[str]:
+    """Human-readable end-of-build summary."""
+    t, s = manifest.get("timings", {}), manifest.get("sizes", {})
+    n = manifest.get("dataset", {}).get("n_analysed", 0)
+    mb = lambda b: f"{(b or 0) / 1e6:.1f} MB"
+    lines = [f"Run complete: {n} images analysed, {manifest.get('dataset', {}).get('n_skipped', 0)} skipped."]
+    if t.get("images"):
+        lines.append(f"  image stage: {t['images']:.1f} s ({n / t['images']:.2f} images/s)")
+    for k, v in t.items():
+        if k != "images":
+            lines.append(f"  {k}: {v:.1f} s")
+    if wall_seconds is not None:
+        lines.append(f"  wall time of this command: {wall_seconds:.1f} s")
+    lines.append(f"  cache size: {mb(s.get('cache_bytes'))} (tables {mb(s.get('tables_bytes'))}, thumbnails "
+                 f"{mb(s.get('thumbs_bytes'))}, parts {mb(s.get('parts_bytes'))}); raw attention would take "
+                 f"{mb(s.get('raw_attention_bytes'))}")
+    return lines
