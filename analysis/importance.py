@@ -6,8 +6,9 @@ The fast exact scheme:
    each pruned variant (head h, regions) only changes head h's output, so the pruned
    attention-module output ``z'`` is the output projection of the edited concatenation:
    ``cls_dist`` and ``patch_dist`` need no further pass;
-3. the variants of a block are batched together (variants x images) through blocks l..L-1,
-   the last block computing only the prefix tokens when the pooled output reads only those.
+3. the variants of a block are batched together (variants x images, in groups of ~1.6k tokens)
+   through blocks l..L-1, the last block computing only the prefix tokens when the pooled
+   output reads only those.
 Every number equals a full forward with the head pruned (see tests/test_importance.py).
 Distances and divergences are computed in float64 from float32 activations.
 """
@@ -28,8 +29,11 @@ from .pruning import MODE_LABELS, MODES, keep_mask
 from .vit import ViT
 
 METRICS = ("prob", "prob_drop", "jsd", "cls_dist", "patch_dist", "emb_dist")
-# Sequences (variants x images) pushed through the blocks at once: bounds memory to ~100s of MB.
+# Variants x images x tokens edited at once in the pruned block: bounds memory to ~100s of MB.
 TOKENS_PER_CHUNK = 1 << 15
+# Tokens per group pushed through the later blocks: a block's cost per sequence on the CPU is
+# lowest for groups of ~1-2k tokens and ~25% higher at 10k (cache misses; scripts/bench_importance.py).
+SEQUENCE_TOKENS = 1600
 
 
 @dataclass
@@ -99,13 +103,10 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
         res["cls_dist"] = (cosine_distance(z[:, 0], z_var[:, :, 0]) if T > 0
                            else torch.full((V, B), float("nan"), dtype=torch.float64))
         res["patch_dist"] = cosine_distance(z[:, T:], z_var[:, :, T:]).mean(-1)
-        if keep_prefix_only:
-            h = block_after_attention(blk, x[:, :T], z_var[:, :, :T])
-        else:
-            h = block_after_attention(blk, x, z_var)
-        h = vit.blocks(h.reshape(V * B, *h.shape[2:]), start=layer + 1,
-                       prefix_only_last=vit.pool_reads_prefix_only)
-        pooled, logits = vit.outputs(h)
+        x_in, z_in = (x[:, :T], z_var[:, :, :T]) if keep_prefix_only else (x, z_var)
+        x_in = x_in.expand(V, *x_in.shape).reshape(V * B, *x_in.shape[1:])
+        z_in = z_in.reshape(V * B, *z_in.shape[2:])
+        pooled, logits = downstream(vit, layer, x_in, z_in)
         res["emb_dist"] = cosine_distance(base.pooled.repeat(V, 1), pooled).reshape(V, B)
         if logits is not None:
             logq = torch.log_softmax(logits.double(), dim=-1).reshape(V, B, -1)
@@ -119,6 +120,20 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
         for k, t in res.items():
             out.setdefault(k, []).append(t)
     return {k: torch.cat(ts) for k, ts in out.items()}
+
+
+def downstream(vit: ViT, layer: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Finish block ``layer`` (residual + MLP) and run the rest of the model, in groups of about
+    SEQUENCE_TOKENS tokens (CPU matmuls are fastest there). x, z: [S, Nq, C] block input and
+    edited attention output -> (pooled [S, D], logits [S, classes] or None)."""
+    step = max(1, SEQUENCE_TOKENS // x.shape[1])
+    pooled, logits = [], []
+    for s in range(0, x.shape[0], step):
+        h = block_after_attention(vit.model.blocks[layer], x[s:s + step], z[s:s + step])
+        p, lg = vit.outputs(vit.blocks(h, start=layer + 1, prefix_only_last=vit.pool_reads_prefix_only))
+        pooled.append(p)
+        logits.append(lg)
+    return torch.cat(pooled), (None if logits[0] is None else torch.cat(logits))
 
 
 def check_labels(vit: ViT, labels, batch: int) -> Tensor | None:

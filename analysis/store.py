@@ -36,9 +36,11 @@ HEAD_COLUMNS = {
     "image_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(),
     **{m: pa.float32() for m in METRIC_COLUMNS},
     "strength": pa.list_(pa.float32()), "strength_entropy": pa.float32(), "mean_distance_px": pa.float32(),
+    "semantic_concentration": pa.float32(), "cls_semantic_concentration": pa.float32(),
     "cls_x": pa.float32(), "cls_y": pa.float32(), "patch_x": pa.float32(), "patch_y": pa.float32(),
 }
-SUMMARY_METRICS = METRIC_COLUMNS + ("strength_entropy", "mean_distance_px")
+SEMANTIC_COLUMNS = ("semantic_concentration", "cls_semantic_concentration")  # see analysis.semantic
+SUMMARY_METRICS = METRIC_COLUMNS + ("strength_entropy", "mean_distance_px") + SEMANTIC_COLUMNS
 SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
 
 

@@ -259,6 +259,20 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = 
     model.load_state_dict(sd, strict=True)
 
 
+def _checkpoint_img_size(model: nn.Module, sd: dict[str, Tensor]) -> int | None:
+    """The input size (px) a checkpoint's square pos_embed grid was trained for, when it differs
+    from the model's; None when it matches or cannot be told."""
+    pe = sd.get("pos_embed")
+    if pe is None or pe.ndim != 3 or not hasattr(model, "patch_embed"):
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    side = int(round(max(pe.shape[1] - prefix, 0) ** 0.5))
+    grid = tuple(model.patch_embed.grid_size)
+    if side * side != pe.shape[1] - prefix or grid == (side, side) or getattr(model, "dynamic_img_size", False):
+        return None
+    return side * model.patch_embed.patch_size[0]
+
+
 def _unknown_model(name: str) -> ModelLoadError:
     import timm
 
@@ -276,7 +290,7 @@ def load_vit(model: str | nn.Module, weights: str | Path | None = None, pretrain
     model: a timm model name, a built timm VisionTransformer, "default" (DINOv2 ViT-S/14 with the
     Fashion-MNIST probe, 112 px) or "default-backbone" (the same backbone without a head, 224 px).
     weights: .safetensors / .pth / .pt state dict, loaded strictly (num_classes is read from the
-    checkpoint's head when not given). pretrained: download timm's weights (needs internet).
+    checkpoint's head, and img_size from its position grid, when not given). pretrained: download timm's weights (needs internet).
     """
     sha = None
     if isinstance(model, nn.Module):
@@ -314,6 +328,9 @@ def load_vit(model: str | nn.Module, weights: str | Path | None = None, pretrain
                     "Are you offline? Pass a local checkpoint with weights=PATH (--weights PATH) instead.") from None
             raise ModelLoadError(f"Could not build '{model}': {err}") from None
         check_supported(module)
+        trained_px = _checkpoint_img_size(module, sd) if sd is not None and img_size is None else None
+        if trained_px is not None:  # e.g. a 384 px checkpoint under a *_224 name: build it at 384
+            module = timm.create_model(model, pretrained=False, **kwargs, img_size=trained_px)
         if sd is not None:
             load_weights(module, sd, source=f"weights in {weights}")
             sha = sha256_file(weights)

@@ -23,6 +23,7 @@ from analysis.service import ModelService, decode_array
 WORKER_COMMAND = "celery -A worker.celery_app worker --pool=threads --concurrency=4 -Q online,build"
 ALIVE_TTL = 3.0  # s a worker ping answer (yes or no) is trusted
 POLL = 2.0       # s between "is the worker still there?" checks while waiting for a result
+WAIT = 0.02      # s between looks at a pending result
 
 
 class OnlineError(Exception):
@@ -114,8 +115,6 @@ def _not_answering(url: str) -> OnlineError:
 
 
 def _remote(name: str, args: list) -> dict:
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
     url = broker_url()
     _check_redis(url)
     if not _worker_answers(url):
@@ -123,18 +122,21 @@ def _remote(name: str, args: list) -> dict:
     limit = _timeout("HEADSCOPE_QUERY_TIMEOUT", 15.0)
     try:
         result = _celery(url).send_task(f"headscope.{name}", args=args, expires=limit)
-        deadline = time.monotonic() + limit
-        while True:
-            try:
-                payload = result.get(timeout=max(0.1, min(POLL, deadline - time.monotonic())))
-                break
-            except CeleryTimeout:
-                if time.monotonic() >= deadline:
-                    raise OnlineError(f"The model worker did not finish the {name.replace('_', ' ')} query "
-                                      f"within {limit:g} s: it is busy, loading the model or was restarted. "
-                                      "Try again in a moment (the worker keeps the result).") from None
+        # Poll the result's state (one Redis GET each): result.get(timeout=...) can overrun its timeout.
+        start = time.monotonic()
+        next_ping = start + POLL
+        while not result.ready():
+            now = time.monotonic()
+            if now - start >= limit:
+                raise OnlineError(f"The model worker did not finish the {name.replace('_', ' ')} query "
+                                  f"within {limit:g} s: it is busy, loading the model or was restarted. "
+                                  "Try again in a moment (the worker keeps the result).")
+            if now >= next_ping:
                 if not _worker_answers(url, fresh=True):
-                    raise _not_answering(url) from None
+                    raise _not_answering(url)
+                next_ping = now + POLL
+            time.sleep(WAIT)
+        payload = result.get(timeout=POLL)
     except OnlineError:
         raise
     except Exception as err:  # task killed (time limit, worker lost), broker lost mid-query, ...

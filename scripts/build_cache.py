@@ -6,23 +6,20 @@
         --images data/val --out cache/my-run --limit 1000
     python scripts/build_cache.py --out cache/my-run --resume      # continue after Ctrl-C / a crash
     python scripts/build_cache.py ... --shard 1/4   (one per GPU/machine), then ... --merge
+    HEADSCOPE_BROKER_URL=redis://... python scripts/build_cache.py ... --worker-pool   # on the Celery workers
 
 See cache/README.md for the run layout and analysis/build.py for the stages.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-# Settings a --resume takes from the run itself; given explicitly they must agree with it.
-RUN_SETTINGS = ("model", "weights", "pretrained", "img_size", "dataset", "dataset_kind", "limit", "seed", "q",
-                "ae_epochs", "ae_latent", "thumb_px")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -69,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--shard", metavar="K/N", help="only the per-image stage for slice K of N (1-based); merge later")
     s.add_argument("--merge", action="store_true", help="only the run-level stages (autoencoder, layouts, tables) "
                                                         "from the finished images of all shards")
+    r.add_argument("--worker-pool", action="store_true",
+                   help="send the per-image batches to the Celery model workers at $HEADSCOPE_BROKER_URL (they "
+                        "must see --out and the images at the same paths, e.g. a shared volume), then merge here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -122,6 +122,30 @@ def make_config(args: argparse.Namespace):
     return BuildConfig.from_dict(settings).validate()
 
 
+def worker_pool_url() -> str:
+    """$HEADSCOPE_BROKER_URL, once Redis and at least one worker answer (else a clear error)."""
+    from analysis.errors import InputError
+    from worker.pool import check_pool
+
+    url = os.environ.get("HEADSCOPE_BROKER_URL")
+    if not url:
+        raise InputError("--worker-pool needs HEADSCOPE_BROKER_URL (the Redis URL of the workers' broker, "
+                         "e.g. redis://localhost:6379/0).")
+    check_pool(url)
+    return url
+
+
+def run_on_worker_pool(ctx, shard, url: str) -> None:
+    """The per-image stage on the Celery workers (worker/pool.py); parts land in the run directory."""
+    from analysis import build as B
+    from worker.pool import build_on_pool
+
+    batches = B.pending_batches(ctx, shard=shard)
+    stats = build_on_pool(ctx.config.to_dict(), batches, url, progress=ctx.config.progress)
+    print(f"  worker pool: {stats['images']} images ({stats['skipped']} unreadable) in {len(batches)} batches "
+          f"on {stats['workers']} worker(s), {stats['seconds']:.1f} s of worker time", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from analysis import build as B
@@ -133,6 +157,7 @@ def main(argv=None) -> int:
         shard = parse_shard(args.shard)
         config = make_config(args)
         out = config.out
+        pool_url = worker_pool_url() if args.worker_pool and not args.merge else None  # fail before the long work
         what = "merging" if args.merge else (f"shard {shard[0]}/{shard[1]} of" if shard else "building")
         print(f"HeadScope: {what} run {config.out} (model {config.model}, images {config.dataset}, "
               f"device {config.device}, batch {config.batch_size})", flush=True)
@@ -144,7 +169,11 @@ def main(argv=None) -> int:
         print(f"  {ctx.vit!r}; {len(ctx.image_set.items)} images, {len(ctx.image_set.skipped)} unreadable; "
               f"{config.threads} CPU thread(s) (model {ctx.timings['load_model']:.1f} s, images "
               f"{ctx.timings['load_images']:.1f} s)", flush=True)
-        manifest = B.build(config, shard=shard, merge_only=args.merge, context=ctx)
+        merge_only = args.merge
+        if pool_url:
+            run_on_worker_pool(ctx, shard, pool_url)
+            merge_only = True
+        manifest = B.build(config, shard=shard, merge_only=merge_only, context=ctx)
         if shard is not None:
             left = len(ctx.image_set.items) - len(B.finished_images(ctx.run_dir))
             print(f"Shard {shard[0]}/{shard[1]} done; {left} images of the run still to do. When every shard has "

@@ -156,6 +156,8 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
     ent = entropy(strength)
     mean_dist = (strength * np.arange(K)).sum(-1) / strength.sum(-1) * patch_size
     noise = rng.normal(0, 1, (2, n_images, LH, 2)) * spread[None, None, :, None]
+    semantic = rng.lognormal(0.15 * (1 - depth), 0.2, (n_images, LH))       # ~1 = uniform over keypoints
+    cls_semantic = rng.lognormal(0.3 * depth, 0.3, (n_images, LH))
     cls_xy = centres[0][None] + noise[0]
     patch_xy = centres[1][None] + noise[1]
 
@@ -167,6 +169,7 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
         "patch_dist": patch_dist.ravel(), "emb_dist": emb_dist.ravel(),
         "strength": list(strength.reshape(-1, K)), "strength_entropy": ent.ravel(),
         "mean_distance_px": mean_dist.ravel(),
+        "semantic_concentration": semantic.ravel(), "cls_semantic_concentration": cls_semantic.ravel(),
         "cls_x": cls_xy[..., 0].ravel(), "cls_y": cls_xy[..., 1].ravel(),
         "patch_x": patch_xy[..., 0].ravel(), "patch_y": patch_xy[..., 1].ravel(),
     })

@@ -6,6 +6,7 @@
 # Env: HEADSCOPE_CACHE (runs directory, default ./cache), PYTHON (interpreter for the venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install_debian.sh
 bash scripts/setup_env.sh
 run="${HEADSCOPE_CACHE:-cache}/default"
 if [ ! -f "$run/manifest.json" ]; then

@@ -18,3 +18,11 @@ def pytest_setup_options():
                 "--disable-dev-shm-usage", "--window-size=1680,1200", "--hide-scrollbars"):
         options.add_argument(arg)
     return options
+
+
+@pytest.fixture(autouse=True)
+def reset_app_config():
+    """Leave the app's settings (cache dir, default run) as every test expects them."""
+    yield
+    if "app.config" in sys.modules:
+        sys.modules["app.config"].configure(None, None)

@@ -47,13 +47,6 @@ def cache(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def reset_config():
-    from app import config
-
-    yield
-    config.configure(None, None)  # leave the app's settings as other tests expect them
-
 
 @pytest.fixture
 def app(cache):

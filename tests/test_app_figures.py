@@ -28,11 +28,6 @@ def cache(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def reset_config():
-    yield
-    config.configure(None, None)  # leave the app's settings as other tests expect them
-
 
 @pytest.fixture
 def index(cache):

@@ -17,6 +17,7 @@ from PIL import Image
 from analysis import attention_strength, build, head_importance, store
 from analysis.autoencoder import PatternAutoencoder, train_autoencoder
 from analysis.datasets import open_image
+from analysis.engine import analyse_batch
 from analysis.errors import CacheError, HeadScopeError
 from analysis.layouts import tsne_2d
 from analysis.patterns import pack_bits
@@ -145,6 +146,12 @@ def test_metrics_equal_the_engine(full_run):
         np.testing.assert_allclose(hm[m].to_numpy(np.float64), ref[m].to_numpy(np.float64), rtol=1e-4, atol=1e-6,
                                    err_msg=m)
     np.testing.assert_allclose(np.stack(hm.strength), np.stack(ref.strength), rtol=1e-4, atol=1e-7)
+    batch = analyse_batch(vit, x, labels)
+    for m in store.SEMANTIC_COLUMNS:
+        expected = getattr(batch, m)[np.argsort(images.image_id.to_numpy())].reshape(-1)
+        assert np.isfinite(expected).any(), m
+        np.testing.assert_allclose(hm[m].to_numpy(np.float64), expected, rtol=1e-4, atol=1e-6, equal_nan=True,
+                                   err_msg=m)
     with torch.no_grad():
         probs = torch.softmax(vit(x).double(), -1).numpy()
     np.testing.assert_allclose(images.prob, probs[np.arange(len(images)), images.label], rtol=1e-4)

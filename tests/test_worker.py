@@ -162,12 +162,46 @@ def test_redis_down_is_a_clear_error_not_a_hang(monkeypatch, tiny_run):
 def test_slow_query_is_a_clear_error_and_the_retry_gets_the_result(via_worker, tmp_path, monkeypatch):
     from scripts.make_synthetic_cache import make_run
 
-    run = make_run(tmp_path / "fresh", n_images=2, model="test_vit", img_size=32, seed=1)
-    monkeypatch.setenv("HEADSCOPE_QUERY_TIMEOUT", "0.2")  # less than loading a new run's model
+    # a new run's model (ViT-S at 224 px: ~0.5 s to build and load, ~0.15 s to query) takes longer than 0.2 s
+    run = make_run(tmp_path / "fresh", n_images=2, model="vit_small_patch16_224", img_size=224, seed=1)
+    monkeypatch.setenv("HEADSCOPE_QUERY_TIMEOUT", "0.2")
     with pytest.raises(online.OnlineError, match="did not finish the partial pruning query within 0.2 s"):
         online.partial_pruning(run, 0, 0, 0)
     monkeypatch.setenv("HEADSCOPE_QUERY_TIMEOUT", "120")  # a slow CI machine may need long to load it
     assert len(online.partial_pruning(run, 0, 0, 0)["rows"]) == 8
+
+
+def test_build_on_the_worker_pool_equals_a_local_build(via_worker, tmp_path, monkeypatch):
+    """build_cache.py --worker-pool: the workers run the per-image stage (build_slice tasks), this
+    process merges; the tables equal a local build's, the corrupt file is skipped either way."""
+    import pandas as pd
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from scripts.build_cache import main
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=2).state_dict(), str(weights))
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not a PNG")
+    common = ["--model", "vit_tiny_patch16_224", "--weights", str(weights), "--images", str(tmp_path / "images"),
+              "--batch-size", "2", "--threads", "1", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "pool"), "--worker-pool"]) == 0
+    with monkeypatch.context() as m:
+        m.delenv("HEADSCOPE_BROKER_URL")
+        assert main(common + ["--out", str(tmp_path / "local")]) == 0
+    for name in ("images.parquet", "head_metrics.parquet", "head_summary.parquet", "skipped.parquet"):
+        local, pool = pd.read_parquet(tmp_path / "local" / name), pd.read_parquet(tmp_path / "pool" / name)
+        # float32 precision, not bits: the worker's thread pool may split a matmul differently
+        pd.testing.assert_frame_equal(pool, local, check_exact=False, rtol=1e-5, atol=1e-6, obj=name)
+    assert len(pd.read_parquet(tmp_path / "pool" / "skipped.parquet")) == 1
 
 
 def test_stopped_worker_is_a_clear_error_not_a_hang(via_worker, worker, tiny_run):
@@ -195,18 +229,21 @@ def test_restarted_worker_is_picked_up_again(via_worker, tiny_run, tmp_path):
         stop(proc)
 
 
-def test_build_slice_task_runs_the_build_stage(monkeypatch):
-    """The task hands its config and image indices to analysis.build.run_image_stage."""
-    import types
+def test_worker_pool_without_redis_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from PIL import Image
 
+    from scripts.build_cache import main
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a" / "0.png")
+    monkeypatch.setenv("HEADSCOPE_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    args = ["--model", "test_vit", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "run"), "--worker-pool", "--quiet"]
+    assert main(args) == 2
+    assert "is not reachable" in capsys.readouterr().err
+
+
+def test_build_slice_task_reports_failures():
     from worker import tasks
 
-    calls = []
-    fake = types.ModuleType("analysis.build")
-    fake.run_image_stage = lambda config, indices: calls.append((config, indices)) or {"images": len(indices)}
-    monkeypatch.setitem(sys.modules, "analysis.build", fake)
-    assert tasks.build_slice({"out": "x"}, ["3", 4]) == {"ok": True, "result": {"images": 2}}
-    assert calls == [({"out": "x"}, [3, 4])]
-    fake.run_image_stage = lambda config, indices: (_ for _ in ()).throw(ValueError("bad shard"))
-    out = tasks.build_slice({}, [0])
-    assert not out["ok"] and "cache-build slice failed on the worker: ValueError: bad shard" in out["error"]
+    out = tasks.build_slice({"out": "/nonexistent/run", "model": "no_such_model_xyz", "dataset": "fashion"}, [0])
+    assert not out["ok"] and "no_such_model_xyz" in out["error"]

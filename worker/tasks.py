@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from analysis.errors import HeadScopeError
 from analysis.service import ModelService
@@ -17,6 +18,7 @@ from .celery_app import app
 
 log = logging.getLogger(__name__)
 service = ModelService(device=os.environ.get("HEADSCOPE_DEVICE") or None)
+_build_lock = threading.Lock()  # one build slice at a time per process: they share one model's hooks
 
 
 def _payload(what: str, fn, *args) -> dict:
@@ -45,10 +47,13 @@ def attention(run_dir: str, image_id: int, layer: int, head: int) -> dict:
 @app.task(name="headscope.build_slice", time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)),
           soft_time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)) - 30)
 def build_slice(config: dict, image_indices: list[int]) -> dict:
-    """The per-image stage of a cache build for some images (analysis.build.run_image_stage)."""
+    """The per-image stage of a cache build for some images (analysis.build.run_image_stage), on this
+    worker's device; the part files go to the run directory named in ``config`` (a shared volume)."""
     def run():
         from analysis.build import run_image_stage
 
-        return run_image_stage(config, [int(i) for i in image_indices])
+        with _build_lock:
+            return run_image_stage({**config, "device": service.device, "progress": False},
+                                   [int(i) for i in image_indices])
 
     return _payload("cache-build slice", run)

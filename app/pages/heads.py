@@ -1,4 +1,5 @@
-"""Heads: every head ranked by its mean importance over all images (head_summary), as an
+"""Heads: every head ranked by its mean importance (or another per-head property: strength
+entropy, mean attention distance, semantic concentration) over all images (head_summary), as an
 L x H heatmap and a table; clicking a head selects it for the Explorer."""
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ dash.register_page(__name__, path="/heads", name="Heads", title="HeadScope · He
 
 # For "prob" (P(true) with the head pruned) a LOW value means an important head.
 LOW_IS_IMPORTANT = {"prob"}
+# Per-head properties that are not importance metrics; ranked highest first, read from head_summary.
+PROPERTIES = {"strength_entropy": "strength_entropy · how global the attention is (0-1)",
+              "mean_distance_px": "mean_distance_px · mean attention distance (px)",
+              "semantic_concentration": "semantic_concentration · attention on SIFT-keypoint patches (1 = none)",
+              "cls_semantic_concentration": "cls_semantic_concentration · the same for the CLS row"}
 
 
 def layout(**_query):
     return html.Div([
         dbc.Row([
-            dbc.Col(html.H4("Heads ranked by mean importance", className="mt-2"), md=True),
+            dbc.Col(html.H4("Heads ranked by their mean over all images", className="mt-2"), md=True),
             dbc.Col(dbc.InputGroup([dbc.InputGroupText("metric"),
                                     dcc.Dropdown(id="heads-metric", clearable=False, searchable=False,
                                                  style={"minWidth": "21rem"})], size="sm", className="flex-nowrap"),
@@ -42,9 +48,12 @@ def heads_metric(sel, current):
     index, _ = load(sel)
     if index is None or not index.metrics:
         return [], None
-    opts = [{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics]
+    hs = index.memo("head_summary", lambda: _read_summary(index)) or {}
+    props = [m for m in PROPERTIES if np.isfinite(hs.get(f"{m}_mean", np.nan)).any()]
+    opts = ([{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics]
+            + [{"label": PROPERTIES[m], "value": m} for m in props])
     default = "prob_drop" if "prob_drop" in index.metrics else index.metrics[0]
-    return opts, current if current in index.metrics else default
+    return opts, current if current in index.metrics + props else default
 
 
 def summary(index: data.RunIndex, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +61,10 @@ def summary(index: data.RunIndex, metric: str) -> tuple[np.ndarray, np.ndarray]:
     hs = index.memo("head_summary", lambda: _read_summary(index))
     if hs is not None and f"{metric}_mean" in hs:
         return hs[f"{metric}_mean"], hs[f"{metric}_std"]
-    return index.mean[metric], index.std[metric]
+    if metric in index.mean:
+        return index.mean[metric], index.std[metric]
+    nan = np.full(index.L * index.H, np.nan)
+    return nan, nan
 
 
 def _read_summary(index: data.RunIndex):
@@ -78,7 +90,7 @@ def heads_view(sel, metric):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), None, message(err, "danger")
-    if metric not in index.metric:
+    if metric not in index.metric and metric not in PROPERTIES:
         return F.empty(index.missing.get("metrics", "Choose a metric.")), None, None
     mean, std = summary(index, metric)
     low = metric in LOW_IS_IMPORTANT
@@ -105,8 +117,11 @@ def heads_view(sel, metric):
     table = dbc.Table([html.Thead(html.Tr([html.Th(c) for c in ("rank", "layer", "head", "mean", "std",
                                                                  "strength entropy")])), html.Tbody(rows)],
                       size="sm", hover=True, striped=True)
-    note = html.P(f"Top {len(order)} heads; " + ("lower" if low else "higher") + " is more important.",
-                  className="small text-muted mb-1")
+    if metric in PROPERTIES:
+        text = f"Top {len(order)} heads by mean {metric} (highest first); see Help for the definition."
+    else:
+        text = f"Top {len(order)} heads; " + ("lower" if low else "higher") + " is more important."
+    note = html.P(text, className="small text-muted mb-1")
     return fig, [note, table], None
 
 
