@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from plotly.io.json import to_json_plotly
 
+from analysis import store
 from app import config, data, figures as F
 from app.server import parse_selection
 
@@ -223,3 +224,18 @@ def test_masked_image():
 def test_empty_figure_says_why():
     fig = roundtrip(F.empty("This run has no patch layout"))
     assert fig["layout"]["annotations"][0]["text"] == "This run has no patch layout"
+
+
+def test_heads_page_ranks_importance_and_head_properties(cache):
+    from app import create_app
+
+    create_app(cache, "syn")
+    heads = sys.modules["app.pages.heads"]
+    options, value = heads.heads_metric({"run": "syn"}, None)
+    values = [o["value"] for o in options]
+    assert value == "prob_drop" and "semantic_concentration" in values and "mean_distance_px" in values
+    fig, table, msg = heads.heads_view({"run": "syn", "layer": 1, "head": 2}, "semantic_concentration")
+    hm = store.open_run(cache / "syn").head_metrics
+    expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(L, H)
+    np.testing.assert_allclose(np.array(fig["data"][0]["z"], dtype=float), expected, rtol=1e-5)
+    assert msg is None and fig["data"][1]["x"] == [2] and fig["data"][1]["y"] == [1]  # selected head marked
