@@ -290,7 +290,8 @@ def load_vit(model: str | nn.Module, weights: str | Path | None = None, pretrain
     model: a timm model name, a built timm VisionTransformer, "default" (DINOv2 ViT-S/14 with the
     Fashion-MNIST probe, 112 px) or "default-backbone" (the same backbone without a head, 224 px).
     weights: .safetensors / .pth / .pt state dict, loaded strictly (num_classes is read from the
-    checkpoint's head, and img_size from its position grid, when not given). pretrained: download timm's weights (needs internet).
+    checkpoint's head, and img_size from its position grid, when not given).
+    pretrained: download timm's weights (needs internet).
     """
     sha = None
     if isinstance(model, nn.Module):

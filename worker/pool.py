@@ -15,6 +15,7 @@ from analysis.errors import HeadScopeError
 from .celery_app import make_app
 
 POLL_S = 0.5          # s between looks at the results
+PING_EVERY_S = 5.0    # s between "is any worker still there?" pings while slices run
 LOST_AFTER_S = 30.0   # s without any worker answering a ping before the build gives up
 
 
@@ -68,7 +69,9 @@ def build_on_pool(config: dict, batches: list[list[int]], broker_url: str, progr
                 bar.update(len(batch))
             if pending:
                 time.sleep(POLL_S)
-                if app.control.ping(timeout=1.0):
+                if time.monotonic() - last_seen < PING_EVERY_S:
+                    continue
+                if app.control.ping(timeout=1.0, limit=1):
                     last_seen = time.monotonic()
                 elif time.monotonic() - last_seen > LOST_AFTER_S:
                     raise PoolError(f"No model worker has answered for {LOST_AFTER_S:g} s; "

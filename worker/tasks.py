@@ -18,7 +18,7 @@ from .celery_app import app
 
 log = logging.getLogger(__name__)
 service = ModelService(device=os.environ.get("HEADSCOPE_DEVICE") or None)
-_build_lock = threading.Lock()  # one build slice at a time per process: they share one model's hooks
+_build_lock = threading.Lock()  # one build slice at a time per process: each already uses every core
 
 
 def _payload(what: str, fn, *args) -> dict:

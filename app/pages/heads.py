@@ -18,7 +18,7 @@ LOW_IS_IMPORTANT = {"prob"}
 # Per-head properties that are not importance metrics; ranked highest first, read from head_summary.
 PROPERTIES = {"strength_entropy": "strength_entropy · how global the attention is (0-1)",
               "mean_distance_px": "mean_distance_px · mean attention distance (px)",
-              "semantic_concentration": "semantic_concentration · attention on SIFT-keypoint patches (1 = none)",
+              "semantic_concentration": "semantic_concentration · attention on SIFT-keypoint patches (1 = no preference)",
               "cls_semantic_concentration": "cls_semantic_concentration · the same for the CLS row"}
 
 
