@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, _callback, dcc, html, no_update
-from flask import abort, send_file
+from flask import abort, jsonify, request, send_file
 
 from . import config
 
@@ -97,6 +97,36 @@ def _register_thumbnails(app: dash.Dash) -> None:
         return send_file(path, mimetype="image/png", max_age=3600)
 
 
+def _register_api(server) -> None:
+    """GET /healthz {"status": "ok", "online": online.status()} and the online queries as JSON:
+    /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list)."""
+    from . import online  # imports torch: only once the app is built
+
+    @server.get("/healthz")
+    def healthz():
+        """The app is up (precomputed views work); "online" says whether online queries can run."""
+        return jsonify(status="ok", online=online.status())
+
+    @server.get("/api/<query>")
+    def api(query: str):
+        """One online query as JSON; errors as {"error": message} with status 400."""
+        if query not in ("partial_pruning", "attention"):
+            return jsonify(error=f"Unknown query {query!r}: use partial_pruning or attention."), 404
+        name = request.args.get("run", "")
+        if not config.valid_name(name) or not config.run_dir(name).is_dir():
+            return jsonify(error=f"Unknown run {name!r}: give ?run=NAME of a run in {config.cache_dir()}."), 400
+        try:
+            args = [request.args[k] for k in ("image", "layer", "head")]
+            out = getattr(online, query)(config.run_dir(name), *args)
+        except KeyError as err:
+            return jsonify(error=f"Missing parameter {err.args[0]!r}: give image, layer and head."), 400
+        except online.OnlineError as err:
+            return jsonify(error=str(err)), 400
+        if query == "attention":
+            out["attention"] = out["attention"].astype(float).tolist()
+        return jsonify(out)
+
+
 def create_app(cache_dir=None, run=None) -> dash.Dash:
     """Build the dashboard for the runs under ``cache_dir`` (default: $HEADSCOPE_CACHE or cache/),
     opening ``run`` first (a name under cache_dir, or a run directory path)."""
@@ -115,6 +145,7 @@ def create_app(cache_dir=None, run=None) -> dash.Dash:
     app.layout = _shell
     _register_shell_callbacks(app)
     _register_thumbnails(app)
+    _register_api(app.server)
     threading.Thread(target=_warm_up, name="headscope-warm-up", daemon=True).start()
     return app
 
