@@ -109,7 +109,7 @@ Only patch tokens have a position, so strength uses the patch → patch block $A
   how much of a head's attention lands on *semantically rich* patches. A patch's semantic weight $w_v$ is
   its share of the SIFT keypoints found in the image as the model sees it ($\sum_v w_v = 1$). With each
   source row restricted to the patch columns and renormalised ($\tilde A$),
-  $\text{sc} = P \cdot \frac{1}{P}\sum_u \sum_v \tilde A[u, v]\, w_v$; the CLS variant uses the CLS row
+  $\text{sc} = P \cdot \operatorname{mean}_u \sum_v \tilde A[u, v]\, w_v$ (mean over the $P$ source patches $u$); the CLS variant uses the CLS row
   alone, $P \sum_v \tilde A[0, v]\, w_v$. 1 = no preference (what uniform attention gives), above 1 =
   attention flows to keypoint-rich patches (object parts, edges), below 1 = to flat background.
   Undefined (empty) for an image in which SIFT finds no keypoint.
