@@ -136,8 +136,9 @@ def metric_options(sel, current):
     if index is None or not index.metrics:
         return [], None
     options = [{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics]
-    value = current if current in index.metrics else index.metrics[0]
-    return options, value
+    # the paper's default (prob); for a backbone its output-level stand-in (emb_dist), as view A uses
+    default = next((m for m in ("prob", "emb_dist") if m in index.metrics), index.metrics[0])
+    return options, current if current in index.metrics else default
 
 
 @callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
