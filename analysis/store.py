@@ -45,8 +45,8 @@ SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
 
 
 def default_cache_dir() -> Path:
-    """$HEADSCOPE_CACHE or <repo>/cache."""
-    return Path(os.environ.get("HEADSCOPE_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+    """$HEADSCOPE_CACHE (when set and not empty) or <repo>/cache: runs, converted models, datasets."""
+    return Path(os.environ.get("HEADSCOPE_CACHE") or Path(__file__).resolve().parent.parent / "cache")
 
 
 def schema(columns: dict) -> pa.Schema:

@@ -122,8 +122,9 @@ def make_config(args: argparse.Namespace):
     return BuildConfig.from_dict(settings).validate()
 
 
-def worker_pool_url() -> str:
-    """$HEADSCOPE_BROKER_URL, once Redis and at least one worker answer (else a clear error)."""
+def worker_pool() -> tuple[str, int]:
+    """($HEADSCOPE_BROKER_URL, number of workers answering), or a clear error when Redis or every
+    worker is away."""
     from analysis.errors import InputError
     from worker.pool import check_pool
 
@@ -131,17 +132,17 @@ def worker_pool_url() -> str:
     if not url:
         raise InputError("--worker-pool needs HEADSCOPE_BROKER_URL (the Redis URL of the workers' broker, "
                          "e.g. redis://localhost:6379/0).")
-    check_pool(url)
-    return url
+    return url, check_pool(url)
 
 
-def run_on_worker_pool(ctx, shard, url: str) -> None:
+def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
     """The per-image stage on the Celery workers (worker/pool.py); parts land in the run directory."""
     from analysis import build as B
     from worker.pool import build_on_pool
 
     batches = B.pending_batches(ctx, shard=shard)
-    stats = build_on_pool(ctx.config.to_dict(), batches, url, progress=ctx.config.progress)
+    url, workers = pool
+    stats = build_on_pool(ctx.config.to_dict(), batches, url, progress=ctx.config.progress, workers=workers)
     print(f"  worker pool: {stats['images']} images ({stats['skipped']} unreadable) in {len(batches)} batches "
           f"on {stats['workers']} worker(s), {stats['seconds']:.1f} s of worker time", flush=True)
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         shard = parse_shard(args.shard)
         config = make_config(args)
         out = config.out
-        pool_url = worker_pool_url() if args.worker_pool and not args.merge else None  # fail before the long work
+        pool = worker_pool() if args.worker_pool and not args.merge else None  # fail before the long work
         what = "merging" if args.merge else (f"shard {shard[0]}/{shard[1]} of" if shard else "building")
         print(f"HeadScope: {what} run {config.out} (model {config.model}, images {config.dataset}, "
               f"device {config.device}, batch {config.batch_size})", flush=True)
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
               f"{config.threads} CPU thread(s) (model {ctx.timings['load_model']:.1f} s, images "
               f"{ctx.timings['load_images']:.1f} s)", flush=True)
         merge_only = args.merge
-        if pool_url:
-            run_on_worker_pool(ctx, shard, pool_url)
+        if pool:
+            run_on_worker_pool(ctx, shard, pool)
             merge_only = True
         manifest = B.build(config, shard=shard, merge_only=merge_only, context=ctx)
         if shard is not None:

@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.datasets import FASHION_MNIST_CLASSES, fashion_mnist_arrays, load_image_set, open_image  # noqa: E402
-from analysis.defaults import PROBE_PATH, backbone_model, cache_root, converted_backbone  # noqa: E402
-from analysis.vit import sha256_file  # noqa: E402
+from analysis.defaults import PROBE_PATH, backbone_model, converted_backbone  # noqa: E402
 from analysis.errors import HeadScopeError  # noqa: E402
+from analysis.store import default_cache_dir  # noqa: E402
+from analysis.vit import sha256_file  # noqa: E402
 
 IMG_SIZE = 112  # px: 8x8 grid of 14 px patches
 SAMPLE = {"name": "fashion", "limit": 1000, "seed": 0}  # the fixed sample the tests re-check
@@ -118,7 +119,7 @@ def main() -> None:
     model = backbone_model(IMG_SIZE)
     transform = eval_transform(model)
     backbone_sha = sha256_file(converted_backbone())
-    cache = cache_root() / "probe" / f"fashion-mnist_{IMG_SIZE}px_{backbone_sha[:12]}"
+    cache = default_cache_dir() / "probe" / f"fashion-mnist_{IMG_SIZE}px_{backbone_sha[:12]}"
 
     # Training images in a seeded class-balanced order (classes interleaved): --train-limit N takes the
     # first N, so runs with different limits share the cached feature chunks.

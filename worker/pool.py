@@ -41,15 +41,16 @@ def check_pool(url: str, app=None, timeout: float = 2.0) -> int:
     return len(answers)
 
 
-def build_on_pool(config: dict, batches: list[list[int]], broker_url: str, progress: bool = True) -> dict:
+def build_on_pool(config: dict, batches: list[list[int]], broker_url: str, progress: bool = True,
+                  workers: int | None = None) -> dict:
     """Run ``batches`` (lists of image ids) of the run described by ``config`` (BuildConfig.to_dict())
-    on the workers at ``broker_url``. Returns {"images", "skipped", "seconds", "workers"}."""
+    on the workers at ``broker_url``; ``workers``: the answer of an earlier ``check_pool`` (else it
+    is asked here). Returns {"images", "skipped", "seconds", "workers"}."""
     from tqdm.auto import tqdm
 
     app = make_app(broker_url)
-    workers = check_pool(broker_url, app)
-    payload_config = {**config, "progress": False}
-    pending = {app.send_task("headscope.build_slice", args=[payload_config, batch]): batch for batch in batches}
+    workers = workers or check_pool(broker_url, app)
+    pending = {app.send_task("headscope.build_slice", args=[config, batch]): batch for batch in batches}
     stats = {"images": 0, "skipped": 0, "seconds": 0.0, "workers": workers}
     bar = tqdm(total=sum(map(len, batches)), desc=f"images ({workers} worker(s))", unit="img",
                disable=not progress, dynamic_ncols=True)
