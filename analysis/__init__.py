@@ -3,11 +3,11 @@
 Public API (see README):
     load_vit, head_importance, attention_strength, partial_pruning, analyse_batch, MODES
 """
-from .engine import BatchResult, analyse_batch, attention_strength
-from .errors import HeadScopeError
-from .importance import METRICS, head_importance, partial_pruning
-from .pruning import MODE_LABELS, MODES
-from .vit import ViT, load_vit
+from analysis.metrics.engine import BatchResult, analyse_batch, attention_strength
+from analysis.errors import HeadScopeError
+from analysis.metrics.importance import METRICS, head_importance, partial_pruning
+from analysis.models.pruning import MODE_LABELS, MODES
+from analysis.models.adapter import ViT, load_vit
 
 __all__ = ["load_vit", "ViT", "head_importance", "attention_strength", "partial_pruning",
            "analyse_batch", "BatchResult", "METRICS", "MODES", "MODE_LABELS", "HeadScopeError"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetMissingError, ImageReadError, InputError, LabelError
+from analysis.errors import DatasetMissingError, ImageReadError, InputError, LabelError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -182,7 +182,7 @@ def _find_fashion(split: str) -> tuple[Path, Path] | None:
 
 
 def _download_dir() -> Path:
-    from .store import default_cache_dir
+    from analysis.paths import default_cache_dir
 
     return default_cache_dir() / "datasets"
 

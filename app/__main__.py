@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, args.torch_threads))
 
-    from analysis import store
+    from analysis.runs import store
     from app import config, create_app
 
     app = create_app(args.cache_dir, args.run)

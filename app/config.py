@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from analysis import store
+from analysis.runs import store
 
 _settings = {"cache_dir": None, "run": None}
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import store
+from analysis.runs import store
 from analysis.errors import CacheError
 
 from . import config
@@ -210,7 +210,7 @@ _lock = threading.Lock()
 
 def attention(name: str, image_id: int, layer: int, head: int) -> dict:
     """online.attention for a run name, shared by D2-D5 (one query even when views ask at once)."""
-    from . import online
+    from analysis.serving import transport as online
 
     key = (str(config.run_dir(name)), int(image_id), int(layer), int(head))
     with _lock:
@@ -233,7 +233,7 @@ def attention(name: str, image_id: int, layer: int, head: int) -> dict:
 
 
 def partial_pruning(name: str, image_id: int, layer: int, head: int) -> dict:
-    from . import online
+    from analysis.serving import transport as online
 
     return online.partial_pruning(str(config.run_dir(name)), int(image_id), int(layer), int(head))
 

@@ -100,7 +100,7 @@ def _register_thumbnails(app: dash.Dash) -> None:
 def _register_api(server) -> None:
     """GET /healthz {"status": "ok", "online": online.status()} and the online queries as JSON:
     /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list)."""
-    from . import online  # imports torch: only once the app is built
+    from analysis.serving import transport as online  # imports torch: only once the app is built
 
     @server.get("/healthz")
     def healthz():

@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         oname = f"bench-online-{args.online_model}-{args.online_img_size}"
         ensure_run(cache, oname, n_images=50, n_classes=10, seed=args.seed, model=args.online_model,
                    img_size=args.online_img_size)
-        from analysis import store
+        from analysis.runs import store
 
         mf = store.open_run(cache / oname).model
         o = bench_online(app, oname, args.online, args.seed, mf["depth"], mf["heads"], 50)

@@ -53,7 +53,7 @@ def bench_throughput(n_images: int, batch_size: int) -> dict:
 
     from analysis import load_vit
     from analysis.datasets import load_image_set, open_image
-    from analysis.engine import analyse_batch
+    from analysis.metrics.engine import analyse_batch
 
     vit = load_vit("default")
     items = load_image_set("fashion", limit=n_images).items
@@ -86,7 +86,7 @@ def bench_layout(n_points: int, dims: int, threads: int) -> dict:
     """tsne_2d time on n_points synthetic points in 144 clusters (one per head)."""
     import numpy as np
 
-    from analysis.layouts import tsne_2d, tsne_settings
+    from analysis.runs.layouts import tsne_2d, tsne_settings
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 3, (144, dims))
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from analysis.build import auto_threads
+    from analysis.runs.build import auto_threads
 
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)

@@ -91,7 +91,7 @@ def make_config(args: argparse.Namespace):
     """BuildConfig from the command line (from the run's manifest with --resume)."""
     import torch
 
-    from analysis.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out
+    from analysis.runs.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out
     from analysis.errors import CacheError
 
     if args.images:
@@ -137,7 +137,7 @@ def worker_pool() -> tuple[str, int]:
 
 def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
     """The per-image stage on the Celery workers (worker/pool.py); parts land in the run directory."""
-    from analysis import build as B
+    from analysis.runs import build as B
     from worker.pool import build_on_pool
 
     batches = B.pending_batches(ctx, shard=shard)
@@ -149,7 +149,7 @@ def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from analysis import build as B
+    from analysis.runs import build as B
     from analysis.errors import HeadScopeError
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import store  # noqa: E402
+from analysis.runs import store  # noqa: E402
 
 
 # ---- the simulated user ------------------------------------------------------------------------

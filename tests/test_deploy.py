@@ -14,7 +14,8 @@ import requests
 import yaml
 from flask import Flask
 
-from app import auth, online
+from app import auth
+from analysis.serving import transport as online
 from test_worker import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import timm
 import torch
 
 from analysis import MODES, head_importance, load_vit, partial_pruning
-from analysis.pruning import keep_mask
+from analysis.models.pruning import keep_mask
 
 
 def make_model(variant: str) -> torch.nn.Module:
@@ -212,8 +212,8 @@ def test_capture_selected_layers_matches_full_capture():
 
 def test_analyse_batch_agrees_with_the_public_functions():
     from analysis import analyse_batch, attention_strength
-    from analysis.patterns import unpack_bits
-    from analysis.semantic import batch_semantic_weights, semantic_concentration
+    from analysis.metrics.patterns import unpack_bits
+    from analysis.metrics.semantic import batch_semantic_weights, semantic_concentration
 
     vit = load_vit(make_model("cls"))
     torch.manual_seed(13)

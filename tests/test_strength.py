@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.patterns import binarize_topq, cls_vector, pack_bits, topq_count, unpack_bits
-from analysis.strength import (hop_counts, hop_distance, khop_strength, mean_attention_distance,
+from analysis.metrics.patterns import binarize_topq, cls_vector, pack_bits, topq_count, unpack_bits
+from analysis.metrics.strength import (hop_counts, hop_distance, khop_strength, mean_attention_distance,
                                strength_entropy)
 
 
@@ -100,7 +100,7 @@ def test_pattern_inputs():
 
 
 def test_semantic_concentration():
-    from analysis.semantic import semantic_concentration, semantic_weights
+    from analysis.metrics.semantic import semantic_concentration, semantic_weights
 
     T, P = 1, 4
     w = torch.tensor([[0.5, 0.5, 0.0, 0.0]])

@@ -12,7 +12,7 @@ import os
 import threading
 
 from analysis.errors import HeadScopeError
-from analysis.service import ModelService
+from analysis.serving.service import ModelService
 
 from .celery_app import app
 
@@ -50,7 +50,7 @@ def build_slice(config: dict, image_indices: list[int]) -> dict:
     """The per-image stage of a cache build for some images (analysis.build.run_image_stage), on this
     worker's device; the part files go to the run directory named in ``config`` (a shared volume)."""
     def run():
-        from analysis.build import run_image_stage
+        from analysis.runs.build import run_image_stage
 
         with _build_lock:
             return run_image_stage({**config, "device": service.device, "progress": False},

@@ -16,10 +16,10 @@ import numpy as np
 from dash import Input, Output, Patch, State, callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
-from analysis.pruning import MODE_LABELS
+from analysis.models.pruning import MODE_LABELS
 
 from app import data, figures as F
-from app.online import OnlineError
+from analysis.serving.transport import OnlineError
 from app.views import card, graph, load, loading, message
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)

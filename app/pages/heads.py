@@ -68,7 +68,7 @@ def summary(index: data.RunIndex, metric: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_summary(index: data.RunIndex):
-    from analysis import store
+    from analysis.runs import store
 
     try:
         df = store.open_run(index.path).head_summary

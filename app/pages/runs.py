@@ -6,7 +6,7 @@ import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, callback, dcc, html
 
-from analysis import store
+from analysis.runs import store
 from app import config
 
 dash.register_page(__name__, path="/runs", name="Runs", title="HeadScope · Runs", order=2)

@@ -12,7 +12,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from analysis.errors import InputError
 
 REGIONS = ("R1", "R2", "R3")
 

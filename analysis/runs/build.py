@@ -32,9 +32,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import store
-from .errors import CacheError, ImageReadError, InputError, ModelLoadError
-from .importance import METRICS
+from analysis.runs import store
+from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
+from analysis.metrics.importance import METRICS
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
 # Parameters that change the results: a run directory refuses a build that differs in any.
@@ -156,8 +156,8 @@ def load_model(config: BuildConfig):
     """The ViT of a build (refuses a timm model without weights: it could not be reloaded)."""
     import torch
 
-    from .defaults import DEFAULT_MODELS
-    from .vit import load_vit
+    from analysis.models.defaults import DEFAULT_MODELS
+    from analysis.models.adapter import load_vit
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
@@ -172,7 +172,7 @@ def load_model(config: BuildConfig):
 def load_images(config: BuildConfig, vit):
     """The image set, labels checked against the model's classes; names the model's classes
     after the set's when the model brings none."""
-    from .datasets import load_image_set, validate_labels
+    from analysis.datasets import load_image_set, validate_labels
 
     kind = config.dataset_kind or (config.dataset if config.dataset in EMBEDDED_RUNS else None)
     image_set = load_image_set(config.dataset, kind=kind, limit=config.limit, seed=config.seed,
@@ -379,7 +379,7 @@ def thumbnail_transform(vit, thumb_px: int | None):
 
 def _load_batch(ctx: BuildContext, ids: Sequence[int]):
     """Open and preprocess images -> (ok ids, tensor [b, 3, H, W] or None, thumbnails, skipped)."""
-    from .datasets import open_image
+    from analysis.datasets import open_image
 
     ok, pils, skipped = [], [], []
     for i in ids:
@@ -460,7 +460,7 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
     """
     import torch
 
-    from .engine import analyse_batch
+    from analysis.metrics.engine import analyse_batch
 
     ctx = context_for(config)
     cfg, vit = ctx.config, ctx.vit
@@ -627,7 +627,7 @@ class _Stages:
 
 
 def _layout(stages: _Stages, name: str, X: np.ndarray, seed: int, jobs: int) -> np.ndarray:
-    from .layouts import tsne_2d
+    from analysis.runs.layouts import tsne_2d
 
     bar = stages.bar(f"layout {name} ({len(X)} points)", 1, unit="it")
     xy = stages.timed(f"layout_{name}", tsne_2d, X, seed=seed, n_jobs=jobs,
@@ -639,7 +639,7 @@ def _layout(stages: _Stages, name: str, X: np.ndarray, seed: int, jobs: int) -> 
 
 def merge_run(ctx: BuildContext) -> dict:
     """Run-level stages from all parts: autoencoder, layouts, tables; marks the run complete."""
-    from .autoencoder import input_side, train_autoencoder
+    from analysis.runs.autoencoder import input_side, train_autoencoder
 
     cfg, vit, run_dir = ctx.config, ctx.vit, ctx.run_dir
     stages = _Stages(cfg.progress)

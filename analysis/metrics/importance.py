@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .errors import InputError, LabelError
-from .hooks import attention_parts, block_after_attention, block_forward, heads_output, project
-from .pruning import MODE_LABELS, MODES, keep_mask
-from .vit import ViT
+from analysis.errors import InputError, LabelError
+from analysis.models.family import heads_concat
+from analysis.models.pruning import MODE_LABELS, MODES, keep_mask
+from analysis.models.adapter import ViT
 
 METRICS = ("prob", "prob_drop", "jsd", "cls_dist", "patch_dist", "emb_dist")
 # Variants x images x tokens edited at once in the pruned block: bounds memory to ~100s of MB.
@@ -52,7 +52,7 @@ def run_baseline(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor],
     hook = None if on_attention is None else (lambda layer, A: on_attention(layer, A))
     for layer in range(vit.depth):
         xs.append(x)
-        x = block_forward(vit.model.blocks[layer], x, layer, hook)
+        x = vit.block(layer, x, hook)
     pooled, logits = vit.outputs(x)
     logp = None if logits is None else torch.log_softmax(logits.double(), dim=-1)
     return Baseline(xs, pooled, logp)
@@ -81,12 +81,12 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
 
     Returns {metric: [V, B] float64} plus "logp" [V, B, C] (classifier models).
     """
-    blk, T = vit.model.blocks[layer], vit.num_prefix_tokens
+    T = vit.num_prefix_tokens
     x = base.xs[layer]
     B, N, _ = x.shape
-    A, v, gate = attention_parts(blk.attn, blk.norm1(x))
+    A, v, ctx = vit.attention_parts(layer, x)
     o = A @ v                                                   # [B, H, N, d]
-    z = project(blk.attn, heads_output(A, v), gate)             # [B, N, C]
+    z = vit.project(layer, heads_concat(o), ctx)                # [B, N, C]
     last = layer == vit.depth - 1
     keep_prefix_only = last and vit.pool_reads_prefix_only
     per_chunk = max(1, TOKENS_PER_CHUNK // (N * B))
@@ -98,7 +98,7 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
         for i, (head, mask) in enumerate(chunk):
             o_var[i, :, head] = (A[:, head] * mask) @ v[:, head]
         o_cat = o_var.transpose(2, 3).reshape(V, B, N, -1)      # [V, B, N, H*d]
-        z_var = project(blk.attn, o_cat, gate)                  # [V, B, N, C]
+        z_var = vit.project(layer, o_cat, ctx)                  # [V, B, N, C]
         res = {}
         res["cls_dist"] = (cosine_distance(z[:, 0], z_var[:, :, 0]) if T > 0
                            else torch.full((V, B), float("nan"), dtype=torch.float64))
@@ -129,7 +129,7 @@ def downstream(vit: ViT, layer: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tens
     step = max(1, SEQUENCE_TOKENS // x.shape[1])
     pooled, logits = [], []
     for s in range(0, x.shape[0], step):
-        h = block_after_attention(vit.model.blocks[layer], x[s:s + step], z[s:s + step])
+        h = vit.finish_block(layer, x[s:s + step], z[s:s + step])
         p, lg = vit.outputs(vit.blocks(h, start=layer + 1, prefix_only_last=vit.pool_reads_prefix_only))
         pooled.append(p)
         logits.append(lg)

@@ -22,7 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CacheError
+from analysis.errors import CacheError
+from analysis.paths import default_cache_dir
 
 SCHEMA_VERSION = 1
 METRIC_COLUMNS = ("prob", "prob_drop", "jsd", "cls_dist", "patch_dist", "emb_dist")
@@ -42,11 +43,6 @@ HEAD_COLUMNS = {
 SEMANTIC_COLUMNS = ("semantic_concentration", "cls_semantic_concentration")  # see analysis.semantic
 SUMMARY_METRICS = METRIC_COLUMNS + ("strength_entropy", "mean_distance_px") + SEMANTIC_COLUMNS
 SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
-
-
-def default_cache_dir() -> Path:
-    """$HEADSCOPE_CACHE (when set and not empty) or <repo>/cache: runs, converted models, datasets."""
-    return Path(os.environ.get("HEADSCOPE_CACHE") or Path(__file__).resolve().parent.parent / "cache")
 
 
 def schema(columns: dict) -> pa.Schema:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from analysis.errors import HeadScopeError
-from analysis.service import ModelService, decode_array
+from analysis.serving.service import ModelService, decode_array
 
 WORKER_COMMAND = "celery -A worker.celery_app worker --pool=threads --concurrency=4 -Q online,build"
 ALIVE_TTL = 3.0  # s a worker ping answer (yes or no) is trusted

