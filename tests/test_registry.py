@@ -73,8 +73,9 @@ def reference(toy_run):
     return vit, x, labels, vit.capture_attention(x)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pages(toy_run):
+    """The page modules, with the app configured on the toy run (conftest resets it after each test)."""
     from app import create_app
 
     create_app(toy_run.path.parent, toy_run.name)
