@@ -28,8 +28,8 @@ Compute hooks (how the engine / the merge obtain the values; see ``engine.analys
 ``batch`` (``engine.Batch``) gives hooks ``batch.images``, ``batch.labels``, ``batch.options``
 (build options, e.g. ``q``) and ``batch.memo(key, compute)`` to share work between hooks of a batch.
 
-Values: ``"scalar"`` (float32 column), ``"vector"`` (list<float32> column, dense ``[..., K]``),
-``"category"`` (string column, dense object array). ``summary=True`` gives ``head_summary`` the
+Values: ``"scalar"`` (float32 column, NaN = missing), ``"vector"`` (list<float32> column, dense
+``[..., K]``), ``"category"`` (string column, dense object array; hooks return str arrays, "" = missing). ``summary=True`` gives ``head_summary`` the
 columns ``<name>_mean`` and ``<name>_std`` (population std, ddof=0, over images; a vector gets
 ``<name>_mean`` only, the mean vector). A metric with ``stage`` set is computed only when the build
 enables that stage (``BuildConfig.stages``); a run lists what it has in ``manifest["metrics"]``.
