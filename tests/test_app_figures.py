@@ -1,7 +1,5 @@
 """Unit tests of the dashboard's figure builders, run index and URL parsing (no browser)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +8,7 @@ from plotly.io.json import to_json_plotly
 from analysis.runs import store
 from app import config, data, figures as F
 from app.server import parse_selection
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+from conftest import make_synthetic_run as make_run
 
 L, H = 4, 3
 
