@@ -1,5 +1,6 @@
 """Unit tests of the dashboard's figure builders, run index and URL parsing (no browser)."""
 import json
+import sys
 
 import numpy as np
 import pytest

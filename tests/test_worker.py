@@ -53,6 +53,7 @@ def worker(redis_url, runs, tmp_path_factory):
 @pytest.fixture
 def via_worker(monkeypatch, redis_url, worker):
     monkeypatch.setenv("HEADSCOPE_BROKER_URL", redis_url)
+    monkeypatch.setenv("HEADSCOPE_QUERY_TIMEOUT", "120")  # a first query loads a model: slow on a busy CI machine
     return redis_url
 
 
@@ -146,6 +147,31 @@ def test_build_on_the_worker_pool_equals_a_local_build(via_worker, runs, tmp_pat
     assert len(pd.read_parquet(runs / "pool" / "skipped.parquet")) == 1
 
 
+def test_worker_serves_only_runs_inside_its_cache_directory(via_worker, tiny_run, tmp_path):
+    outside = shutil.copytree(tiny_run, tmp_path / "tiny")  # a complete run, but not in the worker's cache
+    for run_dir in (outside, tiny_run.parent / ".." / tmp_path.name / "tiny", Path("/etc")):
+        with pytest.raises(online.OnlineError, match="serves only runs inside its cache directory"):
+            online.partial_pruning(run_dir, 0, 0, 0)
+    assert len(online.partial_pruning(tiny_run, 0, 0, 1)["rows"]) == 8  # inside: served
+
+
+def test_a_run_replaced_in_place_is_never_answered_from_the_old_one(via_worker, runs, monkeypatch):
+    """cache/swap holds run A, is queried (the app's and the worker's caches fill), then is replaced
+    by a run of another model: every query answers with the new model's numbers."""
+    a = make_run(runs / "model-a", n_images=3, model="test_vit", img_size=32, seed=0)
+    b = make_run(runs / "model-b", n_images=3, model="vit_tiny_patch16_224", img_size=32, seed=1)
+    swap = runs / "swap"
+    shutil.copytree(a, swap)
+    old = online.attention(swap, 0, 0, 0)["attention"], online.partial_pruning(swap, 0, 0, 0)
+    np.testing.assert_array_equal(old[0], in_process(monkeypatch, "attention", a, 0, 0, 0)["attention"])
+    shutil.rmtree(swap)
+    shutil.copytree(b, swap)
+    new = online.attention(swap, 0, 0, 0)["attention"], online.partial_pruning(swap, 0, 0, 0)
+    np.testing.assert_array_equal(new[0], in_process(monkeypatch, "attention", b, 0, 0, 0)["attention"])
+    assert new[1]["rows"] == in_process(monkeypatch, "partial_pruning", b, 0, 0, 0)["rows"] != old[1]["rows"]
+    assert not np.array_equal(new[0], old[0])
+
+
 def test_stopped_worker_is_a_clear_error_not_a_hang(via_worker, worker, tiny_run):
     """Runs last: it stops the module's worker."""
     online.partial_pruning(tiny_run, 0, 1, 0)  # the worker answers ...
@@ -192,31 +218,6 @@ def test_build_slice_task_reports_failures(tmp_path, monkeypatch):
 
 
 # ---- trust boundary, identity, outage with many queries in flight ----------------------------------
-def test_worker_serves_only_runs_inside_its_cache_directory(via_worker, tiny_run, tmp_path):
-    outside = shutil.copytree(tiny_run, tmp_path / "tiny")  # a complete run, but not in the worker's cache
-    for run_dir in (outside, tiny_run.parent / ".." / tmp_path.name / "tiny", Path("/etc")):
-        with pytest.raises(online.OnlineError, match="serves only runs inside its cache directory"):
-            online.partial_pruning(run_dir, 0, 0, 0)
-    assert len(online.partial_pruning(tiny_run, 0, 0, 1)["rows"]) == 8  # inside: served
-
-
-def test_a_run_replaced_in_place_is_never_answered_from_the_old_one(via_worker, runs, monkeypatch):
-    """cache/swap holds run A, is queried (the app's and the worker's caches fill), then is replaced
-    by a run of another model: every query answers with the new model's numbers."""
-    a = make_run(runs / "model-a", n_images=3, model="test_vit", img_size=32, seed=0)
-    b = make_run(runs / "model-b", n_images=3, model="vit_tiny_patch16_224", img_size=32, seed=1)
-    swap = runs / "swap"
-    shutil.copytree(a, swap)
-    old = online.attention(swap, 0, 0, 0)["attention"], online.partial_pruning(swap, 0, 0, 0)
-    np.testing.assert_array_equal(old[0], in_process(monkeypatch, "attention", a, 0, 0, 0)["attention"])
-    shutil.rmtree(swap)
-    shutil.copytree(b, swap)
-    new = online.attention(swap, 0, 0, 0)["attention"], online.partial_pruning(swap, 0, 0, 0)
-    np.testing.assert_array_equal(new[0], in_process(monkeypatch, "attention", b, 0, 0, 0)["attention"])
-    assert new[1]["rows"] == in_process(monkeypatch, "partial_pruning", b, 0, 0, 0)["rows"] != old[1]["rows"]
-    assert not np.array_equal(new[0], old[0])
-
-
 def test_redis_password_in_the_broker_url(tmp_path_factory, monkeypatch):
     """Redis with --requirepass: the worker and the app use redis://:PASSWORD@host/..; a wrong
     password is a clear error that does not show the password."""
