@@ -103,16 +103,22 @@ def start_redis(tmp: Path, password: str | None = None) -> tuple[subprocess.Pope
     raise RuntimeError("redis-server did not start")
 
 
-def start_worker(url: str, log: Path, cache_dir: Path, timeout: float = 120) -> subprocess.Popen:
-    """The documented worker command (``WORKER_COMMAND``) on ``url`` serving ``cache_dir``;
-    returns once it answers a ping."""
+def start_worker(url: str, log: Path, cache_dir: Path, timeout: float = 120, cli: bool = False) -> subprocess.Popen:
+    """The documented worker command (``WORKER_COMMAND``, or with ``cli`` `headscope worker` and its
+    --broker-url / --cache-dir options) on ``url`` serving ``cache_dir``; returns once it answers a ping."""
     from analysis.serving.transport import WORKER_COMMAND
     from worker.celery_app import make_app
 
     env = {**os.environ, "HEADSCOPE_BROKER_URL": url, "HEADSCOPE_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
     env.pop("HEADSCOPE_RESULT_BACKEND", None)
-    cmd = [sys.executable, "-m", *shlex.split(WORKER_COMMAND), "--without-gossip", "--without-mingle",
-           "--loglevel=INFO"]
+    quiet = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
+    if cli:
+        for var in ("HEADSCOPE_BROKER_URL", "HEADSCOPE_CACHE"):
+            env.pop(var)
+        cmd = [str(Path(sys.executable).parent / "headscope"), "worker", "--broker-url", url, "--cache-dir",
+               str(cache_dir), "--", *quiet]
+    else:
+        cmd = [sys.executable, "-m", *shlex.split(WORKER_COMMAND), *quiet]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     app = make_app(url)
     deadline = time.monotonic() + timeout

@@ -269,3 +269,14 @@ def test_serving_the_network_without_a_login_warns(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().err.startswith("error: Cannot read HEADSCOPE_BASIC_AUTH_FILE") and len(served) == 3
     assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "192.168.1.5", "myhost")] == \
            [True, True, True, False, False, False]
+
+
+def test_load_test_without_the_runs_directory_says_what_to_give(tmp_path):
+    """scripts/load_test.py --url ... --run default without --cache-dir, where no such run is: one clear
+    line naming --cache-dir, no traceback, nothing sent."""
+    env = {**os.environ, "HEADSCOPE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "scripts/load_test.py", "--url", f"http://127.0.0.1:{free_port()}",
+                          "--run", "default", "--users", "1", "--duration", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: the load test reads run 'default'") and "--cache-dir" in out.stderr

@@ -217,16 +217,17 @@ def test_build_slice_task_reports_failures(tmp_path, monkeypatch):
     assert not out["ok"] and "serves only runs inside its cache directory" in out["error"]
 
 
-# ---- trust boundary, identity, outage with many queries in flight ----------------------------------
+# ---- a password-protected Redis; an outage with many queries in flight --------------------------------
 def test_redis_password_in_the_broker_url(tmp_path_factory, monkeypatch):
-    """Redis with --requirepass: the worker and the app use redis://:PASSWORD@host/..; a wrong
-    password is a clear error that does not show the password."""
+    """Redis with --requirepass: the worker (started as `headscope worker --broker-url URL --cache-dir
+    DIR`) and the app use redis://:PASSWORD@host/..; a wrong password is a clear error that does not
+    show the password."""
     runs = tmp_path_factory.mktemp("pw-runs")
     run = make_run(runs / "tiny", n_images=2, model="test_vit", img_size=32)
     proc, url = start_redis(tmp_path_factory.mktemp("pw-redis"), password="s3cret-pw")
     assert ":s3cret-pw@" in url
     try:
-        worker = start_worker(url, runs / "worker.log", runs)
+        worker = start_worker(url, runs / "worker.log", runs, cli=True)
         try:
             monkeypatch.setenv("HEADSCOPE_BROKER_URL", url)
             assert online.status()["ok"]
@@ -235,6 +236,12 @@ def test_redis_password_in_the_broker_url(tmp_path_factory, monkeypatch):
             with pytest.raises(online.OnlineError, match="broker is not reachable") as err:
                 online.partial_pruning(run, 1, 0, 1)
             assert "wrong-pw" not in str(err.value) and ":***@" in str(err.value)
+            from worker.pool import PoolError, check_pool
+
+            with pytest.raises(PoolError, match="not reachable") as err:  # build_cache.py --worker-pool
+                check_pool(url.replace("s3cret-pw", "wrong-pw"))
+            assert "wrong-pw" not in str(err.value) and ":***@" in str(err.value)
+            assert check_pool(url) == 1
             monkeypatch.setenv("HEADSCOPE_BROKER_URL", url.replace(":s3cret-pw@", ""))  # none at all
             assert not online.status()["ok"]
         finally:

@@ -48,8 +48,8 @@ def _timeout(name: str, default: float) -> float:
     return float(os.environ.get(name) or default)
 
 
-def _public(url: str) -> str:
-    """The URL without its password, for messages."""
+def public_url(url: str) -> str:
+    """The broker URL with its password as ***, for messages and logs."""
     parts = urlsplit(url)
     if parts.password:
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
@@ -58,8 +58,9 @@ def _public(url: str) -> str:
 
 
 def _hint(url: str) -> str:
-    return (f"Start it with `HEADSCOPE_BROKER_URL={_public(url)} {WORKER_COMMAND}` "
-            "(or `docker compose up worker`), or unset HEADSCOPE_BROKER_URL to compute in-process.")
+    return (f"Start it with `HEADSCOPE_BROKER_URL={public_url(url)} {WORKER_COMMAND}` "
+            "(or `headscope worker`, or `docker compose up worker`), or unset HEADSCOPE_BROKER_URL to compute "
+            "in-process.")
 
 
 # ---- the worker transport -------------------------------------------------------------------
@@ -89,7 +90,7 @@ def _check_redis(url: str) -> None:
             client = _redis[url]
         client.ping()
     except (redis.RedisError, ValueError) as err:
-        raise OnlineError(f"The model worker's broker is not reachable: Redis at {_public(url)} ({err}). "
+        raise OnlineError(f"The model worker's broker is not reachable: Redis at {public_url(url)} ({err}). "
                           f"Start redis-server, then the worker. {_hint(url)}") from None
 
 
@@ -115,7 +116,6 @@ class Liveness:
                 return ok
             self._flying.add(url)
             self.pings += 1
-        ok = False
         try:
             ok = bool(_celery(url).control.ping(timeout=_timeout("HEADSCOPE_PING_TIMEOUT", 2.0), limit=1))
         except Exception:  # the broker went away between checks
@@ -138,7 +138,7 @@ def _worker_answers(url: str, fresh: bool = False) -> bool:
 
 
 def _not_answering(url: str) -> OnlineError:
-    return OnlineError(f"The model worker is not answering ({_public(url)}): it is down, restarting or "
+    return OnlineError(f"The model worker is not answering ({public_url(url)}): it is down, restarting or "
                        f"blocked. {_hint(url)} Precomputed views keep working.")
 
 
@@ -191,7 +191,7 @@ def status() -> dict:
             raise _not_answering(url)
     except OnlineError as err:
         return {"mode": "worker", "ok": False, "message": str(err)}
-    return {"mode": "worker", "ok": True, "message": f"Online queries run on the model worker ({_public(url)})."}
+    return {"mode": "worker", "ok": True, "message": f"Online queries run on the model worker ({public_url(url)})."}
 
 
 # ---- the public calls -----------------------------------------------------------------------
