@@ -29,6 +29,9 @@ COPY app ./app
 COPY assets ./assets
 COPY worker ./worker
 COPY scripts ./scripts
+# HeadScope itself (editable: the code stays in /app), for `headscope` and the scripts' imports.
+COPY pyproject.toml README.md ./
+RUN pip install --no-deps -e .
 
 USER headscope
 VOLUME /data/cache

@@ -2,12 +2,33 @@
 
 Public API (see README):
     load_vit, head_importance, attention_strength, partial_pruning, analyse_batch, MODES
-"""
-from analysis.metrics.engine import BatchResult, analyse_batch, attention_strength
-from analysis.errors import HeadScopeError
-from analysis.metrics.importance import METRICS, head_importance, partial_pruning
-from analysis.models.pruning import MODE_LABELS, MODES
-from analysis.models.adapter import ViT, load_vit
 
-__all__ = ["load_vit", "ViT", "head_importance", "attention_strength", "partial_pruning",
-           "analyse_batch", "BatchResult", "METRICS", "MODES", "MODE_LABELS", "HeadScopeError"]
+The names are imported on first use (PEP 562), so that `import analysis.cli` (the `headscope`
+command's --help) or `analysis.errors` do not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "BatchResult": "analysis.metrics.engine", "analyse_batch": "analysis.metrics.engine",
+    "attention_strength": "analysis.metrics.engine",
+    "HeadScopeError": "analysis.errors",
+    "METRICS": "analysis.metrics.importance", "head_importance": "analysis.metrics.importance",
+    "partial_pruning": "analysis.metrics.importance",
+    "MODE_LABELS": "analysis.models.pruning", "MODES": "analysis.models.pruning",
+    "ViT": "analysis.models.adapter", "load_vit": "analysis.models.adapter",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

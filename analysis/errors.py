@@ -35,3 +35,12 @@ class InputError(HeadScopeError):
 
 class CacheError(HeadScopeError):
     """A run directory that is missing, incomplete, stale or built with another schema."""
+
+
+class ConfigError(HeadScopeError):
+    """A setting (environment variable, option, users file) that cannot be used."""
+
+
+class OnlineError(HeadScopeError):
+    """An online query (partial pruning, attention of one image) that failed: worker down, unknown
+    run, image or head; str(err) says why and what to do."""

@@ -16,6 +16,8 @@ from pathlib import Path
 from flask import Flask, Response, request
 from werkzeug.security import check_password_hash
 
+from analysis.errors import ConfigError
+
 HASH_PREFIXES = ("scrypt:", "pbkdf2:")
 OPEN_PATHS = ("/healthz",)  # container health checks need no password
 
@@ -29,20 +31,20 @@ def parse_users(text: str, sep: str = ",") -> dict[str, str]:
             continue
         user, colon, password = entry.partition(":")
         if not colon or not user or not password:
-            raise ValueError(f"Bad basic-auth entry {user or entry!r}: write it as user:password.")
+            raise ConfigError(f"Bad basic-auth entry {user or entry!r}: write it as user:password.")
         users[user] = password
     return users
 
 
 def load_users(environ=os.environ) -> dict[str, str]:
-    """The users configured in the environment (empty: auth off)."""
+    """The users configured in the environment (empty: auth off); ConfigError when they cannot be read."""
     users = parse_users(environ.get("HEADSCOPE_BASIC_AUTH", ""))
     path = environ.get("HEADSCOPE_BASIC_AUTH_FILE")
     if path:
         try:
             users.update(parse_users(Path(path).read_text(), sep="\n"))
         except OSError as err:
-            raise RuntimeError(f"Cannot read HEADSCOPE_BASIC_AUTH_FILE={path}: {err}. Mount the file or "
+            raise ConfigError(f"Cannot read HEADSCOPE_BASIC_AUTH_FILE={path}: {err}. Mount the file or "
                                "unset the variable.") from None
     return users
 

@@ -1,13 +1,11 @@
 """Where the app finds its runs: the cache directory and the run to open first (set by create_app)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from analysis.runs import store
 
 _settings = {"cache_dir": None, "run": None}
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def configure(cache_dir=None, run=None) -> None:
@@ -20,8 +18,7 @@ def cache_dir() -> Path:
     return _settings["cache_dir"] or store.default_cache_dir()
 
 
-def valid_name(name) -> bool:
-    return isinstance(name, str) and bool(_NAME.match(name)) and name not in (".", "..")
+valid_name = store.valid_run_name
 
 
 def run_dir(name: str) -> Path:

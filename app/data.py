@@ -209,7 +209,7 @@ MAX_RUNS = 3
 
 
 def get_index(name: str) -> RunIndex:
-    """The index of run ``name`` (built on first use; rebuilt when the manifest changes).
+    """The index of run ``name`` (built on first use; rebuilt when the run's identity changes).
     Raises CacheError with the fix when the run is missing, incomplete or stale."""
     if not name:
         raise CacheError(f"No run selected and no runs found under {config.cache_dir()}. Build one with "
@@ -218,8 +218,7 @@ def get_index(name: str) -> RunIndex:
         path = config.run_dir(name)
     except ValueError as err:
         raise CacheError(str(err)) from None
-    mf = path / "manifest.json"
-    key = (str(path), mf.stat().st_mtime_ns if mf.is_file() else None)
+    key = (str(path), store.run_fingerprint(path))  # a run replaced in place gets a new index
     index = _indexes.get(key)
     if index is not None:
         return index
@@ -231,40 +230,21 @@ def get_index(name: str) -> RunIndex:
         return _indexes[key]
 
 
-# ---- online work (app/online.py), with the few lines of post-processing the views share -------
-_attention_cache: OrderedDict[tuple, dict] = OrderedDict()
-_pending: dict[tuple, threading.Lock] = {}
-_lock = threading.Lock()
-
-
+# ---- online work (analysis/serving/transport.py, which caches), with the post-processing the views share
 def attention(name: str, image_id: int, layer: int, head: int) -> dict:
-    """online.attention for a run name, shared by D2-D5 (one query even when views ask at once)."""
+    """online.attention for a run name, shared by D2-D5 (the transport's cache answers the views
+    after the first; concurrent views wait for the one query), attention as float32."""
     from analysis.serving import transport as online
 
-    key = (str(config.run_dir(name)), int(image_id), int(layer), int(head))
-    with _lock:
-        if key in _attention_cache:
-            return _attention_cache[key]
-        pending = _pending.setdefault(key, threading.Lock())
-    with pending:  # a second view asking for the same matrix waits for the first query
-        with _lock:
-            out = _attention_cache.get(key)
-        if out is None:
-            out = online.attention(key[0], *key[1:])
-            out["attention"] = np.asarray(out["attention"], dtype=np.float32)
-            with _lock:
-                _attention_cache[key] = out
-                while len(_attention_cache) > 32:
-                    _attention_cache.popitem(last=False)
-    with _lock:
-        _pending.pop(key, None)
+    out = online.attention(config.run_dir(name), int(image_id), int(layer), int(head))
+    out["attention"] = out["attention"].astype(np.float32)
     return out
 
 
 def partial_pruning(name: str, image_id: int, layer: int, head: int) -> dict:
     from analysis.serving import transport as online
 
-    return online.partial_pruning(str(config.run_dir(name)), int(image_id), int(layer), int(head))
+    return online.partial_pruning(config.run_dir(name), int(image_id), int(layer), int(head))
 
 
 def threshold_for(values: np.ndarray, q: float) -> float:

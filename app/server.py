@@ -16,6 +16,7 @@ from dash import Input, Output, State, _callback, dcc, html, no_update
 from flask import abort, jsonify, request, send_file
 
 from . import config
+from .auth import install_basic_auth
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -133,9 +134,13 @@ def _register_api(server) -> None:
         return jsonify(out)
 
 
-def create_app(cache_dir=None, run=None) -> dash.Dash:
+def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) -> dash.Dash:
     """Build the dashboard for the runs under ``cache_dir`` (default: $HEADSCOPE_CACHE or cache/),
-    opening ``run`` first (a name under cache_dir, or a run directory path)."""
+    opening ``run`` first (a name under cache_dir, or a run directory path).
+
+    The login (app/auth.py) is part of the app, so every way of serving it has it: ``users``
+    {name: password}, default HEADSCOPE_BASIC_AUTH / HEADSCOPE_BASIC_AUTH_FILE (none: no login);
+    ``app.server.config["HEADSCOPE_LOGIN"]`` says whether it is on. ConfigError for unreadable users."""
     if run and Path(run).is_dir() and (Path(run) / "manifest.json").is_file():
         cache_dir, run = Path(run).resolve().parent, Path(run).name
     config.configure(cache_dir, run)
@@ -152,6 +157,7 @@ def create_app(cache_dir=None, run=None) -> dash.Dash:
     _register_shell_callbacks(app)
     _register_thumbnails(app)
     _register_api(app.server)
+    app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
     threading.Thread(target=_warm_up, name="headscope-warm-up", daemon=True).start()
     return app
 

@@ -14,7 +14,6 @@ import os
 
 import torch
 
-from app.auth import install_basic_auth
 from app.server import create_app
 
 # In-process online queries (no broker): one torch thread per request keeps a shared CPU
@@ -23,5 +22,4 @@ torch.set_num_threads(max(1, int(os.environ.get("HEADSCOPE_TORCH_THREADS") or 1)
 
 dash_app = create_app(cache_dir=os.environ.get("HEADSCOPE_CACHE") or None,
                       run=os.environ.get("HEADSCOPE_RUN") or None)
-server = dash_app.server
-install_basic_auth(server)
+server = dash_app.server  # with the login when HEADSCOPE_BASIC_AUTH* is set (create_app installs it)

@@ -12,15 +12,12 @@ their values); 'default' is the embedded DINOv2 ViT-S/14 + probe at 112 px.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis import head_importance, load_vit, partial_pruning  # noqa: E402
+from analysis import head_importance, load_vit, partial_pruning
 
 
 @torch.inference_mode()

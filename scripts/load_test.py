@@ -30,10 +30,10 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from analysis.errors import HeadScopeError
+from analysis.runs import store
 
-from analysis.runs import store  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- the simulated user ------------------------------------------------------------------------
@@ -207,7 +207,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running app, e.g. http://127.0.0.1:8050 (else use --serve)")
     ap.add_argument("--serve", action="store_true", help="start redis-server, a worker and gunicorn here")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="runs directory (default $HEADSCOPE_CACHE or cache/)")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="runs directory, the one the app serves: the run's image ids and heads are read from it "
+                         "(default $HEADSCOPE_CACHE or cache/)")
     ap.add_argument("--run", default="default", help="run to query (a name under --cache-dir)")
     ap.add_argument("--make-run", action="store_true",
                     help="with --serve: first write a synthetic run (test_vit, 40 images) named --run")
@@ -224,12 +226,19 @@ def main(argv=None) -> int:
         ap.error("give --url of a running app or --serve")
     cache_dir = args.cache_dir or store.default_cache_dir()
     if args.make_run:
-        from scripts.make_synthetic_cache import make_run
+        from make_synthetic_cache import make_run  # the sibling script
 
         make_run(cache_dir / args.run, n_images=40, model="test_vit", img_size=64)
-    run = store.open_run(cache_dir / args.run)
-    facts = {"images": run.images.image_id.astype(int).tolist(), "depth": int(run.model["depth"]),
-             "heads": int(run.model["heads"])}
+    try:  # the simulated users pick image ids and heads of the run: read them here
+        run = store.open_run(cache_dir / args.run)
+        facts = {"images": run.images.image_id.astype(int).tolist(), "depth": int(run.model["depth"]),
+                 "heads": int(run.model["heads"])}
+    except HeadScopeError as err:
+        where = "" if args.cache_dir else " (no --cache-dir given: looked in $HEADSCOPE_CACHE or cache/)"
+        print(f"error: the load test reads run {args.run!r} from {cache_dir}{where} to pick its images and heads, "
+              f"and cannot: {err}\nGive --cache-dir DIR, the runs directory the app at {args.url or 'the stack'} "
+              "serves (or a copy of it).", file=sys.stderr)
+        return 2
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     with ExitStack() as stack:
         url = args.url or serve(stack, cache_dir.resolve(), args.run, args.gunicorn_workers, args.threads,

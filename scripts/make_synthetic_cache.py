@@ -25,10 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from analysis.runs import store  # noqa: E402
+from analysis.runs import store
 
 
 def save_random_model(name: str, img_size: int, num_classes: int, path: Path, seed: int) -> dict:

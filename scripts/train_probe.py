@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.datasets import FASHION_MNIST_CLASSES, fashion_mnist_arrays, load_image_set, open_image  # noqa: E402
-from analysis.models.defaults import PROBE_PATH, backbone_model, converted_backbone  # noqa: E402
-from analysis.errors import HeadScopeError  # noqa: E402
-from analysis.paths import default_cache_dir  # noqa: E402
-from analysis.models.weights import sha256_file  # noqa: E402
+from analysis.datasets import FASHION_MNIST_CLASSES, fashion_mnist_arrays, load_image_set, open_image
+from analysis.models.defaults import PROBE_PATH, backbone_model, converted_backbone
+from analysis.errors import HeadScopeError
+from analysis.paths import default_cache_dir
+from analysis.models.weights import sha256_file
 
 IMG_SIZE = 112  # px: 8x8 grid of 14 px patches
 SAMPLE = {"name": "fashion", "limit": 1000, "seed": 0}  # the fixed sample the tests re-check

@@ -1,31 +1,61 @@
-"""Shared fixtures: the repo root on sys.path and small random-initialised timm ViTs."""
+"""Shared test helpers, defined once: a tiny random ViT saved as weights, an image folder, a free
+port, synthetic runs, throw-away redis-server / Celery worker / gunicorn processes, and the
+browser options. Tests import the plain helpers (``from conftest import free_port``) and use the
+fixtures by name. The project's modules are imported plainly: a broken import fails the suite.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from scripts.make_synthetic_cache import make_run as make_synthetic_run  # noqa: F401  (re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
-# ---- browser tests (dash[testing]): headless Debian chromium ---------------------------------
-def pytest_setup_options():
-    """Chrome options for the dash_duo fixture: headless, no sandbox/GPU/network, a desktop window."""
-    from selenium.webdriver.chrome.options import Options
+# ---- small inputs ----------------------------------------------------------------------------
+def save_tiny_vit(path, seed: int = 0, img_size: int = 64, num_classes: int = 3) -> Path:
+    """A random-initialised vit_tiny_patch16_224 (12 layers x 3 heads) at ``img_size`` px saved as
+    safetensors (64 px: a 4x4 patch grid)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
 
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-dev-shm-usage", "--window-size=1680,1200", "--hide-scrollbars"):
-        options.add_argument(arg)
-    return options
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=img_size, num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Path(path)
 
 
-@pytest.fixture(autouse=True)
-def reset_app_config():
-    """Leave the app's settings (cache dir, default run) as every test expects them."""
-    yield
-    if "app.config" in sys.modules:
-        sys.modules["app.config"].configure(None, None)
+def make_image_folder(root, classes=("a", "b", "c"), per_class: int = 4, size=(40, 48), broken: str | None = None,
+                      seed: int = 0) -> Path:
+    """``root/CLASS/I.png`` random RGB images of ``size`` (rows, cols), seeded; with ``broken`` one
+    file ``root/BROKEN/broken.png`` that is not a PNG."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    if broken:
+        (root / broken / "broken.png").write_bytes(b"this is not a PNG")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def embedded_default_missing() -> str | None:
@@ -40,3 +70,109 @@ def embedded_default_missing() -> str | None:
     except HeadScopeError as err:
         return str(err)
     return None
+
+
+# ---- processes: redis-server, the Celery worker, gunicorn ------------------------------------
+def stop(proc: subprocess.Popen, sig: str = "term") -> None:
+    """Terminate (or with sig="kill", SIGKILL) ``proc`` and reap it."""
+    proc.kill() if sig == "kill" else proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_redis(tmp: Path, password: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A throw-away redis-server on a free localhost port (``--requirepass`` with a password)
+    -> (process, url with the password in it)."""
+    import redis
+
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp)] + (["--requirepass", password] if password else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def start_worker(url: str, log: Path, cache_dir: Path, timeout: float = 120, cli: bool = False) -> subprocess.Popen:
+    """The documented worker command (``WORKER_COMMAND``, or with ``cli`` `headscope worker` and its
+    --broker-url / --cache-dir options) on ``url`` serving ``cache_dir``; returns once it answers a ping."""
+    from analysis.serving.transport import WORKER_COMMAND
+    from worker.celery_app import make_app
+
+    env = {**os.environ, "HEADSCOPE_BROKER_URL": url, "HEADSCOPE_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    env.pop("HEADSCOPE_RESULT_BACKEND", None)
+    quiet = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
+    if cli:
+        for var in ("HEADSCOPE_BROKER_URL", "HEADSCOPE_CACHE"):
+            env.pop(var)
+        cmd = [str(Path(sys.executable).parent / "headscope"), "worker", "--broker-url", url, "--cache-dir",
+               str(cache_dir), "--", *quiet]
+    else:
+        cmd = [sys.executable, "-m", *shlex.split(WORKER_COMMAND), *quiet]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    app = make_app(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while not app.control.ping(timeout=0.5, limit=1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not come up:\n{log.read_text()[-3000:]}")
+        return proc
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def start_gunicorn(compose_app_command: list[str], env: dict, log: Path, workers: int = 1,
+                   timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """docker-compose.yml's app command bound to a free localhost port -> (process, base URL),
+    once /healthz answers."""
+    import requests
+
+    cmd = list(compose_app_command)
+    port = free_port()
+    cmd[cmd.index("--bind") + 1] = f"127.0.0.1:{port}"
+    cmd[cmd.index("--workers") + 1] = str(workers)
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=5).ok:
+                return proc, url
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"gunicorn did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def reset_app_config():
+    """Leave the app's settings (cache dir, default run) as every test expects them."""
+    yield
+    if "app.config" in sys.modules:
+        sys.modules["app.config"].configure(None, None)
+
+
+def pytest_setup_options():
+    """Chrome options for the dash_duo fixture: headless, no sandbox/GPU/network, a desktop window."""
+    from selenium.webdriver.chrome.options import Options
+
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--window-size=1680,1200", "--hide-scrollbars"):
+        options.add_argument(arg)
+    return options

@@ -20,11 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+from conftest import embedded_default_missing, make_synthetic_run as make_run
 
-pytest.importorskip("selenium")
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("selenium")  # a test-only third-party package
 if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
     pytest.skip("browser tests need chromium and chromedriver", allow_module_level=True)
 
@@ -246,8 +245,6 @@ def build_real_run(cache) -> str | None:
     """A small run of the embedded default (the real DINOv2 ViT-S/14 + probe on 30 Fashion-MNIST
     images) in the test cache, unless cache/default exists; None when the default is not installed."""
     import subprocess
-
-    from conftest import embedded_default_missing
 
     if embedded_default_missing():
         return None

@@ -1,7 +1,6 @@
 """Unit tests of the dashboard's figure builders, run index and URL parsing (no browser)."""
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,7 @@ from analysis.metrics import registry
 from analysis.runs import store
 from app import config, data, figures as F
 from app.server import parse_selection
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+from conftest import make_synthetic_run as make_run
 
 L, H = 4, 3
 

@@ -24,6 +24,7 @@ from analysis.errors import CacheError
 from analysis.runs.layouts import tsne_2d
 from analysis.metrics.patterns import pack_bits
 from analysis.serving.service import model_from_manifest
+from conftest import embedded_default_missing, make_image_folder, save_tiny_vit
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,28 +42,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def save_tiny_vit(path, seed=0):
-    """A random-initialised vit_tiny at 64 px (4x4 patch grid, 12 layers x 3 heads, 3 classes)."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Weights, a folder of 3 classes x 4 PNGs plus one corrupt file, and a config factory."""
     root = tmp_path_factory.mktemp("tiny")
-    weights = save_tiny_vit(root / "tiny.safetensors")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b", "c"):
-        (root / "images" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
-    (root / "images" / "b" / "broken.png").write_bytes(b"this is not a PNG")
+    weights = save_tiny_vit(root / "tiny.safetensors")  # 64 px: 4x4 patch grid, 12 layers x 3 heads, 3 classes
+    make_image_folder(root / "images", classes=("a", "b", "c"), per_class=4, size=(40, 48), broken="b")
 
     def config(out, **kw):
         settings = dict(out=str(root / out), model="vit_tiny_patch16_224", weights=str(weights), img_size=64,
@@ -183,7 +168,7 @@ def test_corrupt_image_is_skipped_and_reported(full_run, tiny):
 
 def test_resume_after_interrupt_equals_one_build(full_run, tiny, monkeypatch):
     import analysis.metrics.engine as engine
-    from scripts.build_cache import main
+    from analysis.cli import build_main as main
 
     real, calls = engine.analyse_batch, []
 
@@ -221,7 +206,7 @@ def test_shards_then_merge_equal_one_build(full_run, tiny):
 
 
 def test_mismatched_run_directory_is_refused(full_run, tiny, capsys):
-    from scripts.build_cache import main
+    from analysis.cli import build_main as main
 
     with pytest.raises(CacheError, match=r"params\.q: run has 0\.01, this build has 0\.05"):
         build.prepare(tiny["config"]("full", q=0.05))
@@ -295,8 +280,6 @@ def test_help_explains_every_option():
 
 
 def test_default_run_builds_on_the_real_model(tmp_path):
-    from conftest import embedded_default_missing
-
     if missing := embedded_default_missing():
         pytest.skip(f"embedded default not installed here: {missing}")
     out = tmp_path / "default20"

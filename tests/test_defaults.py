@@ -102,8 +102,9 @@ def test_cache_location_rebuild_and_errors(tmp_path, monkeypatch):
 
 
 def test_load_vit_names():
-    vit_mod = pytest.importorskip("analysis.vit")
-    vit = vit_mod.load_vit("default")
+    from analysis import load_vit
+
+    vit = load_vit("default")
     assert vit.num_classes == 10 and vit.grid == (8, 8) and vit.class_names == FASHION_MNIST_CLASSES
-    backbone = vit_mod.load_vit("default-backbone")
+    backbone = load_vit("default-backbone")
     assert backbone.num_classes == 0 and backbone.img_size == (224, 224)

@@ -14,9 +14,10 @@ import requests
 import yaml
 from flask import Flask
 
-from app import auth
+from analysis.errors import ConfigError
 from analysis.serving import transport as online
-from test_worker import free_port, stop
+from app import auth
+from conftest import embedded_default_missing, free_port, make_synthetic_run as make_run, start_gunicorn, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADSCOPE_SERVICES = ("worker", "worker-gpu", "app", "build-cache")
@@ -77,8 +78,6 @@ def test_no_secrets_in_compose_or_dockerfile(compose):
 def test_build_cache_service_command_builds_then_resumes(compose, tmp_path):
     """The build-cache service's command, run here: a fresh volume gets a complete run; running it
     again (what a scripted rebuild or a retry after a crash does) finishes or skips, never fails."""
-    from conftest import embedded_default_missing
-
     if missing := embedded_default_missing():
         pytest.skip(f"embedded default not installed here: {missing}")
     service = compose["services"]["build-cache"]
@@ -127,9 +126,9 @@ def test_basic_auth_users_from_env_and_file(tmp_path):
     assert set(users) == {"alice", "bob", "carol", "dave"} and users["dave"] == "d:4"
     assert auth.check_password(users["bob"], "b0b") and not auth.check_password(users["bob"], "x")
     assert auth.load_users({}) == {}
-    with pytest.raises(ValueError, match="user:password"):
+    with pytest.raises(ConfigError, match="user:password"):
         auth.parse_users("alice")
-    with pytest.raises(RuntimeError, match="Cannot read HEADSCOPE_BASIC_AUTH_FILE"):
+    with pytest.raises(ConfigError, match="Cannot read HEADSCOPE_BASIC_AUTH_FILE"):
         auth.load_users({"HEADSCOPE_BASIC_AUTH_FILE": str(tmp_path / "missing")})
 
 
@@ -151,27 +150,12 @@ def test_basic_auth_guards_every_path_but_healthz():
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory, compose):
     """The compose app command (bound to localhost here), in-process online work, login on."""
-    from scripts.make_synthetic_cache import make_run
-
     cache = tmp_path_factory.mktemp("cache")
     make_run(cache / "tiny", n_images=4, model="test_vit", img_size=32)
-    cmd = list(compose["services"]["app"]["command"])
-    port = free_port()
-    cmd[cmd.index("--bind") + 1] = f"127.0.0.1:{port}"
-    cmd[cmd.index("--workers") + 1] = "1"
-    env = {**os.environ, "HEADSCOPE_CACHE": str(cache), "HEADSCOPE_RUN": "tiny",
-           "HEADSCOPE_BASIC_AUTH": "alice:a1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HEADSCOPE_CACHE": str(cache), "HEADSCOPE_RUN": "tiny", "HEADSCOPE_BASIC_AUTH": "alice:a1"}
     env.pop("HEADSCOPE_BROKER_URL", None)
-    log = cache / "gunicorn.log"
-    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_gunicorn(compose["services"]["app"]["command"], env, cache / "gunicorn.log")
     try:
-        deadline = time.monotonic() + 120
-        while not healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
         yield url, cache / "tiny"
     finally:
         stop(proc)
@@ -219,8 +203,6 @@ def test_run_local_script_is_valid_bash():
 @pytest.mark.skipif(not (ROOT / "app/__main__.py").is_file(), reason="app/__main__.py not written yet")
 def test_run_local_script_is_fast_when_everything_exists(tmp_path):
     """With the venv installed and the default run built it goes straight to `python -m app`."""
-    from scripts.make_synthetic_cache import make_run
-
     make_run(tmp_path / "default", n_images=2, layers=2, heads=2, grid=2)
     t = time.monotonic()
     out = subprocess.run(["bash", "scripts/run_local.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
@@ -228,3 +210,73 @@ def test_run_local_script_is_fast_when_everything_exists(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Building the default run" not in out.stdout and "usage" in out.stdout.lower()
     assert time.monotonic() - t < 300
+
+
+# ---- python -m app / headscope serve: the same login as gunicorn -----------------------------------
+def test_python_m_app_asks_for_the_login_like_gunicorn(tmp_path):
+    """HEADSCOPE_BASIC_AUTH and HEADSCOPE_BASIC_AUTH_FILE apply to the Dash server of `python -m app`."""
+    make_run(tmp_path / "tiny", n_images=2, layers=2, heads=2, grid=2)
+    users = tmp_path / "users.txt"
+    users.write_text("bob:b0b\n")
+    port = free_port()
+    env = {**os.environ, "HEADSCOPE_CACHE": str(tmp_path), "HEADSCOPE_BASIC_AUTH": "alice:a1",
+           "HEADSCOPE_BASIC_AUTH_FILE": str(users)}
+    env.pop("HEADSCOPE_BROKER_URL", None)
+    log = tmp_path / "app.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"python -m app did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        for path in ("/", "/heads", "/api/attention?run=tiny&image=0&layer=0&head=0", "/thumbs/tiny/0.png",
+                     "/_dash-layout"):
+            r = requests.get(url + path, timeout=30)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic"), path
+        assert requests.get(url + "/", auth=("alice", "a1"), timeout=30).status_code == 200
+        assert requests.get(url + "/", auth=("bob", "b0b"), timeout=30).status_code == 200
+        assert requests.get(url + "/", auth=("bob", "a1"), timeout=30).status_code == 401
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        stop(proc)
+    assert "login on" in log.read_text()
+
+
+def test_serving_the_network_without_a_login_warns(tmp_path, monkeypatch, capsys):
+    import dash
+    import torch
+
+    from analysis.cli import is_loopback, serve_main
+
+    served = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads alone
+    monkeypatch.setattr(dash.Dash, "run", lambda self, host, port, debug: served.append((host, port)))
+    monkeypatch.delenv("HEADSCOPE_BASIC_AUTH", raising=False)
+    monkeypatch.delenv("HEADSCOPE_BASIC_AUTH_FILE", raising=False)
+    assert serve_main(["--cache-dir", str(tmp_path), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert served == [("0.0.0.0", 8123)]
+    assert "without a login" in capsys.readouterr().err
+    assert serve_main(["--cache-dir", str(tmp_path)]) == 0  # localhost: no warning
+    assert "without a login" not in capsys.readouterr().err
+    monkeypatch.setenv("HEADSCOPE_BASIC_AUTH", "alice:a1")
+    assert serve_main(["--cache-dir", str(tmp_path), "--host", "0.0.0.0"]) == 0
+    assert "without a login" not in capsys.readouterr().err
+    monkeypatch.setenv("HEADSCOPE_BASIC_AUTH_FILE", str(tmp_path / "missing.txt"))
+    assert serve_main(["--cache-dir", str(tmp_path)]) == 2  # a clear error, no traceback, nothing served
+    assert capsys.readouterr().err.startswith("error: Cannot read HEADSCOPE_BASIC_AUTH_FILE") and len(served) == 3
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "192.168.1.5", "myhost")] == \
+           [True, True, True, False, False, False]
+
+
+def test_load_test_without_the_runs_directory_says_what_to_give(tmp_path):
+    """scripts/load_test.py --url ... --run default without --cache-dir, where no such run is: one clear
+    line naming --cache-dir, no traceback, nothing sent."""
+    env = {**os.environ, "HEADSCOPE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "scripts/load_test.py", "--url", f"http://127.0.0.1:{free_port()}",
+                          "--run", "default", "--users", "1", "--duration", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: the load test reads run 'default'") and "--cache-dir" in out.stderr

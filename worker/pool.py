@@ -27,16 +27,18 @@ def check_pool(url: str, app=None, timeout: float = 2.0) -> int:
     """Number of workers answering a ping; PoolError when Redis or every worker is away."""
     import redis
 
+    from analysis.serving.transport import WORKER_COMMAND, public_url
+
     app = app or make_app(url)
     try:
         redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
     except (redis.RedisError, ValueError) as err:
-        raise PoolError(f"Redis at {url} is not reachable ({err}): start redis-server, or build without "
-                        "--worker-pool.") from None
+        raise PoolError(f"Redis at {public_url(url)} is not reachable ({err}): start redis-server, or build "
+                        "without --worker-pool.") from None
     answers = app.control.ping(timeout=timeout)
     if not answers:
-        raise PoolError(f"No model worker answers on {url}. Start one with `HEADSCOPE_BROKER_URL={url} celery -A "
-                        "worker.celery_app worker --pool=threads -Q online,build` (or `docker compose up worker`), "
+        raise PoolError(f"No model worker answers on {public_url(url)}. Start one with `HEADSCOPE_BROKER_URL="
+                        f"{public_url(url)} {WORKER_COMMAND}` (or `headscope worker`, or `docker compose up worker`), "
                         "or build without --worker-pool.")
     return len(answers)
 

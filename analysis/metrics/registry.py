@@ -44,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from analysis.runs.schema import RESERVED_COLUMNS
+
 LEVELS = ("image_head", "head")
 VALUES = ("scalar", "vector", "category")
 MODEL_KINDS = frozenset({"classifier", "backbone"})
@@ -143,8 +145,6 @@ _REGISTRY: dict[str, Metric] = {}
 def register_metric(metric: Metric, *, replace: bool = False) -> Metric:
     """Declare ``metric`` (see the module docstring). Raises ValueError when the name is taken
     (pass replace=True to redeclare it) or collides with a fixed table column. Returns it."""
-    from analysis.runs.schema import RESERVED_COLUMNS
-
     if metric.name in RESERVED_COLUMNS:
         raise ValueError(f"Metric name {metric.name!r} is a fixed column of the run tables; choose another name.")
     if metric.name in _REGISTRY and not replace:

@@ -6,7 +6,10 @@ metric as ``[images, L, H]`` (``[images, L, H, K]`` for a vector), rows in the o
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -211,3 +214,36 @@ def list_runs(cache_dir: str | Path | None = None) -> list[dict]:
                     size_bytes=mf.get("sizes", {}).get("cache_bytes"), created=mf.get("created"))
         runs.append(info)
     return runs
+
+
+# ---- a run's name and identity (the app, the worker and every online cache key on these) -------
+RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_fingerprints: dict[str, tuple[tuple, str]] = {}
+
+
+def valid_run_name(name) -> bool:
+    """A run name is one directory name under the cache dir: letters, digits, '.', '_', '-'."""
+    return isinstance(name, str) and bool(RUN_NAME.match(name)) and name not in (".", "..")
+
+
+def run_fingerprint(path: str | Path) -> str | None:
+    """The identity of the run in ``path``: a hash of its manifest's bytes (16 hex digits), or
+    None without a readable manifest. Replacing or rebuilding a run in place changes it (the
+    manifest records the model, the images and the build time), so caches keyed on it never serve
+    another run's numbers. Re-hashed only when the manifest file's stat changes."""
+    mf = os.path.join(os.path.abspath(path), "manifest.json")
+    try:
+        st = os.stat(mf)
+    except OSError:
+        return None
+    stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _fingerprints.get(mf)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        with open(mf, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+    _fingerprints[mf] = (stamp, digest)
+    return digest

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from analysis.metrics import registry
-
 SCHEMA_VERSION = 1
 TABLE_FILES = ("images.parquet", "head_metrics.parquet", "head_summary.parquet")
 IMAGE_COLUMNS = {
@@ -37,12 +35,16 @@ SUMMARY_TYPES = {"scalar": pa.float64(), "vector": pa.list_(pa.float32()), "cate
 def head_columns(names=None) -> dict:
     """head_metrics columns and types: keys, one per image_head metric (all registered, or the
     ``names`` a run has), layout coordinates."""
+    from analysis.metrics import registry  # the registry imports this module (RESERVED_COLUMNS)
+
     ms = registry.metrics("image_head", names=names)
     return {**HEAD_KEYS, **{m.name: VALUE_TYPES[m.value] for m in ms}, **LAYOUT_COLUMNS}
 
 
 def summary_columns(names=None) -> dict:
     """head_summary columns and types (see registry.Metric.summary_columns)."""
+    from analysis.metrics import registry
+
     cols = dict(SUMMARY_KEYS)
     for m in registry.metrics(names=names):
         for c in m.summary_columns():

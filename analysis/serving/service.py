@@ -1,8 +1,14 @@
 """Online computations for a built run: one image's partial pruning and attention.
 
 One code path for the computation, used in-process by the app (local run, no Redis) and by the
-Celery worker (``worker/``). Models are loaded lazily once per run; recent results are kept in
-an LRU cache. Results are plain JSON-able dicts so any transport can carry them.
+Celery worker (``worker/``). Models are loaded lazily once per model; results are plain JSON-able
+dicts so any transport can carry them.
+
+One result cache per process (``ResultCache``): the worker's ModelService owns one; in the app's
+process the transport (analysis/serving/transport.py) owns it and its ModelService computes only.
+Every key holds the run's identity (``store.run_fingerprint``: a hash of its manifest), so a run
+replaced or rebuilt in place never gets the old run's results. Each model has its own lock, held
+while it computes; cache hits and other models never wait behind it.
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.errors import InputError
-from analysis.runs.store import Run, open_run
+from analysis.errors import CacheError, InputError
+from analysis.runs.store import Run, open_run, run_fingerprint
 from analysis.models.adapter import ViT, load_vit
 
 
@@ -37,99 +43,166 @@ def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["b64"]), dtype=d["dtype"]).reshape(d["shape"])
 
 
-class ModelService:
-    """Serves online queries for any run; thread-safe; one model per run kept in memory."""
+class ResultCache:
+    """A thread-safe LRU of query results with single flight: the first caller of a key computes
+    it, concurrent callers of the same key wait for that answer (or its error), callers of other
+    keys and cache hits never wait. Failures are not kept."""
 
-    def __init__(self, device: str | None = None, max_models: int = 2, max_results: int = 512):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.max_models, self.max_results = max_models, max_results
-        self._models: OrderedDict[str, ViT] = OrderedDict()
-        self._results: OrderedDict[tuple, dict] = OrderedDict()
-        self._runs: dict[Path, tuple] = {}
-        self._lock = threading.RLock()
+    def __init__(self, max_items: int = 512):
+        self.max_items = max_items
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._flights: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
 
-    def run(self, run_dir: str | Path) -> Run:
-        """The opened run, re-opened only when its manifest changes (a rebuild)."""
-        path = Path(run_dir).resolve()
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple, compute):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            flight = self._flights.get(key)
+            owner = flight is None
+            if owner:
+                flight = self._flights[key] = {"done": threading.Event(), "value": None, "error": None}
+        if not owner:
+            flight["done"].wait()
+            if flight["error"] is not None:
+                raise flight["error"]
+            return flight["value"]
         try:
-            stamp = (path / "manifest.json").stat().st_mtime_ns
-        except OSError:
-            stamp = None
+            flight["value"] = value = compute()
+        except BaseException as err:
+            flight["error"] = err
+            raise
+        finally:
+            with self._lock:
+                if flight["error"] is None:
+                    self._items[key] = flight["value"]
+                    while len(self._items) > self.max_items:
+                        self._items.popitem(last=False)
+                del self._flights[key]
+            flight["done"].set()
+        return value
+
+
+class ModelService:
+    """Serves online queries for any run; thread-safe; the last ``max_models`` models kept in memory.
+
+    ``cache``: the process's ResultCache (None: compute every call, for a caller that caches)."""
+
+    def __init__(self, device: str | None = None, max_models: int = 2, cache: ResultCache | None = None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_models = max_models
+        self.cache = cache
+        self._models: OrderedDict[str, ViT] = OrderedDict()
+        self._model_locks: dict[str, threading.Lock] = {}  # model key -> held while it loads or computes
+        self._runs: dict[Path, tuple[str, Run]] = {}        # path -> (fingerprint, opened run)
+        self._lock = threading.Lock()                       # the dicts above only: never held long
+
+    def run(self, run_dir: str | Path, fingerprint: str | None = None) -> Run:
+        """The opened run, re-opened when its identity changes (rebuilt or replaced in place).
+        ``fingerprint``: the identity the caller (the app) sees; CacheError when this process
+        sees another run at that path."""
+        return self._open(run_dir, fingerprint)[1]
+
+    def _open(self, run_dir, fingerprint: str | None = None) -> tuple[str, Run]:
+        path = Path(run_dir).absolute()
+        found = run_fingerprint(path)
+        if fingerprint is not None and found is not None and found != fingerprint:
+            raise CacheError(f"Run {path.name} at {path} is not the run the app shows (it was replaced or rebuilt "
+                             "meanwhile, or the app and the worker use different cache directories). Reload the "
+                             "page; if it persists, give the app and the worker the same HEADSCOPE_CACHE.")
         with self._lock:
             cached = self._runs.get(path)
-            if cached is None or cached[0] != stamp:
-                self._runs[path] = cached = (stamp, open_run(path))
-            return cached[1]
+        if cached is None or found is None or cached[0] != found:
+            run = open_run(path)  # raises the CacheError that says what to do
+            cached = (found, run)
+            with self._lock:
+                self._runs[path] = cached
+        return cached
+
+    def _model(self, run: Run) -> tuple[ViT, threading.Lock]:
+        """The run's model (loaded once per model, even across runs) and its compute lock."""
+        key = json.dumps(run.model, sort_keys=True, default=str)
+        with self._lock:
+            lock = self._model_locks.setdefault(key, threading.Lock())
+            vit = self._models.get(key)
+            if vit is not None:
+                self._models.move_to_end(key)
+                return vit, lock
+        with lock:  # one load per model; other models and cache hits go on meanwhile
+            with self._lock:
+                vit = self._models.get(key)
+            if vit is None:
+                vit = model_from_manifest(run.model, self.device)
+                with self._lock:
+                    self._models[key] = vit
+                    while len(self._models) > self.max_models:
+                        self._models.popitem(last=False)
+        return vit, lock
 
     def vit(self, run_dir: str | Path) -> ViT:
-        model = self.run(run_dir).model
-        key = json.dumps(model, sort_keys=True, default=str)  # same model -> loaded once, across runs
-        with self._lock:
-            if key not in self._models:
-                self._models[key] = model_from_manifest(model, self.device)
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(key)
-            return self._models[key]
+        return self._model(self.run(run_dir))[0]
 
-    def image(self, run_dir, image_id: int) -> tuple[torch.Tensor, int | None]:
+    def image(self, run_dir, image_id: int, run: Run | None = None, vit: ViT | None = None
+              ) -> tuple[torch.Tensor, int | None]:
         """Preprocessed image [3, H, W] and its label (None when unknown)."""
         from analysis.datasets import open_image
 
-        images = self.run(run_dir).images
+        run = run or self.run(run_dir)
+        images = run.images
         row = images[images.image_id == int(image_id)]
         if row.empty:
-            raise InputError(f"Image {image_id} is not in run {Path(run_dir).name} "
+            raise InputError(f"Image {image_id} is not in run {run.name} "
                              f"(ids {images.image_id.min()}-{images.image_id.max()}).")
         row = row.iloc[0]
         label = int(row.label) if row.label is not None and int(row.label) >= 0 else None
-        return self.vit(run_dir).preprocess([open_image(row.path)])[0], label
+        return (vit or self._model(run)[0]).preprocess([open_image(row.path)])[0], label
 
     def _check_head(self, vit: ViT, layer: int, head: int) -> None:
         if not (0 <= int(layer) < vit.depth and 0 <= int(head) < vit.num_heads):
             raise InputError(f"Head ({layer}, {head}) does not exist: layers 0-{vit.depth - 1}, "
                              f"heads 0-{vit.num_heads - 1}.")
 
-    def _cached(self, key: tuple, compute) -> dict:
-        with self._lock:
-            if key in self._results:
-                self._results.move_to_end(key)
-                return self._results[key]
-        value = compute()
-        with self._lock:
-            self._results[key] = value
-            while len(self._results) > self.max_results:
-                self._results.popitem(last=False)
-        return value
+    def _query(self, kind: str, run_dir, image_id: int, layer: int, head: int, fingerprint, compute) -> dict:
+        """compute(run, vit, image [3,H,W], label) under the model's lock, through the cache."""
+        image_id, layer, head = int(image_id), int(layer), int(head)
+        found, run = self._open(run_dir, fingerprint)
 
-    def partial_pruning(self, run_dir, image_id: int, layer: int, head: int) -> dict:
+        def work():
+            vit, lock = self._model(run)
+            self._check_head(vit, layer, head)
+            image, label = self.image(run_dir, image_id, run, vit)
+            with lock:
+                return compute(vit, image, label)
+
+        if self.cache is None:
+            return work()
+        key = (kind, str(run.path.absolute()), found, image_id, layer, head)
+        return self.cache.get(key, work)
+
+    def partial_pruning(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
         """All 8 pruning modes of one head: {"rows": [ {mode, regions, metrics..., top5_*} ]}."""
         from analysis.metrics.importance import partial_pruning
 
-        def compute():
-            vit = self.vit(run_dir)
-            self._check_head(vit, layer, head)
-            image, label = self.image(run_dir, image_id)
-            with self._lock:
-                df = partial_pruning(vit, image, label if vit.has_head else None, int(layer), int(head))
+        def compute(vit, image, label):
+            df = partial_pruning(vit, image, label if vit.has_head else None, int(layer), int(head))
             df = df.astype(object).where(df.notna(), None)
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "label": label, "rows": df.to_dict(orient="records")}
 
-        return self._cached(("prune", str(run_dir), int(image_id), int(layer), int(head)), compute)
+        return self._query("prune", run_dir, image_id, layer, head, fingerprint, compute)
 
-    def attention(self, run_dir, image_id: int, layer: int, head: int) -> dict:
+    def attention(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
         """One head's post-softmax attention [N, N] (float16) with the token facts."""
 
-        def compute():
-            vit = self.vit(run_dir)
-            self._check_head(vit, layer, head)
-            image, _ = self.image(run_dir, image_id)
-            with self._lock:
-                A = vit.capture_attention(image[None], layers=[int(layer)])[0, 0, int(head)]
+        def compute(vit, image, label):
+            A = vit.capture_attention(image[None], layers=[int(layer)])[0, 0, int(head)]
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "num_prefix_tokens": vit.num_prefix_tokens, "grid": list(vit.grid),
                     "patch_size": vit.patch_size, "img_size": list(vit.img_size),
                     "attention": encode_array(A.cpu().numpy())}
 
-        return self._cached(("attn", str(run_dir), int(image_id), int(layer), int(head)), compute)
+        return self._query("attn", run_dir, image_id, layer, head, fingerprint, compute)

@@ -1,11 +1,14 @@
 """Transport for online work: the app calls these; they run in-process or on the worker.
 
-In-process (default, no Redis): ``analysis.service.ModelService`` in this process.
-Worker: set ``HEADSCOPE_BROKER_URL`` (e.g. redis://localhost:6379/0) and the calls go to the
-Celery worker (``worker/``), which runs the same ModelService code.
+In-process (default, no Redis): ``analysis.serving.service.ModelService`` in this process.
+Worker: set ``HEADSCOPE_BROKER_URL`` (e.g. redis://:PASSWORD@localhost:6379/0) and the calls go to
+the Celery worker (``worker/``), which runs the same ModelService code.
+This module holds the app process's one result cache, keyed on the run's identity (its manifest
+fingerprint), which it also sends to the worker: a run replaced in place is never answered from
+an older run's results, here or there.
 Every failure is raised as OnlineError with a message fit for the page; a worker that is down
-is reported within a few seconds (HEADSCOPE_PING_TIMEOUT, default 2 s), a slow query after
-HEADSCOPE_QUERY_TIMEOUT (default 15 s).
+is reported within a few seconds (HEADSCOPE_PING_TIMEOUT, default 2 s) however many queries
+wait (they share one liveness ping), a slow query after HEADSCOPE_QUERY_TIMEOUT (default 15 s).
 """
 from __future__ import annotations
 
@@ -15,25 +18,21 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
-from analysis.errors import HeadScopeError
-from analysis.serving.service import ModelService, decode_array
+from analysis.errors import HeadScopeError, OnlineError
+from analysis.runs.store import run_fingerprint
+from analysis.serving.service import ModelService, ResultCache, decode_array
 
 WORKER_COMMAND = "celery -A worker.celery_app worker --pool=threads --concurrency=4 -Q online,build"
-ALIVE_TTL = 3.0  # s a worker ping answer (yes or no) is trusted
-POLL = 2.0       # s between "is the worker still there?" checks while waiting for a result
+ALIVE_TTL = 3.0  # s a worker ping answer (yes or no) is trusted by new queries
+POLL = 1.0       # s between "is the worker still there?" checks while waiting for a result
 WAIT = 0.02      # s between looks at a pending result
 
-
-class OnlineError(Exception):
-    """An online query that failed; str(err) says why and what to do."""
-
-
+results = ResultCache(max_items=256)  # this process's online results (in-process and worker alike)
 _local_service: ModelService | None = None
 
 
 def _service() -> ModelService:
+    """The in-process ModelService (computes only: ``results`` caches)."""
     global _local_service
     if _local_service is None:
         _local_service = ModelService()
@@ -49,8 +48,8 @@ def _timeout(name: str, default: float) -> float:
     return float(os.environ.get(name) or default)
 
 
-def _public(url: str) -> str:
-    """The URL without its password, for messages."""
+def public_url(url: str) -> str:
+    """The broker URL with its password as ***, for messages and logs."""
     parts = urlsplit(url)
     if parts.password:
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
@@ -59,16 +58,15 @@ def _public(url: str) -> str:
 
 
 def _hint(url: str) -> str:
-    return (f"Start it with `HEADSCOPE_BROKER_URL={_public(url)} {WORKER_COMMAND}` "
-            "(or `docker compose up worker`), or unset HEADSCOPE_BROKER_URL to compute in-process.")
+    return (f"Start it with `HEADSCOPE_BROKER_URL={public_url(url)} {WORKER_COMMAND}` "
+            "(or `headscope worker`, or `docker compose up worker`), or unset HEADSCOPE_BROKER_URL to compute "
+            "in-process.")
 
 
 # ---- the worker transport -------------------------------------------------------------------
 _apps: dict = {}
 _redis: dict = {}
-_alive: dict[str, tuple[float, bool]] = {}  # url -> (checked at, answered)
 _lock = threading.Lock()
-_ping_lock = threading.Lock()
 
 
 def _celery(url: str):
@@ -92,25 +90,55 @@ def _check_redis(url: str) -> None:
             client = _redis[url]
         client.ping()
     except (redis.RedisError, ValueError) as err:
-        raise OnlineError(f"The model worker's broker is not reachable: Redis at {_public(url)} ({err}). "
+        raise OnlineError(f"The model worker's broker is not reachable: Redis at {public_url(url)} ({err}). "
                           f"Start redis-server, then the worker. {_hint(url)}") from None
 
 
-def _worker_answers(url: str, fresh: bool = False) -> bool:
-    """Does a worker answer a ping? (answers are reused for ALIVE_TTL s unless ``fresh``)"""
-    with _ping_lock:  # one ping at a time per process; the others reuse its answer
-        checked, ok = _alive.get(url, (-1e9, False))
-        if fresh or time.monotonic() - checked > ALIVE_TTL:
-            try:
-                ok = bool(_celery(url).control.ping(timeout=_timeout("HEADSCOPE_PING_TIMEOUT", 2.0), limit=1))
-            except Exception:  # the broker went away between checks
-                ok = False
-            _alive[url] = (time.monotonic(), ok)
+class Liveness:
+    """Whether a worker answers a ping, with one ping in flight at a time per broker: every
+    thread that asks while it flies gets its answer, so a dead worker is reported after one ping
+    timeout to any number of waiting queries (and /healthz) instead of one timeout each."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._answers: dict[str, tuple[float, bool]] = {}  # url -> (answered at, alive)
+        self._flying: set[str] = set()
+        self.pings = 0  # pings sent by this process (tests count them)
+
+    def alive(self, url: str, max_age: float) -> bool:
+        """A ping answer at most ``max_age`` s old, or the answer of the ping in flight."""
+        with self._cond:
+            if url in self._flying:
+                self._cond.wait_for(lambda: url not in self._flying)
+                return self._answers[url][1]
+            at, ok = self._answers.get(url, (-1e18, False))
+            if time.monotonic() - at <= max_age:
+                return ok
+            self._flying.add(url)
+            self.pings += 1
+        try:
+            ok = bool(_celery(url).control.ping(timeout=_timeout("HEADSCOPE_PING_TIMEOUT", 2.0), limit=1))
+        except Exception:  # the broker went away between checks
+            ok = False
+        finally:
+            with self._cond:
+                self._answers[url] = (time.monotonic(), ok)
+                self._flying.discard(url)
+                self._cond.notify_all()
         return ok
 
 
+liveness = Liveness()
+
+
+def _worker_answers(url: str, fresh: bool = False) -> bool:
+    """Does a worker answer a ping? (a new query trusts an answer ALIVE_TTL s old; a waiting one,
+    ``fresh``, wants one from the last POLL s)"""
+    return liveness.alive(url, POLL if fresh else ALIVE_TTL)
+
+
 def _not_answering(url: str) -> OnlineError:
-    return OnlineError(f"The model worker is not answering ({_public(url)}): it is down, restarting or "
+    return OnlineError(f"The model worker is not answering ({public_url(url)}): it is down, restarting or "
                        f"blocked. {_hint(url)} Precomputed views keep working.")
 
 
@@ -163,33 +191,47 @@ def status() -> dict:
             raise _not_answering(url)
     except OnlineError as err:
         return {"mode": "worker", "ok": False, "message": str(err)}
-    return {"mode": "worker", "ok": True, "message": f"Online queries run on the model worker ({_public(url)})."}
+    return {"mode": "worker", "ok": True, "message": f"Online queries run on the model worker ({public_url(url)})."}
 
 
 # ---- the public calls -----------------------------------------------------------------------
-def _call(name: str, run_dir, image_id: int, layer: int, head: int) -> dict:
-    try:
-        args = [int(image_id), int(layer), int(head)]
-    except (TypeError, ValueError):
-        raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
+def _compute(name: str, run_dir: Path, fingerprint: str | None, args: list) -> dict:
     if broker_url():
-        return _remote(name, [str(Path(run_dir).resolve()), *args])
+        return _remote(name, [str(run_dir), *args, fingerprint])
     try:
-        return getattr(_service(), name)(str(run_dir), *args)
+        return getattr(_service(), name)(str(run_dir), *args, fingerprint=fingerprint)
     except HeadScopeError as err:
         raise OnlineError(str(err)) from None
     except Exception as err:  # keep the page alive, say what failed
         raise OnlineError(f"The {name.replace('_', ' ')} query failed: {type(err).__name__}: {err}") from None
 
 
+def _call(name: str, run_dir, image_id: int, layer: int, head: int, decode=None) -> dict:
+    """One query through this process's cache, keyed on where it runs, the run's path and its
+    identity; ``decode(result) -> result`` runs once, before the result is cached."""
+    try:
+        args = [int(image_id), int(layer), int(head)]
+    except (TypeError, ValueError):
+        raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
+    run_dir = Path(run_dir).absolute()
+    fingerprint = run_fingerprint(run_dir)
+
+    def compute():
+        out = _compute(name, run_dir, fingerprint, args)
+        return decode(out) if decode else out
+
+    if fingerprint is None:  # no run there: let the service say so (never cached)
+        return compute()
+    return results.get((name, broker_url(), str(run_dir), fingerprint, *args), compute)
+
+
 def partial_pruning(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"rows": 8 dicts (mode, regions, prob, prob_drop, jsd, cls_dist, patch_dist, emb_dist,
     top5_classes, top5_probs), "label": int | None, ...}"""
-    return _call("partial_pruning", run_dir, image_id, layer, head)
+    return dict(_call("partial_pruning", run_dir, image_id, layer, head))
 
 
 def attention(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"attention": np.ndarray [N, N] float16, "num_prefix_tokens", "grid", "patch_size", "img_size"}"""
-    out = dict(_call("attention", run_dir, image_id, layer, head))
-    out["attention"] = np.asarray(decode_array(out["attention"]))
-    return out
+    return dict(_call("attention", run_dir, image_id, layer, head,  # a copy: callers may change it
+                      decode=lambda out: {**out, "attention": decode_array(out["attention"])}))
