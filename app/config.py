@@ -8,6 +8,7 @@ from analysis.runs import store
 
 _settings = {"cache_dir": None, "run": None}
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_NAME = 128  # characters in a run name (file systems allow 255 bytes)
 
 
 def configure(cache_dir=None, run=None) -> None:
@@ -21,7 +22,19 @@ def cache_dir() -> Path:
 
 
 def valid_name(name) -> bool:
-    return isinstance(name, str) and bool(_NAME.match(name)) and name not in (".", "..")
+    return name_problem(name) is None
+
+
+def name_problem(name) -> str | None:
+    """Why ``name`` cannot be a run name (None when it can): only letters, digits and ._- , at most
+    MAX_NAME characters, not . or .. (so it never leaves the cache directory)."""
+    if not isinstance(name, str) or not name:
+        return "A run name is required."
+    if len(name) > MAX_NAME:
+        return f"Run name too long ({len(name)} characters; at most {MAX_NAME})."
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        return f"{name!r} is not a run name: use letters, digits, '.', '_' and '-' only."
+    return None
 
 
 def run_dir(name: str) -> Path:

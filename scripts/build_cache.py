@@ -13,6 +13,7 @@ See cache/README.md for the run layout and analysis/build.py for the stages.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -47,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(real ImageNet photos shipped with foolbox and scikit-image). Default: fashion")
     g.add_argument("--images", metavar="DIR", help="folder of class sub-folders of images (loose files = unlabelled)")
     g.add_argument("--manifest", metavar="CSV", help="CSV with columns path,label[,label_name] (paths relative to the CSV)")
+    d.add_argument("--labels", metavar="sorted|MAP",
+                   help="how the class folders of --images map to the model's classes. Default: by name (case- "
+                        "and punctuation-insensitive; ImageNet synset ids; id2label-style names), refusing folders "
+                        "that match no class. 'sorted': the i-th folder in sorted order is class i. MAP: a JSON "
+                        "file {\"folder\": class index or name} or a CSV with columns folder,label")
     d.add_argument("--limit", type=int, metavar="N", help="analyse a seeded sample of N images (default: all; fashion: 200)")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", help="run directory (default: cache/default, cache/photos or cache/MODEL-SET)")
@@ -102,6 +108,7 @@ def make_config(args: argparse.Namespace):
         dataset, kind = args.dataset, None
     given = {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights else None,
              "pretrained": args.pretrained, "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
+             "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
              "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,
@@ -149,6 +156,8 @@ def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # non-UTF-8 file names print as \xNN
     from analysis.runs import build as B
     from analysis.errors import HeadScopeError
 
@@ -184,6 +193,13 @@ def main(argv=None) -> int:
         return 0
     except HeadScopeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({err.strerror}: {err.filename or out}). Finished batches are kept: free "
+              f"some space, then resume with: python scripts/build_cache.py --out {out or 'RUN'} --resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         target = out or "RUN"

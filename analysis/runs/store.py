@@ -12,9 +12,11 @@ The app and users read runs only through ``open_run`` / ``list_runs``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -43,19 +45,61 @@ HEAD_COLUMNS = {
 SEMANTIC_COLUMNS = ("semantic_concentration", "cls_semantic_concentration")  # see analysis.semantic
 SUMMARY_METRICS = METRIC_COLUMNS + ("strength_entropy", "mean_distance_px") + SEMANTIC_COLUMNS
 SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
+# the tables open_run requires, with the columns each must have
+TABLES = {"images.parquet": IMAGE_COLUMNS, "head_metrics.parquet": HEAD_COLUMNS,
+          "head_summary.parquet": ("layer", "head")}
 
 
 def schema(columns: dict) -> pa.Schema:
     return pa.schema(list(columns.items()))
 
 
+TEMP_GRACE_S = 600  # temporaries older than this are leftovers of a killed process
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write via a temporary file ``.<name>.XXXX`` and rename, so readers never see half a file.
+    On failure the temporary is removed; a full disk raises CacheError saying how to resume."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"The disk is full (no space left writing {path}, {len(data) / 1e6:.1f} MB). Finished "
+                             "work is kept: free some space, then resume with `python scripts/build_cache.py "
+                             f"--out {_run_of(path)} --resume`.") from None
+        raise
+
+
+def _run_of(path: Path) -> Path:
+    """The run directory a file of a run lies in (the folder holding manifest.json)."""
+    for parent in path.parents:
+        if (parent / "manifest.json").is_file():
+            return parent
+    return path.parent
+
+
+def remove_temporaries(run_dir: Path, older_than_s: float = TEMP_GRACE_S) -> int:
+    """Delete temporaries (``.<name>.XXXX`` of atomic_write_bytes) that a killed or failed build left
+    in the run directory and its sub-folders; recent ones may belong to another shard's write in
+    flight and are kept. Returns how many were removed."""
+    removed, now = 0, time.time()
+    for folder in [run_dir] + [d for d in run_dir.iterdir() if d.is_dir()] if run_dir.is_dir() else []:
+        for p in folder.glob(".*.*"):
+            try:
+                if p.is_file() and now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -93,15 +137,34 @@ class Run:
             self.manifest = json.loads(mf.read_text())
         except (OSError, ValueError) as err:
             raise CacheError(f"The manifest of {self.path} cannot be read ({err}). Rebuild the run with `{rebuild}`.") from None
-        version = self.manifest.get("schema_version")
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise CacheError(f"Run {self.path.name} was built by a newer HeadScope (cache schema v{version}; this one "
+                             f"reads v{SCHEMA_VERSION}). Upgrade HeadScope to open it.")
         if version != SCHEMA_VERSION:
             raise CacheError(f"Run {self.path.name} was built with cache schema v{version}; this HeadScope reads "
                              f"v{SCHEMA_VERSION}. Rebuild it with `{rebuild}` (add the model and data options it was built with).")
         if self.manifest.get("status") != "complete":
             raise CacheError(f"The build of run {self.path.name} has not finished. Resume it with `{rebuild} --resume`.")
-        for name in ("images.parquet", "head_metrics.parquet", "head_summary.parquet"):
+        for name, columns in TABLES.items():
             if not (self.path / name).is_file():
                 raise CacheError(f"Run {self.path.name} lacks {name}. Rebuild it with `{rebuild}`.")
+            try:
+                present = set(pq.read_schema(self.path / name).names)
+            except (OSError, pa.ArrowException) as err:
+                raise CacheError(f"{name} of run {self.path.name} is corrupt ({type(err).__name__}: {err}). "
+                                 f"Rebuild the run with `{rebuild}`.") from None
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise CacheError(f"{name} of run {self.path.name} lacks the columns {', '.join(missing)} (it was "
+                                 f"changed or written by another program). Rebuild the run with `{rebuild}`.")
+
+    def _read(self, name: str) -> pd.DataFrame:
+        try:
+            return pd.read_parquet(self.path / name)
+        except (OSError, pa.ArrowException) as err:
+            raise CacheError(f"{name} of run {self.path.name} cannot be read ({type(err).__name__}: {err}). "
+                             f"Rebuild the run with `python scripts/build_cache.py --out {self.path}`.") from None
 
     @property
     def name(self) -> str:
@@ -110,21 +173,21 @@ class Run:
     @cached_property
     def images(self) -> pd.DataFrame:
         """One row per image (IMAGE_COLUMNS), indexed by position; image_id is a column."""
-        return pd.read_parquet(self.path / "images.parquet")
+        return self._read("images.parquet")
 
     @cached_property
     def head_metrics(self) -> pd.DataFrame:
         """One row per (image, layer, head), sorted by image_id, layer, head."""
-        return pd.read_parquet(self.path / "head_metrics.parquet")
+        return self._read("head_metrics.parquet")
 
     @cached_property
     def head_summary(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "head_summary.parquet")
+        return self._read("head_summary.parquet")
 
     @cached_property
     def skipped(self) -> pd.DataFrame:
         p = self.path / "skipped.parquet"
-        return pd.read_parquet(p) if p.is_file() else pd.DataFrame(columns=list(SKIPPED_COLUMNS))
+        return self._read("skipped.parquet") if p.is_file() else pd.DataFrame(columns=list(SKIPPED_COLUMNS))
 
     @property
     def model(self) -> dict:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from analysis.errors import HeadScopeError
+from analysis.values import strict_int
 from analysis.serving.service import ModelService, decode_array
 
 WORKER_COMMAND = "celery -A worker.celery_app worker --pool=threads --concurrency=4 -Q online,build"
@@ -169,8 +170,8 @@ def status() -> dict:
 # ---- the public calls -----------------------------------------------------------------------
 def _call(name: str, run_dir, image_id: int, layer: int, head: int) -> dict:
     try:
-        args = [int(image_id), int(layer), int(head)]
-    except (TypeError, ValueError):
+        args = [strict_int(image_id), strict_int(layer), strict_int(head)]
+    except ValueError:
         raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
     if broker_url():
         return _remote(name, [str(Path(run_dir).resolve()), *args])
