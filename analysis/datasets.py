@@ -392,12 +392,19 @@ def _class_lookup(class_names: list[str]) -> dict[str, int]:
 
 
 def _closest(folder: str, class_names: list[str], n: int = 3) -> list[str]:
-    """Class names nearest to a folder name: those containing it, then difflib's closest."""
-    key = _norm(folder)
-    normed = {_norm(c): c for c in class_names}
-    hits = [c for k, c in normed.items() if key and key in k][:n]
-    hits += [normed[k] for k in difflib.get_close_matches(key, list(normed), n=n, cutoff=0.5) if normed[k] not in hits]
-    return hits[:n]
+    """Class names nearest to a folder name: those with a synonym holding all its words
+    ("cat" -> "tabby, tabby cat"), then difflib's closest synonyms."""
+    words = set(re.findall(r"[0-9a-z]+", folder.lower()))
+    synonyms = [(i, part) for i, c in enumerate(class_names) for part in re.split(r"[,/]", c) if _norm(part)]
+    hits: list[int] = []
+    for i, part in synonyms:
+        if words and words <= set(re.findall(r"[0-9a-z]+", part.lower())) and i not in hits:
+            hits.append(i)
+    keys = {_norm(part): i for i, part in reversed(synonyms)}
+    for k in difflib.get_close_matches(_norm(folder), list(keys), n=n, cutoff=0.6):
+        if keys[k] not in hits:
+            hits.append(keys[k])
+    return [class_names[i] for i in hits[:n]]
 
 
 def _read_label_map(path: Path) -> dict[str, str]:
@@ -459,14 +466,16 @@ def folder_labels(folders: list[str], class_names: list[str] | None,
     if not class_names:
         return list(range(len(folders))), [printable(f) for f in folders]
     lookup = _class_lookup(class_names)
+    if len(class_names) == len(synsets):  # an ImageNet head: synset folders too
+        lookup.update({s: i for s, i in synset_index.items()})
     matched = [lookup.get(_norm(f)) for f in folders]
     if all(m is not None for m in matched):
         return matched, list(class_names)
     missing = [f for f, m in zip(folders, matched) if m is None]
-    rows = "\n".join(f"  {printable(f)}/ -> closest: {', '.join(_closest(f, class_names)) or 'none'}"
+    rows = "\n".join(f"  {printable(f)}/ -> closest: {'; '.join(_closest(f, class_names)) or 'none'}"
                      for f in missing[:20])
     more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-    shown = ", ".join(class_names[:12]) + (f", ... ({len(class_names)} in all)" if len(class_names) > 12 else "")
+    shown = "; ".join(class_names[:10]) + (f"; ... ({len(class_names)} in all)" if len(class_names) > 10 else "")
     raise LabelError(f"{len(missing)} of {len(folders)} class folder(s) match none of the model's class names "
                      f"({shown}):\n{rows}{more}\nRename the folders to the model's class names, or pass "
                      f"{LABELS_HELP}.")

@@ -201,7 +201,7 @@ def check_payload(body, callback_map: dict) -> str | None:
             except Invalid as err:
                 raise Invalid(f"{item['id']}.{item['property']}: {err}") from None
     except Invalid as err:
-        return str(err)
+        return str(err).rstrip(".")
     return None
 
 
