@@ -11,6 +11,7 @@ only call ``build_main`` / ``serve_main``. Errors with a known cause print one l
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import os
@@ -59,6 +60,11 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                         "(real ImageNet photos shipped with foolbox and scikit-image). Default: fashion")
     g.add_argument("--images", metavar="DIR", help="folder of class sub-folders of images (loose files = unlabelled)")
     g.add_argument("--manifest", metavar="CSV", help="CSV with columns path,label[,label_name] (paths relative to the CSV)")
+    d.add_argument("--labels", metavar="sorted|MAP",
+                   help="how the class folders of --images map to the model's classes. Default: by name (case- "
+                        "and punctuation-insensitive; ImageNet synset ids; id2label-style names), refusing folders "
+                        "that match no class. 'sorted': the i-th folder in sorted order is class i. MAP: a JSON "
+                        "file {\"folder\": class index or name} or a CSV with columns folder,label")
     d.add_argument("--limit", type=int, metavar="N", help="analyse a seeded sample of N images (default: all; fashion: 200)")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", help="run directory (default: cache/default, cache/photos or cache/MODEL-SET)")
@@ -204,6 +210,7 @@ def make_config(args: argparse.Namespace):
         dataset, kind = args.dataset, None
     given = {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights else None,
              "pretrained": args.pretrained, "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
+             "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
              "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,
@@ -253,6 +260,8 @@ def build(args: argparse.Namespace) -> int:
     """Build, resume, shard or merge a run; 0 when done, 2 on a HeadScopeError, 130 on Ctrl-C."""
     from analysis.runs import build as B
 
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # non-UTF-8 file names print as \xNN
     t0 = time.perf_counter()
     out = args.out
     try:
@@ -285,6 +294,13 @@ def build(args: argparse.Namespace) -> int:
         return 0
     except HeadScopeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({err.strerror}: {err.filename or out}). Finished batches are kept: free "
+              f"some space, then resume with: python scripts/build_cache.py --out {out or 'RUN'} --resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished batches are kept; continue with: "

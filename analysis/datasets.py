@@ -7,18 +7,27 @@ Every image is identified by a *ref* string that ``open_image`` re-opens on its 
 - any other string is a file path (absolute for folders and manifests; foolbox's photos are files).
 
 Labels are 0-based class indices of the set's ``class_names`` (-1 = unknown). Unreadable image files
-are listed in ``ImageSet.skipped`` with the reason, never raised; labels outside the model's classes
-are refused up front with a ``LabelError`` naming the offending rows.
+(corrupt, over ``max_image_pixels()``, broken symbolic links) are listed in ``ImageSet.skipped`` with
+the reason, never raised; labels outside the model's classes are refused up front with a
+``LabelError`` naming the offending rows. Class folders are matched to the model's class names
+(``folder_labels``); folder names that match none are refused unless a mapping is given.
+
+File names that are not valid UTF-8 keep their exact bytes in the ref (Python's surrogate escapes);
+``printable(ref)`` is the text the tables and messages show (``\\xff`` for such a byte), and
+``open_image`` accepts both.
 """
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +51,9 @@ SKIMAGE_PHOTOS = {
     "coins": -1, "hubble_deep_field": -1, "moon": -1, "rocket": -1, "motorcycle": -1,
 }
 _SYNSET = re.compile(r"^n\d{8}$")
+MAX_IMAGE_PIXELS = 40_000_000  # default cap on width x height (HEADSCOPE_MAX_IMAGE_PIXELS overrides)
+LABELS_HELP = ("--labels sorted (the i-th folder in sorted order is class i) or --labels MAP.json / MAP.csv "
+               "(JSON {\"folder\": class index or name}, or a CSV with columns folder,label)")
 
 
 @dataclass(frozen=True)
@@ -75,43 +87,52 @@ class ImageSet:
     def fingerprint(self) -> str:
         """sha256 (hex) over the refs and labels, in order."""
         h = hashlib.sha256()
-        for it in self.items:
-            h.update(f"{it.ref}\t{it.label}\n".encode())
+        for it in self.items:  # bytes of the ref: file names need not be valid UTF-8
+            h.update(os.fsencode(it.ref) + f"\t{it.label}\n".encode())
         return h.hexdigest()
 
 
 # ---- public API ---------------------------------------------------------------------------
 def load_image_set(name_or_path: str | os.PathLike, *, kind: str | None = None, limit: int | None = None,
-                   seed: int = 0, class_names: list[str] | None = None) -> ImageSet:
+                   seed: int = 0, class_names: list[str] | None = None, labels: str | None = None) -> ImageSet:
     """Load an image set by name ('fashion', 'photos') or path (folder of class sub-folders, or a
     CSV manifest with columns path,label[,label_name]).
 
     kind forces 'fashion', 'photos', 'folder' or 'manifest'. limit: number of images (a seeded
     sample; for 'fashion' class-balanced, default 200). class_names: the model's classes; when
     given, labels outside range(len(class_names)) raise LabelError and folder names are matched to
-    them.
+    them. labels (folders only): None (match the names), "sorted" or a mapping file (see folder_labels).
+    Raises InputError naming the skipped files when none of the images can be read.
     """
     src = str(name_or_path)
     kind = kind or _guess_kind(src)
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive number of images, got {limit}.")
+    if labels is not None and kind != "folder":
+        raise InputError(f"--labels maps class folders to classes; '{src}' is not a folder of class sub-folders.")
     if kind == "fashion":
         image_set = _fashion_set(limit, seed)
     elif kind == "photos":
         image_set = _photos_set(limit, seed)
     elif kind == "folder":
-        image_set = _folder_set(Path(src), limit, seed, class_names)
+        image_set = _folder_set(Path(src), limit, seed, class_names, labels)
     elif kind == "manifest":
         image_set = _manifest_set(Path(src), limit, seed, class_names)
     else:
         raise InputError(f"Unknown image set kind '{kind}'. Use 'fashion', 'photos', 'folder' or 'manifest'.")
+    if not image_set.items and image_set.skipped:
+        rows = "\n".join(f"  {printable(ref)}: {printable(reason)}" for ref, reason in image_set.skipped[:10])
+        more = f"\n  ... and {len(image_set.skipped) - 10} more" if len(image_set.skipped) > 10 else ""
+        raise InputError(f"None of the {len(image_set.skipped)} image(s) of '{printable(src)}' can be read:\n"
+                         f"{rows}{more}\nFix the paths or files.")
     if class_names is not None:
         validate_labels(image_set, len(class_names))
     return image_set
 
 
 def open_image(ref: str) -> Image.Image:
-    """Re-open an image from its ref alone -> RGB PIL image. Raises ImageReadError if unreadable."""
+    """Re-open an image from its ref alone -> 8-bit RGB PIL image (``to_rgb``). Raises ImageReadError
+    if unreadable or larger than ``max_image_pixels()``."""
     ref = str(ref)
     if ref.startswith("fashion-mnist:"):
         parts = ref.split(":")
@@ -123,15 +144,75 @@ def open_image(ref: str) -> Image.Image:
         return Image.fromarray(images[int(parts[2])]).convert("RGB")
     if ref.startswith("skimage:"):
         return _skimage_photo(ref.split(":", 1)[1])
+    path, shown = _unescape(ref), printable(ref)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ImageReadError(f"{shown} is a broken symbolic link (its target {printable(os.readlink(path))} "
+                             "does not exist). Fix or remove the link.")
+    cap = max_image_pixels()
     try:
-        with Image.open(ref) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > cap:
+                    raise ImageReadError(f"Image {shown} has {w} x {h} = {w * h / 1e6:.0f} megapixels, more than "
+                                         f"the limit of {cap / 1e6:g} megapixels. Downscale it, or raise the limit "
+                                         "with HEADSCOPE_MAX_IMAGE_PIXELS (pixels).")
+                im.load()
+                return to_rgb(im)
     except FileNotFoundError:
-        raise ImageReadError(f"Image file not found: {ref}. Check the path or rebuild the image list.") from None
+        raise ImageReadError(f"Image file not found: {shown}. Check the path or rebuild the image list.") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"Cannot read image {ref}: {type(err).__name__}: {err}. "
+        raise ImageReadError(f"Cannot read image {shown}: {type(err).__name__}: {printable(str(err))}. "
                              "Replace or remove the file.") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. High-bit-depth grey is scaled, not clipped as ``convert`` does:
+    16-bit (I;16*, or mode I with values in 0..65535) by 255/65535; float F by 255 when its values
+    lie in 0..1, as is when in 0..255; other I / F ranges min-max to 0..255."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im.convert("RGB")
+    a = np.nan_to_num(np.asarray(im).astype(np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535 and hi > 255):
+        a = a * (255 / 65535)
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def max_image_pixels() -> int:
+    """The largest width x height open_image accepts: $HEADSCOPE_MAX_IMAGE_PIXELS, default 40 MP."""
+    text = os.environ.get("HEADSCOPE_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"HEADSCOPE_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}.")
+    return int(text)
+
+
+def printable(text: str) -> str:
+    """A ref or message as valid UTF-8 text: bytes of a non-UTF-8 file name shown as \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unescape(ref: str) -> str:
+    """The file path of a ref given in its printable form (``\\xNN`` escapes), when only that exists."""
+    if "\\x" not in ref or os.path.lexists(ref):
+        return ref
+    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), ref.encode("utf-8", "surrogateescape"))
+    path = os.fsdecode(raw)
+    return path if os.path.lexists(path) else ref
 
 
 def validate_labels(image_set: ImageSet, num_classes: int) -> None:
@@ -295,49 +376,157 @@ def _norm(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _folder_classes(folders: list[str], class_names: list[str] | None) -> tuple[list[int], list[str]]:
-    """Map class folder names -> (label per folder, class names of the set)."""
+def _class_lookup(class_names: list[str]) -> dict[str, int]:
+    """Normalised name -> class index: every full name, then each of its synonyms ("tabby, tabby cat",
+    "T-shirt/top") that only one class has."""
+    lookup = {_norm(c): i for i, c in reversed(list(enumerate(class_names)))}
+    owners: dict[str, set[int]] = {}
+    for i, c in enumerate(class_names):
+        for part in re.split(r"[,/]", c):
+            if _norm(part):
+                owners.setdefault(_norm(part), set()).add(i)
+    for key, idx in owners.items():
+        if len(idx) == 1 and key not in lookup:
+            lookup[key] = next(iter(idx))
+    return lookup
+
+
+def _closest(folder: str, class_names: list[str], n: int = 3) -> list[str]:
+    """Class names nearest to a folder name: those with a synonym holding all its words
+    ("cat" -> "tabby, tabby cat"), then difflib's closest synonyms."""
+    words = set(re.findall(r"[0-9a-z]+", folder.lower()))
+    synonyms = [(i, part) for i, c in enumerate(class_names) for part in re.split(r"[,/]", c) if _norm(part)]
+    hits: list[int] = []
+    for i, part in synonyms:
+        if words and words <= set(re.findall(r"[0-9a-z]+", part.lower())) and i not in hits:
+            hits.append(i)
+    keys = {_norm(part): i for i, part in reversed(synonyms)}
+    for k in difflib.get_close_matches(_norm(folder), list(keys), n=n, cutoff=0.6):
+        if keys[k] not in hits:
+            hits.append(keys[k])
+    return [class_names[i] for i in hits[:n]]
+
+
+def _read_label_map(path: Path) -> dict[str, str]:
+    """A --labels mapping file -> {folder: class index or name, as text}."""
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError("expected a JSON object {\"folder\": class index or name}")
+            return {str(k): str(v) for k, v in raw.items()}
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"folder", "label"} <= set(rows[0]):
+            raise ValueError("expected a CSV header with columns folder,label")
+        return {r["folder"].strip(): (r["label"] or "").strip() for r in rows}
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"Cannot read the --labels mapping {path}: {err}. Use {LABELS_HELP}.") from None
+
+
+def folder_labels(folders: list[str], class_names: list[str] | None,
+                  labels: str | None = None) -> tuple[list[int], list[str]]:
+    """Class folder names -> (label per folder, class names of the set).
+
+    labels None: ImageNet synset folders (n01440764, ...) map to ImageNet; otherwise each folder must
+    match one of the model's class names (case- and punctuation-insensitive, or one synonym of an
+    id2label-style "tabby, tabby cat" name), else LabelError with the closest names. A model without
+    class names takes the folders in sorted order. labels "sorted": the i-th folder is class i.
+    labels PATH: a JSON or CSV mapping folder -> class index or name (see LABELS_HELP).
+    """
+    if labels == "sorted":
+        if class_names and len(folders) > len(class_names):
+            raise LabelError(f"--labels sorted maps {len(folders)} class folders onto a model with only "
+                             f"{len(class_names)} classes. Remove folders or give a mapping file.")
+        return list(range(len(folders))), list(class_names) if class_names else [printable(f) for f in folders]
+    if labels is not None:
+        mapping = _read_label_map(Path(labels))
+        lookup = _class_lookup(class_names) if class_names else {}
+        out, bad = [], []
+        for f in folders:
+            value = mapping.get(f, mapping.get(printable(f)))
+            index = (int(value) if re.fullmatch(r"\d+", value or "") else lookup.get(_norm(value or ""))) if value is not None else None
+            if index is not None and class_names and index >= len(class_names):
+                value, index = f"{value} (the model has {len(class_names)} classes)", None
+            if index is None:
+                bad.append(f"  {printable(f)}: " + ("not in the mapping" if value is None else f"{value!r} is not a class index or name"))
+            out.append(index)
+        if bad:
+            raise LabelError(f"The --labels mapping {labels} does not give a class for {len(bad)} folder(s):\n"
+                             + "\n".join(bad[:20]) + "\nAdd them (class index or name) or remove those folders.")
+        names = list(class_names) if class_names else [str(i) for i in range(max(out) + 1)]
+        if not class_names:
+            for f, i in zip(folders, out):
+                names[i] = printable(f)
+        return out, names
     synsets, descriptions = imagenet_names()
     synset_index = {s: i for i, s in enumerate(synsets)}
     if folders and all(_SYNSET.match(f) and f in synset_index for f in folders):
         return [synset_index[f] for f in folders], descriptions
-    if class_names:
-        lookup = {_norm(c): i for i, c in enumerate(class_names)}
-        matched = [lookup.get(_norm(f)) for f in folders]
-        if all(m is not None for m in matched):
-            return matched, list(class_names)
-        if any(m is not None for m in matched):
-            missing = [f for f, m in zip(folders, matched) if m is None]
-            raise LabelError(f"Class folders {missing} match none of the model's classes ({', '.join(class_names)}) "
-                             "while other folders do. Rename them to the model's class names.")
-    return list(range(len(folders))), list(folders)
+    if not class_names:
+        return list(range(len(folders))), [printable(f) for f in folders]
+    lookup = _class_lookup(class_names)
+    if len(class_names) == len(synsets):  # an ImageNet head: synset folders too
+        lookup.update({s: i for s, i in synset_index.items()})
+    matched = [lookup.get(_norm(f)) for f in folders]
+    if all(m is not None for m in matched):
+        return matched, list(class_names)
+    missing = [f for f, m in zip(folders, matched) if m is None]
+    rows = "\n".join(f"  {printable(f)}/ -> closest: {'; '.join(_closest(f, class_names)) or 'none'}"
+                     for f in missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    shown = "; ".join(class_names[:10]) + (f"; ... ({len(class_names)} in all)" if len(class_names) > 10 else "")
+    raise LabelError(f"{len(missing)} of {len(folders)} class folder(s) match none of the model's class names "
+                     f"({shown}):\n{rows}{more}\nRename the folders to the model's class names, or pass "
+                     f"{LABELS_HELP}.")
 
 
-def _folder_set(root: Path, limit: int | None, seed: int, class_names: list[str] | None) -> ImageSet:
-    """Folder of class sub-folders (any depth below each); loose files in the root are unlabelled."""
+def _folder_set(root: Path, limit: int | None, seed: int, class_names: list[str] | None,
+                labels: str | None = None) -> ImageSet:
+    """Folder of class sub-folders (any depth below each); loose files in the root are unlabelled.
+    Broken symbolic links are listed as skipped."""
     root = root.resolve()
+    if root.is_file():
+        raise InputError(f"{printable(str(root))} is a file, not a folder of images. Give a folder of class "
+                         "sub-folders, or a CSV manifest (--manifest) with columns path,label.")
     if not root.is_dir():
-        raise InputError(f"Image folder {root} does not exist. Check the path.")
+        raise InputError(f"Image folder {printable(str(root))} does not exist. Check the path.")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    labels, names = _folder_classes(folders, class_names)
+    labels, names = folder_labels(folders, class_names, labels)
     items, skipped = [], []
 
     def add(path: Path, label: int, label_name: str) -> None:
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if not path.is_file():  # a broken link: open_image says so
+            skipped.append((str(path), _broken_link(path)))
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
             items.append(ImageItem(str(path), label, label_name))
         else:
-            skipped.append((str(path), f"not an image file (extension '{path.suffix}')"))
+            skipped.append((str(path), f"not an image file (extension '{printable(path.suffix)}')"))
 
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+    def files(folder: Path, deep: bool):
+        found = folder.rglob("*") if deep else folder.iterdir()
+        return sorted(p for p in found if not p.name.startswith(".")
+                      and (p.is_file() or (p.is_symlink() and not p.exists())))
+
+    for path in files(root, False):
         add(path, -1, "unknown")
     for folder, label in zip(folders, labels):
-        for path in sorted(p for p in (root / folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in files(root / folder, True):
             add(path, label, names[label])
     if not items:
-        raise InputError(f"No image files found in {root}. Put images in class sub-folders "
-                         f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        listed = "".join(f"\n  {printable(r)}: {why}" for r, why in skipped[:10])
+        raise InputError(f"No image files found in {printable(str(root))}. Put images in class sub-folders "
+                         f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))}).{listed}")
     items, bad = _take_readable(items, limit, seed)
-    return ImageSet(root.name, items, names or None, skipped + bad, kind="folder")
+    return ImageSet(printable(root.name), items, names or None, skipped + bad, kind="folder")
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        target = printable(os.readlink(path))
+    except OSError:
+        target = "?"
+    return f"broken symbolic link (its target {target} does not exist)"
 
 
 def _manifest_set(path: Path, limit: int | None, seed: int, class_names: list[str] | None) -> ImageSet:

@@ -6,6 +6,7 @@ from pathlib import Path
 from analysis.runs import store
 
 _settings = {"cache_dir": None, "run": None}
+MAX_NAME = store.MAX_RUN_NAME
 
 
 def configure(cache_dir=None, run=None) -> None:
@@ -19,6 +20,7 @@ def cache_dir() -> Path:
 
 
 valid_name = store.valid_run_name
+name_problem = store.run_name_problem
 
 
 def run_dir(name: str) -> Path:

@@ -15,7 +15,9 @@ import dash_bootstrap_components as dbc
 from dash import Input, Output, State, _callback, dcc, html, no_update
 from flask import abort, jsonify, request, send_file
 
-from . import config
+from analysis.values import strict_int
+
+from . import callbacks, config
 from .auth import install_basic_auth
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +32,7 @@ def parse_selection(search: str | None, default_run: str | None) -> dict:
     sel = {"run": q.get("run") if config.valid_name(q.get("run")) else default_run}
     for k in ("image", "layer", "head"):
         try:
-            sel[k] = int(q[k]) if k in q else None
+            sel[k] = strict_int(q[k]) if k in q else None
         except ValueError:
             sel[k] = None
     return sel
@@ -93,8 +95,9 @@ def _register_thumbnails(app: dash.Dash) -> None:
         from analysis.errors import HeadScopeError
         from app import data
 
-        if not config.valid_name(run):
-            abort(404)
+        problem = config.name_problem(run)
+        if problem:
+            return jsonify(error=problem), 400
         try:
             path = data.get_index(run).run.thumbnail(image_id)  # through the run reader
         except HeadScopeError:
@@ -120,8 +123,11 @@ def _register_api(server) -> None:
         if query not in ("partial_pruning", "attention"):
             return jsonify(error=f"Unknown query {query!r}: use partial_pruning or attention."), 404
         name = request.args.get("run", "")
-        if not config.valid_name(name) or not config.run_dir(name).is_dir():
-            return jsonify(error=f"Unknown run {name!r}: give ?run=NAME of a run in {config.cache_dir()}."), 400
+        problem = config.name_problem(name)
+        if problem or not config.run_dir(name).is_dir():
+            shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
+            return jsonify(error=f"Unknown run {shown}: {problem + ' ' if problem else ''}Give ?run=NAME of a "
+                                 f"run in {config.cache_dir()}."), 400
         try:
             args = [request.args[k] for k in ("image", "layer", "head")]
             out = getattr(online, query)(config.run_dir(name), *args)
@@ -158,6 +164,7 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     _register_thumbnails(app)
     _register_api(app.server)
     app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
+    callbacks.guard(app)  # after the login: an unauthenticated request is refused before it is parsed
     threading.Thread(target=_warm_up, name="headscope-warm-up", daemon=True).start()
     return app
 

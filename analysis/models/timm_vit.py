@@ -8,7 +8,11 @@ Covers vit_*, deit_* (distilled too), deit3_*, *_dinov2 and *_reg4_dinov2 models
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +166,8 @@ def load_timm(name: str, weights: str | Path | None = None, pretrained: bool = F
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        module = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _offline_unless_hub_reachable(pretrained):
+            module = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:
         if pretrained:
             raise ModelLoadError(
@@ -178,6 +183,37 @@ def load_timm(name: str, weights: str | Path | None = None, pretrained: bool = F
         load_weights(module, sd, source=f"weights in {weights}")
         sha = sha256_file(weights)
     return TimmViT(module), sha, None
+
+
+HUB_TIMEOUT_S = 3.0  # how long the pretrained-weights path waits to see whether the hub answers
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(pretrained: bool):
+    """While loading pretrained weights with the HuggingFace hub out of reach (or HEADSCOPE_OFFLINE=1),
+    switch huggingface_hub to offline mode: weights in its local cache still load, missing ones fail
+    at once instead of after ~40 s of retries."""
+    if not pretrained:
+        yield
+        return
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HEADSCOPE_OFFLINE") == "1" or not _reachable(constants.ENDPOINT)
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _reachable(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=HUB_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
 
 
 def _register() -> None:

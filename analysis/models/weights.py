@@ -3,6 +3,8 @@ clear messages, and the file hash a run records."""
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +26,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"Weights file {path} does not exist. Check the path passed as weights/--weights.")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"Weights file {path} is empty (0 bytes): the download or copy did not finish. "
+                             "Copy the checkpoint again.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -31,9 +36,24 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or pickled with arbitrary code
-        raise ModelLoadError(f"Could not read weights {path}: {err}. Use a .safetensors file, or a "
-                             ".pth/.pt state dict that loads with torch.load(weights_only=True).") from None
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "GLOBAL" not in text.upper():  # damaged, or not a pickle at all
+            found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            reason = found.group(1).strip().rstrip(".") if found else (text.strip().splitlines() or ["?"])[0]
+            raise ModelLoadError(f"Could not read weights {path}: not a valid checkpoint ({reason}). The file is "
+                                 "damaged or not a checkpoint: use a .safetensors file, or a .pth/.pt state dict of "
+                                 "tensors.") from None
+        # the pickle wants to import and call something (a class, a function): never done here
+        raise ModelLoadError(
+            f"{path} is a pickle that holds Python objects besides tensors. HeadScope never unpickles code from "
+            "a checkpoint (it could run anything). Save the weights as safetensors where the model is defined "
+            "and trusted: `from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
+            "model.state_dict().items()}, 'model.safetensors')`, then pass that file.") from None
+    except Exception as err:  # corrupt or truncated
+        reason = str(err).strip().rstrip(".") or type(err).__name__
+        raise ModelLoadError(f"Could not read weights {path}: {reason}. The file is damaged or not a checkpoint: use "
+                             "a .safetensors file, or a .pth/.pt state dict of tensors.") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

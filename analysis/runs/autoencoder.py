@@ -11,9 +11,13 @@ stays visible), smaller sides are zero-padded to a multiple of 8.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -91,13 +95,17 @@ def unpack_batch(packed: np.ndarray, num_patches: int) -> Tensor:
 def train_autoencoder(packed: np.ndarray, num_patches: int, *, latent_dim: int = 32, epochs: int = 2,
                       batch_size: int = 128, lr: float = 2e-3, max_samples_per_epoch: int = 20_000,
                       min_steps: int = 300, seed: int = 0, device: str = "cpu",
-                      progress: Callable[[int, int], None] | None = None) -> AutoencoderResult:
+                      progress: Callable[[int, int], None] | None = None,
+                      checkpoint: str | Path | None = None) -> AutoencoderResult:
     """Train the autoencoder on bit-packed matrices and encode all of them.
 
     packed: uint8 [n, ceil(P*P/8)] (one row per image x layer x head). Each epoch visits a seeded
     random sample of at most ``max_samples_per_epoch`` rows (all rows when fewer); small sets get
     more epochs, so that training takes at least ``min_steps`` optimiser steps. Adam, BCE with logits.
-    ``progress(done, total)`` is called after every training and encoding batch.
+    ``progress(done, total)`` is called after every training and encoding batch. With
+    ``checkpoint`` (a file path) the training state is saved there after every epoch and a run
+    that was interrupted continues from the last finished epoch, to the same result, when the
+    inputs and settings are the same.
     """
     t0 = time.perf_counter()
     n = len(packed)
@@ -116,9 +124,17 @@ def train_autoencoder(packed: np.ndarray, num_patches: int, *, latent_dim: int =
     steps = epochs * steps_per_epoch
     total = steps + math.ceil(n / ENCODE_BATCH)
     log_every = max(1, steps // 40)
-    curve, window, step = [], [], 0
+    curve, window, step, start = [], [], 0, 0
+    key = hashlib.sha256(packed.tobytes() + json.dumps(
+        [packed.shape, num_patches, latent_dim, epochs, batch_size, lr, per_epoch, seed]).encode()).hexdigest()
+    saved = _read_checkpoint(checkpoint, key)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        rng.bit_generator.state = json.loads(saved["rng"])
+        curve, window, step, start = saved["curve"], saved["window"], saved["step"], saved["epoch"]
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         order = rng.permutation(n)[:per_epoch]
         for s in range(0, per_epoch, batch_size):
             x = model.prepare(unpack_batch(packed[np.sort(order[s:s + batch_size])], num_patches).to(device))
@@ -134,10 +150,33 @@ def train_autoencoder(packed: np.ndarray, num_patches: int, *, latent_dim: int =
                 window = []
             if progress:
                 progress(step, total)
+        if checkpoint is not None:
+            _write_checkpoint(checkpoint, {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
+                                           "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
+                                           "curve": curve, "window": window, "step": step})
     latents = encode(model, packed, num_patches, device,
                      progress=(lambda k: progress(steps + k, total)) if progress else None)
     baseline = -(density * math.log(density) + (1 - density) * math.log(1 - density)) if 0 < density < 1 else 0.0
     return AutoencoderResult(latents, curve, baseline, epochs, time.perf_counter() - t0)
+
+
+def _read_checkpoint(path: str | Path | None, key: str) -> dict | None:
+    """The saved training state when it exists and belongs to these inputs, else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # unreadable (e.g. cut short): train from the start
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def _write_checkpoint(path: str | Path, state: dict) -> None:
+    from analysis.runs.store import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import datetime as dt
 import io
 import json
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ import pandas as pd
 from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
 from analysis.metrics import registry
 from analysis.runs import store, tables
+from analysis.datasets import printable
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
 # Parameters that change the results: a run directory refuses a build that differs in any.
@@ -53,8 +55,10 @@ class BuildConfig:
     of images (None = the set's default); q: top fraction kept by the patch binarisation;
     ae_epochs / ae_latent: pattern autoencoder training epochs and latent size; thumb_px:
     thumbnail side in px (None: the model's input size clamped to 112-224); threads: CPU threads for
-    torch and t-SNE (None: the idle cores, see ``auto_threads``); stages: optional metric stages to
-    compute (``Metric.stage`` names, e.g. a gradient metric's), none by default.
+    torch and t-SNE (None: the idle cores, see ``auto_threads``); labels: how class folders map to
+    the model's classes (None: by name, "sorted", or a JSON/CSV mapping file; see
+    ``analysis.datasets.folder_labels``); stages: optional metric stages to compute
+    (``Metric.stage`` names, e.g. a gradient metric's), none by default.
     """
     out: str
     model: str = "default"
@@ -63,6 +67,7 @@ class BuildConfig:
     img_size: int | None = None
     dataset: str = "fashion"
     dataset_kind: str | None = None
+    labels: str | None = None
     limit: int | None = None
     batch_size: int = 16
     device: str = "cpu"
@@ -184,7 +189,7 @@ def load_images(config: BuildConfig, vit):
 
     kind = config.dataset_kind or (config.dataset if config.dataset in EMBEDDED_RUNS else None)
     image_set = load_image_set(config.dataset, kind=kind, limit=config.limit, seed=config.seed,
-                               class_names=vit.class_names)
+                               class_names=vit.class_names, labels=config.labels)
     validate_labels(image_set, vit.num_classes)
     if vit.has_head and vit.class_names is None:
         names = [str(c) for c in range(vit.num_classes)]
@@ -289,6 +294,7 @@ def prepare(config: BuildConfig) -> BuildContext:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.write_json(run_dir / "manifest.json", manifest)
+    store.remove_temporaries(run_dir)
     return BuildContext(config, vit, image_set, manifest, timings)
 
 
@@ -557,8 +563,8 @@ def images_table(ctx: BuildContext, arrays: dict, overview_xy: np.ndarray) -> pd
         pred, prob = np.full(n, -1), np.full(n, np.nan)
         top5c, top5p = [np.zeros(0, np.int32)] * n, [np.zeros(0, np.float32)] * n
     return pd.DataFrame({
-        "image_id": arrays["index"], "path": [it.ref for it in items], "label": labels,
-        "label_name": [it.label_name for it in items], "pred": pred, "prob": prob,
+        "image_id": arrays["index"], "path": [printable(it.ref) for it in items], "label": labels,
+        "label_name": [printable(it.label_name) for it in items], "pred": pred, "prob": prob,
         "top5_classes": top5c, "top5_probs": top5p,
         "overview_x": overview_xy[:, 0], "overview_y": overview_xy[:, 1],
     })
@@ -587,14 +593,36 @@ class _Stages:
         return out
 
 
-def _layout(stages: _Stages, name: str, X: np.ndarray, seed: int, jobs: int) -> np.ndarray:
+def stages_dir(run_dir: Path) -> Path:
+    """Checkpoints of the run-level stages (autoencoder per epoch, each layout); removed once the
+    run is complete."""
+    return run_dir / "stages"
+
+
+def _layout(stages: _Stages, run_dir: Path, name: str, X: np.ndarray, seed: int, jobs: int) -> np.ndarray:
+    """t-SNE layout of X, reused from stages/layout_<name>.npz when its inputs are the same."""
+    import hashlib
+
     from analysis.runs.layouts import tsne_2d
 
+    X = np.ascontiguousarray(X)
+    key = hashlib.sha256(f"{X.dtype}{X.shape}{seed}".encode() + X.tobytes()).hexdigest()
+    path = stages_dir(run_dir) / f"layout_{name}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["inputs_sha256"]) == key and z["xy"].shape == (len(X), 2):
+                stages.timings[f"layout_{name}"] = 0.0
+                return z["xy"]
+    except (OSError, ValueError, KeyError, EOFError):  # none yet, or unreadable: compute it
+        pass
     bar = stages.bar(f"layout {name} ({len(X)} points)", 1, unit="it")
     xy = stages.timed(f"layout_{name}", tsne_2d, X, seed=seed, n_jobs=jobs,
                       progress=lambda done, total: stages.advance(bar, done, total))
     stages.advance(bar, bar.total, bar.total)
     bar.close()
+    buf = io.BytesIO()
+    np.savez(buf, xy=xy, inputs_sha256=np.asarray(key))
+    store.atomic_write_bytes(path, buf.getvalue())
     return xy
 
 
@@ -618,17 +646,18 @@ def merge_run(ctx: BuildContext) -> dict:
     bar = stages.bar("autoencoder", 1, unit="batch")
     ae = stages.timed("autoencoder", train_autoencoder, bits, vit.num_patches, latent_dim=cfg.ae_latent,
                       epochs=cfg.ae_epochs, seed=cfg.seed, device=cfg.device,
-                      progress=lambda done, total: stages.advance(bar, done, total))
+                      progress=lambda done, total: stages.advance(bar, done, total),
+                      checkpoint=stages_dir(run_dir) / "autoencoder.pt")
     bar.close()
     jobs = cfg.threads or 1
-    patch_xy = _layout(stages, "patch", ae.latents, cfg.seed, jobs)
-    cls_xy = _layout(stages, "cls", arrays["cls_vectors"].reshape(n * L * H, -1), cfg.seed, jobs)
-    overview_xy = _layout(stages, "overview", arrays[metric].reshape(n, L * H), cfg.seed, jobs)
+    patch_xy = _layout(stages, run_dir, "patch", ae.latents, cfg.seed, jobs)
+    cls_xy = _layout(stages, run_dir, "cls", arrays["cls_vectors"].reshape(n * L * H, -1), cfg.seed, jobs)
+    overview_xy = _layout(stages, run_dir, "overview", arrays[metric].reshape(n, L * H), cfg.seed, jobs)
 
     images = images_table(ctx, arrays, overview_xy)
     metric_arrays = {m.name: arrays[m.name] for m in registry.metrics("image_head") if m.name in arrays}
-    skipped = list(ctx.image_set.skipped) + [(ctx.image_set.items[i].ref, r)
-                                             for i, r in zip(arrays["skipped_index"], arrays["skipped_reason"])]
+    skipped = [(printable(ref), printable(str(r))) for ref, r in list(ctx.image_set.skipped) + [
+        (ctx.image_set.items[i].ref, r) for i, r in zip(arrays["skipped_index"], arrays["skipped_reason"])]]
     skipped = pd.DataFrame(skipped, columns=list(store.SKIPPED_COLUMNS))
 
     timings = {k: round(v, 3) for k, v in ctx.timings.items()}
@@ -647,13 +676,16 @@ def merge_run(ctx: BuildContext) -> dict:
     manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
                                 layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
                                 sizes=lambda d: run_sizes(d, n, vit))
+    shutil.rmtree(stages_dir(run_dir), ignore_errors=True)  # the tables hold the stages' results now
+    store.remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
     ctx.manifest = manifest
     return manifest
 
 
 def run_sizes(run_dir: Path, n: int, vit) -> dict:
     """Bytes on disk (all, tables, thumbnails, parts) and what raw float32 attention would take."""
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    files = [p for p in run_dir.rglob("*")  # temporaries and stage checkpoints are about to go
+             if p.is_file() and not p.name.startswith(".") and p.relative_to(run_dir).parts[0] != "stages"]
     size = lambda ps: int(sum(p.stat().st_size for p in ps))
     return {"cache_bytes": size(files),
             "tables_bytes": size(p for p in files if p.suffix == ".parquet"),

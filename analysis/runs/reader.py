@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.paths import default_cache_dir
-from analysis.runs.schema import SCHEMA_VERSION, SKIPPED_COLUMNS, TABLE_FILES
+from analysis.runs.schema import REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS
 
 
 class Run:
@@ -36,15 +38,27 @@ class Run:
             self.manifest = json.loads(mf.read_text())
         except (OSError, ValueError) as err:
             raise CacheError(f"The manifest of {self.path} cannot be read ({err}). Rebuild the run with `{rebuild}`.") from None
-        version = self.manifest.get("schema_version")
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise CacheError(f"Run {self.path.name} was built by a newer HeadScope (cache schema v{version}; this one "
+                             f"reads v{SCHEMA_VERSION}). Upgrade HeadScope to open it.")
         if version != SCHEMA_VERSION:
             raise CacheError(f"Run {self.path.name} was built with cache schema v{version}; this HeadScope reads "
                              f"v{SCHEMA_VERSION}. Rebuild it with `{rebuild}` (add the model and data options it was built with).")
         if self.manifest.get("status") != "complete":
             raise CacheError(f"The build of run {self.path.name} has not finished. Resume it with `{rebuild} --resume`.")
-        for name in TABLE_FILES:
+        for name, columns in REQUIRED_COLUMNS.items():
             if not (self.path / name).is_file():
                 raise CacheError(f"Run {self.path.name} lacks {name}. Rebuild it with `{rebuild}`.")
+            try:
+                present = set(pq.read_schema(self.path / name).names)
+            except (OSError, pa.ArrowException) as err:
+                raise CacheError(f"{name} of run {self.path.name} is corrupt ({type(err).__name__}: {err}). "
+                                 f"Rebuild the run with `{rebuild}`.") from None
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise CacheError(f"{name} of run {self.path.name} lacks the columns {', '.join(missing)} (it was "
+                                 f"changed or written by another program). Rebuild the run with `{rebuild}`.")
         self._lock = threading.Lock()
         self._dense: dict[str, np.ndarray] = {}
 
@@ -69,21 +83,29 @@ class Run:
     @cached_property
     def images(self) -> pd.DataFrame:
         """One row per image (IMAGE_COLUMNS), indexed by position; image_id is a column."""
-        return pd.read_parquet(self.path / "images.parquet").reset_index(drop=True)
+        return self._read("images.parquet").reset_index(drop=True)
 
     @cached_property
     def head_metrics(self) -> pd.DataFrame:
         """One row per (image, layer, head), sorted by image_id, layer, head."""
-        return pd.read_parquet(self.path / "head_metrics.parquet")
+        return self._read("head_metrics.parquet")
 
     @cached_property
     def head_summary(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "head_summary.parquet")
+        return self._read("head_summary.parquet")
 
     @cached_property
     def skipped(self) -> pd.DataFrame:
         p = self.path / "skipped.parquet"
-        return pd.read_parquet(p) if p.is_file() else pd.DataFrame(columns=list(SKIPPED_COLUMNS))
+        return self._read("skipped.parquet") if p.is_file() else pd.DataFrame(columns=list(SKIPPED_COLUMNS))
+
+    def _read(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """A table of the run (only ``columns`` when given); CacheError saying "rebuild" when unreadable."""
+        try:
+            return pd.read_parquet(self.path / name, columns=columns)
+        except (OSError, pa.ArrowException) as err:
+            raise CacheError(f"{name} of run {self.path.name} cannot be read ({type(err).__name__}: {err}). "
+                             f"Rebuild the run with `python scripts/build_cache.py --out {self.path}`.") from None
 
     @cached_property
     def metrics(self) -> list[str]:
@@ -218,12 +240,24 @@ def list_runs(cache_dir: str | Path | None = None) -> list[dict]:
 
 # ---- a run's name and identity (the app, the worker and every online cache key on these) -------
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_RUN_NAME = 128  # characters in a run name (file systems allow 255 bytes)
 _fingerprints: dict[str, tuple[tuple, str]] = {}
 
 
+def run_name_problem(name) -> str | None:
+    """Why ``name`` cannot be a run name (None when it can): one directory name under the cache
+    dir of letters, digits and ._- , at most MAX_RUN_NAME characters, not . or .."""
+    if not isinstance(name, str) or not name:
+        return "A run name is required."
+    if len(name) > MAX_RUN_NAME:
+        return f"Run name too long ({len(name)} characters; at most {MAX_RUN_NAME})."
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        return f"{name!r} is not a run name: use letters, digits, '.', '_' and '-' only."
+    return None
+
+
 def valid_run_name(name) -> bool:
-    """A run name is one directory name under the cache dir: letters, digits, '.', '_', '-'."""
-    return isinstance(name, str) and bool(RUN_NAME.match(name)) and name not in (".", "..")
+    return run_name_problem(name) is None
 
 
 def run_fingerprint(path: str | Path) -> str | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-TABLE_FILES = ("images.parquet", "head_metrics.parquet", "head_summary.parquet")
 IMAGE_COLUMNS = {
     "image_id": pa.int32(), "path": pa.string(), "label": pa.int32(), "label_name": pa.string(),
     "pred": pa.int32(), "prob": pa.float32(),
@@ -26,6 +25,9 @@ HEAD_KEYS = {"image_id": pa.int32(), "layer": pa.int16(), "head": pa.int16()}
 LAYOUT_COLUMNS = {"cls_x": pa.float32(), "cls_y": pa.float32(), "patch_x": pa.float32(), "patch_y": pa.float32()}
 SUMMARY_KEYS = {"layer": pa.int64(), "head": pa.int64()}
 SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
+# The tables open_run requires, with the columns each must have.
+REQUIRED_COLUMNS = {"images.parquet": tuple(IMAGE_COLUMNS), "head_metrics.parquet": tuple(HEAD_KEYS),
+                    "head_summary.parquet": tuple(SUMMARY_KEYS)}
 # Names a metric may not take (they are fixed columns of head_metrics / head_summary).
 RESERVED_COLUMNS = frozenset(HEAD_KEYS) | frozenset(LAYOUT_COLUMNS) | {"n_images"}
 VALUE_TYPES = {"scalar": pa.float32(), "vector": pa.list_(pa.float32()), "category": pa.string()}

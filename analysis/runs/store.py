@@ -6,11 +6,12 @@ reader.py  Run / open_run / list_runs (tables, dense metric arrays, thumbnails).
 """
 from analysis.paths import default_cache_dir  # noqa: F401
 from analysis.runs import schema
-from analysis.runs.reader import Run, list_runs, open_run, run_fingerprint, valid_run_name  # noqa: F401
-from analysis.runs.reader import RUN_NAME  # noqa: F401
+from analysis.runs.reader import (MAX_RUN_NAME, Run, list_runs, open_run, run_fingerprint,  # noqa: F401
+                                  run_name_problem, valid_run_name)
 from analysis.runs.schema import (IMAGE_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS, head_columns,  # noqa: F401
                                   summary_columns)
-from analysis.runs.tables import atomic_write_bytes, write_json, write_run, write_table  # noqa: F401
+from analysis.runs.tables import (atomic_write_bytes, remove_temporaries, write_json, write_run,  # noqa: F401
+                                  write_table)
 
 
 def __getattr__(name):

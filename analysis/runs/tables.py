@@ -6,6 +6,7 @@ metric registry (``analysis.runs.schema``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,18 +20,57 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.runs import schema
 
 
+TEMP_GRACE_S = 600  # temporaries older than this are leftovers of a killed process
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+    """Write via a temporary file ``.<name>.XXXX`` and rename, so readers never see half a file.
+    On failure the temporary is removed; a full disk raises CacheError saying how to resume."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"The disk is full (no space left writing {path}, {len(data) / 1e6:.1f} MB). Finished "
+                             "work is kept: free some space, then resume with `python scripts/build_cache.py "
+                             f"--out {_run_of(path)} --resume`.") from None
+        raise
+
+
+def _run_of(path: Path) -> Path:
+    """The run directory a file of a run lies in (the folder holding manifest.json)."""
+    for parent in path.parents:
+        if (parent / "manifest.json").is_file():
+            return parent
+    return path.parent
+
+
+def remove_temporaries(run_dir: Path, older_than_s: float = TEMP_GRACE_S) -> int:
+    """Delete temporaries (``.<name>.XXXX`` of atomic_write_bytes) that a killed or failed build left
+    in the run directory and its sub-folders; recent ones may belong to another shard's write in
+    flight and are kept. Returns how many were removed."""
+    removed, now = 0, time.time()
+    for folder in [run_dir] + [d for d in run_dir.iterdir() if d.is_dir()] if run_dir.is_dir() else []:
+        for p in folder.glob(".*.*"):
+            try:
+                if p.is_file() and now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def write_json(path: Path, obj: dict) -> None:

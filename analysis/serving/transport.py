@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from analysis.errors import HeadScopeError, OnlineError
 from analysis.runs.store import run_fingerprint
 from analysis.serving.service import ModelService, ResultCache, decode_array
+from analysis.values import strict_int
 
 WORKER_COMMAND = "celery -A worker.celery_app worker --pool=threads --concurrency=4 -Q online,build"
 ALIVE_TTL = 3.0  # s a worker ping answer (yes or no) is trusted by new queries
@@ -210,8 +211,8 @@ def _call(name: str, run_dir, image_id: int, layer: int, head: int, decode=None)
     """One query through this process's cache, keyed on where it runs, the run's path and its
     identity; ``decode(result) -> result`` runs once, before the result is cached."""
     try:
-        args = [int(image_id), int(layer), int(head)]
-    except (TypeError, ValueError):
+        args = [strict_int(image_id), strict_int(layer), strict_int(head)]
+    except ValueError:
         raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
     run_dir = Path(run_dir).absolute()
     fingerprint = run_fingerprint(run_dir)

@@ -240,7 +240,7 @@ def select_image(click, selected, _go, _submit, typed_id):
     if trig == "a-graph" and ctx.triggered[0]["prop_id"].endswith("clickData") and click:
         image = click["points"][0].get("customdata")
     elif trig == "a-graph" and selected and selected.get("points"):
-        image = min(p.get("customdata") for p in selected["points"] if p.get("customdata") is not None)
+        image = min((p["customdata"] for p in selected["points"] if p.get("customdata") is not None), default=None)
     elif trig in ("image-go", "image-box") and typed_id is not None:
         image = int(typed_id)
     if image is None:
@@ -282,9 +282,10 @@ def select_head(b1, c1, d1, sel, kind, style):
         return p
     if ctx.triggered_id == "d1-graph" and style == "points" and pt.get("curveNumber") == 0:
         index, _ = load(sel)
-        if index is None:
+        k = pt.get("pointIndex")
+        if index is None or not isinstance(k, int) or not 0 <= k < index.n * index.L * index.H:
             return no_update
-        image_pos, hi = divmod(int(pt["pointIndex"]), index.L * index.H)
+        image_pos, hi = divmod(k, index.L * index.H)
         p["image"] = int(index.image_ids[image_pos])
         p["layer"], p["head"] = divmod(hi, index.H)
         return p

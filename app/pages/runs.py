@@ -50,7 +50,7 @@ def runs_table(sel):
     for r in runs:
         ok = r["error"] is None
         action = (dcc.Link("open", href=dash.get_relative_path(f"/?run={r['name']}"), className="btn btn-sm btn-primary") if ok
-                  else html.Span("cannot open", className="text-danger small"))
+                  else html.Span("unreadable", className="text-danger small"))
         rows.append(html.Tr([
             html.Td(html.B(r["name"]) if r["name"] == current else r["name"]),
             html.Td(r.get("status") or "–"), html.Td(r.get("model") or "–"), html.Td(r.get("dataset") or "–"),

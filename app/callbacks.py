@@ -1,0 +1,222 @@
+"""The one gate in front of every Dash callback request (``POST /_dash-update-component``).
+
+The browser sends each callback its inputs and states as JSON; anyone can forge that body. Before
+Dash runs a callback, ``guard`` checks that the body is a known callback with exactly its declared
+inputs and states, and that every value has the type and range the pages expect (``RULES``, one
+entry per component property). Malformed requests get HTTP 400 with a one-line reason and no
+traceback; bodies above ``max_request_bytes()`` get 413 before they are read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from flask import jsonify, request
+
+from analysis.models.pruning import MODE_LABELS
+from analysis.values import strict_int
+
+from . import config
+
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # default cap on a request body (HEADSCOPE_MAX_REQUEST_BYTES)
+MAX_POINTS = 1_000_000               # points in one selection / hover event
+log = logging.getLogger("headscope.callbacks")
+
+
+class Invalid(ValueError):
+    """A callback value that the pages would not accept."""
+
+
+def max_request_bytes() -> int:
+    """$HEADSCOPE_MAX_REQUEST_BYTES, default 8 MiB."""
+    text = os.environ.get("HEADSCOPE_MAX_REQUEST_BYTES", "").strip()
+    try:
+        value = strict_int(text) if text else MAX_REQUEST_BYTES
+    except ValueError:
+        value = 0
+    if value < 1024:
+        raise ValueError(f"HEADSCOPE_MAX_REQUEST_BYTES must be a number of bytes >= 1024, got {text!r}.")
+    return value
+
+
+# ---- value rules: each raises Invalid or returns None ---------------------------------------
+def _int(v, lo=-(2 ** 31), hi=2 ** 31 - 1, what="an integer"):
+    try:
+        n = strict_int(v)
+    except ValueError:
+        raise Invalid(f"expected {what}, got {type(v).__name__}") from None
+    if not lo <= n <= hi:
+        raise Invalid(f"expected {what} within {lo}..{hi}, got {n}")
+    return n
+
+
+def _opt(rule):
+    return lambda v: None if v is None else rule(v)
+
+
+def _str(max_len=2048):
+    def check(v):
+        if not isinstance(v, str) or len(v) > max_len:
+            raise Invalid(f"expected a string of at most {max_len} characters")
+    return check
+
+
+def _choice(*options):
+    def check(v):
+        if v not in options:
+            raise Invalid(f"expected one of {', '.join(map(repr, options))}")
+    return check
+
+
+def _number(lo=-math.inf, hi=math.inf):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            raise Invalid(f"expected a number within {lo}..{hi}")
+    return check
+
+
+def _selection(v):
+    if not isinstance(v, dict) or not set(v) <= {"run", "image", "layer", "head"}:
+        raise Invalid("expected {run, image, layer, head}")
+    if v.get("run") is not None and config.name_problem(v["run"]):
+        raise Invalid(config.name_problem(v["run"]))
+    for k in ("image", "layer", "head"):
+        _opt(_int)(v.get(k))
+
+
+def _pair(v):
+    if not (isinstance(v, list) and len(v) == 2):
+        raise Invalid("expected customdata [layer, head]")
+    for x in v:
+        _int(x)
+
+
+def _points(customdata=None, need=(), nonempty=True):
+    """Plotly event data {"points": [{...}, ...]}: customdata checked by ``customdata``; ``need``:
+    point fields that must be present (integers, or a dict for bbox)."""
+    def check(v):
+        points = v.get("points") if isinstance(v, dict) else None
+        if not isinstance(points, list) or len(points) > MAX_POINTS or (nonempty and not points):
+            raise Invalid("expected {points: [...]} with at least one point")
+        for p in points:
+            if not isinstance(p, dict):
+                raise Invalid("expected each point to be an object")
+            for k in need:
+                if k == "bbox":
+                    if not isinstance(p.get("bbox"), dict):
+                        raise Invalid("expected a bbox in each hovered point")
+                else:
+                    _int(p.get(k), 0, 2 ** 31 - 1, f"point field {k}")
+            for k in ("curveNumber", "pointIndex", "pointNumber"):
+                if k in p and not isinstance(p[k], list):
+                    _opt(lambda x: _int(x, 0))(p[k])
+            if customdata is not None:
+                try:
+                    customdata(p.get("customdata"))
+                except Invalid as err:
+                    raise Invalid(f"customdata: {err}") from None
+    return _opt(check)
+
+
+def _d3_token(v):
+    if v is not None and not (isinstance(v, list) and len(v) == 2 and v[0] in (0, 1)):
+        raise Invalid("expected [0 or 1, token]")
+    if v is not None:
+        _int(v[1], 0)
+
+
+_image_id = _opt(lambda v: _int(v, what="an image id"))
+_head_cd = _opt(_pair)
+_clicks = _opt(lambda v: _int(v, 0))
+
+def _dict(v):
+    if not isinstance(v, dict):
+        raise Invalid("expected an object")
+
+
+RULES = {
+    # Dash's page router (use_pages)
+    ("_pages_location", "pathname"): _opt(_str()),
+    ("_pages_location", "search"): _opt(_str()),
+    ("_pages_store", "data"): _opt(_dict),
+    # the shell and the pages
+    ("url", "search"): _opt(_str()),
+    ("sel", "data"): _opt(_selection),
+    ("metric", "value"): _opt(_str(64)),
+    ("heads-metric", "value"): _opt(_str(64)),
+    ("prune-mode", "data"): _opt(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
+    ("q-slider", "value"): _opt(_number(-1, 2)),
+    ("d1-kind", "value"): _opt(_choice("cls", "patch")),
+    ("d1-style", "value"): _opt(_choice("density", "points")),
+    ("d1-key", "data"): _opt(_str(512)),
+    ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
+    ("image-box", "n_submit"): _clicks,
+    ("image-go", "n_clicks"): _clicks,
+    ("a-graph", "clickData"): _points(_image_id),
+    ("a-graph", "hoverData"): _points(_image_id, need=("bbox",)),
+    ("a-graph", "selectedData"): _points(_image_id, nonempty=False),
+    ("b1-graph", "clickData"): _points(_head_cd),
+    ("c1-graph", "clickData"): _points(_head_cd),
+    ("d1-graph", "clickData"): _points(_head_cd),
+    ("heads-map", "clickData"): _points(need=("x", "y")),
+    ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
+    ("d5-graph", "clickData"): _points(_number()),
+    ("d3-graph", "hoverData"): _points(_d3_token),
+}
+
+
+# ---- the payload ------------------------------------------------------------------------------
+def _items(sent, declared, kind: str) -> list:
+    if not isinstance(sent, list) or len(sent) != len(declared):
+        raise Invalid(f"expected {len(declared)} {kind}")
+    for item, want in zip(sent, declared):
+        if not isinstance(item, dict) or item.get("id") != want["id"] or item.get("property") != want["property"]:
+            raise Invalid(f"{kind} do not match the callback's ({want['id']}.{want['property']} expected)")
+    return sent
+
+
+def check_payload(body, callback_map: dict) -> str | None:
+    """Why a callback request body is malformed, or None when Dash may run it."""
+    try:
+        if not isinstance(body, dict):
+            raise Invalid("the body is not a JSON object")
+        output = body.get("output")
+        if not isinstance(output, str) or output not in callback_map:
+            raise Invalid("unknown callback output")
+        spec = callback_map[output]
+        if not isinstance(body.get("outputs"), (dict, list)):
+            raise Invalid("outputs missing")
+        items = _items(body.get("inputs"), spec["inputs"], "inputs") + _items(body.get("state", []), spec["state"], "states")
+        changed = body.get("changedPropIds", [])
+        names = {f"{d['id']}.{d['property']}" for d in spec["inputs"]}
+        if not isinstance(changed, list) or not all(isinstance(c, str) and c in names for c in changed):
+            raise Invalid("changedPropIds name properties that are not inputs of this callback")
+        for item in items:
+            rule = RULES.get((item["id"], item["property"]))
+            if rule is None:
+                raise Invalid(f"{item['id']}.{item['property']} has no validation rule")
+            try:
+                rule(item.get("value"))
+            except Invalid as err:
+                raise Invalid(f"{item['id']}.{item['property']}: {err}") from None
+    except Invalid as err:
+        return str(err).rstrip(".")
+    return None
+
+
+def guard(app) -> None:
+    """Cap request bodies and check every callback request before Dash dispatches it."""
+    server = app.server
+    server.config["MAX_CONTENT_LENGTH"] = max_request_bytes()
+    route = app.config.routes_pathname_prefix + "_dash-update-component"
+
+    @server.before_request
+    def check_callback_request():
+        if request.path != route or request.method != "POST":
+            return None
+        problem = check_payload(request.get_json(silent=True), app.callback_map)
+        if problem is None:
+            return None
+        log.info("refused a malformed callback request: %s", problem)
+        return jsonify(error=f"Malformed callback request: {problem}."), 400
