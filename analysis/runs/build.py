@@ -121,6 +121,7 @@ def default_out(model: str, dataset: str) -> Path:
     if EMBEDDED_RUNS.get(dataset) == model:
         return store.default_cache_dir() / ("default" if dataset == "fashion" else dataset)
     stem = Path(dataset).stem if dataset not in EMBEDDED_RUNS else dataset
+    model = Path(model).name if Path(model).is_dir() else model  # a checkpoint folder: its name
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{stem}")
     return store.default_cache_dir() / safe
 
@@ -152,6 +153,14 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 # ---- stage 1: prepare ----------------------------------------------------------------------
 
+def model_ref(model: str) -> str:
+    """The model as a run records it: a checkpoint folder (HuggingFace, which brings its own weights)
+    as its absolute path, anything else as given."""
+    from analysis.models.defaults import DEFAULT_MODELS
+
+    return str(Path(model).resolve()) if model not in DEFAULT_MODELS and Path(model).is_dir() else model
+
+
 def load_model(config: BuildConfig):
     """The ViT of a build (refuses a timm model without weights: it could not be reloaded)."""
     import torch
@@ -161,9 +170,11 @@ def load_model(config: BuildConfig):
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
-    if config.model not in DEFAULT_MODELS and not (config.weights or config.pretrained):
+    config.model = model_ref(config.model)
+    if config.model not in DEFAULT_MODELS and not Path(config.model).is_dir() and not (config.weights or config.pretrained):
         raise ModelLoadError(f"Model '{config.model}' needs weights: pass --weights PATH (.safetensors/.pth) or "
-                             "--pretrained. A random initialisation could not be reloaded by the dashboard.")
+                             "--pretrained, or give a HuggingFace checkpoint folder. A random initialisation "
+                             "could not be reloaded by the dashboard.")
     weights = str(Path(config.weights).resolve()) if config.weights else None
     return load_vit(config.model, weights=weights, pretrained=config.pretrained, img_size=config.img_size,
                     device=config.device)
@@ -192,7 +203,8 @@ def load_images(config: BuildConfig, vit):
 def model_facts(config: BuildConfig, vit) -> dict:
     """manifest["model"]: enough for analysis.service.model_from_manifest to reload the model."""
     h, w = vit.img_size
-    return {"name": config.model, "weights": str(Path(config.weights).resolve()) if config.weights else None,
+    return {"name": config.model, "family": vit.family.family,
+            "weights": str(Path(config.weights).resolve()) if config.weights else None,
             "pretrained": bool(config.pretrained), "img_size": h if h == w else [h, w],
             "num_classes": vit.num_classes, "class_names": vit.class_names,
             "weights_sha256": vit.weights_sha256, "depth": vit.depth, "heads": vit.num_heads,
@@ -207,9 +219,12 @@ def library_versions() -> dict:
     import timm
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
-            "openTSNE": openTSNE.__version__, "scikit-learn": sklearn.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+                "openTSNE": openTSNE.__version__, "scikit-learn": sklearn.__version__}
+    if "transformers" in sys.modules:  # imported only when a HuggingFace folder was loaded
+        versions["transformers"] = sys.modules["transformers"].__version__
+    return versions
 
 
 def now_iso() -> str:
