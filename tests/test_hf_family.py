@@ -145,7 +145,8 @@ def test_preprocessing_and_labels_come_from_the_folder(tmp_path):
 
 
 def test_a_built_hf_module_loads_too():
-    model = make_hf("Dinov2ForImageClassification")
+    """A module instead of a folder (config image size, ImageNet mean/std); DINOv2 with SwiGLU MLPs."""
+    model = make_hf("Dinov2ForImageClassification", use_swiglu_ffn=True)
     vit = load_vit(model)
     x = torch.randn(1, 3, *vit.img_size)
     with torch.no_grad():

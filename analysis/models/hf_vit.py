@@ -293,11 +293,16 @@ def load_hf(name: str, weights=None, pretrained: bool = False, img_size: int | N
     if cls is None:
         raise ModelLoadError(f"{arch} is not in the installed transformers {transformers.__version__}; "
                              f"install transformers=={TESTED_TRANSFORMERS}.")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a local load takes a moment: no "Loading weights" bar
     try:
         model, info = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
                                           dtype=torch.float32, output_loading_info=True)
     except Exception as err:
         raise ModelLoadError(f"Could not load the HuggingFace checkpoint {folder}: {type(err).__name__}: {err}") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     unused = ("pooler.", "mask_token")  # modules HeadScope never runs
     missing = sorted(k for k in info.get("missing_keys", ()) if not any(u in k for u in unused))
     mismatched = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in info.get("mismatched_keys", ())]
