@@ -139,6 +139,15 @@ class Run:
     def thumbnail(self, image_id: int) -> Path:
         return self.path / "thumbs" / f"{int(image_id)}.png"
 
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, model={self.model.get('name')!r}, images={len(self.images)})"
+
+    def _repr_html_(self) -> str:
+        """The run's summary in Jupyter (analysis.notebook.run_html)."""
+        from analysis.notebook import run_html
+
+        return run_html(self)
+
 
 def open_run(path: str | Path) -> Run:
     """Open a built run directory (raises CacheError with the fix when it is not usable)."""
