@@ -53,7 +53,8 @@ def run_html(run: Run) -> str:
                       f"{model.get('grid')}, {model.get('img_size')} px)"),
             ("classes", f"{model.get('num_classes')}: {_names(model.get('class_names'))}"
              if model.get("num_classes") else "none (backbone run: emb_dist)"),
-            ("images", f"{len(run.images)} analysed of {ds.get('name')} ({ds.get('kind')}), {len(run.skipped)} skipped"),
+            ("images", f"{len(run.images)} analysed of {ds.get('name')} ({ds.get('kind')}), "
+                       f"{len(run.skipped)} skipped"),
             ("parameters", f"q={params.get('q')}, seed={params.get('seed')}, built {mf.get('created')}"),
             ("metrics", ", ".join(run.metrics))]
     metric = _main_metric(run)

@@ -103,7 +103,8 @@ def make_config(args: argparse.Namespace):
     else:
         dataset, kind = args.dataset, None
     given = {"model": model_ref(args.model) if args.model else None,
-             "weights": str(Path(args.weights).resolve()) if args.weights else None, "pretrained": args.pretrained, "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
+             "weights": str(Path(args.weights).resolve()) if args.weights else None, "pretrained": args.pretrained,
+             "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
              "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,

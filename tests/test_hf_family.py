@@ -122,7 +122,8 @@ def test_preprocessing_and_labels_come_from_the_folder(tmp_path):
     class names from id2label."""
     pre = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 40, "width": 40},
            "resample": 2, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.4, 0.3],
+           "image_std": [0.2, 0.25, 0.3]}
     model = make_hf("DeiTForImageClassification", num_labels=3)
     model.config.id2label = {0: "cat", 1: "dog", 2: "owl"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
@@ -157,7 +158,8 @@ def test_unsupported_and_unsafe_folders_are_refused(tmp_path):
     swin = tmp_path / "swin"
     transformers.SwinModel(transformers.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                                    image_size=32, patch_size=4, window_size=4)).save_pretrained(swin)
-    with pytest.raises(ModelLoadError, match=r"SwinModel.*not supported.*ViTForImageClassification.*DeiTModel.*Dinov2Model"):
+    supported = r"SwinModel.*not supported.*ViTForImageClassification.*DeiTModel.*Dinov2Model"
+    with pytest.raises(ModelLoadError, match=supported):
         load_vit(str(swin))
     with pytest.raises(ModelLoadError, match="SwinModel is not supported"):
         load_vit(transformers.SwinModel(transformers.SwinConfig(embed_dim=16, depths=[1], num_heads=[1])))
@@ -197,7 +199,8 @@ def test_build_cache_builds_and_reloads_an_hf_run(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "images" / c).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+            pixels = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
     out = tmp_path / "run"
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--model", folder, "--images",
@@ -217,3 +220,18 @@ def test_build_cache_builds_and_reloads_an_hf_run(tmp_path):
     for m in ("prob", "jsd", "cls_dist", "patch_dist", "emb_dist"):
         np.testing.assert_allclose(hm[m].to_numpy(np.float64), ref[m].to_numpy(np.float64), rtol=1e-4, atol=1e-6,
                                    err_msg=m)
+    # the dashboard opens it like a timm run: its online queries reload the folder
+    from app import create_app
+
+    client = create_app(run=str(out)).server.test_client()
+    image_id = int(run.images.image_id.iloc[0])
+    res = client.get(f"/api/partial_pruning?run={out.name}&image={image_id}&layer=1&head=0")
+    assert res.status_code == 200, res.get_json()
+    rows = sorted(res.get_json()["rows"], key=lambda r: r["mode"])
+    x0 = vit.preprocess([open_image(run.images.path.iloc[0])])
+    pruned_probs = torch.softmax(vit(x0, prune=[(1, 0, 1)]), -1)[0]
+    assert rows[1]["prob"] == pytest.approx(float(pruned_probs[int(run.images.label.iloc[0])]), rel=1e-5)
+    res = client.get(f"/api/attention?run={out.name}&image={image_id}&layer=2&head=1")
+    assert res.status_code == 200, res.get_json()
+    np.testing.assert_allclose(np.array(res.get_json()["attention"]),
+                               vit.capture_attention(x0, layers=[2])[0, 0, 1].numpy(), atol=1e-3)  # float16 transport

@@ -239,26 +239,29 @@ def test_capture_selected_layers_matches_full_capture():
     torch.testing.assert_close(vit.capture_attention(x, layers=[2, 0]), full[:, [2, 0]])
 
 
-def test_analyse_batch_agrees_with_the_public_functions():
+@pytest.mark.parametrize("variant", ["cls", "hf-dinov2-reg"])
+def test_analyse_batch_agrees_with_the_public_functions(variant):
     from analysis import analyse_batch, attention_strength
     from analysis.metrics.patterns import unpack_bits
     from analysis.metrics.semantic import batch_semantic_weights, semantic_concentration
 
-    vit = load_vit(make_model("cls"))
+    vit = load_vit(make_model(variant))
     torch.manual_seed(13)
-    images, labels = torch.randn(3, 3, *vit.img_size), torch.tensor([0, 3, 6])
+    images, labels = torch.randn(3, 3, *vit.img_size), torch.tensor([0, 3, 5])
     r = analyse_batch(vit, images, labels, q=0.05)
     hi = head_importance(vit, images, labels)
     st = attention_strength(vit, images)
     B, L, H = 3, vit.depth, vit.num_heads
     for m in ("prob", "jsd", "cls_dist", "patch_dist", "emb_dist"):
-        np.testing.assert_allclose(r.importance[m].reshape(-1), hi[m].to_numpy(), rtol=1e-6, atol=1e-9)
+        # atol: float32 round-off (fused vs explicit softmax in the unpruned pass) on distances ~1e-3
+        np.testing.assert_allclose(r.importance[m].reshape(-1), hi[m].to_numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(r.strength_entropy.reshape(-1), st.strength_entropy, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(r.strength.reshape(B * L * H, -1), np.stack(st.strength), rtol=1e-5, atol=1e-7)
     A = vit.capture_attention(images)
     T = vit.num_prefix_tokens
     assert unpack_bits(r.patch_bits, vit.num_patches).sum((-1, -2)).max() == round(0.05 * vit.num_patches ** 2)
-    np.testing.assert_allclose(r.cls_vectors[:, 1, 2, :vit.num_tokens], A[:, 1, 2, 0].numpy(), atol=1e-3)
+    h = min(2, H - 1)
+    np.testing.assert_allclose(r.cls_vectors[:, 1, h, :vit.num_tokens], A[:, 1, h, 0].numpy(), atol=1e-3)
     w = torch.from_numpy(batch_semantic_weights(images, vit.data_config, vit.grid, vit.patch_size))
     sc, cls_sc = semantic_concentration(A[:, 2], w, T)
     np.testing.assert_allclose(r.semantic_concentration[:, 2], sc.numpy(), rtol=1e-5)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from analysis import partial_pruning
 from analysis.datasets import open_image

@@ -299,7 +299,8 @@ def load_hf(name: str, weights=None, pretrained: bool = False, img_size: int | N
         model, info = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
                                           dtype=torch.float32, output_loading_info=True)
     except Exception as err:
-        raise ModelLoadError(f"Could not load the HuggingFace checkpoint {folder}: {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"Could not load the HuggingFace checkpoint {folder}: "
+                             f"{type(err).__name__}: {err}") from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

@@ -45,9 +45,10 @@ RESULT_PARAMS = ("q", "seed", "limit", "ae_epochs", "ae_latent", "thumb_px")
 class BuildConfig:
     """Everything a build needs; JSON-able (``to_dict`` / ``from_dict``) for worker pools.
 
-    model: timm ViT name, "default" or "default-backbone"; weights: state-dict file; dataset:
-    "fashion", "photos", a folder or a CSV manifest (dataset_kind forces the kind); limit: number
-    of images (None = the set's default); q: top fraction kept by the patch binarisation;
+    model: timm ViT name, HuggingFace checkpoint folder, "default" or "default-backbone"; weights:
+    state-dict file (timm names); dataset: "fashion", "photos", a folder or a CSV manifest
+    (dataset_kind forces the kind); limit: number of images (None = the set's default); q: top
+    fraction kept by the patch binarisation;
     ae_epochs / ae_latent: pattern autoencoder training epochs and latent size; thumb_px:
     thumbnail side in px (None: the model's input size clamped to 112-224); threads: CPU threads for
     torch and t-SNE (None: the idle cores, see ``auto_threads``).
@@ -162,7 +163,7 @@ def model_ref(model: str) -> str:
 
 
 def load_model(config: BuildConfig):
-    """The ViT of a build (refuses a timm model without weights: it could not be reloaded)."""
+    """The ViT of a build (refuses a timm name without weights: it could not be reloaded)."""
     import torch
 
     from analysis.models.defaults import DEFAULT_MODELS
@@ -171,7 +172,8 @@ def load_model(config: BuildConfig):
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
     config.model = model_ref(config.model)
-    if config.model not in DEFAULT_MODELS and not Path(config.model).is_dir() and not (config.weights or config.pretrained):
+    brings_weights = config.model in DEFAULT_MODELS or Path(config.model).is_dir()
+    if not (brings_weights or config.weights or config.pretrained):
         raise ModelLoadError(f"Model '{config.model}' needs weights: pass --weights PATH (.safetensors/.pth) or "
                              "--pretrained, or give a HuggingFace checkpoint folder. A random initialisation "
                              "could not be reloaded by the dashboard.")
