@@ -145,6 +145,39 @@ def test_preprocessing_and_labels_come_from_the_folder(tmp_path):
                                                           tmp_path / "lab")).class_names is None
 
 
+LEGACY = {  # transformers 5 -> 4 key names besides the attention's (which all families share)
+    "ViTForImageClassification": [(r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
+                                  (r"mlp\.fc1", "intermediate.dense"), (r"mlp\.fc2", "output.dense")],
+    "Dinov2ForImageClassification": [],
+}
+
+
+@pytest.mark.parametrize("arch", list(LEGACY))
+def test_a_checkpoint_in_the_transformers_4_layout_loads(arch, tmp_path):
+    """Hub checkpoints were written by transformers 4 (attention.attention.query, encoder.layer, ...):
+    transformers renames their keys on load, and HeadScope reads the result."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    model = make_hf(arch)
+    folder = save_hf(model, tmp_path / "legacy")
+    renames = LEGACY[arch] + [(r"attention\.([qkv])_proj", lambda m: "attention.attention." + {
+        "q": "query", "k": "key", "v": "value"}[m.group(1)]), (r"attention\.o_proj", "attention.output.dense")]
+    sd = load_file(str(tmp_path / "legacy" / "model.safetensors"))
+    old = {}
+    for key, value in sd.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        old[key] = value
+    assert any("attention.attention.query" in k for k in old)
+    save_file(old, str(tmp_path / "legacy" / "model.safetensors"), metadata={"format": "pt"})
+    vit = load_vit(folder)
+    x = torch.randn(1, 3, *vit.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), model(x).logits, atol=2e-5, rtol=1e-5)
+
+
 def test_a_built_hf_module_loads_too():
     """A module instead of a folder (config image size, ImageNet mean/std); DINOv2 with SwiGLU MLPs."""
     model = make_hf("Dinov2ForImageClassification", use_swiglu_ffn=True)
