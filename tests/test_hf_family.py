@@ -200,6 +200,8 @@ def test_unsupported_and_unsafe_folders_are_refused(tmp_path):
     (tmp_path / "bin" / "model.safetensors").rename(tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="only pytorch_model.bin.*pickle.*save_pretrained"):
         load_vit(folder)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_vit(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_vit(str(tmp_path / "empty"))

@@ -240,7 +240,8 @@ def accepts_module(model: nn.Module) -> bool:
 
 
 def accepts_name(name: str) -> bool:
-    return Path(name).is_dir()
+    """A folder, or a name that reads as a path (so a missing folder gets its own message)."""
+    return Path(name).is_dir() or "/" in name or name.startswith(("~", "."))
 
 
 def _read_json(path: Path) -> dict:
@@ -270,7 +271,10 @@ def _weights_files(folder: Path) -> list[Path]:
 def load_hf(name: str, weights=None, pretrained: bool = False, img_size: int | None = None,
             num_classes: int | None = None) -> tuple[HFViT, str, list[str] | None]:
     """Load a HuggingFace checkpoint folder -> (family, weights sha256, class names or None)."""
-    folder = Path(name)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"Model folder {folder} does not exist. Give a HuggingFace checkpoint folder "
+                             "(config.json + model.safetensors) or a timm model name.")
     if weights is not None or pretrained:
         raise ModelLoadError(f"{folder} is a HuggingFace checkpoint folder and brings its own weights "
                              "(model.safetensors); do not pass weights/--weights or pretrained/--pretrained.")

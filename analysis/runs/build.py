@@ -159,7 +159,8 @@ def model_ref(model: str) -> str:
     as its absolute path, anything else as given."""
     from analysis.models.defaults import DEFAULT_MODELS
 
-    return str(Path(model).resolve()) if model not in DEFAULT_MODELS and Path(model).is_dir() else model
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if model not in DEFAULT_MODELS and folder.is_dir() else model
 
 
 def load_model(config: BuildConfig):
