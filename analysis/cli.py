@@ -45,14 +45,15 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `headscope build` and scripts/build_cache.py."""
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="NAME",
-                   help="timm ViT name (e.g. vit_small_patch16_224, deit_tiny_patch16_224), 'default' (DINOv2 "
+                   help="timm ViT name (e.g. vit_small_patch16_224, deit_tiny_patch16_224), a HuggingFace checkpoint "
+                        "folder (config.json + model.safetensors of ViT, DeiT or DINOv2), 'default' (DINOv2 "
                         "ViT-S/14 + Fashion-MNIST probe, 112 px) or 'default-backbone' (no head, 224 px). "
                         "Default: 'default', or 'default-backbone' with --dataset photos")
     w = m.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="PATH", help="state dict (.safetensors, .pth, .pt) for a timm model name")
     w.add_argument("--pretrained", action="store_true", default=None,
                    help="use timm's pretrained weights (downloads them; needs internet)")
-    m.add_argument("--img-size", type=int, metavar="PX", help="model input size in px (timm models; default: the model's)")
+    m.add_argument("--img-size", type=int, metavar="PX", help="model input size in px (default: the model's)")
     d = p.add_argument_group("images (one of)")
     g = d.add_mutually_exclusive_group()
     g.add_argument("--dataset", choices=["fashion", "photos"],
@@ -200,7 +201,7 @@ def make_config(args: argparse.Namespace):
     import torch
 
     from analysis.errors import CacheError
-    from analysis.runs.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out
+    from analysis.runs.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out, model_ref
 
     if args.images:
         dataset, kind = str(Path(args.images).resolve()), "folder"
@@ -208,14 +209,15 @@ def make_config(args: argparse.Namespace):
         dataset, kind = str(Path(args.manifest).resolve()), "manifest"
     else:
         dataset, kind = args.dataset, None
-    given = {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights else None,
-             "pretrained": args.pretrained, "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
+    given = {"model": model_ref(args.model) if args.model else None,
+             "weights": str(Path(args.weights).resolve()) if args.weights else None, "pretrained": args.pretrained,
+             "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
              "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,
                  "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
-    model = args.model or EMBEDDED_RUNS.get(dataset or "fashion", "default")
+    model = given["model"] or EMBEDDED_RUNS.get(dataset or "fashion", "default")
     out = Path(args.out) if args.out else default_out(model, dataset or "fashion")
     if args.resume:
         config = config_from_manifest(out, **execution)

@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 
 # Modules that register a family when imported (a new family: add its module here).
-FAMILY_MODULES = ("analysis.models.timm_vit",)
+FAMILY_MODULES = ("analysis.models.timm_vit", "analysis.models.hf_vit")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ class ViT:
         return (f"ViT({self.name!r}, family={self.family.family}, L={self.depth}, H={self.num_heads}, "
                 f"T={self.num_prefix_tokens}, grid={self.grid}, patch={self.patch_size}px, classes={self.num_classes})")
 
+    def _repr_html_(self) -> str:
+        """The shape facts in Jupyter (analysis.notebook.vit_html)."""
+        from analysis.notebook import vit_html
+
+        return vit_html(self)
+
     # ---- input ---------------------------------------------------------------------------
     def preprocess(self, pil_images: Iterable) -> Tensor:
         """PIL images -> float tensor [B, 3, H, W] with the model's own eval transform."""

@@ -50,9 +50,10 @@ RESULT_PARAMS = ("q", "seed", "limit", "ae_epochs", "ae_latent", "thumb_px")
 class BuildConfig:
     """Everything a build needs; JSON-able (``to_dict`` / ``from_dict``) for worker pools.
 
-    model: timm ViT name, "default" or "default-backbone"; weights: state-dict file; dataset:
-    "fashion", "photos", a folder or a CSV manifest (dataset_kind forces the kind); limit: number
-    of images (None = the set's default); q: top fraction kept by the patch binarisation;
+    model: timm ViT name, HuggingFace checkpoint folder, "default" or "default-backbone"; weights:
+    state-dict file (timm names); dataset: "fashion", "photos", a folder or a CSV manifest
+    (dataset_kind forces the kind); limit: number of images (None = the set's default); q: top
+    fraction kept by the patch binarisation;
     ae_epochs / ae_latent: pattern autoencoder training epochs and latent size; thumb_px:
     thumbnail side in px (None: the model's input size clamped to 112-224); threads: CPU threads for
     torch and t-SNE (None: the idle cores, see ``auto_threads``); labels: how class folders map to
@@ -134,6 +135,7 @@ def default_out(model: str, dataset: str) -> Path:
     if EMBEDDED_RUNS.get(dataset) == model:
         return store.default_cache_dir() / ("default" if dataset == "fashion" else dataset)
     stem = Path(dataset).stem if dataset not in EMBEDDED_RUNS else dataset
+    model = Path(model).name if Path(model).is_dir() else model  # a checkpoint folder: its name
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{stem}")
     return store.default_cache_dir() / safe
 
@@ -165,8 +167,17 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 # ---- stage 1: prepare ----------------------------------------------------------------------
 
+def model_ref(model: str) -> str:
+    """The model as a run records it: a checkpoint folder (HuggingFace, which brings its own weights)
+    as its absolute path, anything else as given."""
+    from analysis.models.defaults import DEFAULT_MODELS
+
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if model not in DEFAULT_MODELS and folder.is_dir() else model
+
+
 def load_model(config: BuildConfig):
-    """The ViT of a build (refuses a timm model without weights: it could not be reloaded)."""
+    """The ViT of a build (refuses a timm name without weights: it could not be reloaded)."""
     import torch
 
     from analysis.models.defaults import DEFAULT_MODELS
@@ -174,9 +185,12 @@ def load_model(config: BuildConfig):
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
-    if config.model not in DEFAULT_MODELS and not (config.weights or config.pretrained):
+    config.model = model_ref(config.model)
+    brings_weights = config.model in DEFAULT_MODELS or Path(config.model).is_dir()
+    if not (brings_weights or config.weights or config.pretrained):
         raise ModelLoadError(f"Model '{config.model}' needs weights: pass --weights PATH (.safetensors/.pth) or "
-                             "--pretrained. A random initialisation could not be reloaded by the dashboard.")
+                             "--pretrained, or give a HuggingFace checkpoint folder. A random initialisation "
+                             "could not be reloaded by the dashboard.")
     weights = str(Path(config.weights).resolve()) if config.weights else None
     return load_vit(config.model, weights=weights, pretrained=config.pretrained, img_size=config.img_size,
                     device=config.device)
@@ -205,7 +219,8 @@ def load_images(config: BuildConfig, vit):
 def model_facts(config: BuildConfig, vit) -> dict:
     """manifest["model"]: enough for analysis.service.model_from_manifest to reload the model."""
     h, w = vit.img_size
-    return {"name": config.model, "weights": str(Path(config.weights).resolve()) if config.weights else None,
+    return {"name": config.model, "family": vit.family.family,
+            "weights": str(Path(config.weights).resolve()) if config.weights else None,
             "pretrained": bool(config.pretrained), "img_size": h if h == w else [h, w],
             "num_classes": vit.num_classes, "class_names": vit.class_names,
             "weights_sha256": vit.weights_sha256, "depth": vit.depth, "heads": vit.num_heads,
@@ -220,9 +235,12 @@ def library_versions() -> dict:
     import timm
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
-            "openTSNE": openTSNE.__version__, "scikit-learn": sklearn.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+                "openTSNE": openTSNE.__version__, "scikit-learn": sklearn.__version__}
+    if "transformers" in sys.modules:  # imported only when a HuggingFace folder was loaded
+        versions["transformers"] = sys.modules["transformers"].__version__
+    return versions
 
 
 def now_iso() -> str:

@@ -66,6 +66,15 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, model={self.model.get('name')!r}, images={len(self.images)})"
+
+    def _repr_html_(self) -> str:
+        """The run's summary in Jupyter (analysis.notebook.run_html)."""
+        from analysis.notebook import run_html
+
+        return run_html(self)
+
     @property
     def model(self) -> dict:
         return self.manifest.get("model", {})

@@ -28,8 +28,9 @@ from analysis.models.adapter import ViT, load_vit
 
 def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
     """Re-load the model a run was built with (manifest["model"])."""
+    sized = model.get("weights") or model.get("pretrained") or model.get("family") == "hf"  # loaded from files
     return load_vit(model["name"], weights=model.get("weights"), pretrained=bool(model.get("pretrained")),
-                    img_size=model.get("img_size") if model.get("weights") or model.get("pretrained") else None,
+                    img_size=model.get("img_size") if sized else None,
                     num_classes=model.get("num_classes"), class_names=model.get("class_names"), device=device)
 
 
