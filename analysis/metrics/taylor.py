@@ -1,0 +1,82 @@
+"""Head gates and the Taylor (gradient) head importance — an APPROXIMATION (SPEC "Head gates").
+
+A gate ``g[x,l,h]`` (1 by default) multiplies head h's output ``o[l,h] = A V`` (``N x d``, before
+W_O) in block l; ``g = 0`` is exactly pruning mode 1. At ``g = 1``, for classifier models:
+
+- ``taylor_prob_drop[x,l,h] = dP(y|x)/dg[x,l,h]``: first-order (signed) estimate of ``prob_drop``;
+- ``grad_score[x,l,h] = |d log P(y|x) / dg[x,l,h]|`` (Michel et al. 2019, per image).
+
+One forward and one backward per batch give every head: images are independent, so the gradient
+of ``sum_x log P(y_x|x)`` with respect to image x's gates is that image's own gradient.
+Backbones have no ``P``: not defined (use the exact ``emb_dist``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from analysis.errors import InputError
+from analysis.metrics.importance import arrays_to_frame, check_labels
+from analysis.models.adapter import HeadHook, ViT
+
+TAYLOR_METRICS = ("taylor_prob_drop", "grad_score")
+
+
+def gate_hook(gates: Tensor) -> HeadHook:
+    """head_hook multiplying head h of block l by ``gates[:, l, h]``; gates [B, L, H]."""
+    def hook(layer: int, o: Tensor) -> Tensor:
+        return o * gates[:, layer, :, None, None].to(o.dtype)
+
+    return hook
+
+
+def require_classifier(vit: ViT, what: str) -> None:
+    if not vit.has_head:
+        raise InputError(f"{what} needs a classifier: {vit.name} is a backbone without a head, so P(y|x) "
+                         "is undefined. Use the exact importance (emb_dist) for backbones.")
+
+
+def checked_inputs(vit: ViT, images: Tensor, labels) -> tuple[Tensor, Tensor]:
+    """Images on the device and labels [B] for the Taylor metrics (classifier and labels required)."""
+    require_classifier(vit, "The Taylor importance")
+    images = vit.check_images(images)
+    if labels is None:
+        raise InputError("The Taylor importance needs the true labels (it differentiates P(y|x)); pass labels.")
+    return images, check_labels(vit, labels, images.shape[0])
+
+
+def taylor_arrays(vit: ViT, images: Tensor, labels) -> dict[str, np.ndarray]:
+    """Taylor metrics of one batch: {"taylor_prob_drop", "grad_score"} -> [B, L, H] float64 numpy.
+
+    images [B, 3, H, W] preprocessed; labels [B] (required). One forward + one backward; works
+    inside torch.inference_mode too.
+    """
+    images, labels = checked_inputs(vit, images, labels)
+    with torch.inference_mode(False), torch.enable_grad():
+        images, labels = images.clone(), labels.clone()   # inference tensors cannot enter autograd
+        gates = torch.ones(images.shape[0], vit.depth, vit.num_heads, device=vit.device, requires_grad=True)
+        logits = vit.forward(images, head_hook=gate_hook(gates))
+        logp = torch.log_softmax(logits.double(), dim=-1).gather(1, labels[:, None])[:, 0]   # [B]
+        (dlogp,) = torch.autograd.grad(logp.sum(), gates)
+    dlogp = dlogp.double()
+    p = logp.detach().exp()[:, None, None]
+    return {"taylor_prob_drop": (p * dlogp).cpu().numpy(),       # dP/dg = P * dlogP/dg
+            "grad_score": dlogp.abs().cpu().numpy()}
+
+
+def taylor_importance(vit: ViT, images: Tensor, labels, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+    """Approximate (Taylor) importance of every head for every image (classifiers only).
+
+    Returns one row per (image, layer, head): image, layer, head, taylor_prob_drop, grad_score.
+    """
+    images, labels = checked_inputs(vit, images, labels)
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="taylor importance", unit="batch")
+    frames = [arrays_to_frame(taylor_arrays(vit, images[s:s + batch_size], labels[s:s + batch_size]), offset=s)
+              for s in starts]
+    return pd.concat(frames, ignore_index=True)
