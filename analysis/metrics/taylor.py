@@ -80,3 +80,21 @@ def taylor_importance(vit: ViT, images: Tensor, labels, batch_size: int = 16, pr
     frames = [arrays_to_frame(taylor_arrays(vit, images[s:s + batch_size], labels[s:s + batch_size]), offset=s)
               for s in starts]
     return pd.concat(frames, ignore_index=True)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two 1-D arrays (average ranks for ties; NaN if one is constant)."""
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def taylor_agreement(exact: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
+    """SPEC agreement of a Taylor metric with the exact one, both [B, L, H]: Spearman over the L*H
+    heads per image (median, q25, q75 over images) and of the run means (over images)."""
+    B = exact.shape[0]
+    per_image = np.array([spearman(exact[i].ravel(), estimate[i].ravel()) for i in range(B)])
+    q25, med, q75 = np.nanpercentile(per_image, [25, 50, 75]) if np.isfinite(per_image).any() else (np.nan,) * 3
+    return {"per_image_median": float(med), "per_image_q25": float(q25), "per_image_q75": float(q75),
+            "run_means": spearman(exact.mean(0).ravel(), estimate.mean(0).ravel()), "images": int(B)}
