@@ -47,8 +47,9 @@ def checked_inputs(vit: ViT, images: Tensor, labels) -> tuple[Tensor, Tensor]:
     return images, check_labels(vit, labels, images.shape[0])
 
 
-def taylor_arrays(vit: ViT, images: Tensor, labels) -> dict[str, np.ndarray]:
-    """Taylor metrics of one batch: {"taylor_prob_drop", "grad_score"} -> [B, L, H] float64 numpy.
+def taylor_pass(vit: ViT, images: Tensor, labels) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Taylor metrics of one batch and the unpruned output distribution:
+    ({"taylor_prob_drop", "grad_score"} -> [B, L, H] float64, probs [B, C] float32).
 
     images [B, 3, H, W] preprocessed; labels [B] (required). One forward + one backward; works
     inside torch.inference_mode too.
@@ -57,13 +58,19 @@ def taylor_arrays(vit: ViT, images: Tensor, labels) -> dict[str, np.ndarray]:
     with torch.inference_mode(False), torch.enable_grad():
         images, labels = images.clone(), labels.clone()   # inference tensors cannot enter autograd
         gates = torch.ones(images.shape[0], vit.depth, vit.num_heads, device=vit.device, requires_grad=True)
-        logits = vit.forward(images, head_hook=gate_hook(gates))
-        logp = torch.log_softmax(logits.double(), dim=-1).gather(1, labels[:, None])[:, 0]   # [B]
+        logp_all = torch.log_softmax(vit.forward(images, head_hook=gate_hook(gates)).double(), dim=-1)
+        logp = logp_all.gather(1, labels[:, None])[:, 0]                                    # [B]
         (dlogp,) = torch.autograd.grad(logp.sum(), gates)
     dlogp = dlogp.double()
     p = logp.detach().exp()[:, None, None]
-    return {"taylor_prob_drop": (p * dlogp).cpu().numpy(),       # dP/dg = P * dlogP/dg
-            "grad_score": dlogp.abs().cpu().numpy()}
+    arrays = {"taylor_prob_drop": (p * dlogp).cpu().numpy(),       # dP/dg = P * dlogP/dg
+              "grad_score": dlogp.abs().cpu().numpy()}
+    return arrays, logp_all.detach().exp().float().cpu().numpy()
+
+
+def taylor_arrays(vit: ViT, images: Tensor, labels) -> dict[str, np.ndarray]:
+    """Taylor metrics of one batch: {"taylor_prob_drop", "grad_score"} -> [B, L, H] float64 numpy."""
+    return taylor_pass(vit, images, labels)[0]
 
 
 def taylor_importance(vit: ViT, images: Tensor, labels, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
