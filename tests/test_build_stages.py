@@ -124,3 +124,29 @@ def test_taylor_stage_refuses_a_backbone():
 
     with pytest.raises(HeadScopeError, match="backbone"):
         check_model(["taylor"], load_vit(make_model("backbone")), [0, 1])
+
+
+def test_curves_page_shows_the_run_curves(extra_run):
+    import sys
+
+    from app import create_app
+
+    create_app(extra_run.path.parent, extra_run.name)
+    page = sys.modules["app.pages.curves"]
+    sel = {"run": extra_run.name}
+    options, value = page.curves_metric(sel)
+    assert value == "accuracy" and [o["value"] for o in options] == ["accuracy", "mean_prob"]
+    fig, table, msg = page.curves_view(sel, "mean_prob")
+    assert msg is None
+    names = [t.get("name") for t in fig["data"]]
+    assert names == ["exact (leave-one-out)", "taylor (approximate)", "random range", "random"]
+    curves = pd.read_parquet(extra_run.path / "pruning_curves.parquet")
+    exact = curves[curves.order == "exact"]
+    np.testing.assert_allclose(fig["data"][0]["y"], exact.mean_prob, rtol=1e-9)
+    rows = table[0].children[1].children
+    entry = extra_run.manifest["pruning_curves"]["orders"]
+    assert rows[0].children[1].children == f"{entry['exact']['area_mean_prob']['mean']:.3f}"
+    assert rows[2].children[2].children.startswith(f"{entry['random']['heads_before_1pt_drop']['mean']:.0f} (")
+    # a run without curves says how to get them
+    fig, _, msg = page.curves_view({"run": "no-such-run"}, "accuracy")
+    assert msg is not None

@@ -67,7 +67,7 @@ def test_set_metrics_equal_a_full_forward_with_the_set_pruned(variant):
         assert row.top5_classes == p.topk(5).indices.tolist()
         np.testing.assert_allclose(row.top5_probs, p.topk(5).values.numpy(), rtol=1e-4)
     single = set_pruning(vit, image[0], label, SETS[1])
-    assert single["heads"] == [(0, 1, "R1+R2+R3"), (2, 0, "R1")]
+    assert single["heads"] == [[0, 1, "R1+R2+R3"], [2, 0, "R1"]]
     assert single["emb_dist"] == pytest.approx(df.iloc[1].emb_dist, rel=1e-6)
     assert (df.emb_dist > 1e-6).all()
 
@@ -195,3 +195,33 @@ def test_head_sets_refuse_bad_input():
     backbone = load_vit(make_model("backbone"))
     with pytest.raises(HeadScopeError, match="emb_dist"):
         pair_interactions(backbone, torch.randn(3, *backbone.img_size), None, [(0, 0), (1, 0)])
+
+
+def test_api_answers_head_sets_and_pair_interactions(tmp_path, monkeypatch):
+    from analysis.serving import transport as online
+    from analysis.serving.service import ModelService
+    from app.server import create_app
+    from scripts.make_synthetic_cache import make_run
+
+    monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
+    run = make_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)
+    client = create_app(tmp_path, "tiny").server.test_client()
+    service = ModelService()
+    vit = service.vit(run)
+    image, label = service.image(run, 1)
+    r = client.get("/api/head_set?run=tiny&image=1&heads=0:1,1:0:R2")
+    assert r.status_code == 200, r.json
+    direct = set_pruning(vit, image, label, [(0, 1), (1, 0, "R2")])
+    assert r.json["emb_dist"] == pytest.approx(direct["emb_dist"]) and r.json["top5_classes"] == direct["top5_classes"]
+    assert r.json == online.head_set(run, 1, [(0, 1), (1, 0, "R2")])
+    r = client.get("/api/pair_interactions?run=tiny&image=1&heads=0:0,0:1,1:1&metric=emb_dist")
+    assert r.status_code == 200 and len(r.json["rows"]) == 3
+    want = pair_interactions(vit, image, label, [(0, 0), (0, 1), (1, 1)], metric="emb_dist")
+    np.testing.assert_allclose([row["interaction"] for row in r.json["rows"]], want.interaction, rtol=1e-6)
+    for url, text in (("/api/head_set?run=tiny&image=1&heads=", "empty"),
+                      ("/api/head_set?run=tiny&image=1&heads=9:0", "does not exist"),
+                      ("/api/head_set?run=tiny&image=1&heads=0-1", "Bad head"),
+                      ("/api/head_set?run=tiny&heads=0:1", "Missing parameter 'image'"),
+                      ("/api/pair_interactions?run=tiny&image=1&heads=0:0,0:1&metric=jsd", "metric")):
+        r = client.get(url)
+        assert r.status_code == 400 and text in r.json["error"], (url, r.json)

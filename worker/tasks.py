@@ -38,6 +38,18 @@ def partial_pruning(run_dir: str, image_id: int, layer: int, head: int) -> dict:
     return _payload("partial pruning query", service.partial_pruning, run_dir, image_id, layer, head)
 
 
+@app.task(name="headscope.head_set")
+def head_set(run_dir: str, image_id: int, heads: list) -> dict:
+    """One image with a head set pruned at once: metrics and top-5."""
+    return _payload("head set query", service.head_set, run_dir, image_id, heads)
+
+
+@app.task(name="headscope.pair_interactions")
+def pair_interactions(run_dir: str, image_id: int, heads: list, metric: str) -> dict:
+    """Pair interactions of 2-16 heads on one image."""
+    return _payload("pair interactions query", service.pair_interactions, run_dir, image_id, heads, metric)
+
+
 @app.task(name="headscope.attention")
 def attention(run_dir: str, image_id: int, layer: int, head: int) -> dict:
     """One head's attention matrix for one image (float16, base64) with the token facts."""

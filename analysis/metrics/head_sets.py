@@ -116,7 +116,7 @@ def set_pruning(vit: ViT, image: Tensor, label: int | None, heads: Iterable[Head
     label)], prob, prob_drop, jsd (bits), emb_dist, top5_classes, top5_probs (see set_metrics)."""
     parsed = parse_head_set(vit, heads)
     row = set_metrics(vit, image, label, [parsed], top=top).iloc[0]
-    out = {"heads": [(l, h, MODE_LABELS[MODES.index(r)]) for l, h, r in parsed]}
+    out = {"heads": [[l, h, MODE_LABELS[MODES.index(r)]] for l, h, r in parsed]}
     out.update({m: float(row[m]) for m in SET_METRICS})
     out["top5_classes"], out["top5_probs"] = list(row.top5_classes), list(row.top5_probs)
     return out

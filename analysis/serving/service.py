@@ -118,6 +118,40 @@ class ModelService:
 
         return self._cached(("prune", str(run_dir), int(image_id), int(layer), int(head)), compute)
 
+    def head_set(self, run_dir, image_id: int, heads: list) -> dict:
+        """One image with a head set pruned at once (heads: [[layer, head(, regions)], ...]):
+        {"heads", prob, prob_drop, jsd, emb_dist, top5_classes, top5_probs, "label", ...}."""
+        from analysis.metrics.head_sets import set_pruning
+
+        key = json.dumps(heads, default=str)
+
+        def compute():
+            vit = self.vit(run_dir)
+            image, label = self.image(run_dir, image_id)
+            with self._lock:
+                out = set_pruning(vit, image, label if vit.has_head else None, heads)
+            out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}
+            return {"image_id": int(image_id), "label": label, **out}
+
+        return self._cached(("set", str(run_dir), int(image_id), key), compute)
+
+    def pair_interactions(self, run_dir, image_id: int, heads: list, metric: str = "prob_drop") -> dict:
+        """SPEC pair interactions of 2-16 heads on one image: {"rows": [{a_layer, a_head, b_layer,
+        b_head, single_a, single_b, pair, interaction}], "metric", "label", ...}."""
+        from analysis.metrics.head_sets import pair_interactions
+
+        key = json.dumps(heads, default=str)
+
+        def compute():
+            vit = self.vit(run_dir)
+            image, label = self.image(run_dir, image_id)
+            with self._lock:
+                df = pair_interactions(vit, image, label if vit.has_head else None, heads, metric=metric)
+            return {"image_id": int(image_id), "label": label, "metric": metric,
+                    "rows": df.astype(object).to_dict(orient="records")}
+
+        return self._cached(("pairs", str(run_dir), int(image_id), key, metric), compute)
+
     def attention(self, run_dir, image_id: int, layer: int, head: int) -> dict:
         """One head's post-softmax attention [N, N] (float16) with the token facts."""
 

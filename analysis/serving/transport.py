@@ -172,6 +172,11 @@ def _call(name: str, run_dir, image_id: int, layer: int, head: int) -> dict:
         args = [int(image_id), int(layer), int(head)]
     except (TypeError, ValueError):
         raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
+    return _query(name, run_dir, args)
+
+
+def _query(name: str, run_dir, args: list) -> dict:
+    """Run the service method ``name`` with JSON-able ``args`` on the worker or in-process."""
     if broker_url():
         return _remote(name, [str(Path(run_dir).resolve()), *args])
     try:
@@ -186,6 +191,26 @@ def partial_pruning(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"rows": 8 dicts (mode, regions, prob, prob_drop, jsd, cls_dist, patch_dist, emb_dist,
     top5_classes, top5_probs), "label": int | None, ...}"""
     return _call("partial_pruning", run_dir, image_id, layer, head)
+
+
+def _heads(image_id, heads) -> tuple[int, list]:
+    try:
+        return int(image_id), [[int(h[0]), int(h[1]), *([str(h[2])] if len(h) > 2 else [])] for h in heads]
+    except (TypeError, ValueError, IndexError):
+        raise OnlineError(f"Give the image as an integer and heads as [layer, head(, regions)] pairs, "
+                          f"not {image_id!r}, {heads!r}.") from None
+
+
+def head_set(run_dir, image_id: int, heads) -> dict:
+    """One image with every head of ``heads`` ([(layer, head(, regions)), ...], 1-64) pruned at once:
+    {"heads", "prob", "prob_drop", "jsd", "emb_dist", "top5_classes", "top5_probs", "label", ...}"""
+    return _query("head_set", run_dir, list(_heads(image_id, heads)))
+
+
+def pair_interactions(run_dir, image_id: int, heads, metric: str = "prob_drop") -> dict:
+    """SPEC pair interactions of 2-16 heads on one image: {"rows": [{a_layer, a_head, b_layer, b_head,
+    single_a, single_b, pair, interaction}], "metric", "label", ...}"""
+    return _query("pair_interactions", run_dir, [*_heads(image_id, heads), str(metric)])
 
 
 def attention(run_dir, image_id: int, layer: int, head: int) -> dict:
