@@ -8,6 +8,7 @@ unchanged), and the sets of one query are batched into sequences of about SEQUEN
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -58,6 +59,76 @@ def _one_image(vit: ViT, image: Tensor, label) -> tuple[Tensor, Tensor | None]:
     return images, check_labels(vit, None if label is None else [label], 1)
 
 
+@dataclass
+class _Sequence:
+    """One pruned forward of the image: starts at block ``start`` from block input x [N, C], with
+    keep masks {layer: [H, N, N]} (layers >= start)."""
+    start: int
+    x: Tensor
+    masks: dict
+
+
+def _head_masks(vit: ViT, heads: Sequence[tuple[int, int, frozenset]]) -> dict[int, Tensor]:
+    """{layer: keep mask [H, N, N]} of a parsed head set."""
+    T, N, H = vit.num_prefix_tokens, vit.num_tokens, vit.num_heads
+    masks: dict[int, Tensor] = {}
+    for layer, head, regions in heads:
+        if layer not in masks:
+            masks[layer] = torch.ones(H, N, N, device=vit.device)
+        masks[layer][head] *= keep_mask(regions, N, T, device=vit.device)
+    return masks
+
+
+def _run(vit: ViT, seqs: Sequence[_Sequence], record: bool = False):
+    """Run all sequences block by block, the active ones of each block batched in groups of about
+    SEQUENCE_TOKENS tokens -> (pooled [S, D], logits [S, C] or None, inputs): with record,
+    inputs[i][layer] is sequence i's input of every block from its start on."""
+    T, N, H, L = vit.num_prefix_tokens, vit.num_tokens, vit.num_heads, vit.depth
+    state = [s.x for s in seqs]
+    inputs = [{} for _ in seqs] if record else None
+    per_group = max(1, SEQUENCE_TOKENS // N)
+    for layer in range(min(s.start for s in seqs), L):
+        active = [i for i, s in enumerate(seqs) if s.start <= layer]
+        n_query = T if (layer == L - 1 and vit.pool_reads_prefix_only) else None
+        for g in range(0, len(active), per_group):
+            group = active[g:g + per_group]
+            hook = None
+            if any(layer in seqs[i].masks for i in group):
+                M = torch.ones(len(group), H, N, N, device=vit.device)
+                for j, i in enumerate(group):
+                    if layer in seqs[i].masks:
+                        M[j] = seqs[i].masks[layer]
+                hook = lambda _, A, M=M: A * M[:, :, :A.shape[-2]]
+            if record:
+                for i in group:
+                    inputs[i][layer] = state[i]
+            out = vit.block(layer, torch.stack([state[i] for i in group]), hook, n_query)
+            for j, i in enumerate(group):
+                state[i] = out[j]
+    pooled, logits = vit.outputs(torch.stack(state))
+    return pooled, logits, inputs
+
+
+def _frame(vit: ViT, base, labels: Tensor | None, pooled: Tensor, logits: Tensor | None, top: int) -> pd.DataFrame:
+    """Rows prob, prob_drop, jsd, emb_dist, top5_classes, top5_probs of pruned outputs [S, ...]."""
+    S = pooled.shape[0]
+    df = pd.DataFrame({"emb_dist": cosine_distance(base.pooled, pooled).cpu().numpy()})
+    df["prob"] = df["prob_drop"] = df["jsd"] = np.nan
+    df["top5_classes"] = [[] for _ in range(S)]
+    df["top5_probs"] = [[] for _ in range(S)]
+    if base.logp is not None:
+        logq = torch.log_softmax(logits.double(), dim=-1)        # [S, C]
+        df["jsd"] = jensen_shannon_bits(base.logp, logq).cpu().numpy()
+        if labels is not None:
+            q = logq[:, labels[0]].exp()
+            df["prob"] = q.cpu().numpy()
+            df["prob_drop"] = (base.logp[0, labels[0]].exp() - q).cpu().numpy()
+        pr, cl = logq.exp().topk(min(top, vit.num_classes), dim=-1)
+        df["top5_classes"] = cl.cpu().tolist()
+        df["top5_probs"] = pr.float().cpu().tolist()
+    return df[["prob", "prob_drop", "jsd", "emb_dist", "top5_classes", "top5_probs"]]
+
+
 @torch.inference_mode()
 def set_metrics(vit: ViT, image: Tensor, label: int | None, sets: Sequence[Iterable[HeadSpec]],
                 top: int = 5) -> pd.DataFrame:
@@ -70,45 +141,12 @@ def set_metrics(vit: ViT, image: Tensor, label: int | None, sets: Sequence[Itera
     images, labels = _one_image(vit, image, label)
     parsed = [parse_head_set(vit, s) for s in sets]
     base = run_baseline(vit, images)
-    T, N, H = vit.num_prefix_tokens, vit.num_tokens, vit.num_heads
-    order = sorted(range(len(parsed)), key=lambda i: min(l for l, _, _ in parsed[i]))
-    per_chunk = max(1, SEQUENCE_TOKENS // N)
-    pooled = [None] * len(parsed)
-    logits = [None] * len(parsed)
-    for c in range(0, len(order), per_chunk):
-        idx = order[c:c + per_chunk]
-        start = min(l for i in idx for l, _, _ in parsed[i])
-        masks: dict[int, Tensor] = {}
-        for s, i in enumerate(idx):
-            for layer, head, regions in parsed[i]:
-                if layer not in masks:
-                    masks[layer] = torch.ones(len(idx), H, N, N, device=vit.device)
-                masks[layer][s, head] *= keep_mask(regions, N, T, device=vit.device)
-
-        def hook(layer: int, A: Tensor) -> Tensor | None:
-            return A * masks[layer][:, :, :A.shape[-2]] if layer in masks else None
-
-        x = base.xs[start].expand(len(idx), -1, -1)
-        p, lg = vit.outputs(vit.blocks(x, start=start, hook=hook, prefix_only_last=vit.pool_reads_prefix_only))
-        for s, i in enumerate(idx):
-            pooled[i] = p[s]
-            logits[i] = None if lg is None else lg[s]
-    pooled = torch.stack(pooled)
-    df = pd.DataFrame({"emb_dist": cosine_distance(base.pooled, pooled).cpu().numpy()})
-    df["prob"] = df["prob_drop"] = df["jsd"] = np.nan
-    df["top5_classes"] = [[] for _ in parsed]
-    df["top5_probs"] = [[] for _ in parsed]
-    if base.logp is not None:
-        logq = torch.log_softmax(torch.stack(logits).double(), dim=-1)        # [S, C]
-        df["jsd"] = jensen_shannon_bits(base.logp, logq).cpu().numpy()
-        if labels is not None:
-            q = logq[:, labels[0]].exp()
-            df["prob"] = q.cpu().numpy()
-            df["prob_drop"] = (base.logp[0, labels[0]].exp() - q).cpu().numpy()
-        pr, cl = logq.exp().topk(min(top, vit.num_classes), dim=-1)
-        df["top5_classes"] = cl.cpu().tolist()
-        df["top5_probs"] = pr.float().cpu().tolist()
-    return df[["prob", "prob_drop", "jsd", "emb_dist", "top5_classes", "top5_probs"]]
+    seqs = []
+    for heads in parsed:
+        start = min(l for l, _, _ in heads)
+        seqs.append(_Sequence(start, base.xs[start][0], _head_masks(vit, heads)))
+    pooled, logits, _ = _run(vit, seqs)
+    return _frame(vit, base, labels, pooled, logits, top)
 
 
 def set_pruning(vit: ViT, image: Tensor, label: int | None, heads: Iterable[HeadSpec], top: int = 5) -> dict:
@@ -144,13 +182,34 @@ def pair_interactions(vit: ViT, image: Tensor, label: int | None, heads: Sequenc
         raise InputError("The heads of a pair interaction must be distinct; a head is listed twice.")
     k = len(parsed)
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    values = set_metrics(vit, image, label, [[a] for a in parsed] + [[parsed[i], parsed[j]] for i, j in pairs])[metric]
-    values = values.to_numpy()
-    single, pair = values[:k], values[k:]
+    single, pair = _pair_values(vit, image, label, parsed, pairs, metric)
     rows = [{"a_layer": parsed[i][0], "a_head": parsed[i][1], "b_layer": parsed[j][0], "b_head": parsed[j][1],
              "single_a": single[i], "single_b": single[j], "pair": pair[p],
              "interaction": pair[p] - single[i] - single[j]} for p, (i, j) in enumerate(pairs)]
     return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def _pair_values(vit: ViT, image: Tensor, label, parsed, pairs, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """metric of each single head and each pair. A pair (a, b) with a in an earlier block than b
+    starts at b's block from single a's input there (the blocks before b are a's forward)."""
+    images, labels = _one_image(vit, image, label)
+    base = run_baseline(vit, images)
+    masks = [_head_masks(vit, [h]) for h in parsed]
+    singles = [_Sequence(h[0], base.xs[h[0]][0], m) for h, m in zip(parsed, masks)]
+    p1, lg1, inputs = _run(vit, singles, record=True)
+    seqs = []
+    for i, j in pairs:
+        e, f = sorted((i, j), key=lambda t: parsed[t][0])
+        le, lf = parsed[e][0], parsed[f][0]
+        if le == lf:
+            seqs.append(_Sequence(le, base.xs[le][0], _head_masks(vit, [parsed[e], parsed[f]])))
+        else:
+            seqs.append(_Sequence(lf, inputs[e][lf], masks[f]))
+    p2, lg2, _ = _run(vit, seqs)
+    logits = None if lg1 is None else torch.cat([lg1, lg2])
+    values = _frame(vit, base, labels, torch.cat([p1, p2]), logits, top=1)[metric].to_numpy()
+    return values[:len(parsed)], values[len(parsed):]
 
 
 # ---- cumulative pruning curves -------------------------------------------------------------
@@ -266,11 +325,11 @@ def _curve_point(vit: ViT, base, labels: Tensor | None, heads: frozenset) -> np.
 
         pooled, logits = vit.outputs(vit.blocks(base.xs[start], start=start, head_hook=hook,
                                                 prefix_only_last=vit.pool_reads_prefix_only))
+        logq = None if logits is None else torch.log_softmax(logits.double(), dim=-1)
     else:
-        pooled, logits = base.pooled, (None if base.logp is None else base.logp)
-    if logits is None:
+        pooled, logq = base.pooled, base.logp
+    if logq is None:
         return np.array([cosine_distance(base.pooled, pooled).sum().item(), 0.0])
-    logq = torch.log_softmax(logits.double(), dim=-1)
     correct = (logq.argmax(-1) == labels).sum().item()
     return np.array([correct, logq.gather(1, labels[:, None]).exp().sum().item()])
 

@@ -308,17 +308,16 @@ def _taylor(vit, images, labels, batch):
 
 
 def _mean_ablation(vit, images, labels, batch):
-    """Mean-ablated leave-one-out with the run's head means (build option "head_means" [L,H,N,d])."""
+    """Mean-ablated leave-one-out with the run's head means (option "head_means" [L,H,N,d], which the
+    build computes over all the run's images first; without it: the means over this batch's images)."""
     import torch
 
-    from analysis.errors import InputError
-    from analysis.metrics.ablation import MEAN_METRICS
+    from analysis.metrics.ablation import MEAN_METRICS, head_means
     from analysis.metrics.importance import importance_arrays
 
     means = batch.options.get("head_means")
     if means is None:
-        raise InputError("Mean ablation needs the head means of the run's images (options['head_means'], "
-                         "from analysis.metrics.ablation.head_means); the build computes them first.")
+        means = head_means(vit, images, batch_size=len(images))
     arrays, base = importance_arrays(vit, images, labels, on_attention=batch.take_attention_pass(),
                                      means=torch.as_tensor(means, device=vit.device))
     if base.logp is not None:
