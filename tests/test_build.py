@@ -92,7 +92,8 @@ def assert_same_tables(a, b):
 # ---- tables ---------------------------------------------------------------------------------
 
 def test_tables_have_the_contract_columns_and_types(full_run):
-    for name, columns in (("images.parquet", store.IMAGE_COLUMNS), ("head_metrics.parquet", store.HEAD_COLUMNS),
+    default = [m.name for m in registry.metrics() if m.stage is None]  # no optional stage asked for
+    for name, columns in (("images.parquet", store.IMAGE_COLUMNS), ("head_metrics.parquet", store.head_columns(default)),
                           ("skipped.parquet", store.SKIPPED_COLUMNS)):
         schema = pq.read_schema(full_run.path / name)
         for col, typ in columns.items():
@@ -102,7 +103,6 @@ def test_tables_have_the_contract_columns_and_types(full_run):
     assert len(images) == N_IMAGES and images.image_id.is_unique
     assert len(hm) == N_IMAGES * L * H and len(hs) == L * H
     assert hm[["image_id", "layer", "head"]].equals(hm.sort_values(["image_id", "layer", "head"])[["image_id", "layer", "head"]])
-    default = [m.name for m in registry.metrics() if m.stage is None]  # no optional stage asked for
     assert list(hs.columns) == list(store.summary_columns(default))
     assert hs.n_images.eq(N_IMAGES).all() and all(len(s) == 4 for s in hs.strength_mean)
     assert all(len(s) == 4 for s in hm.strength)  # K = max(gh, gw) = 4
