@@ -4,7 +4,10 @@ cumulative pruning curves.
 A head set ``S`` is a list of ``(layer, head)`` or ``(layer, head, regions)``; all of it is pruned
 in one forward (zero ablation, regions as in SPEC "Pruning"; whole head by default). Every forward
 starts from the unpruned block input of the first block the set touches (the blocks before it are
-unchanged), and the sets of one query are batched into sequences of about SEQUENCE_TOKENS tokens.
+unchanged); the sets of one query run block by block, those active in a block batched in groups
+of about SEQUENCE_TOKENS tokens. A pair (a, b) of heads in different blocks continues the forward of
+the earlier single head from the later head's block. Curves zero whole heads through head gates.
+Every number equals a full forward with the set pruned (tests/test_head_sets.py).
 """
 from __future__ import annotations
 
