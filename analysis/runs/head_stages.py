@@ -66,8 +66,6 @@ def image_stage_args(ctx) -> dict:
 
 def ensure_head_means(ctx) -> np.ndarray:
     """[L, H, N, d] float32 mean head outputs over the run's readable images (first pass, cached in parts/)."""
-    import torch
-
     from analysis.metrics.ablation import head_output_sums
     from analysis.runs.build import _load_batch, batch_plan, parts_dir
 
