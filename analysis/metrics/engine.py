@@ -140,8 +140,9 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
                 a = a.astype(np.float64) if a.dtype.kind != "f" else a.copy()
                 a[~known] = np.nan
             result[m.name] = a
-        elif m.value != "category":
-            result[m.name] = np.full((B, L, H), np.nan, dtype=np.float32)
+        else:  # not applicable to this model (or not produced): missing values
+            result[m.name] = (np.full((B, L, H), "", dtype="U1") if m.value == "category"
+                              else np.full((B, L, H), np.nan, dtype=np.float32))
     return result
 
 
