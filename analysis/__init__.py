@@ -1,7 +1,10 @@
 """HeadScope's analysis engine: which ViT attention heads matter, why, and what they learned.
 
 Public API (see README):
-    load_vit, head_importance, attention_strength, partial_pruning, analyse_batch, MODES
+    load_vit, head_importance (method="exact"|"taylor", ablation="zero"|"mean"), attention_strength,
+    partial_pruning, analyse_batch, MODES; head sets: set_pruning, set_metrics, pair_interactions,
+    pruning_curve(s), exact_order, taylor_order, random_order, curve_area, heads_before_drop;
+    pattern labels: pattern_scores; patch attribution: patch_maps
 
 The names are imported on first use (PEP 562), so that `import analysis.cli` (the `headscope`
 command's --help) or `analysis.errors` do not load torch.
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+_HEAD_SETS = ("set_pruning", "set_metrics", "pair_interactions", "pruning_curve", "pruning_curves", "exact_order",
+              "taylor_order", "random_order", "order_by", "default_steps", "curve_area", "heads_before_drop")
 _EXPORTS = {
     "BatchResult": "analysis.metrics.engine", "analyse_batch": "analysis.metrics.engine",
     "attention_strength": "analysis.metrics.engine",
@@ -18,6 +23,7 @@ _EXPORTS = {
     "partial_pruning": "analysis.metrics.importance",
     "MODE_LABELS": "analysis.models.pruning", "MODES": "analysis.models.pruning",
     "ViT": "analysis.models.adapter", "load_vit": "analysis.models.adapter",
+    **{name: "analysis.metrics.head_sets" for name in _HEAD_SETS},
 }
 __all__ = list(_EXPORTS)
 

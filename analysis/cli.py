@@ -79,6 +79,16 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--thumb-px", type=int, metavar="PX", help="thumbnail side (default: model input size within 112-224)")
     r.add_argument("--threads", type=int, metavar="T", help="CPU threads for torch and the t-SNE layouts "
                                                             "(default: the cores other processes leave idle)")
+    x = p.add_argument_group("beyond the paper (optional stages, SPEC v2)")
+    x.add_argument("--taylor", action="store_true", help="add the approximate Taylor (gradient) importance: "
+                   "taylor_prob_drop and grad_score, one backward per batch (classifiers)")
+    x.add_argument("--taylor-only", action="store_true", help="the Taylor metrics instead of the exact "
+                   "leave-one-out (for models / data sets where it is too slow); the run says so")
+    x.add_argument("--mean-ablation", action="store_true", help="add the mean-ablated whole-head metrics "
+                   "(mean_prob, mean_prob_drop, mean_jsd, mean_emb_dist); head means from a first pass")
+    x.add_argument("--curves", action="store_true", help="cumulative pruning curves (exact, taylor, 3 random "
+                   "orders) with their areas -> pruning_curves.parquet")
+    x.add_argument("--curve-images", type=int, metavar="N", help="labelled images the curves use (default 64)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (finished images are skipped)")
     s = r.add_mutually_exclusive_group()
@@ -214,7 +224,13 @@ def make_config(args: argparse.Namespace):
              "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
-             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
+             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px, "curve_images": args.curve_images}
+    stages = [name for name, on in (("taylor", args.taylor), ("taylor_only", args.taylor_only),
+                                    ("mean_ablation", args.mean_ablation), ("curves", args.curves)) if on]
+    if stages:
+        from analysis.runs.head_stages import check_stages
+
+        given["stages"] = check_stages(stages)
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,
                  "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
     model = given["model"] or EMBEDDED_RUNS.get(dataset or "fashion", "default")

@@ -23,7 +23,7 @@ from .auth import install_basic_auth
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEYS = ("run", "image", "layer", "head")
-PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Runs", "/runs"), ("Help", "/help"))
+PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Runs", "/runs"), ("Help", "/help"))
 
 
 def parse_selection(search: str | None, default_run: str | None) -> dict:
@@ -120,14 +120,17 @@ def _register_api(server) -> None:
     @server.get("/api/<query>")
     def api(query: str):
         """One online query as JSON; errors as {"error": message} with status 400."""
-        if query not in ("partial_pruning", "attention"):
-            return jsonify(error=f"Unknown query {query!r}: use partial_pruning or attention."), 404
+        queries = ("partial_pruning", "attention", "head_set", "pair_interactions")
+        if query not in queries:
+            return jsonify(error=f"Unknown query {query!r}: use {', '.join(queries)}."), 404
         name = request.args.get("run", "")
         problem = config.name_problem(name)
         if problem or not config.run_dir(name).is_dir():
             shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
             return jsonify(error=f"Unknown run {shown}: {problem + ' ' if problem else ''}Give ?run=NAME of a "
                                  f"run in {config.cache_dir()}."), 400
+        if query in ("head_set", "pair_interactions"):
+            return _head_set_query(query, name)
         try:
             args = [request.args[k] for k in ("image", "layer", "head")]
             out = getattr(online, query)(config.run_dir(name), *args)
@@ -138,6 +141,37 @@ def _register_api(server) -> None:
         if query == "attention":
             out["attention"] = out["attention"].astype(float).tolist()
         return jsonify(out)
+
+
+def parse_heads(text: str) -> list[list]:
+    """'0:4,11:5:R2' -> [[0, 4], [11, 5, "R2"]] (layer:head[:regions], comma-separated)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(item)
+        out.append([strict_int(parts[0]), strict_int(parts[1]), *parts[2:]])
+    return out
+
+
+def _head_set_query(query: str, name: str):
+    """/api/head_set?run=&image=&heads=L:H[:REGIONS],... and /api/pair_interactions?...&metric=prob_drop."""
+    from analysis.serving import transport as online
+
+    try:
+        image, heads = request.args["image"], parse_heads(request.args["heads"])
+    except KeyError as err:
+        return jsonify(error=f"Missing parameter {err.args[0]!r}: give image and heads=L:H[:REGIONS],..."), 400
+    except ValueError as err:
+        return jsonify(error=f"Bad head {err.args[0]!r}: write heads as layer:head or layer:head:R1+R2, "
+                             "separated by commas."), 400
+    try:
+        if query == "head_set":
+            return jsonify(online.head_set(config.run_dir(name), image, heads))
+        return jsonify(online.pair_interactions(config.run_dir(name), image, heads,
+                                                request.args.get("metric", "prob_drop")))
+    except online.OnlineError as err:
+        return jsonify(error=str(err)), 400
 
 
 def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) -> dash.Dash:

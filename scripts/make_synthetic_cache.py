@@ -177,7 +177,8 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
         "params": {"q": 0.01, "synthetic": True, "seed": seed},
         "timings": {}, "versions": {},
     }
-    store.write_run(out, manifest, images, arrays, L=L, H=H,
+    every_stage = sorted({m.stage for m in registry.metrics() if m.stage})  # a synthetic run has every metric
+    store.write_run(out, manifest, images, arrays, L=L, H=H, stages=every_stage,
                     layouts={"cls": cls_xy.reshape(-1, 2), "patch": patch_xy.reshape(-1, 2)})
     return out
 

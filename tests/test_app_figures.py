@@ -76,7 +76,8 @@ def test_index_reports_missing_columns(tmp_path):
     store.write_table(run / "head_metrics.parquet", hm, store.HEAD_COLUMNS)
     index = data.build_index(store.open_run(run))
     assert "patch" in index.missing and "cls" not in index.missing
-    assert index.importance == ["cls_dist", "patch_dist", "emb_dist"]
+    assert index.importance == [m.name for m in registry.metrics("image_head", importance=True)
+                                if m.name not in ("prob", "prob_drop", "jsd")]
 
 
 def test_bad_run_names_are_refused(cache):

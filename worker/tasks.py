@@ -56,6 +56,20 @@ def partial_pruning(run_dir: str, image_id: int, layer: int, head: int, fingerpr
                     lambda: service.partial_pruning(run_dir_in_cache(run_dir), image_id, layer, head, fingerprint))
 
 
+@app.task(name="headscope.head_set")
+def head_set(run_dir: str, image_id: int, heads: list, fingerprint: str | None = None) -> dict:
+    """One image with a head set pruned at once: metrics and top-5."""
+    return _payload("head set query",
+                    lambda: service.head_set(run_dir_in_cache(run_dir), image_id, heads, fingerprint))
+
+
+@app.task(name="headscope.pair_interactions")
+def pair_interactions(run_dir: str, image_id: int, heads: list, metric: str, fingerprint: str | None = None) -> dict:
+    """Pair interactions of 2-16 heads on one image."""
+    return _payload("pair interactions query",
+                    lambda: service.pair_interactions(run_dir_in_cache(run_dir), image_id, heads, metric, fingerprint))
+
+
 @app.task(name="headscope.attention")
 def attention(run_dir: str, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
     """One head's attention matrix for one image (float16, base64) with the token facts."""

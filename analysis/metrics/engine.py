@@ -91,13 +91,15 @@ def model_kind(vit: ViT) -> str:
 
 
 def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, metrics: Iterable[str] | None = None,
-                  stages: Iterable[str] = (), patterns: bool = True, semantic: bool = True) -> BatchResult:
+                  stages: Iterable[str] = (), patterns: bool = True, semantic: bool = True,
+                  options: dict | None = None) -> BatchResult:
     """Everything per image for a batch. images [B, 3, H, W] preprocessed; labels [B] or None
     (-1 = unknown: metrics with ``needs_label`` are NaN for that image; ignored for a backbone).
 
     metrics: registry names to compute (default: every image_head metric whose stage is None or
     in ``stages``); patterns: also the CLS vectors and patch bits; semantic=False drops the
-    semantic group (SIFT). Metrics not applying to this kind of model are NaN [B, L, H].
+    semantic group (SIFT); options: extra ``batch.options`` for the hooks (e.g. "head_means" for
+    mean ablation). Metrics not applying to this kind of model are NaN [B, L, H].
     Batch hooks run with autograd available (gradient metrics); the attention pass runs in inference mode.
     """
     images = vit.check_images(images)
@@ -117,7 +119,7 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
     else:
         labels = None
     analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], q, patterns)
-    batch = Batch(vit, images, labels, {"q": q}, analyser)
+    batch = Batch(vit, images, labels, {"q": q, **(options or {})}, analyser)
     analyser.batch = batch
     out = BatchResult()
     hooks = list(dict.fromkeys(m.compute for m in active if isinstance(m.compute, registry.OnBatch)))

@@ -75,10 +75,12 @@ def jensen_shannon_bits(logp: Tensor, logq: Tensor) -> Tensor:
     return ((kl_p + kl_q) / (2 * math.log(2))).clamp(0, 1)
 
 
-def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tuple[int, Tensor]],
-                   labels: Tensor | None) -> dict[str, Tensor]:
+def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tuple[int, Tensor | None]],
+                   labels: Tensor | None, means: Tensor | None = None) -> dict[str, Tensor]:
     """Metrics of pruned variants of one block, each variant = (head, keep mask [N, N]).
 
+    means: [H, N, d] per-head outputs that replace head h's output at every token (mean
+    ablation, SPEC "Mean ablation"); the variants' masks are then unused (pass None).
     Returns {metric: [V, B] float64} plus "logp" [V, B, C] (classifier models).
     """
     T = vit.num_prefix_tokens
@@ -96,7 +98,7 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
         V = len(chunk)
         o_var = o.unsqueeze(0).repeat(V, 1, 1, 1, 1)            # [V, B, H, N, d]
         for i, (head, mask) in enumerate(chunk):
-            o_var[i, :, head] = (A[:, head] * mask) @ v[:, head]
+            o_var[i, :, head] = (A[:, head] * mask) @ v[:, head] if means is None else means[head]
         o_cat = o_var.transpose(2, 3).reshape(V, B, N, -1)      # [V, B, N, H*d]
         z_var = vit.project(layer, o_cat, ctx)                  # [V, B, N, C]
         res = {}
@@ -152,42 +154,68 @@ def check_labels(vit: ViT, labels, batch: int) -> Tensor | None:
 
 @torch.inference_mode()
 def importance_arrays(vit: ViT, images: Tensor, labels=None,
-                      on_attention: Callable[[int, Tensor], None] | None = None):
+                      on_attention: Callable[[int, Tensor], None] | None = None, means: Tensor | None = None):
     """Leave-one-out (mode 1) metrics of every head: {metric: [B, L, H] float64 numpy} and
-    the baseline. ``prob``/``prob_drop``/``jsd`` are NaN for a backbone or without labels."""
+    the baseline. ``prob``/``prob_drop``/``jsd`` are NaN for a backbone or without labels.
+    means: [L, H, N, d] head means (analysis.metrics.ablation.head_means): mean-ablate each head
+    instead of zeroing it."""
     images = vit.check_images(images)
     B, L, H = images.shape[0], vit.depth, vit.num_heads
     labels = check_labels(vit, labels, B)
     base = run_baseline(vit, images, on_attention)
     arrays = {m: np.full((B, L, H), np.nan) for m in METRICS}
+    mask = None if means is not None else keep_mask(MODES[1], vit.num_tokens, vit.num_prefix_tokens, device=vit.device)
     for layer in range(L):
-        mask = keep_mask(MODES[1], vit.num_tokens, vit.num_prefix_tokens, device=vit.device)
-        res = layer_variants(vit, base, layer, [(h, mask) for h in range(H)], labels)
+        res = layer_variants(vit, base, layer, [(h, mask) for h in range(H)], labels,
+                             None if means is None else means[layer])
         for m in METRICS:
             if m in res:
                 arrays[m][:, layer, :] = res[m].T.cpu().numpy()
     return arrays, base
 
 
-def head_importance(vit: ViT, images: Tensor, labels=None, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
-    """Exact leave-one-out importance of every head for every image.
+def head_importance(vit: ViT, images: Tensor, labels=None, batch_size: int = 16, progress: bool = False,
+                    method: str = "exact", ablation: str = "zero") -> pd.DataFrame:
+    """Importance of every head for every image.
 
     images: float tensor [B, 3, H, W], preprocessed; labels: LongTensor [B] (None for a backbone).
-    Returns one row per (image, layer, head): image, layer, head, prob, prob_drop, jsd (bits),
-    cls_dist, patch_dist, emb_dist. prob/prob_drop/jsd are NaN for models without a head.
+    method="exact", ablation="zero" (default): exact leave-one-out (SPEC "Head importance"); one
+    row per (image, layer, head): image, layer, head, prob, prob_drop, jsd (bits), cls_dist,
+    patch_dist, emb_dist. prob/prob_drop/jsd are NaN for models without a head.
+    ablation="mean": the same leave-one-out with each head's output replaced by its mean over
+    these images (SPEC "Mean ablation"): columns image, layer, head, prob, prob_drop, jsd, emb_dist.
+    method="taylor": the approximate gradient importance (SPEC "Head gates"; classifiers only):
+    columns image, layer, head, taylor_prob_drop, grad_score.
     """
+    if method not in ("exact", "taylor"):
+        raise InputError(f"Unknown method {method!r}: use 'exact' (leave-one-out) or 'taylor' (gradient estimate).")
+    if ablation not in ("zero", "mean"):
+        raise InputError(f"Unknown ablation {ablation!r}: use 'zero' (the paper's pruning) or 'mean'.")
+    if method == "taylor":
+        if ablation != "zero":
+            raise InputError("The Taylor importance estimates zero ablation (gate 0); drop ablation='mean'.")
+        from analysis.metrics.taylor import taylor_importance
+
+        return taylor_importance(vit, images, labels, batch_size=batch_size, progress=progress)
     images = vit.check_images(images)
     B = images.shape[0]
     labels_t = check_labels(vit, labels, B)
+    means = None
+    if ablation == "mean":
+        from analysis.metrics.ablation import MEAN_METRICS, head_means
+
+        means = head_means(vit, images, batch_size=batch_size, progress=progress)
     frames = []
     starts = range(0, B, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="head importance", unit="batch")
+        starts = tqdm(starts, desc="head importance" + (" (mean ablation)" if means is not None else ""), unit="batch")
     for s in starts:
         lab = None if labels_t is None else labels_t[s:s + batch_size]
-        arrays, _ = importance_arrays(vit, images[s:s + batch_size], lab)
+        arrays, _ = importance_arrays(vit, images[s:s + batch_size], lab, means=means)
+        if means is not None:
+            arrays = {m: arrays[m] for m in MEAN_METRICS}
         frames.append(arrays_to_frame(arrays, offset=s))
     return pd.concat(frames, ignore_index=True)
 

@@ -297,3 +297,88 @@ for _m in (
 ):
     register_metric(_m)
 del _m
+
+
+# ---- beyond the paper: Taylor (approximate) and mean-ablated importance (SPEC v2) ---------------
+
+def _taylor(vit, images, labels, batch):
+    """taylor_prob_drop and grad_score: one forward + one backward (analysis.metrics.taylor)."""
+    from analysis.metrics.taylor import taylor_pass
+
+    if labels is None:
+        return {}
+    arrays, probs = taylor_pass(vit, images, labels)
+    batch.outputs.setdefault("probs", probs)
+    return arrays
+
+
+def _mean_ablation(vit, images, labels, batch):
+    """Mean-ablated leave-one-out with the run's head means (option "head_means" [L,H,N,d], which the
+    build computes over all the run's images first; without it: the means over this batch's images)."""
+    import torch
+
+    from analysis.metrics.ablation import MEAN_METRICS, head_means
+    from analysis.metrics.importance import importance_arrays
+
+    means = batch.options.get("head_means")
+    if means is None:
+        means = head_means(vit, images, batch_size=len(images))
+    arrays, base = importance_arrays(vit, images, labels, on_attention=batch.take_attention_pass(),
+                                     means=torch.as_tensor(means, device=vit.device))
+    if base.logp is not None:
+        batch.outputs.setdefault("probs", base.logp.exp().float().cpu().numpy())
+    return {f"mean_{m}": arrays[m] for m in MEAN_METRICS}
+
+
+def _ablation_shift(arrays):
+    """Run mean of (mean-ablated - zero-ablated) prob_drop (emb_dist for a backbone) per head."""
+    import numpy as np
+
+    for zero, mean in (("prob_drop", "mean_prob_drop"), ("emb_dist", "mean_emb_dist")):
+        if zero in arrays and mean in arrays and np.isfinite(arrays[mean]).any():
+            return np.nanmean(arrays[mean].astype(np.float64) - arrays[zero], axis=0)
+    some = next(iter(arrays.values()))
+    return np.full(some.shape[1:3], np.nan)
+
+
+TAYLOR = OnBatch(_taylor)
+MEAN_ABLATION = OnBatch(_mean_ablation)
+_TAYLOR_NOTE = (" **Approximate**: a first-order Taylor estimate from one backward pass (head gate $g$ on the "
+                r"head output $o = A V$ before $W_O$, $g = 0$ is exactly pruning mode 1), not a pruned forward.")
+_MEAN_NOTE = (" **Mean ablation**: the head's output $o = A V$ is replaced at every token by its mean over the "
+              "run's images instead of being zeroed.")
+for _m in (
+    Metric("taylor_prob_drop", "Taylor ΔP(true)", axis="Taylor ΔP(true)", important="high", group="importance",
+           exact=False, applies_to={"classifier"}, needs_label=True, stage="taylor", compute=TAYLOR,
+           meaning="first-order estimate of the drop of P(true)",
+           formula=r"$\partial P(y \mid x) / \partial g$ at $g = 1$: the linear estimate of prob_drop (signed)."
+                   + _TAYLOR_NOTE),
+    Metric("grad_score", "gradient score", important="high", group="importance", exact=False,
+           applies_to={"classifier"}, needs_label=True, stage="taylor", compute=TAYLOR,
+           meaning="|d log P(true) / d gate| (Michel et al. 2019)",
+           formula=r"$\left|\partial \log P(y \mid x) / \partial g\right|$ at $g = 1$, per image (Michel et al. "
+                   "2019 average it over images)." + _TAYLOR_NOTE),
+    Metric("mean_prob", "P(true), mean-ablated", axis="P(true), mean-abl.", important="low", group="importance",
+           applies_to={"classifier"}, needs_label=True, stage="mean_ablation", compute=MEAN_ABLATION, range=(0, 1),
+           meaning="P(true class) with the head mean-ablated",
+           formula=r"$P'_y$ with the head mean-ablated." + _MEAN_NOTE),
+    Metric("mean_prob_drop", "drop of P(true), mean-ablated", axis="ΔP(true), mean-abl.", important="high",
+           group="importance", applies_to={"classifier"}, needs_label=True, stage="mean_ablation",
+           compute=MEAN_ABLATION, meaning="drop of P(true class), mean-ablated",
+           formula=r"$P_y - P'_y$ with the head mean-ablated." + _MEAN_NOTE),
+    Metric("mean_jsd", "JSD, mean-ablated", unit="bits", important="high", group="importance",
+           applies_to={"classifier"}, stage="mean_ablation", compute=MEAN_ABLATION, range=(0, 1),
+           meaning="change of the output (JSD), mean-ablated",
+           formula=r"$\mathrm{JSD}(P \,\|\, P')$ in bits with the head mean-ablated." + _MEAN_NOTE),
+    Metric("mean_emb_dist", "embedding cos. dist., mean-ablated", axis="emb. cos. dist., mean-abl.",
+           important="high", group="importance", stage="mean_ablation", compute=MEAN_ABLATION,
+           meaning="change of the embedding, mean-ablated",
+           formula="cosine distance of the pooled output embedding with and without the head, the head "
+                   "mean-ablated." + _MEAN_NOTE),
+    Metric("ablation_shift", "mean minus zero ablation", level="head", group="importance", stage="mean_ablation",
+           compute=OnRun(_ablation_shift), meaning="how much mean ablation changes the head's importance",
+           formula="run mean over images of mean_prob_drop - prob_drop (mean_emb_dist - emb_dist for a backbone): "
+                   "positive = the head matters more than zeroing says, negative = zeroing overstates it."),
+):
+    register_metric(_m)
+del _m

@@ -38,7 +38,7 @@ import pandas as pd
 
 from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
 from analysis.metrics import registry
-from analysis.runs import store, tables
+from analysis.runs import head_stages, store, tables
 from analysis.datasets import printable
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
@@ -59,7 +59,9 @@ class BuildConfig:
     torch and t-SNE (None: the idle cores, see ``auto_threads``); labels: how class folders map to
     the model's classes (None: by name, "sorted", or a JSON/CSV mapping file; see
     ``analysis.datasets.folder_labels``); stages: optional metric stages to compute
-    (``Metric.stage`` names, e.g. a gradient metric's), none by default.
+    (``Metric.stage`` names, e.g. "taylor", "mean_ablation", plus "taylor_only" and "curves", see
+    analysis.runs.head_stages), none by default; curve_images: labelled images the pruning curves
+    use (stage "curves").
     """
     out: str
     model: str = "default"
@@ -80,6 +82,7 @@ class BuildConfig:
     threads: int | None = None
     progress: bool = True
     stages: list[str] = field(default_factory=list)
+    curve_images: int = 64
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,10 +94,12 @@ class BuildConfig:
                   (self.limit is None or self.limit >= 1, "--limit must be a positive number of images"),
                   (self.ae_epochs >= 1 and self.ae_latent >= 2, "--ae-epochs must be >= 1 and --ae-latent >= 2"),
                   (self.thumb_px is None or 16 <= self.thumb_px <= 1024, "--thumb-px must be within 16-1024"),
-                  (self.threads is None or self.threads >= 1, "--threads must be at least 1")]
+                  (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
+                  (self.curve_images >= 1, "--curve-images must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise InputError(f"{message}.")
+        self.stages = head_stages.check_stages(self.stages)
         return self
 
     @classmethod
@@ -111,6 +116,8 @@ class BuildConfig:
         out = {k: getattr(self, k) for k in RESULT_PARAMS + ("batch_size", "device", "threads")}
         if self.stages:  # only when set, so runs built before stages existed keep their identity
             out["stages"] = sorted(self.stages)
+        if "curves" in self.stages:
+            out["curve_images"] = self.curve_images
         return out
 
 
@@ -260,7 +267,7 @@ def new_manifest(config: BuildConfig, vit, image_set) -> dict:
 
 IDENTITY = [("schema_version",), ("model", "name"), ("model", "weights_sha256"), ("model", "pretrained"),
             ("model", "img_size"), ("model", "num_classes"), ("dataset", "fingerprint"), ("dataset", "n_images")]
-IDENTITY += [("params", p) for p in RESULT_PARAMS + ("stages",)]
+IDENTITY += [("params", p) for p in RESULT_PARAMS + ("stages", "curve_images")]
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
@@ -301,6 +308,7 @@ def prepare(config: BuildConfig) -> BuildContext:
     if not image_set.items:
         raise InputError(f"No readable images in '{config.dataset}' ({len(image_set.skipped)} skipped). "
                          "Check the folder or manifest.")
+    head_stages.check_model(config.stages, vit, [it.label for it in image_set.items])
     manifest = new_manifest(config, vit, image_set)
     if existing is not None:
         diffs = identity_differences(existing, manifest)
@@ -498,6 +506,7 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
 
     bar = tqdm(total=total, desc="images", unit="img", disable=not cfg.progress, dynamic_ncols=True)
     labels_of = [it.label for it in ctx.image_set.items]
+    extra = head_stages.image_stage_args(ctx)  # taylor_only: metrics=; mean_ablation: the head means
     with ThreadPoolExecutor(max_workers=1) as pool:  # opens the next batch while this one computes
         pending = pool.submit(_load_batch, ctx, plan[0])
         for b, ids in enumerate(plan):
@@ -508,7 +517,7 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
             result = None
             if ok:
                 labels = torch.tensor([labels_of[i] for i in ok])  # -1 = unknown: no true-class metrics
-                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q, stages=cfg.stages)
+                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q, stages=cfg.stages, **extra)
                 for i, im in zip(ok, thumbs):
                     buf = io.BytesIO()
                     im.save(buf, format="PNG")
@@ -657,6 +666,8 @@ def merge_run(ctx: BuildContext) -> dict:
                          f"{run_dir / 'parts'}). Check the data set.")
     labels = np.array([ctx.image_set.items[i].label for i in arrays["index"]])
     metric = overview_metric(vit.has_head, labels)
+    if metric not in arrays:  # taylor_only: no leave-one-out
+        metric = "taylor_prob_drop"
     if ctx.manifest.get("status") == "complete":  # re-merge: readers wait until the tables match again
         store.write_json(run_dir / "manifest.json", {**ctx.manifest, "status": "building"})
 
@@ -670,7 +681,9 @@ def merge_run(ctx: BuildContext) -> dict:
     jobs = cfg.threads or 1
     patch_xy = _layout(stages, run_dir, "patch", ae.latents, cfg.seed, jobs)
     cls_xy = _layout(stages, run_dir, "cls", arrays["cls_vectors"].reshape(n * L * H, -1), cfg.seed, jobs)
-    overview_xy = _layout(stages, run_dir, "overview", arrays[metric].reshape(n, L * H), cfg.seed, jobs)
+    overview_xy = _layout(stages, run_dir, "overview", np.nan_to_num(arrays[metric].reshape(n, L * H)), cfg.seed,
+                          jobs)
+    manifest = head_stages.merge_extras(ctx, arrays, ctx.manifest, stages)
 
     images = images_table(ctx, arrays, overview_xy)
     metric_arrays = {m.name: arrays[m.name] for m in registry.metrics("image_head") if m.name in arrays}
@@ -681,7 +694,6 @@ def merge_run(ctx: BuildContext) -> dict:
     timings = {k: round(v, 3) for k, v in ctx.timings.items()}
     timings["images"] = round(arrays["seconds"], 3)
     timings.update(stages.timings)
-    manifest = dict(ctx.manifest)
     manifest["dataset"] = {**manifest["dataset"], "n_analysed": n, "n_skipped": len(skipped)}
     manifest["params"] = {**manifest["params"], "overview_metric": metric,
                           "layout": "openTSNE t-SNE (analysis.layouts.tsne_2d)",
@@ -744,4 +756,4 @@ def summary_lines(manifest: dict, wall_seconds: float | None = None) -> list[str
     lines.append(f"  cache size: {mb(s.get('cache_bytes'))} (tables {mb(s.get('tables_bytes'))}, thumbnails "
                  f"{mb(s.get('thumbs_bytes'))}, parts {mb(s.get('parts_bytes'))}); raw attention would take "
                  f"{mb(s.get('raw_attention_bytes'))}")
-    return lines
+    return lines + head_stages.summary_lines(manifest)

@@ -167,22 +167,24 @@ class ModelService:
             raise InputError(f"Head ({layer}, {head}) does not exist: layers 0-{vit.depth - 1}, "
                              f"heads 0-{vit.num_heads - 1}.")
 
-    def _query(self, kind: str, run_dir, image_id: int, layer: int, head: int, fingerprint, compute) -> dict:
-        """compute(run, vit, image [3,H,W], label) under the model's lock, through the cache."""
-        image_id, layer, head = int(image_id), int(layer), int(head)
+    def _query(self, kind: str, run_dir, image_id: int, params: tuple, fingerprint, compute,
+               head: tuple[int, int] | None = None) -> dict:
+        """compute(vit, image [3,H,W], label) under the model's lock, through the cache; ``params``
+        (hashable) complete the key; ``head`` (layer, head) is checked against the model first."""
+        image_id = int(image_id)
         found, run = self._open(run_dir, fingerprint)
 
         def work():
             vit, lock = self._model(run)
-            self._check_head(vit, layer, head)
+            if head is not None:
+                self._check_head(vit, *head)
             image, label = self.image(run_dir, image_id, run, vit)
             with lock:
                 return compute(vit, image, label)
 
         if self.cache is None:
             return work()
-        key = (kind, str(run.path.absolute()), found, image_id, layer, head)
-        return self.cache.get(key, work)
+        return self.cache.get((kind, str(run.path.absolute()), found, image_id, *params), work)
 
     def partial_pruning(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
         """All 8 pruning modes of one head: {"rows": [ {mode, regions, metrics..., top5_*} ]}."""
@@ -194,7 +196,34 @@ class ModelService:
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "label": label, "rows": df.to_dict(orient="records")}
 
-        return self._query("prune", run_dir, image_id, layer, head, fingerprint, compute)
+        return self._query("prune", run_dir, image_id, (int(layer), int(head)), fingerprint, compute,
+                           head=(int(layer), int(head)))
+
+    def head_set(self, run_dir, image_id: int, heads: list, fingerprint: str | None = None) -> dict:
+        """One image with a head set pruned at once (heads: [[layer, head(, regions)], ...]):
+        {"heads", prob, prob_drop, jsd, emb_dist, top5_classes, top5_probs, "label", ...}."""
+        from analysis.metrics.head_sets import set_pruning
+
+        def compute(vit, image, label):
+            out = set_pruning(vit, image, label if vit.has_head else None, heads)
+            out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}
+            return {"image_id": int(image_id), "label": label, **out}
+
+        return self._query("set", run_dir, image_id, (json.dumps(heads, default=str),), fingerprint, compute)
+
+    def pair_interactions(self, run_dir, image_id: int, heads: list, metric: str = "prob_drop",
+                          fingerprint: str | None = None) -> dict:
+        """SPEC pair interactions of 2-16 heads on one image: {"rows": [{a_layer, a_head, b_layer,
+        b_head, single_a, single_b, pair, interaction}], "metric", "label", ...}."""
+        from analysis.metrics.head_sets import pair_interactions
+
+        def compute(vit, image, label):
+            df = pair_interactions(vit, image, label if vit.has_head else None, heads, metric=metric)
+            return {"image_id": int(image_id), "label": label, "metric": metric,
+                    "rows": df.astype(object).to_dict(orient="records")}
+
+        return self._query("pairs", run_dir, image_id, (json.dumps(heads, default=str), metric), fingerprint,
+                           compute)
 
     def attention(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
         """One head's post-softmax attention [N, N] (float16) with the token facts."""
@@ -206,4 +235,5 @@ class ModelService:
                     "patch_size": vit.patch_size, "img_size": list(vit.img_size),
                     "attention": encode_array(A.cpu().numpy())}
 
-        return self._query("attn", run_dir, image_id, layer, head, fingerprint, compute)
+        return self._query("attn", run_dir, image_id, (int(layer), int(head)), fingerprint, compute,
+                           head=(int(layer), int(head)))

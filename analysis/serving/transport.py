@@ -12,6 +12,7 @@ wait (they share one liveness ping), a slow query after HEADSCOPE_QUERY_TIMEOUT 
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -207,13 +208,16 @@ def _compute(name: str, run_dir: Path, fingerprint: str | None, args: list) -> d
         raise OnlineError(f"The {name.replace('_', ' ')} query failed: {type(err).__name__}: {err}") from None
 
 
-def _call(name: str, run_dir, image_id: int, layer: int, head: int, decode=None) -> dict:
-    """One query through this process's cache, keyed on where it runs, the run's path and its
-    identity; ``decode(result) -> result`` runs once, before the result is cached."""
+def _ints(image_id, layer, head) -> list[int]:
     try:
-        args = [strict_int(image_id), strict_int(layer), strict_int(head)]
+        return [strict_int(image_id), strict_int(layer), strict_int(head)]
     except ValueError:
         raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
+
+
+def _call(name: str, run_dir, args: list, decode=None) -> dict:
+    """Service method ``name`` with JSON-able ``args`` through this process's cache, keyed on where it
+    runs, the run's path and its identity; ``decode(result) -> result`` runs once, before caching."""
     run_dir = Path(run_dir).absolute()
     fingerprint = run_fingerprint(run_dir)
 
@@ -223,16 +227,37 @@ def _call(name: str, run_dir, image_id: int, layer: int, head: int, decode=None)
 
     if fingerprint is None:  # no run there: let the service say so (never cached)
         return compute()
-    return results.get((name, broker_url(), str(run_dir), fingerprint, *args), compute)
+    return results.get((name, broker_url(), str(run_dir), fingerprint, json.dumps(args)), compute)
 
 
 def partial_pruning(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"rows": 8 dicts (mode, regions, prob, prob_drop, jsd, cls_dist, patch_dist, emb_dist,
     top5_classes, top5_probs), "label": int | None, ...}"""
-    return dict(_call("partial_pruning", run_dir, image_id, layer, head))
+    return dict(_call("partial_pruning", run_dir, _ints(image_id, layer, head)))
+
+
+def _heads(image_id, heads) -> tuple[int, list]:
+    try:
+        return strict_int(image_id), [[strict_int(h[0]), strict_int(h[1]), *([str(h[2])] if len(h) > 2 else [])]
+                                      for h in heads]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise OnlineError(f"Give the image as an integer and heads as [layer, head(, regions)] pairs, "
+                          f"not {image_id!r}, {heads!r}.") from None
+
+
+def head_set(run_dir, image_id: int, heads) -> dict:
+    """One image with every head of ``heads`` ([(layer, head(, regions)), ...], 1-64) pruned at once:
+    {"heads", "prob", "prob_drop", "jsd", "emb_dist", "top5_classes", "top5_probs", "label", ...}"""
+    return dict(_call("head_set", run_dir, list(_heads(image_id, heads))))
+
+
+def pair_interactions(run_dir, image_id: int, heads, metric: str = "prob_drop") -> dict:
+    """SPEC pair interactions of 2-16 heads on one image: {"rows": [{a_layer, a_head, b_layer, b_head,
+    single_a, single_b, pair, interaction}], "metric", "label", ...}"""
+    return dict(_call("pair_interactions", run_dir, [*_heads(image_id, heads), str(metric)]))
 
 
 def attention(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"attention": np.ndarray [N, N] float16, "num_prefix_tokens", "grid", "patch_size", "img_size"}"""
-    return dict(_call("attention", run_dir, image_id, layer, head,  # a copy: callers may change it
+    return dict(_call("attention", run_dir, _ints(image_id, layer, head),  # a copy: callers may change it
                       decode=lambda out: {**out, "attention": decode_array(out["attention"])}))

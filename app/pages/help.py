@@ -6,7 +6,7 @@ from dash import dcc, html
 
 from analysis.metrics import registry
 
-dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=3)
+dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=4)
 
 TEXT = r"""
 ## What HeadScope shows
@@ -66,6 +66,24 @@ A **pruning mode** is a set of regions to remove. The eight modes:
 Modes 0–5 are the paper's Fig. 4; 6 and 7 complete the set.
 
 {metrics}
+
+## Several heads at once
+
+* **Head set** — a set $S$ of heads (each with its regions) pruned together in one forward; prob,
+  prob_drop, jsd and emb_dist are the formulas above with that $P'$.
+* **Pair interaction** — for metric $m$ (prob_drop or emb_dist) and heads $a, b$:
+  $m(\lbrace a, b \rbrace) - m(\lbrace a \rbrace) - m(\lbrace b \rbrace)$. Positive: the pair matters more together than apart (one
+  backs the other up); negative: their effects overlap.
+* **Cumulative pruning curve (Curves page)** — for an order of the $L \cdot H$ heads (least important
+  first) the first $k$ heads are pruned (whole heads, zero ablation) for $k$ from 0 to $L \cdot H$; the
+  curve is top-1 accuracy and mean $P'(y)$ (mean emb_dist for a backbone) over the run's labelled
+  images. Orders: **exact** (ascending run mean of prob_drop, emb_dist for a backbone), **taylor**
+  (ascending run mean of grad_score: *approximate*), **random** (seeded; mean and range over 3 orders).
+  **Area**: under the curve with $k$ scaled to $[0, 1]$. **Heads before a 1-point drop**: the largest $k$
+  of the grid with accuracy within 0.01 of the unpruned model's at every step up to it.
+* **Taylor agreement** (manifest `taylor_agreement`) — Spearman's rank correlation of taylor_prob_drop
+  (and grad_score) with prob_drop over the $L \cdot H$ heads, per image (median and quartiles over
+  images) and of the run means.
 
 ## Attention patterns
 
