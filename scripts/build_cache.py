@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--worker-pool", action="store_true",
                    help="send the per-image batches to the Celery model workers at $HEADSCOPE_BROKER_URL (they "
                         "must see --out and the images at the same paths, e.g. a shared volume), then merge here")
+    s.add_argument("--add-pattern-labels", action="store_true",
+                   help="add the pattern labels (diagonal ... pattern, consistency) to the complete run in --out, "
+                        "built before they existed, from its stored patch bits; nothing else is recomputed")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -147,6 +150,18 @@ def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
           f"on {stats['workers']} worker(s), {stats['seconds']:.1f} s of worker time", flush=True)
 
 
+def add_pattern_labels(out: str | None) -> int:
+    from analysis.errors import InputError
+    from analysis.runs import build as B
+
+    if not out:
+        raise InputError("--add-pattern-labels needs --out RUN, the run directory to add the labels to.")
+    manifest = B.add_pattern_labels(out)
+    print(f"Added the pattern labels to {out} in {manifest['timings']['pattern_labels']:.1f} s: head_metrics has "
+          "diagonal, diagonal_offset, horizontal, vertical, block, pattern; head_summary has consistency.")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from analysis.runs import build as B
@@ -155,6 +170,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = args.out
     try:
+        if args.add_pattern_labels:
+            return add_pattern_labels(args.out)
         shard = parse_shard(args.shard)
         config = make_config(args)
         out = config.out

@@ -174,8 +174,8 @@ def pattern_arrays(packed: np.ndarray, grid, chunk: int = 1024) -> dict[str, np.
     label_idx = np.where(best == 0, offset_idx, len(OFFSET_NAMES) - 1 + best)
     label_idx = np.where(stacked[np.arange(M), best] >= PATTERN_THRESHOLD, label_idx, len(PATTERN_LABELS) - 1)
     out = {k: v.astype(np.float32).reshape(lead) for k, v in scores.items()}
-    out["diagonal_offset"] = np.asarray(OFFSET_NAMES, dtype=object)[offset_idx].reshape(lead)
-    out["pattern"] = np.asarray(PATTERN_LABELS, dtype=object)[label_idx].reshape(lead)
+    out["diagonal_offset"] = np.asarray(OFFSET_NAMES)[offset_idx].reshape(lead)  # fixed-width str: saved
+    out["pattern"] = np.asarray(PATTERN_LABELS)[label_idx].reshape(lead)          # in parts without pickle
     return out
 
 
