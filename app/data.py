@@ -76,10 +76,14 @@ class RunIndex:
         return [m.name for m in self.run.metrics_of(importance=False, value="scalar", level="image_head")]
 
     @cached_property
+    def run_level(self) -> list[str]:
+        """Scalar run-level metrics (one value per head) with values."""
+        return [m.name for m in self.run.metrics_of(value="scalar", level="head")]
+
+    @cached_property
     def head_metrics(self) -> list[str]:
         """Every scalar metric the Heads page ranks: importance, properties, then run-level ones."""
-        run_level = [m.name for m in self.run.metrics_of(value="scalar", level="head")]
-        return self.importance + self.properties + run_level
+        return self.importance + self.properties + self.run_level
 
     def has(self, name: str) -> bool:
         return name in self.run.metrics

@@ -73,8 +73,9 @@ def reference(toy_run):
     return vit, x, labels, vit.capture_attention(x)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pages(toy_run):
+    """The page modules, with the app configured on the toy run (conftest resets it after each test)."""
     from app import create_app
 
     create_app(toy_run.path.parent, toy_run.name)
@@ -115,6 +116,8 @@ def test_toy_metrics_reach_tables_reader_explorer_heads_and_help(toy_run, refere
     # the Heads page ranks all three; Help explains them
     options, _ = pages["heads"].heads_metric(sel, None)
     assert {"max_attention", "cls_output_norm", "max_attention_peak"} <= {o["value"] for o in options}
+    c1 = ex.view_c(sel, "max_attention_peak")[0]  # a run-level metric reaches the Explorer too
+    np.testing.assert_allclose(c1["data"][0]["y"], expected.max(0).ravel(), rtol=1e-5)
     fig, _, _ = pages["heads"].heads_view(sel, "max_attention_peak")
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected.max(0), rtol=1e-5)
     text = help_text(pages)
@@ -171,11 +174,13 @@ def test_every_metric_round_trips_to_its_figure(name, toy_run, reference, pages)
         fig = ex.view_b1(sel, name)
         np.testing.assert_allclose(fig["data"][3]["y"], dense[pos].ravel(), rtol=1e-6)
         assert fig["layout"]["yaxis"]["title"]["text"] == m.title
-    elif m.level == "image_head":
+    else:
         assert name in [o["value"] for o in ex.c1_metric_options(sel, None)[0]]
         c1, _, c3, _ = ex.view_c(sel, name)
-        np.testing.assert_allclose(c1["data"][0]["y"], dense[pos].ravel(), rtol=1e-6)
-        assert c3["layout"]["shapes"][0]["x0"] == pytest.approx(float(dense[pos, layer, head]))
+        np.testing.assert_allclose(c1["data"][0]["y"], (dense[pos] if m.level == "image_head" else dense).ravel(),
+                                   rtol=1e-6)
+        if m.level == "image_head":
+            assert c3["layout"]["shapes"][0]["x0"] == pytest.approx(float(dense[pos, layer, head]))
     heads_fig, _, _ = pages["heads"].heads_view(sel, name)
     expected = np.nanmean(dense, axis=0) if m.level == "image_head" else dense
     np.testing.assert_allclose(np.array(heads_fig["data"][0]["z"], float), expected, rtol=1e-5)
