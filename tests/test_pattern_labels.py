@@ -224,3 +224,53 @@ def test_class_statistics_bad_input():
         class_statistics(np.zeros((3, 2, 2)), np.zeros(3))
     with pytest.raises(InputError, match="min_images"):
         class_specificity(np.zeros((3, 2, 2)), np.array([0, 1, 2]), min_images=2)
+
+
+# ---- the build: columns, consistency, and adding the labels to a run built without them -------
+
+from test_build import one_thread, tiny  # noqa: E402,F401  (fixtures: one torch thread, tiny folder set)
+
+
+def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
+    from analysis.errors import CacheError
+    from analysis.metrics.patterns import PATTERN_METRICS, unpack_bits
+    from analysis.runs import build, store, tables
+
+    run_dir = tiny["root"] / "labels"
+    build.build(tiny["config"]("labels"))
+    run = store.open_run(run_dir)
+    grid = tuple(run.model["grid"])
+    bits = build.collect_parts(run_dir, run.manifest["dataset"]["n_images"])["patch_bits"]  # image_id order
+    n, L, H = len(bits), run.L, run.H
+    assert set(PATTERN_METRICS) <= set(run.manifest["metrics"])
+    assert set(PATTERN_METRICS[:-1]) <= set(run.head_metrics.columns) and "consistency" in run.head_summary.columns
+    for idx in [(0, 0, 0), (n - 1, L - 1, H - 1), (3, 5, 1)]:  # against the single-matrix reference
+        single = pattern_scores(unpack_bits(bits[idx], grid[0] * grid[1]), grid)
+        for k, v in single.items():
+            got = run.dense(k)[idx]
+            assert got == v if isinstance(v, str) else got == pytest.approx(v, rel=1e-6), k
+    np.testing.assert_allclose(run.dense("consistency"), consistency(bits), rtol=1e-12)
+
+    # the same run as if built before the labels existed: the reader says how to add them
+    old = {m: run.dense(m) for m in run.manifest["metrics"]
+           if m not in PATTERN_METRICS and m in run.head_metrics.columns}
+    layouts = {k: run.layout(k).reshape(-1, 2) for k in ("cls", "patch")}
+    tables.write_run(run_dir, {k: v for k, v in run.manifest.items() if k != "metrics"}, run.images, old,
+                     L=L, H=H, layouts=layouts, skipped=run.skipped)
+    before = store.open_run(run_dir)
+    assert "pattern" not in before.head_metrics.columns and not set(PATTERN_METRICS) & set(before.metrics)
+    with pytest.raises(CacheError, match="--add-pattern-labels"):
+        before.dense("pattern")
+    assert f"--out {run_dir} --add-pattern-labels" in before.lacks("consistency")
+
+    sys_path_script = __import__("importlib").import_module("scripts.build_cache")
+    assert sys_path_script.main(["--out", str(run_dir), "--add-pattern-labels"]) == 0
+    assert "Added the pattern labels" in capsys.readouterr().out
+    after = store.open_run(run_dir)
+    assert after.lacks("pattern") is None
+    for m in PATTERN_METRICS:
+        a, b = after.dense(m), run.dense(m)
+        assert (a == b).all() if a.dtype == object else np.allclose(a, b, equal_nan=True), m
+    for m in old:  # nothing else changed
+        np.testing.assert_array_equal(after.dense(m), old[m])
+    np.testing.assert_array_equal(after.layout("patch"), run.layout("patch"))

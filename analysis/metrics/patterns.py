@@ -60,6 +60,8 @@ OFFSET_NAMES = tuple(OFFSETS)
 PATTERN_SCORES = ("diagonal", "horizontal", "vertical", "block")
 PATTERN_LABELS = tuple(f"diagonal:{o}" for o in OFFSET_NAMES) + ("horizontal", "vertical", "block", "mixed")
 PATTERN_THRESHOLD = 0.5
+# The registry metrics of this module (image x head scores and labels, then the run-level consistency).
+PATTERN_METRICS = ("diagonal", "diagonal_offset", "horizontal", "vertical", "block", "pattern", "consistency")
 CONSISTENCY_ALL_PAIRS = 2000  # up to this many image pairs: all of them; beyond, this many seeded pairs
 
 

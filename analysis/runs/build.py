@@ -666,18 +666,11 @@ def run_sizes(run_dir: Path, n: int, model: dict) -> dict:
 
 # ---- adding the pattern labels to a run built without them ----------------------------------
 
-PATTERN_METRICS = ("diagonal", "diagonal_offset", "horizontal", "vertical", "block", "pattern", "consistency")
-
-
-def add_pattern_labels_command(run_dir) -> str:
-    return f"python scripts/build_cache.py --out {run_dir} --add-pattern-labels"
-
-
 def add_pattern_labels(run_dir: str | Path) -> dict:
     """Add the pattern labels (PATTERN_METRICS) to a complete run built without them, from the
     patch bits in its parts: every other column, the layouts and the thumbnails are kept as they are.
     Returns the new manifest (timings.pattern_labels: seconds)."""
-    from analysis.metrics.patterns import pattern_arrays
+    from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
 
     run_dir = Path(run_dir)
     run = store.open_run(run_dir)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from analysis.errors import CacheError
 from analysis.metrics import registry
+from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
 from analysis.runs.schema import SCHEMA_VERSION, SKIPPED_COLUMNS, TABLE_FILES
 
@@ -115,9 +116,17 @@ class Run:
         if m.level == "head":
             return self.summary(name)
         if name not in self.head_metrics.columns:
-            raise CacheError(f"Run {self.name} has no column {name} (it was built without this metric). "
-                             "Rebuild the run to add it.")
+            raise CacheError(self.lacks(name))
         return self._column(name, m.value)
+
+    def lacks(self, name: str) -> str | None:
+        """Why this run has no values of metric ``name`` and how to add them; None when it has them."""
+        if name in self.metrics:
+            return None
+        if name in PATTERN_METRICS:
+            return (f"Run {self.name} was built before the pattern labels existed. Add them without recomputing "
+                    f"the rest: python scripts/build_cache.py --out {self.path} --add-pattern-labels")
+        return f"Run {self.name} has no values of {name} (it was built without this metric). Rebuild the run to add it."
 
     def layout(self, kind: str) -> np.ndarray | None:
         """The 2-D pattern layout ``kind`` ("cls" or "patch") as [images, L, H, 2]; None when empty."""
