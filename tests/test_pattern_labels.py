@@ -274,3 +274,12 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
     for m in old:  # nothing else changed
         np.testing.assert_array_equal(after.dense(m), old[m])
     np.testing.assert_array_equal(after.layout("patch"), run.layout("patch"))
+
+
+def test_modal_labels():
+    from analysis.metrics.patterns import modal_labels
+
+    labels = np.array([[["vertical", "block"]], [["vertical", "mixed"]], [["mixed", None]]], dtype=object)  # [3, 1, 2]
+    modal, share = modal_labels(labels)
+    assert modal.tolist() == [["vertical", "block"]]  # head 1: block vs mixed tie -> alphabetically first
+    np.testing.assert_allclose(share, [[2 / 3, 1 / 2]])
