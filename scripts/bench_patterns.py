@@ -4,8 +4,9 @@
     python scripts/bench_patterns.py --model default-backbone --dataset photos
     python scripts/bench_patterns.py --run /tmp/pat-default   # also: all patch bits of a built run
 
-1. batch: engine.analyse_batch on one batch (the image stage's work per batch) vs pattern_arrays
-   on that batch's patch bits, same process and threads; the ratio is the labels' overhead.
+1. batch: engine.analyse_batch on one batch (the image stage's work per batch) without the pattern
+   metrics, with them (the default), and pattern_arrays alone on that batch's patch bits, same
+   process and threads; overhead = pattern_arrays / analyse_batch without the labels.
 2. run (--run): pattern_arrays + consistency on every patch bit of a built run vs the image-stage
    seconds that build recorded (manifest timings.images).
 3. consistency: on synthetic bits of 200 and 1000 images with the model's L x H x P (merge time).
@@ -47,7 +48,8 @@ def main(argv=None) -> dict:
     from analysis import load_vit
     from analysis.datasets import load_image_set, open_image
     from analysis.metrics.engine import analyse_batch
-    from analysis.metrics.patterns import consistency, pattern_arrays
+    from analysis.metrics import registry
+    from analysis.metrics.patterns import PATTERN_METRICS, consistency, pattern_arrays
     from analysis.runs.build import collect_parts, read_manifest
 
     torch.set_num_threads(args.threads)
@@ -55,13 +57,18 @@ def main(argv=None) -> dict:
     items = load_image_set(args.dataset, limit=args.batch_size).items
     x = vit.preprocess([open_image(it.ref) for it in items])
     labels = torch.tensor([max(it.label, 0) for it in items]) if vit.has_head else None
+    others = [m.name for m in registry.computed_metrics("image_head") if m.name not in PATTERN_METRICS]
     t = time.perf_counter()
-    result = analyse_batch(vit, x, labels)
-    batch_s = time.perf_counter() - t
-    labels_s = best_of(lambda: pattern_arrays(result.patch_bits, vit.grid), 3)
+    result = analyse_batch(vit, x, labels, metrics=others)  # the image stage without the labels
+    without_s = time.perf_counter() - t
+    t = time.perf_counter()
+    analyse_batch(vit, x, labels)  # the default image stage (labels included)
+    with_s = time.perf_counter() - t
+    labels_s = best_of(lambda: pattern_arrays(result["patch_bits"], vit.grid), 3)
     out = {"model": args.model, "grid": list(vit.grid), "L": vit.depth, "H": vit.num_heads, "threads": args.threads,
-           "batch": {"images": len(items), "analyse_batch_s": round(batch_s, 3),
-                     "pattern_arrays_s": round(labels_s, 4), "overhead": round(labels_s / batch_s, 5)}}
+           "batch": {"images": len(items), "analyse_batch_without_labels_s": round(without_s, 3),
+                     "analyse_batch_with_labels_s": round(with_s, 3), "pattern_arrays_s": round(labels_s, 4),
+                     "overhead": round(labels_s / without_s, 5), "with_over_without": round(with_s / without_s, 4)}}
     if args.run:
         run = Path(args.run)
         bits = collect_parts(run, read_manifest(run)["dataset"]["n_images"])["patch_bits"]

@@ -75,6 +75,22 @@ class Run:
         return pd.read_parquet(self.path / "head_metrics.parquet")
 
     @cached_property
+    def head_columns(self) -> list[str]:
+        """The columns of head_metrics (from the Parquet schema: no data read)."""
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(self.path / "head_metrics.parquet").names)
+
+    def _head_frame(self, cols: list[str]) -> pd.DataFrame:
+        """Some head_metrics columns, read alone unless the whole table is already loaded."""
+        if "head_metrics" in self.__dict__:
+            return self.head_metrics[cols]
+        return pd.read_parquet(self.path / "head_metrics.parquet", columns=cols)
+
+    def _head_column(self, col: str) -> pd.Series:
+        return self._head_frame([col])[col]
+
+    @cached_property
     def head_summary(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "head_summary.parquet")
 
@@ -89,9 +105,11 @@ class Run:
         those its manifest lists under "metrics" (all, for runs written before that key existed)
         that have a value in the tables."""
         listed = self.manifest.get("metrics")
-        hm, hs = self.head_metrics, self.head_summary
+        hs, cols = self.head_summary, self.head_columns
+        # runs that list their metrics were checked for values by the writer: the schema suffices
+        has_values = (lambda name: True) if listed is not None else (lambda name: self._head_column(name).notna().any())
         return [m.name for m in registry.metrics(names=listed)
-                if (m.level == "image_head" and m.name in hm.columns and hm[m.name].notna().any())
+                if (m.level == "image_head" and m.name in cols and has_values(m.name))
                 or (m.level == "head" and m.name in hs.columns and hs[m.name].notna().any())]
 
     def metrics_of(self, *, importance: bool | None = None, value: str | None = None,
@@ -102,7 +120,7 @@ class Run:
     @cached_property
     def _positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(row position in ``images``, head index layer*H+head) of every head_metrics row that belongs to an image."""
-        hm = self.head_metrics
+        hm = self._head_frame(["image_id", "layer", "head"])
         pos = pd.Series(np.arange(len(self.images)), index=self.images["image_id"].to_numpy())
         rows = pos.reindex(hm["image_id"].to_numpy()).to_numpy()
         keep = ~np.isnan(rows)
@@ -115,7 +133,7 @@ class Run:
         m = registry.get_metric(name)
         if m.level == "head":
             return self.summary(name)
-        if name not in self.head_metrics.columns:
+        if name not in self.head_columns:
             raise CacheError(self.lacks(name))
         return self._column(name, m.value)
 
@@ -131,7 +149,7 @@ class Run:
     def layout(self, kind: str) -> np.ndarray | None:
         """The 2-D pattern layout ``kind`` ("cls" or "patch") as [images, L, H, 2]; None when empty."""
         cols = [f"{kind}_x", f"{kind}_y"]
-        if not all(c in self.head_metrics.columns and self.head_metrics[c].notna().any() for c in cols):
+        if not all(c in self.head_columns and self._head_column(c).notna().any() for c in cols):
             return None
         return np.stack([self._column(c, "scalar") for c in cols], axis=-1)
 
@@ -141,7 +159,7 @@ class Run:
                 return self._dense[col]
         n, L, H = len(self.images), self.L, self.H
         keep, flat = self._positions
-        series = self.head_metrics[col]
+        series = self._head_column(col)
         if value == "vector":
             values = series.to_numpy()[keep]
             K = max((len(v) for v in values if v is not None), default=0)
