@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
                       "pattern_arrays_s": round(lab, 3), "consistency_s": round(con, 3),
                       "overhead": round((lab + con) / image_stage, 5)}
     rng = np.random.default_rng(0)
-    nbytes = result.patch_bits.shape[-1]
+    nbytes = result["patch_bits"].shape[-1]
     for n in (200, 1000):
         bits = rng.integers(0, 256, size=(n, vit.depth, vit.num_heads, nbytes), dtype=np.uint8)
         out[f"consistency_{n}_s"] = round(best_of(lambda: consistency(bits), 1), 3)

@@ -106,10 +106,12 @@ class Run:
         that have a value in the tables."""
         listed = self.manifest.get("metrics")
         hs, cols = self.head_summary, self.head_columns
-        # runs that list their metrics were checked for values by the writer: the schema suffices
-        has_values = (lambda name: True) if listed is not None else (lambda name: self._head_column(name).notna().any())
+        # only the columns looked at are read; a vector column the manifest lists (slow to read) is trusted
+        check = [m.name for m in registry.metrics("image_head", names=listed)
+                 if m.name in cols and (m.value != "vector" or listed is None)]
+        present = self._head_frame(check).notna().any() if check else pd.Series(dtype=bool)
         return [m.name for m in registry.metrics(names=listed)
-                if (m.level == "image_head" and m.name in cols and has_values(m.name))
+                if (m.level == "image_head" and m.name in cols and (m.name not in check or present[m.name]))
                 or (m.level == "head" and m.name in hs.columns and hs[m.name].notna().any())]
 
     def metrics_of(self, *, importance: bool | None = None, value: str | None = None,
