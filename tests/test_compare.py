@@ -63,3 +63,26 @@ def test_matched_images_by_path_then_fingerprint(indexes):
         (root / name / "manifest.json").write_text(json.dumps(mf))
     ia, ib, how = matched_images(data.get_index("a"), data.get_index("b"))
     assert "fingerprint" in how and ia.tolist() == ib.tolist() == list(range(12))
+
+
+def test_heads_page_pattern_table_and_class_view(indexes):
+    import sys as _sys
+
+    from analysis.metrics.classes import class_specificity
+    from analysis.metrics.patterns import modal_labels
+    from app.pages import heads  # noqa: F401  (registered by create_app)
+
+    root, a, _ = indexes
+    page = _sys.modules["app.pages.heads"]
+    table = page.heads_patterns({"run": "a"})[1]
+    modal, share = modal_labels(a.run.dense("pattern"))
+    assert [r["label"] for r in table.data] == modal.ravel().tolist()
+    np.testing.assert_allclose([r["share"] for r in table.data], share.ravel(), atol=1e-4)
+    assert table.sort_action == "native"
+    fig, spec_table, _ = page.heads_class_view({"run": "a"}, "prob_drop", [])
+    hm = pd.read_parquet(root / "a" / "head_metrics.parquet").merge(a.images[["image_id", "label"]], on="image_id")
+    want = hm.groupby(["label", "layer", "head"]).prob_drop.mean().unstack(["layer", "head"]).to_numpy()
+    np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), want, rtol=1e-5)
+    spec = class_specificity(a.run.dense("prob_drop"), a.images.label.to_numpy())
+    first = spec_table[1].children[1].children[0].children  # rank 1 row: rank, layer, head, class, value
+    assert (first[1].children, first[2].children) == np.unravel_index(np.nanargmax(spec), spec.shape)

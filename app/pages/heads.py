@@ -203,15 +203,15 @@ def heads_class_view(sel, metric, correct):
             "warning")
     m = registry.get_metric(metric)
     names = [f"{index.class_name(c)} (n={k})" for c, k in zip(stats.classes, stats.counts)]
-    heads = [f"{l}.{h}" for l in range(index.L) for h in range(index.H)]
+    heads = [f"L{l}H{h}" for l in range(index.L) for h in range(index.H)]
     z = stats.mean.reshape(len(stats.classes), -1)
     std = stats.std.reshape(len(stats.classes), -1)
     band = [[("n=1, no band" if k < 2 else f"std {v:.3g}") for v in row] for k, row in zip(stats.counts, std)]
     fig = {"data": [{"type": "heatmap", "z": np.where(np.isfinite(z), z, None).tolist(), "x": heads, "y": names,
                      "customdata": band, "colorscale": "Cividis", "reversescale": m.important == "low",
                      "colorbar": {"title": {"text": "class mean"}, "thickness": 10},
-                     "hovertemplate": "%{y}<br>head %{x} (layer.head)<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
-           "layout": F.layout(f"class mean of {m.title}", xaxis=F.axis("head (layer.head)", type="category"),
+                     "hovertemplate": "%{y}<br>%{x}<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
+           "layout": F.layout(f"class mean of {m.title}", xaxis=F.axis("head (L layer H head)", type="category"),
                               yaxis=F.axis("class", type="category", autorange="reversed"))}
     order = np.argsort(-np.where(np.isfinite(spec), spec, -np.inf).reshape(-1), kind="stable")[:20]
     flat_spec, flat_best = spec.reshape(-1), best.reshape(-1)
