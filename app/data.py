@@ -101,6 +101,8 @@ class RunIndex:
         flat = lambda a: a.reshape(LH, *a.shape[2:])
         if m.level == "head":
             return flat(self.run.summary(name)), np.full(LH, np.nan)
+        if f"{name}_mean" not in self.run.head_summary.columns:  # a run written before the metric had a summary
+            return self.memo(("summary", name), lambda: _summarise(self.values(name), m.value == "vector"))
         mean = flat(self.run.summary(f"{name}_mean"))
         return mean, (np.full(LH, np.nan) if m.value == "vector" else flat(self.run.summary(f"{name}_std")))
 
@@ -167,6 +169,17 @@ class RunIndex:
             with self._lock:
                 self._memo[key] = value
         return self._memo[key]
+
+
+def _summarise(values: np.ndarray, vector: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std with ddof=0) over images of [n, L*H(, K)] values, as head_summary holds them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # heads without any value
+        mean = np.nanmean(values, axis=0)
+        std = np.full(values.shape[1], np.nan) if vector else np.nanstd(values, axis=0)
+    return mean, std
 
 
 def build_index(run: store.Run) -> RunIndex:

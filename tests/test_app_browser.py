@@ -289,8 +289,14 @@ def _target(cache_dir, run):
 
 def choose_each(dash_duo, dropdown, graph, expr, names, expected):
     """Pick every option of ``dropdown`` in turn; wait until ``expr`` on ``graph`` equals expected(name)."""
-    for i, name in enumerate(names):
-        dash_duo.select_dcc_dropdown(f"#{dropdown}", index=i)
+    for name in names:
+        click(dash_duo, f"#{dropdown}")  # opens the menu (rendered asynchronously)
+        option = f".dash-dropdown-content .dash-dropdown-option:has(input[value='{name}'])"
+        click(dash_duo, option)
+        is_open = lambda: dash_duo.find_elements(".dash-dropdown-content[data-state=open]")
+        if is_open():
+            ActionChains(dash_duo.driver).send_keys(Keys.ESCAPE).perform()
+        until(lambda: not is_open(), timeout=TIMEOUT, msg="menu closed")
         wait_js(dash_duo, graph, expr, lambda got, want=expected(name): got == want, f"{dropdown} = {name}")
         no_console_errors(dash_duo)
 
