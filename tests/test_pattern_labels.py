@@ -263,8 +263,9 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
         before.dense("pattern")
     assert f"--out {run_dir} --add-pattern-labels" in before.lacks("consistency")
 
-    sys_path_script = __import__("importlib").import_module("scripts.build_cache")
-    assert sys_path_script.main(["--out", str(run_dir), "--add-pattern-labels"]) == 0
+    from scripts.build_cache import main as build_cache
+
+    assert build_cache(["--out", str(run_dir), "--add-pattern-labels"]) == 0
     assert "Added the pattern labels" in capsys.readouterr().out
     after = store.open_run(run_dir)
     assert after.lacks("pattern") is None
@@ -279,7 +280,8 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
 def test_modal_labels():
     from analysis.metrics.patterns import modal_labels
 
-    labels = np.array([[["vertical", "block"]], [["vertical", "mixed"]], [["mixed", None]]], dtype=object)  # [3, 1, 2]
+    labels = np.array([[["vertical", "block"]], [["vertical", "mixed"]], [["mixed", None]], [["", ""]]],
+                      dtype=object)  # [4, 1, 2]; None and "" are missing
     modal, share = modal_labels(labels)
     assert modal.tolist() == [["vertical", "block"]]  # head 1: block vs mixed tie -> alphabetically first
     np.testing.assert_allclose(share, [[2 / 3, 1 / 2]])

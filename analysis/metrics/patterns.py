@@ -227,14 +227,14 @@ def consistency(packed: np.ndarray, seed: int = 0, max_pairs: int = CONSISTENCY_
 def modal_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each head's most frequent label over images and the share of images with it.
 
-    labels: str/object [n_images, ...] (e.g. the ``pattern`` column as [n, L, H]; None = missing,
-    skipped). Returns (modal str object array [...], share float64 [...]; None / NaN where a head
+    labels: str/object [n_images, ...] (e.g. the ``pattern`` column as [n, L, H]; None or "" =
+    missing, skipped). Returns (modal str object array [...], share float64 [...]; None / NaN where a head
     has no label); ties go to the alphabetically first label."""
     labels = np.asarray(labels, dtype=object)
     flat = labels.reshape(len(labels), -1)
     modal, share = np.full(flat.shape[1], None, object), np.full(flat.shape[1], np.nan)
     for j in range(flat.shape[1]):
-        present = [v for v in flat[:, j] if isinstance(v, str)]
+        present = [v for v in flat[:, j] if isinstance(v, str) and v]
         if present:
             values, counts = np.unique(present, return_counts=True)
             modal[j], share[j] = str(values[counts.argmax()]), counts.max() / len(present)
