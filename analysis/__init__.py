@@ -24,6 +24,10 @@ _EXPORTS = {
     "MODE_LABELS": "analysis.models.pruning", "MODES": "analysis.models.pruning",
     "ViT": "analysis.models.adapter", "load_vit": "analysis.models.adapter",
     **{name: "analysis.metrics.head_sets" for name in _HEAD_SETS},
+    "pattern_scores": "analysis.metrics.patterns", "pattern_arrays": "analysis.metrics.patterns",
+    "consistency": "analysis.metrics.patterns",
+    "class_statistics": "analysis.metrics.classes", "class_specificity": "analysis.metrics.classes",
+    "patch_maps": "analysis.metrics.patch_maps",
 }
 __all__ = list(_EXPORTS)
 

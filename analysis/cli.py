@@ -95,6 +95,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shard", metavar="K/N", help="only the per-image stage for slice K of N (1-based); merge later")
     s.add_argument("--merge", action="store_true", help="only the run-level stages (autoencoder, layouts, tables) "
                                                         "from the finished images of all shards")
+    s.add_argument("--add-pattern-labels", action="store_true",
+                   help="add the pattern labels (diagonal ... pattern, consistency) to the complete run in --out, "
+                        "built before they existed, from its stored patch bits; nothing else is recomputed")
     r.add_argument("--worker-pool", action="store_true",
                    help="send the per-image batches to the Celery model workers at $HEADSCOPE_BROKER_URL (--out "
                         "must be inside the workers' cache directory and the images at the same paths, e.g. a "
@@ -274,6 +277,17 @@ def run_on_worker_pool(ctx, shard, pool: tuple[str, int]) -> None:
           f"on {stats['workers']} worker(s), {stats['seconds']:.1f} s of worker time", flush=True)
 
 
+def add_pattern_labels(out: str | None) -> int:
+    from analysis.runs import build as B
+
+    if not out:
+        raise InputError("--add-pattern-labels needs --out RUN, the run directory to add the labels to.")
+    manifest = B.add_pattern_labels(out)
+    print(f"Added the pattern labels to {out} in {manifest['timings']['pattern_labels']:.1f} s: head_metrics has "
+          "diagonal, diagonal_offset, horizontal, vertical, block, pattern; head_summary has consistency.")
+    return 0
+
+
 def build(args: argparse.Namespace) -> int:
     """Build, resume, shard or merge a run; 0 when done, 2 on a HeadScopeError, 130 on Ctrl-C."""
     from analysis.runs import build as B
@@ -283,6 +297,8 @@ def build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = args.out
     try:
+        if args.add_pattern_labels:
+            return add_pattern_labels(args.out)
         shard = parse_shard(args.shard)
         config = make_config(args)
         out = config.out

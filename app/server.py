@@ -23,7 +23,8 @@ from .auth import install_basic_auth
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEYS = ("run", "image", "layer", "head")
-PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Runs", "/runs"), ("Help", "/help"))
+PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Compare", "/compare"), ("Runs", "/runs"),
+         ("Help", "/help"))
 
 
 def parse_selection(search: str | None, default_run: str | None) -> dict:
@@ -79,11 +80,11 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
             }
             const cfg = document.getElementById('_dash-config');
             const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
-            return [base + q, base + 'heads' + q, base + 'runs' + q, base + 'help' + q, q,
+            return [base + q, base + 'heads' + q, base + 'compare' + q, base + 'runs' + q, base + 'help' + q, q,
                     sel && sel.run ? 'run: ' + sel.run : 'no run'];
         }
         """,
-        [Output("nav-explorer", "href"), Output("nav-heads", "href"), Output("nav-runs", "href"),
+        [Output("nav-explorer", "href"), Output("nav-heads", "href"), Output("nav-compare", "href"), Output("nav-runs", "href"),
          Output("nav-help", "href"), Output("url-sync", "children"), Output("nav-run", "children")],
         Input("sel", "data"),
     )

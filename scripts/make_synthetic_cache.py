@@ -90,6 +90,25 @@ def entropy(s: np.ndarray) -> np.ndarray:
     return (-(p * np.log(np.clip(p, 1e-12, None))).sum(-1) / math.log(s.shape[-1])).astype(np.float32)
 
 
+def pattern_labels(rng, depth: np.ndarray, n: int) -> dict:
+    """Pattern scores and labels [n, LH]: low heads keep one neighbour offset on most images
+    (content-agnostic diagonals), high heads attend to a few shared targets (vertical)."""
+    from analysis.metrics.patterns import OFFSET_NAMES, PATTERN_LABELS, PATTERN_SCORES, PATTERN_THRESHOLD
+
+    LH = len(depth)
+    offset = rng.integers(0, len(OFFSET_NAMES), LH)
+    offset = np.where(rng.random((n, LH)) < 0.1, rng.integers(0, len(OFFSET_NAMES), (n, LH)), offset[None])
+    scores = {"diagonal": rng.beta(2 + 6 * (1 - depth), 2 + 6 * depth, (n, LH)),
+              "horizontal": rng.beta(1, 12, (n, LH)),
+              "vertical": rng.beta(2 + 6 * depth, 2 + 6 * (1 - depth), (n, LH)),
+              "block": rng.beta(1, 8, (n, LH))}
+    stacked = np.stack([scores[k] for k in PATTERN_SCORES], -1)
+    best = stacked.argmax(-1)
+    label = np.where(best == 0, offset, len(OFFSET_NAMES) - 1 + best)
+    label = np.where(stacked.max(-1) >= PATTERN_THRESHOLD, label, len(PATTERN_LABELS) - 1)
+    return {**scores, "diagonal_offset": np.asarray(OFFSET_NAMES)[offset], "pattern": np.asarray(PATTERN_LABELS)[label]}
+
+
 def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, grid: int = 14,
              n_classes: int = 10, seed: int = 0, model: str | None = None, img_size: int | None = None,
              image_px: int = 96, thumb_px: int = 64) -> Path:
@@ -165,7 +184,8 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
 
     arrays = {"prob": prob, "prob_drop": prob_drop, "jsd": jsd, "cls_dist": cls_dist, "patch_dist": patch_dist,
               "emb_dist": emb_dist, "strength": strength, "strength_entropy": ent, "mean_distance_px": mean_dist,
-              "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic}
+              "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic,
+              **pattern_labels(rng, depth[0], n_images)}
     for m in registry.metrics("image_head", value="scalar"):  # metrics without a generator here: noise
         arrays.setdefault(m.name, rng.gamma(1.5, 0.05, (n_images, LH)))
     arrays = {k: v.reshape(n_images, L, H, *v.shape[2:]) for k, v in arrays.items()}

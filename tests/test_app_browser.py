@@ -121,7 +121,8 @@ def test_every_page_loads_without_console_errors(dash_duo, app):
     dash_duo.wait_for_element("#a-graph .scatterlayer .trace .point", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#sel-summary", "No image selected", timeout=TIMEOUT)
     no_console_errors(dash_duo)
-    for nav, marker, text in (("#nav-heads", "#heads-table", "rank"), ("#nav-runs", ".runs-table", "tiny"),
+    for nav, marker, text in (("#nav-heads", "#heads-table", "rank"), ("#nav-heads", "#heads-pattern-table", "modal label"),
+                              ("#nav-compare", "#compare-msg", None), ("#nav-runs", ".runs-table", "tiny"),
                               ("#nav-help", ".help-page", "Pruning a head"), ("#nav-explorer", "#a-graph", None)):
         dash_duo.find_element(nav).click()
         dash_duo.wait_for_element(marker, timeout=TIMEOUT)

@@ -166,15 +166,22 @@ def test_every_metric_round_trips_to_its_figure(name, toy_run, reference, pages)
     """build -> tables -> reader -> figure, against the engine's values for the same images."""
     vit, x, labels, _ = reference
     m = registry.get_metric(name)
+    dense = toy_run.dense(name)
     if m.level == "image_head":
         engine = analyse_batch(vit, x, labels, metrics=[name], patterns=False)[name]  # [n, L, H(, K)]
         assert name in toy_run.head_metrics.columns and name in schema.head_columns()
-        dense = toy_run.dense(name)
         assert dense.shape == engine.shape
-        np.testing.assert_allclose(dense, engine, rtol=1e-4, atol=1e-6, equal_nan=True)
-    else:
-        dense = toy_run.dense(name)
+        if m.value == "category":
+            assert (dense == engine).all()
+        else:
+            np.testing.assert_allclose(dense, engine, rtol=1e-4, atol=1e-6, equal_nan=True)
+    else:  # its hook on the engine's arrays of all images (metrics and patch bits)
         assert dense.shape == (vit.depth, vit.num_heads)
+        expected = np.asarray(m.compute.fn(dict(analyse_batch(vit, x, labels)))).reshape(dense.shape)
+        np.testing.assert_allclose(dense, expected, rtol=1e-6, equal_nan=True)
+    if m.value == "category":  # labels, not numbers: the Heads page shows each head's modal label
+        assert f"**{name}**" in help_text(pages)
+        return
     pos, (layer, head) = 3, (2, 1)
     sel = {"run": toy_run.name, "image": int(toy_run.images.image_id[pos]), "layer": layer, "head": head}
     ex = pages["explorer"]

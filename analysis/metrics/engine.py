@@ -67,8 +67,8 @@ def _numpy(x) -> np.ndarray:
 class AttentionAnalyser:
     """Attention hook: runs every OnAttention metric (and the pattern inputs) on each block's A."""
 
-    def __init__(self, vit: ViT, metrics: list[registry.Metric], q: float, patterns: bool):
-        self.vit, self.metrics, self.q, self.patterns = vit, metrics, q, patterns
+    def __init__(self, vit: ViT, metrics: list[registry.Metric], patterns: bool):
+        self.vit, self.metrics, self.patterns = vit, metrics, patterns
         self.batch: Batch | None = None
         self.values: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
         if patterns:
@@ -80,10 +80,17 @@ class AttentionAnalyser:
         if self.patterns:
             T = self.vit.num_prefix_tokens
             self.values["cls_vectors"].append(cls_vector(A, T).to(torch.float16).cpu().numpy())
-            self.values["patch_bits"].append(pack_bits(binarize_topq(A[..., T:, T:], self.q)))
+            self.values["patch_bits"].append(layer_patch_bits(self.vit, layer, A, self.batch))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v, axis=1) for k, v in self.values.items() if v}  # L x [B, H, ...] -> [B, L, H, ...]
+
+
+def layer_patch_bits(vit: ViT, layer: int, A: Tensor, batch: Batch) -> np.ndarray:
+    """Block ``layer``'s binarised patch matrices, bit-packed: uint8 [B, H, ceil(P*P/8)] (top
+    ``batch.options["q"]``; computed once per block and batch, shared with the pattern-label hooks)."""
+    T = vit.num_prefix_tokens
+    return batch.memo(("patch_bits", layer), lambda: pack_bits(binarize_topq(A[..., T:, T:], batch.options["q"])))
 
 
 def model_kind(vit: ViT) -> str:
@@ -118,7 +125,7 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
         labels = labels.clamp_min(0).to(vit.device)
     else:
         labels = None
-    analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], q, patterns)
+    analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], patterns)
     batch = Batch(vit, images, labels, {"q": q, **(options or {})}, analyser)
     analyser.batch = batch
     out = BatchResult()

@@ -705,15 +705,17 @@ def merge_run(ctx: BuildContext) -> dict:
         completed=now_iso())
     manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
                                 layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
-                                sizes=lambda d: run_sizes(d, n, vit))
+                                sizes=lambda d: run_sizes(d, n, manifest["model"]),
+                                inputs={"patch_bits": arrays["patch_bits"]})
     shutil.rmtree(stages_dir(run_dir), ignore_errors=True)  # the tables hold the stages' results now
     store.remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
     ctx.manifest = manifest
     return manifest
 
 
-def run_sizes(run_dir: Path, n: int, vit) -> dict:
-    """Bytes on disk (all, tables, thumbnails, parts) and what raw float32 attention would take."""
+def run_sizes(run_dir: Path, n: int, model: dict) -> dict:
+    """Bytes on disk (all, tables, thumbnails, parts) and what raw float32 attention would take
+    (``model``: the manifest's model facts depth, heads, num_tokens)."""
     files = [p for p in run_dir.rglob("*")  # temporaries and stage checkpoints are about to go
              if p.is_file() and not p.name.startswith(".") and p.relative_to(run_dir).parts[0] != "stages"]
     size = lambda ps: int(sum(p.stat().st_size for p in ps))
@@ -721,7 +723,44 @@ def run_sizes(run_dir: Path, n: int, vit) -> dict:
             "tables_bytes": size(p for p in files if p.suffix == ".parquet"),
             "thumbs_bytes": size(p for p in files if p.parent.name == "thumbs"),
             "parts_bytes": size(p for p in files if p.parent.name == "parts"),
-            "raw_attention_bytes": int(n) * vit.depth * vit.num_heads * vit.num_tokens ** 2 * 4}
+            "raw_attention_bytes": int(n) * model["depth"] * model["heads"] * model["num_tokens"] ** 2 * 4}
+
+
+# ---- adding the pattern labels to a run built without them ----------------------------------
+
+def add_pattern_labels(run_dir: str | Path) -> dict:
+    """Add the pattern labels (PATTERN_METRICS) to a complete run built without them, from the
+    patch bits in its parts: every other column, the layouts and the thumbnails are kept as they are.
+    Returns the new manifest (timings.pattern_labels: seconds)."""
+    from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
+
+    run_dir = Path(run_dir)
+    run = store.open_run(run_dir)
+    t = time.perf_counter()
+    ids = run.images["image_id"].to_numpy()
+    bits = {}
+    for path in sorted(parts_dir(run_dir).glob("part_*.npz")):
+        part = read_part(path, ["index", "patch_bits"]) or {}
+        if "patch_bits" in part:
+            bits.update(zip(part["index"].tolist(), part["patch_bits"]))
+    lacking = [int(i) for i in ids if int(i) not in bits]
+    if lacking:
+        raise CacheError(f"Run {run_dir.name} has no patch bits for {len(lacking)} of its {len(ids)} images (ids "
+                         f"{lacking[:10]}): its parts/ folder was deleted or is incomplete, so the labels cannot be "
+                         f"added. Rebuild the run: python scripts/build_cache.py --out {run_dir}-2 (with the options "
+                         "it was built with).")
+    patch_bits = np.stack([bits[int(i)] for i in ids])
+    grid = run.model["grid"]
+    arrays = {m.name: run.dense(m.name) for m in run.metrics_of(level="image_head") if m.name not in PATTERN_METRICS}
+    arrays.update(pattern_arrays(patch_bits, grid))
+    manifest = dict(run.manifest)
+    manifest["timings"] = {**manifest.get("timings", {}), "pattern_labels": round(time.perf_counter() - t, 3)}
+    layouts = {k: xy.reshape(-1, 2) for k in ("cls", "patch") if (xy := run.layout(k)) is not None}
+    stages = manifest.get("params", {}).get("stages", ())
+    manifest = tables.write_run(run_dir, manifest, run.images, arrays, L=run.L, H=run.H, layouts=layouts,
+                                skipped=run.skipped, stages=stages, inputs={"patch_bits": patch_bits},
+                                sizes=lambda d: run_sizes(d, len(ids), run.model))
+    return manifest
 
 
 # ---- everything ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from analysis.errors import CacheError
 from analysis.metrics import registry
+from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
 from analysis.runs.schema import REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS
 
@@ -100,6 +101,22 @@ class Run:
         return self._read("head_metrics.parquet")
 
     @cached_property
+    def head_columns(self) -> list[str]:
+        """The columns of head_metrics (from the Parquet schema: no data read)."""
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(self.path / "head_metrics.parquet").names)
+
+    def _head_frame(self, cols: list[str]) -> pd.DataFrame:
+        """Some head_metrics columns, read alone unless the whole table is already loaded."""
+        if "head_metrics" in self.__dict__:
+            return self.head_metrics[cols]
+        return pd.read_parquet(self.path / "head_metrics.parquet", columns=cols)
+
+    def _head_column(self, col: str) -> pd.Series:
+        return self._head_frame([col])[col]
+
+    @cached_property
     def head_summary(self) -> pd.DataFrame:
         return self._read("head_summary.parquet")
 
@@ -122,9 +139,13 @@ class Run:
         those its manifest lists under "metrics" (all, for runs written before that key existed)
         that have a value in the tables."""
         listed = self.manifest.get("metrics")
-        hm, hs = self.head_metrics, self.head_summary
+        hs, cols = self.head_summary, self.head_columns
+        # only the columns looked at are read; a vector column the manifest lists (slow to read) is trusted
+        check = [m.name for m in registry.metrics("image_head", names=listed)
+                 if m.name in cols and (m.value != "vector" or listed is None)]
+        present = self._head_frame(check).notna().any() if check else pd.Series(dtype=bool)
         return [m.name for m in registry.metrics(names=listed)
-                if (m.level == "image_head" and m.name in hm.columns and hm[m.name].notna().any())
+                if (m.level == "image_head" and m.name in cols and (m.name not in check or present[m.name]))
                 or (m.level == "head" and m.name in hs.columns and hs[m.name].notna().any())]
 
     def metrics_of(self, *, importance: bool | None = None, value: str | None = None,
@@ -135,7 +156,7 @@ class Run:
     @cached_property
     def _positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(row position in ``images``, head index layer*H+head) of every head_metrics row that belongs to an image."""
-        hm = self.head_metrics
+        hm = self._head_frame(["image_id", "layer", "head"])
         pos = pd.Series(np.arange(len(self.images)), index=self.images["image_id"].to_numpy())
         rows = pos.reindex(hm["image_id"].to_numpy()).to_numpy()
         keep = ~np.isnan(rows)
@@ -148,15 +169,23 @@ class Run:
         m = registry.get_metric(name)
         if m.level == "head":
             return self.summary(name)
-        if name not in self.head_metrics.columns:
-            raise CacheError(f"Run {self.name} has no column {name} (it was built without this metric). "
-                             "Rebuild the run to add it.")
+        if name not in self.head_columns:
+            raise CacheError(self.lacks(name))
         return self._column(name, m.value)
+
+    def lacks(self, name: str) -> str | None:
+        """Why this run has no values of metric ``name`` and how to add them; None when it has them."""
+        if name in self.metrics:
+            return None
+        if name in PATTERN_METRICS:
+            return (f"Run {self.name} was built before the pattern labels existed. Add them without recomputing "
+                    f"the rest: python scripts/build_cache.py --out {self.path} --add-pattern-labels")
+        return f"Run {self.name} has no values of {name} (it was built without this metric). Rebuild the run to add it."
 
     def layout(self, kind: str) -> np.ndarray | None:
         """The 2-D pattern layout ``kind`` ("cls" or "patch") as [images, L, H, 2]; None when empty."""
         cols = [f"{kind}_x", f"{kind}_y"]
-        if not all(c in self.head_metrics.columns and self.head_metrics[c].notna().any() for c in cols):
+        if not all(c in self.head_columns and self._head_column(c).notna().any() for c in cols):
             return None
         return np.stack([self._column(c, "scalar") for c in cols], axis=-1)
 
@@ -166,7 +195,7 @@ class Run:
                 return self._dense[col]
         n, L, H = len(self.images), self.L, self.H
         keep, flat = self._positions
-        series = self.head_metrics[col]
+        series = self._head_column(col)
         if value == "vector":
             values = series.to_numpy()[keep]
             K = max((len(v) for v in values if v is not None), default=0)

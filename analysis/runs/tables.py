@@ -126,10 +126,11 @@ def head_table(image_ids: np.ndarray, arrays: dict, L: int, H: int, layouts: dic
     return df
 
 
-def summary_table(arrays: dict, L: int, H: int, stages: Iterable[str] = ()) -> pd.DataFrame:
+def summary_table(arrays: dict, L: int, H: int, stages: Iterable[str] = (), inputs: dict | None = None) -> pd.DataFrame:
     """One row per head: for each image_head metric with ``summary`` its ``<name>_mean`` and
     ``<name>_std`` over images (population std, ddof=0; NaN where undefined; a vector: the mean
-    vector only), every run-level (level="head") metric of these ``stages``, and n_images."""
+    vector only), every run-level (level="head") metric of these ``stages`` (its hook sees
+    ``arrays`` and the engine arrays in ``inputs``, e.g. patch_bits), and n_images."""
     lay, hd = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
     df = pd.DataFrame({"layer": lay.ravel(), "head": hd.ravel()})
     n = 0
@@ -149,7 +150,7 @@ def summary_table(arrays: dict, L: int, H: int, stages: Iterable[str] = ()) -> p
         std[defined] = np.nanstd(a[:, defined], axis=0)
         df[f"{m.name}_mean"], df[f"{m.name}_std"] = mean, std
     for m in registry.computed_metrics("head", stages):
-        values = np.asarray(m.compute.fn(arrays))
+        values = np.asarray(m.compute.fn({**arrays, **(inputs or {})}))
         df[m.name] = values.reshape(L * H) if m.value != "vector" else list(values.reshape(L * H, -1))
     df["n_images"] = n
     return df
@@ -170,11 +171,12 @@ def present_metrics(arrays: dict, summary: pd.DataFrame) -> list[str]:
 
 def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict, *, L: int, H: int,
               layouts: dict | None = None, skipped: pd.DataFrame | None = None, stages: Iterable[str] = (),
-              sizes: Callable[[Path], dict] | None = None) -> dict:
+              sizes: Callable[[Path], dict] | None = None, inputs: dict | None = None) -> dict:
     """Write a complete run: images, head_metrics, head_summary and skipped tables, then the
     manifest with status "complete", ``metrics`` (the registry metrics with values), timings.tables and ``sizes``
     (``sizes(run_dir)``, default {"cache_bytes"}). ``images`` has IMAGE_COLUMNS, one row per image
-    in ascending image_id; ``arrays`` {metric name: [n, L, H(, K)]} in the same order. Returns the manifest."""
+    in ascending image_id; ``arrays`` {metric name: [n, L, H(, K)]} in the same order; ``inputs``
+    engine arrays in the same order for run-level hooks only (``patch_bits``). Returns the manifest."""
     run_dir = Path(run_dir)
     ids = images["image_id"].to_numpy()
     if len(ids) and np.any(np.diff(ids) <= 0):
@@ -188,7 +190,7 @@ def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict,
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads (e.g. no SIFT keypoints)
-        summary = summary_table(arrays, L, H, stages)
+        summary = summary_table(arrays, L, H, stages, inputs)
     write_table(run_dir / "images.parquet", images, schema.IMAGE_COLUMNS)
     write_table(run_dir / "head_metrics.parquet", head_table(ids, arrays, L, H, layouts), schema.head_columns(arrays))
     write_table(run_dir / "head_summary.parquet", summary, schema.summary_columns(list(arrays) + list(summary.columns)))

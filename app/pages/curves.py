@@ -15,7 +15,7 @@ from analysis.metrics.head_sets import curve_area, heads_before_drop
 from app import figures as F
 from app.views import GRAPH_CONFIG, load, message
 
-dash.register_page(__name__, path="/curves", name="Curves", title="HeadScope · Pruning curves", order=3)
+dash.register_page(__name__, path="/curves", name="Curves", title="HeadScope · Pruning curves", order=2)
 
 ORDER_STYLE = {"exact": ("exact (leave-one-out)", F.MEAN_BLUE), "taylor": ("taylor (approximate)", F.OKABE_ITO[0]),
                "random": ("random", F.GREY)}

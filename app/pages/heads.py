@@ -7,7 +7,7 @@ from __future__ import annotations
 import dash
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Input, Output, Patch, State, callback, dcc, html, no_update
+from dash import Input, Output, Patch, State, callback, dash_table, dcc, html, no_update
 
 from analysis.metrics import registry
 from app import data, figures as F
@@ -33,6 +33,23 @@ def layout(**_query):
         html.P(["Mean and standard deviation over all images of the run (head_summary). Click a cell to select "
                 "the head, then open the ", dcc.Link("Explorer", href="/", id="heads-explorer-link"), "."],
                className="text-muted small"),
+        html.H5("Pattern labels", className="mt-3"),
+        html.Div(id="heads-patterns"),
+        dbc.Row([
+            dbc.Col(html.H5("Class level", className="mt-3"), md=True),
+            dbc.Col(dbc.InputGroup([dbc.InputGroupText("metric"),
+                                    dcc.Dropdown(id="heads-class-metric", clearable=False, searchable=False,
+                                                 style={"minWidth": "21rem"})], size="sm", className="flex-nowrap"),
+                    width="auto", className="mt-3"),
+            dbc.Col(dbc.Checklist(id="heads-class-correct", options=[{"label": "correctly predicted images only",
+                                                                     "value": "correct"}], value=[], switch=True),
+                    width="auto", className="mt-3"),
+        ]),
+        html.Div(id="heads-class-msg"),
+        dbc.Row([
+            dbc.Col(dcc.Graph(id="heads-class-map", config=GRAPH_CONFIG, style={"height": "420px"}), lg=8),
+            dbc.Col(html.Div(id="heads-specificity", className="heads-table"), lg=4),
+        ]),
     ])
 
 
@@ -101,3 +118,112 @@ def heads_select(click):
     p = Patch()
     p["layer"], p["head"] = int(pt["y"]), int(pt["x"])
     return p
+
+
+# ---- pattern labels: modal label, its share, consistency (sortable) ---------------------------
+
+def pattern_rows(index: data.RunIndex) -> list[dict]:
+    """One row per head: layer, head, modal pattern label, share of images with it, consistency."""
+    from analysis.metrics.patterns import modal_labels
+
+    modal, share = modal_labels(index.run.dense("pattern"))
+    cons = index.run.dense("consistency") if index.has("consistency") else np.full((index.L, index.H), np.nan)
+    return [{"layer": l, "head": h, "label": modal[l, h], "share": round(float(share[l, h]), 4),
+             "consistency": None if not np.isfinite(cons[l, h]) else round(float(cons[l, h]), 4)}
+            for l in range(index.L) for h in range(index.H)]
+
+
+@callback(Output("heads-patterns", "children"), Input("sel", "data"))
+def heads_patterns(sel):
+    index, err = load(sel)
+    if index is None:
+        return message(err, "danger")
+    if not index.has("pattern"):
+        return message(index.run.lacks("pattern"), "warning")
+    rows = index.memo("pattern-rows", lambda: pattern_rows(index))
+    columns = [{"name": "layer", "id": "layer"}, {"name": "head", "id": "head"},
+               {"name": "modal label", "id": "label"}, {"name": "share of images", "id": "share"},
+               {"name": "consistency", "id": "consistency"}]
+    return [html.P("Each head's most frequent pattern label over the run's images, the share of images with that "
+                   "label, and its consistency (mean Jaccard of the binarised patterns over image pairs: high = "
+                   "content-agnostic). Click a column header to sort.", className="small text-muted mb-1"),
+            dash_table.DataTable(id="heads-pattern-table", data=rows, columns=columns, sort_action="native",
+                                 sort_by=[{"column_id": "consistency", "direction": "desc"}], page_size=12,
+                                 style_cell={"fontSize": "0.8rem", "padding": "2px 6px"},
+                                 style_header={"fontWeight": "bold"})]
+
+
+# ---- class level: class x head heatmap and class specificity ---------------------------------
+
+@callback(Output("heads-class-metric", "options"), Output("heads-class-metric", "value"), Input("sel", "data"),
+          State("heads-class-metric", "value"))
+def heads_class_metric(sel, current):
+    index, _ = load(sel)
+    if index is None:
+        return [], None
+    names = index.importance + index.properties
+    if not names:
+        return [], None
+    default = "prob_drop" if "prob_drop" in names else names[0]
+    return data.metric_options(names), current if current in names else default
+
+
+def class_view(index: data.RunIndex, metric: str, correct_only: bool):
+    """(classes, counts, mean [C, L*H], specificity [L*H], best class [L*H]) over the chosen images."""
+    from analysis.metrics.classes import class_specificity, class_statistics
+
+    labels = index.images["label"].to_numpy(np.int64)
+    keep = np.ones(len(labels), bool)
+    if correct_only and "pred" in index.images.columns:
+        keep = index.images["pred"].to_numpy(np.int64) == labels
+    values = index.values(metric)[keep]
+    stats = class_statistics(values, labels[keep])
+    if not len(stats.classes):
+        return stats, None, None
+    spec = class_specificity(values, labels[keep])
+    best = stats.classes[np.argmax(np.where(np.isfinite(stats.mean), stats.mean, -np.inf), axis=0)]
+    return stats, spec, best
+
+
+@callback(Output("heads-class-map", "figure"), Output("heads-specificity", "children"),
+          Output("heads-class-msg", "children"), Input("sel", "data"), Input("heads-class-metric", "value"),
+          Input("heads-class-correct", "value"))
+def heads_class_view(sel, metric, correct):
+    index, err = load(sel)
+    if index is None:
+        return F.empty(err or "No run"), None, None
+    if metric not in index.importance + index.properties:
+        return F.empty("Choose a metric."), None, None
+    correct_only = "correct" in (correct or []) and index.has_classifier
+    stats, spec, best = index.memo(("class-view", metric, correct_only),
+                                   lambda: class_view(index, metric, correct_only))
+    if spec is None:
+        return F.empty("No image of this run has a known class label."), None, message(
+            "Class views need images with true labels (a folder of class sub-folders or a manifest with labels).",
+            "warning")
+    m = registry.get_metric(metric)
+    names = [f"{index.class_name(c)} (n={k})" for c, k in zip(stats.classes, stats.counts)]
+    heads = [f"L{l}H{h}" for l in range(index.L) for h in range(index.H)]
+    z = stats.mean.reshape(len(stats.classes), -1)
+    std = stats.std.reshape(len(stats.classes), -1)
+    band = [[("n=1, no band" if k < 2 else f"std {v:.3g}") for v in row] for k, row in zip(stats.counts, std)]
+    fig = {"data": [{"type": "heatmap", "z": np.where(np.isfinite(z), z, None).tolist(), "x": heads, "y": names,
+                     "customdata": band, "colorscale": "Cividis", "reversescale": m.important == "low",
+                     "colorbar": {"title": {"text": "class mean"}, "thickness": 10},
+                     "hovertemplate": "%{y}<br>%{x}<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
+           "layout": F.layout(f"class mean of {m.title}", xaxis=F.axis("head (L layer H head)", type="category"),
+                              yaxis=F.axis("class", type="category", autorange="reversed"))}
+    order = np.argsort(-np.where(np.isfinite(spec), spec, -np.inf).reshape(-1), kind="stable")[:20]
+    flat_spec, flat_best = spec.reshape(-1), best.reshape(-1)
+    rows = [html.Tr([html.Td(r + 1), html.Td(int(i // index.H)), html.Td(int(i % index.H)),
+                     html.Td(index.class_name(flat_best[i])), html.Td(f"{flat_spec[i]:.4g}")])
+            for r, i in enumerate(order) if np.isfinite(flat_spec[i])]
+    table = [html.P(f"Class specificity of {metric}: max over classes of the class mean minus the mean over all "
+                    "labelled images (highest first).", className="small text-muted mb-1"),
+             dbc.Table([html.Thead(html.Tr([html.Th(c) for c in ("rank", "layer", "head", "class", "specificity")])),
+                        html.Tbody(rows)], size="sm", hover=True, striped=True, id="heads-specificity-table")]
+    note = None
+    if (stats.counts < 2).any():
+        note = message(f"{int((stats.counts < 2).sum())} class(es) have a single image: their count is shown "
+                       "instead of a band.", "info")
+    return fig, table, note

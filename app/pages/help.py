@@ -6,7 +6,7 @@ from dash import dcc, html
 
 from analysis.metrics import registry
 
-dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=4)
+dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=5)
 
 TEXT = r"""
 ## What HeadScope shows

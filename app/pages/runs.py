@@ -9,7 +9,7 @@ from dash import Input, Output, callback, dcc, html
 from analysis.runs import store
 from app import config
 
-dash.register_page(__name__, path="/runs", name="Runs", title="HeadScope · Runs", order=2)
+dash.register_page(__name__, path="/runs", name="Runs", title="HeadScope · Runs", order=4)
 
 
 def human_size(n) -> str:
