@@ -380,6 +380,10 @@ for _m in (
            compute=OnRun(_ablation_shift), meaning="how much mean ablation changes the head's importance",
            formula="run mean over images of mean_prob_drop - prob_drop (mean_emb_dist - emb_dist for a backbone): "
                    "positive = the head matters more than zeroing says, negative = zeroing overstates it."),
+):
+    register_metric(_m)
+
+
 # ---- pattern labels (SPEC "Attention pattern labels"; analysis.metrics.patterns) ----------------
 
 def _pattern_scores(vit, layer, A, batch):
