@@ -217,24 +217,34 @@ def top5(class_names, probs, true_label_name: str | None, caption: str) -> dict:
 
 
 # ---- C: attention strength -----------------------------------------------------------------
-def strength_overview(entropy, L: int, H: int, selected=None, title: str | None = None) -> dict:
-    """C1: every head at x = layer (spread by head), y = normalised strength entropy, coloured by layer."""
+def _padded(value_range):
+    lo, hi = value_range
+    pad = 0.03 * (hi - lo)
+    return [lo - pad, hi + pad]
+
+
+def property_overview(values, L: int, H: int, selected=None, title: str | None = None,
+                      y_title: str = "strength entropy", y_range=(0, 1)) -> dict:
+    """C1: every head at x = layer (spread by head), y = a per-head property (default: the
+    normalised strength entropy), coloured by layer. y_range None: automatic."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
     jitter = (head - (H - 1) / 2) * (0.6 / max(H, 1))
     x = layer + jitter
-    ent = np.asarray(entropy, float)
+    ent = np.asarray(values, float)
     data = [{"type": "scatter", "mode": "markers", "x": x.tolist(), "y": ent.tolist(),
              "customdata": np.stack([layer, head], 1).tolist(),
              "marker": {"color": layer.tolist(), "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
                         "size": 8, "line": {"width": 0.5, "color": "#333"},
                         "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
-             "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>entropy %{y:.3f}<extra></extra>"}]
+             "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>" + y_title
+                              + " %{y:.4g}<extra></extra>"}]
     if selected is not None:
         i = selected[0] * H + selected[1]
         data.append(selected_ring(float(x[i]), float(ent[i])))
+    y_axis = axis(y_title, range=_padded(y_range)) if y_range else axis(y_title)
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),
-                 yaxis=axis("strength entropy", range=[-0.03, 1.03]),
+                 yaxis=y_axis,
                  margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
     return {"data": data, "layout": lay}
 
@@ -250,22 +260,26 @@ def strength_bars(strength, title: str | None = None) -> dict:
     return {"data": data, "layout": lay}
 
 
-def entropy_distribution(values, current=None, bins: int = 30, title: str | None = None) -> dict:
-    """C3: distribution (area) of one head's strength entropy over all images, with a line at
-    the selected image's value."""
+def distribution(values, current=None, bins: int = 30, title: str | None = None,
+                 x_title: str = "strength entropy", x_range=(0, 1)) -> dict:
+    """C3: distribution (area) of one head's property over all images (default: strength entropy
+    in [0, 1]; x_range None: the values' range), with a line at the selected image's value."""
     v = np.asarray(values, float)
     v = v[~np.isnan(v)]
-    hist, edges = np.histogram(v, bins=bins, range=(0, 1))
+    if x_range is None:
+        lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+        x_range = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+    hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
     share = hist / max(len(v), 1)
     centres = (edges[:-1] + edges[1:]) / 2
     data = [{"type": "scatter", "x": centres.tolist(), "y": share.tolist(), "mode": "lines", "fill": "tozeroy",
              "line": {"color": MEAN_BLUE, "shape": "spline", "smoothing": 0.6}, "fillcolor": "rgba(0,114,178,0.25)",
-             "hovertemplate": "entropy %{x:.2f}: %{y:.1%} of images<extra></extra>"}]
+             "hovertemplate": "%{x:.3g}: %{y:.1%} of images<extra></extra>"}]
     shapes = []
     if current is not None and not np.isnan(current):
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": current, "x1": current, "y0": 0, "y1": 1,
                        "line": {"color": ACCENT, "width": 2}})
-    lay = layout(title, shapes=shapes, xaxis=axis("strength entropy", range=[0, 1]),
+    lay = layout(title, shapes=shapes, xaxis=axis(x_title, range=list(x_range)),
                  yaxis=axis("share of images", tickformat=".0%"), margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
     return {"data": data, "layout": lay}
 

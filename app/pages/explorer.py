@@ -16,6 +16,7 @@ import numpy as np
 from dash import Input, Output, Patch, State, callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
+from analysis.metrics import registry
 from analysis.models.pruning import MODE_LABELS
 
 from app import data, figures as F
@@ -61,12 +62,15 @@ def layout(**_query):
         dcc.Store(id="prune-mode", data=1),
     ], hint="B1: click a head")
 
+    c1_tools = [dcc.Dropdown(id="c1-metric", clearable=False, searchable=False, className="c1-metric",
+                             style={"minWidth": "13rem", "fontSize": "0.8rem"})]
     view_c = card("C", "Attention strength", [
         html.Div(id="c-msg"),
         graph("c1-graph", 270),
         html.Div("C2 · k-hop strength of the selected head", className="sub-title"), graph("c2-graph", 200),
-        html.Div("C3 · its strength entropy over all images", className="sub-title"), graph("c3-graph", 190),
-    ], hint="C1: heads by layer and strength entropy · click a head")
+        html.Div("C3 · the selected head's C1 property over all images", className="sub-title"),
+        graph("c3-graph", 190),
+    ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools)
 
     d1_tools = [
         dbc.RadioItems(id="d1-kind", options=[{"label": "CLS vectors", "value": "cls"},
@@ -124,21 +128,31 @@ def thumb_url(run: str, image_id) -> str:
     return dash.get_relative_path(f"/thumbs/{run}/{int(image_id)}.png")
 
 
-def _metric_label(metric: str) -> str:
-    return data.METRIC_LABELS.get(metric, metric)
+def _title(metric: str) -> str:
+    return registry.get_metric(metric).title
 
 
 # ---- selection summary, metric options -------------------------------------------------------
 @callback(Output("metric", "options"), Output("metric", "value"), Input("sel", "data"), State("metric", "value"))
 def metric_options(sel, current):
-    """The metrics this run has values for (backbone runs have no prob / jsd)."""
+    """B1's choice: the importance metrics this run has values for (backbone runs have no prob / jsd)."""
     index, _ = load(sel)
-    if index is None or not index.metrics:
+    if index is None or not index.importance:
         return [], None
-    options = [{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics]
     # the paper's default (prob); for a backbone its output-level stand-in (emb_dist), as view A uses
-    default = next((m for m in ("prob", "emb_dist") if m in index.metrics), index.metrics[0])
-    return options, current if current in index.metrics else default
+    default = next((m for m in ("prob", "emb_dist") if m in index.importance), index.importance[0])
+    return data.metric_options(index.importance), current if current in index.importance else default
+
+
+@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("sel", "data"),
+          State("c1-metric", "value"))
+def c1_metric_options(sel, current):
+    """C1's y axis: any scalar head property of the run (strength entropy by default, as in the paper)."""
+    index, _ = load(sel)
+    if index is None or not index.properties:
+        return [], None
+    default = "strength_entropy" if "strength_entropy" in index.properties else index.properties[0]
+    return data.metric_options(index.properties), current if current in index.properties else default
 
 
 @callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
@@ -240,12 +254,12 @@ def view_b1(sel, metric):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run")
-    if not metric or metric not in index.metric:
+    if not metric or metric not in index.importance:
         return F.empty(index.missing.get("metrics", "Choose a metric."))
     pos, head = _selection(index, sel)
-    values = None if pos is None else index.metric[metric][pos]
-    return F.head_importance(index.L, index.H, _metric_label(metric), index.mean[metric], index.std[metric],
-                             image_values=values, selected=head,
+    values = None if pos is None else index.values(metric)[pos]
+    mean, std = index.summary(metric)
+    return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
                              image_label=None if pos is None else _image_caption(index, pos))
 
 
@@ -292,11 +306,11 @@ def view_b2_b3(sel, metric, mode):
         return F.empty("Partial pruning unavailable."), F.empty(""), message(str(err), "danger")
     rows = sorted(res["rows"], key=lambda r: r["mode"])
     mode = int(mode) if mode is not None else 1
-    metric = metric if metric in rows[0] else "prob"
+    if metric not in rows[0]:  # partial pruning gives the exact leave-one-out metrics
+        metric = next((m for m in index.importance if m in rows[0]), "emb_dist")
     values = [r.get(metric) for r in rows]
     reference = rows[0].get("prob") if metric == "prob" else None
-    b2 = F.pruning_modes(MODE_LABELS, values, data.METRIC_AXIS.get(metric, metric), selected_mode=mode,
-                         reference=reference)
+    b2 = F.pruning_modes(MODE_LABELS, values, _title(metric), selected_mode=mode, reference=reference)
     row = rows[mode] if 0 <= mode < len(rows) else rows[1]
     if not row.get("top5_classes"):
         b3 = F.empty("This model has no classifier head:\nno class probabilities.")
@@ -317,31 +331,37 @@ def choose_mode(click):
 
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
-          Output("c-msg", "children"), Input("sel", "data"))
-def view_c(sel):
+          Output("c-msg", "children"), Input("sel", "data"), Input("c1-metric", "value"))
+def view_c(sel, prop):
+    """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
+    selected head's k-hop strength; C3: its C1 property over all images."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), F.empty(""), F.empty(""), None
     pos, head = _selection(index, sel)
-    if index.entropy is None:
-        msg = index.missing["strength_entropy"]
-        return F.empty(msg), F.empty(""), F.empty(""), message(msg)
+    if prop not in index.properties:
+        msg = index.missing.get("properties") if not index.properties else None
+        return F.empty(msg or "Choose a head property."), F.empty(""), F.empty(""), message(msg)
+    m = registry.get_metric(prop)
+    values = index.values(prop)
     if pos is None:
-        ent = index.memo("mean-entropy", lambda: np.nanmean(index.entropy, axis=0))
-        c1 = F.strength_overview(ent, index.L, index.H, head, "mean over all images (select an image in A)")
+        mean = index.memo(("mean", prop), lambda: index.summary(prop)[0])
+        c1 = F.property_overview(mean, index.L, index.H, head, "mean over all images (select an image in A)",
+                                 y_title=m.title, y_range=m.range)
     else:
-        c1 = F.strength_overview(index.entropy[pos], index.L, index.H, head, _image_caption(index, pos))
+        c1 = F.property_overview(values[pos], index.L, index.H, head, _image_caption(index, pos),
+                                 y_title=m.title, y_range=m.range)
     if head is None:
-        return c1, F.empty("Click a head to see its k-hop strength."), F.empty("… and its entropy over all images."), None
+        return c1, F.empty("Click a head to see its k-hop strength."), F.empty("… and its values over all images."), None
     hi = head[0] * index.H + head[1]
-    if index.strength is None:
+    if not index.has("strength"):
         c2 = F.empty(index.missing["strength"])
     elif pos is None:
-        c2 = F.strength_bars(np.nanmean(index.strength[:, hi], axis=0), "mean over all images")
+        c2 = F.strength_bars(index.summary("strength")[0][hi], "mean over all images")
     else:
-        c2 = F.strength_bars(index.strength[pos, hi])
-    current = None if pos is None else float(index.entropy[pos, hi])
-    c3 = F.entropy_distribution(index.entropy[:, hi], current)
+        c2 = F.strength_bars(index.values("strength")[pos, hi])
+    current = None if pos is None else float(values[pos, hi])
+    c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range)
     return c1, c2, c3, None
 
 
@@ -439,8 +459,6 @@ def view_d2(sel, hover):
         att = _attention(index, pos, head)
     except (OnlineError, HeadScopeError) as err:
         return None, message(str(err), "danger")
-    from PIL import Image
-
     A, T, grid = att["attention"], int(att["num_prefix_tokens"]), tuple(att["grid"])
     names = F.token_names(A.shape[0], T, grid)
     source, target = 0, 0  # the last hovered token stays picked when the head changes
@@ -451,9 +469,9 @@ def view_d2(sel, hover):
         else:
             target = int(cd[1])
     try:
-        image = Image.open(index.path / "thumbs" / f"{int(index.image_ids[pos])}.png")
-    except OSError:
-        return None, message("The thumbnail of this image is missing from the run.")
+        image = index.thumbnail(index.image_ids[pos])
+    except HeadScopeError as err:
+        return None, message(str(err))
     tiles = [
         ("image", F.masked_image(image)),
         (f"attention to {names[target]} (sources)",
