@@ -4,6 +4,7 @@
     python scripts/build_cache.py --dataset photos                 # default-backbone on photos -> cache/photos
     python scripts/build_cache.py --model vit_small_patch16_224 --weights vit_s.safetensors \\
         --images data/val --out cache/my-run --limit 1000
+    python scripts/build_cache.py --dataset photos --patch-maps    # + the four patch maps per image
     python scripts/build_cache.py --out cache/my-run --resume      # continue after Ctrl-C / a crash
     python scripts/build_cache.py ... --shard 1/4   (one per GPU/machine), then ... --merge
     HEADSCOPE_BROKER_URL=redis://... python scripts/build_cache.py ... --worker-pool   # on the Celery workers
@@ -60,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--thumb-px", type=int, metavar="PX", help="thumbnail side (default: model input size within 112-224)")
     r.add_argument("--threads", type=int, metavar="T", help="CPU threads for torch and the t-SNE layouts "
                                                             "(default: the cores other processes leave idle)")
+    r.add_argument("--patch-maps", action="store_true", default=None,
+                   help="also precompute the four patch maps of every image (occlusion, token_drop, rollout, "
+                        "grad_rollout; ~2 x (patches + 1) forwards per image) and each head's alignment with the "
+                        "occlusion map (metric saliency_alignment)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (finished images are skipped)")
     s = r.add_mutually_exclusive_group()
@@ -103,7 +108,8 @@ def make_config(args: argparse.Namespace):
     given = {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights else None,
              "pretrained": args.pretrained, "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
-             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px}
+             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px,
+             "stages": ["patch_maps"] if args.patch_maps else None}
     execution = {"batch_size": args.batch_size, "threads": args.threads, "progress": not args.quiet,
                  "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
     model = args.model or EMBEDDED_RUNS.get(dataset or "fashion", "default")

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 from analysis import deletion_curves, head_saliency_alignment, load_vit, map_agreement, patch_maps
 from analysis.errors import HeadScopeError
 from analysis.metrics.patch_maps import MAPS
+from test_build import one_thread, tiny  # noqa: F401  (fixtures: tiny folder set, one torch thread)
 from test_importance import make_model
 
 VARIANTS = ["cls", "reg", "distilled", "avgpool", "backbone"]
@@ -255,3 +256,33 @@ def test_bad_inputs():
     with pytest.raises(HeadScopeError, match="no prefix token"):
         patch_maps(no_cls, torch.randn(3, 48, 48), 0, maps=["rollout"])
     assert set(patch_maps(no_cls, torch.randn(3, 48, 48), 0)) == {"occlusion", "token_drop"}
+
+
+# ---- the build option: precomputed maps and the registry metric ---------------------------------
+
+def test_build_option_precomputes_maps_and_alignment(tiny):
+    from analysis.datasets import open_image
+    from analysis.runs import build, store
+    from analysis.serving.service import model_from_manifest
+    from scripts.build_cache import make_config, parse_args
+
+    assert make_config(parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
+    cfg = tiny["config"]("maps", stages=["patch_maps"])
+    build.run_image_stage(cfg, range(5))          # an interrupted build: the first batch only
+    assert build.finished_images(cfg.run_dir) == set(range(5))
+    build.build(tiny["config"]("maps", stages=["patch_maps"]))   # resumes the other images, merges
+    run = store.open_run(cfg.run_dir)
+    assert run.has_patch_maps and "saliency_alignment" in run.metrics
+    vit = model_from_manifest(run.model)
+    dense = run.dense("saliency_alignment")
+    assert dense.shape == (len(run.images), vit.depth, vit.num_heads) and np.isfinite(dense).mean() > 0.9
+    for pos in (0, 7):
+        row = run.images.iloc[pos]
+        x = vit.preprocess([open_image(row.path)])[0]
+        maps = patch_maps(vit, x, int(row.label))
+        stored = run.patch_maps(int(row.image_id))
+        assert set(stored) == set(MAPS)
+        for name in MAPS:
+            np.testing.assert_allclose(stored[name], maps[name], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(dense[pos], head_saliency_alignment(vit, maps["occlusion"], image=x), atol=1e-6)
+    assert run.patch_maps(10_000) is None   # an image the run does not have

@@ -220,23 +220,62 @@ def patch_maps(vit: ViT, image: Tensor, label: int | None = None, maps: Iterable
     maps = check_maps(vit, maps)
     img = check_image(vit, image)
     idx = check_patches(vit, patches)
-    target = target_class(vit, img, label)
+    return compute_maps(vit, img, target_class(vit, img, label), maps, idx, progress)[0]
+
+
+def compute_maps(vit: ViT, img: Tensor, target: int | None, maps: Sequence[str], patches: np.ndarray,
+                 progress=False) -> tuple[dict[str, np.ndarray], Tensor | None]:
+    """The checked-input core of patch_maps: ({name: [gh, gw]}, the attention [L, H, N, N] when a
+    rollout map captured it, else None). img [1, 3, H, W]; target from target_class."""
     out: dict[str, np.ndarray] = {}
+    attention = None
     if {"occlusion", "token_drop"} & set(maps):
         x0 = vit.embed(img)
         scorer = Scorer(vit, x0, target)
         if "occlusion" in maps:
-            out["occlusion"] = occlusion(vit, img, scorer, idx, progress)
+            out["occlusion"] = occlusion(vit, img, scorer, patches, progress)
         if "token_drop" in maps:
-            out["token_drop"] = token_drop(vit, x0, scorer, idx, progress)
+            out["token_drop"] = token_drop(vit, x0, scorer, patches, progress)
     if "grad_rollout" in maps:
-        A, G = attention_and_gradient(vit, img, target)
-        out["grad_rollout"] = gradient_rollout(vit, A, G)
-        if "rollout" in maps:
-            out["rollout"] = rollout(vit, A)
+        attention, G = attention_and_gradient(vit, img, target)
+        out["grad_rollout"] = gradient_rollout(vit, attention, G)
     elif "rollout" in maps:
-        out["rollout"] = rollout(vit, vit.capture_attention(img)[0])
-    return {m: out[m].reshape(vit.grid) for m in maps}
+        attention = vit.capture_attention(img)[0]
+    if "rollout" in maps:
+        out["rollout"] = rollout(vit, attention)
+    return {m: out[m].reshape(vit.grid) for m in maps}, attention
+
+
+@torch.inference_mode()
+def batch_patch_maps(vit: ViT, images: Tensor, labels: Sequence[int | None] | None = None,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every map the model supports for a batch, plus each head's alignment with the occlusion map.
+
+    images [B, 3, H, W] preprocessed; labels: per image the class to explain (None or -1: the
+    top-1 class; ignored for a backbone). Returns (maps [B, len(MAPS), gh, gw] float32 in MAPS
+    order, NaN for maps the model lacks; alignment [B, L, H] float32, head_saliency_alignment
+    with occlusion, NaN without a prefix token).
+    """
+    images = vit.check_images(images)
+    B, (gh, gw) = images.shape[0], vit.grid
+    names = available_maps(vit)
+    maps = np.full((B, len(MAPS), gh, gw), np.nan, np.float32)
+    alignment = np.full((B, vit.depth, vit.num_heads), np.nan, np.float32)
+    rows = range(B)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="patch maps", unit="img")
+    for i in rows:
+        label = None if labels is None or labels[i] is None or int(labels[i]) < 0 else int(labels[i])
+        img = images[i:i + 1]
+        out, attention = compute_maps(vit, img, target_class(vit, img, label), names,
+                                      np.arange(vit.num_patches))
+        for name, values in out.items():
+            maps[i, MAPS.index(name)] = values
+        if attention is not None:
+            alignment[i] = head_saliency_alignment(vit, out["occlusion"], attention=attention)
+    return maps, alignment
 
 
 # ---- comparing maps and heads ------------------------------------------------------------------

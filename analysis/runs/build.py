@@ -646,6 +646,7 @@ def merge_run(ctx: BuildContext) -> dict:
         completed=now_iso())
     manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
                                 layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
+                                patch_maps=arrays.get("patch_maps"),
                                 sizes=lambda d: run_sizes(d, n, vit))
     ctx.manifest = manifest
     return manifest

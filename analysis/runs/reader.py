@@ -17,7 +17,7 @@ import pandas as pd
 from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.paths import default_cache_dir
-from analysis.runs.schema import SCHEMA_VERSION, SKIPPED_COLUMNS, TABLE_FILES
+from analysis.runs.schema import PATCH_MAPS_FILE, SCHEMA_VERSION, SKIPPED_COLUMNS, TABLE_FILES
 
 
 class Run:
@@ -81,6 +81,27 @@ class Run:
     def skipped(self) -> pd.DataFrame:
         p = self.path / "skipped.parquet"
         return pd.read_parquet(p) if p.is_file() else pd.DataFrame(columns=list(SKIPPED_COLUMNS))
+
+    @property
+    def has_patch_maps(self) -> bool:
+        """Whether the run was built with the "patch_maps" stage (precomputed maps per image)."""
+        return (self.path / PATCH_MAPS_FILE).is_file()
+
+    @cached_property
+    def _patch_maps(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / PATCH_MAPS_FILE) if self.has_patch_maps else pd.DataFrame()
+
+    def patch_maps(self, image_id: int) -> dict[str, np.ndarray] | None:
+        """The precomputed maps of one image, {name: float32 [gh, gw]} (SPEC "Patch attribution");
+        None when the run has none for it."""
+        table = self._patch_maps
+        if table.empty:
+            return None
+        rows = table[table["image_id"] == int(image_id)]
+        if rows.empty:
+            return None
+        gh, gw = (int(g) for g in self.model["grid"])
+        return {r.map: np.asarray(r.values, np.float32).reshape(gh, gw) for r in rows.itertuples()}
 
     @cached_property
     def metrics(self) -> list[str]:
