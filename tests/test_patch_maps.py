@@ -260,18 +260,25 @@ def test_bad_inputs():
 
 # ---- the build option: precomputed maps and the registry metric ---------------------------------
 
-def test_build_option_precomputes_maps_and_alignment(tiny):
-    from analysis.datasets import open_image
+@pytest.fixture(scope="module")
+def maps_run(tiny):
+    """A tiny run built with --patch-maps, interrupted after its first batch and resumed."""
     from analysis.runs import build, store
-    from analysis.serving.service import model_from_manifest
-    from scripts.build_cache import make_config, parse_args
 
-    assert make_config(parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
     cfg = tiny["config"]("maps", stages=["patch_maps"])
     build.run_image_stage(cfg, range(5))          # an interrupted build: the first batch only
     assert build.finished_images(cfg.run_dir) == set(range(5))
     build.build(tiny["config"]("maps", stages=["patch_maps"]))   # resumes the other images, merges
-    run = store.open_run(cfg.run_dir)
+    return store.open_run(cfg.run_dir)
+
+
+def test_build_option_precomputes_maps_and_alignment(maps_run, tiny):
+    from analysis.datasets import open_image
+    from analysis.serving.service import model_from_manifest
+    from scripts.build_cache import make_config, parse_args
+
+    assert make_config(parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
+    run = maps_run
     assert run.has_patch_maps and "saliency_alignment" in run.metrics
     vit = model_from_manifest(run.model)
     dense = run.dense("saliency_alignment")
@@ -286,3 +293,37 @@ def test_build_option_precomputes_maps_and_alignment(tiny):
             np.testing.assert_allclose(stored[name], maps[name], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(dense[pos], head_saliency_alignment(vit, maps["occlusion"], image=x), atol=1e-6)
     assert run.patch_maps(10_000) is None   # an image the run does not have
+
+
+def test_online_query_and_transport(maps_run, tiny):
+    from analysis.datasets import open_image
+    from analysis.runs import build
+    from analysis.serving import transport
+    from analysis.serving.service import ModelService, model_from_manifest
+
+    plain_dir = tiny["root"] / "plain"
+    build.build(tiny["config"]("plain"))
+    service = ModelService(device="cpu")
+    vit = model_from_manifest(maps_run.model)
+    row = maps_run.images.iloc[2]
+    x = vit.preprocess([open_image(row.path)])[0]
+    expected = patch_maps(vit, x, int(row.label))
+    for run_dir, precomputed in ((maps_run.path, True), (plain_dir, False)):
+        out = service.patch_maps(run_dir, int(row.image_id))
+        assert out["precomputed"] is precomputed and out["target"] == int(row.label)
+        assert service.patch_maps(run_dir, int(row.image_id)) is out            # cached per (run, image)
+        for name in MAPS:
+            np.testing.assert_allclose(np.array(out["maps"][name], float), expected[name], rtol=1e-5, atol=1e-7)
+        assert out["agreement"]["occlusion"]["occlusion"] == pytest.approx(1.0)
+        np.testing.assert_allclose(np.array(out["alignment"], float),
+                                   head_saliency_alignment(vit, expected["occlusion"], image=x), atol=1e-6)
+    curves = transport.deletion_curves(plain_dir, int(row.image_id))
+    assert curves["metric"] == "prob" and curves["n"][0] == 0 and set(curves["curves"]) == set(MAPS)
+    with torch.no_grad():
+        p = torch.softmax(vit.model(x[None]).double(), -1)[0, int(row.label)].item()
+    assert all(v[0] == pytest.approx(p, abs=1e-6) for v in curves["curves"].values())
+    assert transport.patch_maps(plain_dir, int(row.image_id))["maps"].keys() == set(MAPS)
+    with pytest.raises(transport.OnlineError, match="not in run"):
+        transport.patch_maps(plain_dir, 999)
+    with pytest.raises(transport.OnlineError, match="integer"):
+        transport.patch_maps(plain_dir, "x")

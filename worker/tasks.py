@@ -44,6 +44,18 @@ def attention(run_dir: str, image_id: int, layer: int, head: int) -> dict:
     return _payload("attention query", service.attention, run_dir, image_id, layer, head)
 
 
+@app.task(name="headscope.patch_maps")
+def patch_maps(run_dir: str, image_id: int) -> dict:
+    """One image's four patch maps, their agreement and the heads' alignment (JSON lists)."""
+    return _payload("patch maps query", service.patch_maps, run_dir, image_id)
+
+
+@app.task(name="headscope.deletion_curves")
+def deletion_curves(run_dir: str, image_id: int) -> dict:
+    """Deletion curves of one image's patch maps."""
+    return _payload("deletion curves query", service.deletion_curves, run_dir, image_id)
+
+
 @app.task(name="headscope.build_slice", time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)),
           soft_time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)) - 30)
 def build_slice(config: dict, image_indices: list[int]) -> dict:

@@ -172,6 +172,11 @@ def _call(name: str, run_dir, image_id: int, layer: int, head: int) -> dict:
         args = [int(image_id), int(layer), int(head)]
     except (TypeError, ValueError):
         raise OnlineError(f"Image, layer and head must be integers, not {image_id!r}, {layer!r}, {head!r}.") from None
+    return _compute(name, run_dir, args)
+
+
+def _compute(name: str, run_dir, args: list) -> dict:
+    """ModelService.<name>(run_dir, *args) on the worker or in this process; OnlineError on failure."""
     if broker_url():
         return _remote(name, [str(Path(run_dir).resolve()), *args])
     try:
@@ -193,3 +198,23 @@ def attention(run_dir, image_id: int, layer: int, head: int) -> dict:
     out = dict(_call("attention", run_dir, image_id, layer, head))
     out["attention"] = np.asarray(decode_array(out["attention"]))
     return out
+
+
+def _image_id(image_id) -> int:
+    try:
+        return int(image_id)
+    except (TypeError, ValueError):
+        raise OnlineError(f"The image must be an integer id, not {image_id!r}.") from None
+
+
+def patch_maps(run_dir, image_id: int) -> dict:
+    """The image's patch maps (SPEC "Patch attribution"): {"maps": {name: [[gh x gw]]}, "units",
+    "agreement": {name: {name: Spearman}}, "alignment": [[L x H]] (with occlusion), "target",
+    "label", "precomputed", "grid", "patch_size", "img_size", "num_prefix_tokens"}; None = NaN."""
+    return _compute("patch_maps", run_dir, [_image_id(image_id)])
+
+
+def deletion_curves(run_dir, image_id: int) -> dict:
+    """Deletion curves of the image's maps: {"metric": "prob" | "emb_dist", "n": [...],
+    "curves": {map: [value per n]}} (n = 0 is the unpruned output)."""
+    return _compute("deletion_curves", run_dir, [_image_id(image_id)])
