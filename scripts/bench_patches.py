@@ -4,9 +4,12 @@ Prints, per model: the time of each map (rollout and grad_rollout best of --repe
 warm-up; occlusion and token_drop once), and for the two ablations the time of a plain loop doing
 one forward per occluded / dropped patch, the speed-up of the batched implementation over it and
 the largest difference between the two maps. timm names get random-initialised weights (speed
-does not depend on their values); 'default' is the embedded DINOv2 ViT-S/14 + probe (64 patches).
+does not depend on their values) at --img-size px with a 1000-class head; 'default' is the
+embedded DINOv2 ViT-S/14 + probe (112 px, 64 patches). The second default model is ViT-S/14 at
+224 px: 256 patches.
 
-    python scripts/bench_patches.py [--models default vit_small_patch16_224] [--threads N] [--repeat 3]
+    python -u scripts/bench_patches.py [--models default vit_small_patch14_dinov2] [--img-size 224]
+                                       [--threads N] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ def best_of(fn, repeat):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["default", "vit_small_patch16_224"])
+    ap.add_argument("--models", nargs="+", default=["default", "vit_small_patch14_dinov2"])
+    ap.add_argument("--img-size", type=int, default=224, help="input size of the timm models (px)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--repeat", type=int, default=3, help="repeats of the fast maps (best is kept)")
     args = ap.parse_args(argv)
@@ -65,7 +69,7 @@ def main(argv=None):
     print(f"torch threads: {torch.get_num_threads()}")
     for name in args.models:
         torch.manual_seed(0)
-        vit = load_vit(name)
+        vit = load_vit(name) if name == "default" else load_vit(name, img_size=args.img_size, num_classes=1000)
         image = torch.randn(3, *vit.img_size)
         label = 0
         print(f"\n{vit!r}: {vit.num_patches} patches, {vit.num_tokens} tokens")

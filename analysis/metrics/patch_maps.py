@@ -117,7 +117,7 @@ class Scorer:
     the cosine distance of the pooled embeddings for a backbone (float64 [S])."""
 
     def __init__(self, vit: ViT, x0: Tensor, target: int | None):
-        self.vit, self.target = vit, target
+        self.target = target
         self.pooled0, logits = run_tokens(vit, x0)
         self.p0 = None if logits is None else torch.softmax(logits.double(), -1)[:, target]
 
@@ -173,23 +173,27 @@ def token_drop(vit: ViT, x0: Tensor, scorer: Scorer, patches: np.ndarray, progre
 
 
 def rollout(vit: ViT, attention: Tensor) -> np.ndarray:
-    """Attention rollout from A [L, H, N, N]: R[0, T:] of R = B_{L-1} ... B_0; [P] float64."""
+    """Attention rollout from A [L, H, N, N]: R[0, T:] of R = B_{L-1} ... B_0; [P] float64.
+    Only R's first row is needed: r = e_0^T B_{L-1} ... B_0, vector times matrix from the left."""
     A = attention.double().mean(1)                                  # [L, N, N]
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    R = eye
-    for l in range(A.shape[0]):
+    r = eye[0]
+    for l in reversed(range(A.shape[0])):
         B = 0.5 * A[l] + 0.5 * eye
-        R = (B / B.sum(-1, keepdim=True)) @ R
-    return R[0, vit.num_prefix_tokens:].cpu().numpy()
+        r = r @ (B / B.sum(-1, keepdim=True))
+    return r[vit.num_prefix_tokens:].cpu().numpy()
 
 
 def gradient_rollout(vit: ViT, attention: Tensor, grads: Tensor) -> np.ndarray:
-    """Chefer et al.'s rollout from A and dlogit_y/dA [L, H, N, N]: R[0, T:]; [P] float64."""
+    """Chefer et al.'s rollout from A and dlogit_y/dA [L, H, N, N]: R[0, T:]; [P] float64.
+    R = I; R = R + Abar_l R (l = 0..L-1) is (I + Abar_{L-1}) ... (I + Abar_0); its first row
+    is computed from the left, r = r + r Abar_l for l = L-1..0."""
     Abar = (grads.double() * attention.double()).clamp_min(0).mean(1)  # [L, N, N]
-    R = torch.eye(Abar.shape[-1], dtype=Abar.dtype, device=Abar.device)
-    for l in range(Abar.shape[0]):
-        R = R + Abar[l] @ R
-    return R[0, vit.num_prefix_tokens:].cpu().numpy()
+    r = torch.zeros(Abar.shape[-1], dtype=Abar.dtype, device=Abar.device)
+    r[0] = 1
+    for l in reversed(range(Abar.shape[0])):
+        r = r + r @ Abar[l]
+    return r[vit.num_prefix_tokens:].cpu().numpy()
 
 
 def attention_and_gradient(vit: ViT, image: Tensor, target: int) -> tuple[Tensor, Tensor]:
