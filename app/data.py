@@ -76,10 +76,14 @@ class RunIndex:
         return [m.name for m in self.run.metrics_of(importance=False, value="scalar", level="image_head")]
 
     @cached_property
+    def run_level(self) -> list[str]:
+        """Scalar run-level metrics (one value per head) with values."""
+        return [m.name for m in self.run.metrics_of(value="scalar", level="head")]
+
+    @cached_property
     def head_metrics(self) -> list[str]:
         """Every scalar metric the Heads page ranks: importance, properties, then run-level ones."""
-        run_level = [m.name for m in self.run.metrics_of(value="scalar", level="head")]
-        return self.importance + self.properties + run_level
+        return self.importance + self.properties + self.run_level
 
     def has(self, name: str) -> bool:
         return name in self.run.metrics
@@ -97,6 +101,8 @@ class RunIndex:
         flat = lambda a: a.reshape(LH, *a.shape[2:])
         if m.level == "head":
             return flat(self.run.summary(name)), np.full(LH, np.nan)
+        if f"{name}_mean" not in self.run.head_summary.columns:  # a run written before the metric had a summary
+            return self.memo(("summary", name), lambda: _summarise(self.values(name), m.value == "vector"))
         mean = flat(self.run.summary(f"{name}_mean"))
         return mean, (np.full(LH, np.nan) if m.value == "vector" else flat(self.run.summary(f"{name}_std")))
 
@@ -163,6 +169,17 @@ class RunIndex:
             with self._lock:
                 self._memo[key] = value
         return self._memo[key]
+
+
+def _summarise(values: np.ndarray, vector: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std with ddof=0) over images of [n, L*H(, K)] values, as head_summary holds them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # heads without any value
+        mean = np.nanmean(values, axis=0)
+        std = np.full(values.shape[1], np.nan) if vector else np.nanstd(values, axis=0)
+    return mean, std
 
 
 def build_index(run: store.Run) -> RunIndex:

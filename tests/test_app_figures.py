@@ -245,6 +245,33 @@ def test_heads_page_ranks_importance_and_head_properties(cache):
     assert msg is None and fig["data"][1]["x"] == [2] and fig["data"][1]["y"] == [1]  # selected head marked
 
 
+def test_heads_page_on_a_run_from_an_older_writer(tmp_path):
+    """A run whose manifest lists no metrics and whose head_summary lacks a metric's columns (runs
+    written before those existed): every Heads choice still draws, from the per-image values."""
+    import pandas as pd
+
+    from app import create_app
+
+    run = make_run(tmp_path / "older", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
+    hs = pd.read_parquet(run / "head_summary.parquet")
+    hs.drop(columns=["strength_mean", "semantic_concentration_mean", "semantic_concentration_std"]).to_parquet(
+        run / "head_summary.parquet")
+    mf = json.loads((run / "manifest.json").read_text())
+    del mf["metrics"]
+    (run / "manifest.json").write_text(json.dumps(mf))
+    create_app(tmp_path, "older")
+    heads = sys.modules["app.pages.heads"]
+    options, _ = heads.heads_metric({"run": "older"}, None)
+    assert "semantic_concentration" in [o["value"] for o in options]
+    for o in options:
+        fig, _, msg = heads.heads_view({"run": "older"}, o["value"])
+        assert msg is None and np.isfinite(np.array(fig["data"][0]["z"], float)).all(), o["value"]
+    hm = store.open_run(run).head_metrics
+    expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(2, 2)
+    fig, _, _ = heads.heads_view({"run": "older"}, "semantic_concentration")
+    np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected, rtol=1e-5)
+
+
 def test_saliency_panel_figures():
     occ = np.array([[0.2, -0.1], [0.0, 0.05]])
     roll = np.array([[0.1, 0.2], [0.3, 0.4]])

@@ -39,6 +39,11 @@ def cls_output_norm(vit, images, labels, batch):
     return {"cls_output_norm": out}
 
 
+def cls_self_kind(vit, layer, A, batch):
+    """A category: "self" where the CLS token keeps most of its attention, else "spread"."""
+    return np.where((A[:, :, 0, 0] > 0.5).cpu().numpy(), "self", "spread")
+
+
 TOYS = [
     Metric("max_attention", "max attention", meaning="the largest single attention weight of the head",
            formula=r"$\max_{u,v} A[u, v]$ (toy metric)", group="pattern", compute=OnAttention(max_attention)),
@@ -48,6 +53,9 @@ TOYS = [
     Metric("max_attention_peak", "peak max attention", level="head", group="pattern",
            meaning="the largest max attention over the run's images", formula="max over images (toy metric)",
            compute=OnRun(lambda arrays: np.nanmax(arrays["max_attention"], axis=0))),
+    Metric("cls_self_kind", "CLS self-attention kind", value="category", summary=False, group="pattern",
+           meaning="whether the CLS token mostly attends to itself", formula='"self" if $A[0, 0] > 0.5$ (toy metric)',
+           compute=OnAttention(cls_self_kind)),
 ]
 
 
@@ -95,7 +103,10 @@ def test_toy_metrics_reach_tables_reader_explorer_heads_and_help(toy_run, refere
     np.testing.assert_allclose(hm.max_attention.to_numpy().reshape(n, L, H), expected, rtol=1e-5)
     assert {"max_attention_mean", "max_attention_std", "cls_output_norm_mean", "max_attention_peak"} <= set(hs.columns)
     np.testing.assert_allclose(hs.max_attention_std.to_numpy(), expected.reshape(n, -1).std(0, ddof=0), rtol=1e-4)
-    assert {"max_attention", "cls_output_norm", "max_attention_peak"} <= set(toy_run.manifest["metrics"])
+    assert {"max_attention", "cls_output_norm", "max_attention_peak", "cls_self_kind"} <= set(toy_run.manifest["metrics"])
+    kinds = np.where(A[:, :, :, 0, 0].numpy() > 0.5, "self", "spread")
+    assert (hm.cls_self_kind.to_numpy().reshape(n, L, H) == kinds).all()
+    assert (toy_run.dense("cls_self_kind") == kinds).all() and "cls_self_kind_mean" not in hs.columns
     # the reader: dense arrays, the run-level metric per head
     np.testing.assert_allclose(toy_run.dense("max_attention"), expected, rtol=1e-5)
     np.testing.assert_allclose(toy_run.dense("max_attention_peak"), expected.max(0), rtol=1e-5)
@@ -117,6 +128,9 @@ def test_toy_metrics_reach_tables_reader_explorer_heads_and_help(toy_run, refere
     # the Heads page ranks all three; Help explains them
     options, _ = pages["heads"].heads_metric(sel, None)
     assert {"max_attention", "cls_output_norm", "max_attention_peak"} <= {o["value"] for o in options}
+    assert "cls_self_kind" not in {o["value"] for o in options + c1_options}  # no mean to rank or plot
+    c1 = ex.view_c(sel, "max_attention_peak")[0]  # a run-level metric reaches the Explorer too
+    np.testing.assert_allclose(c1["data"][0]["y"], expected.max(0).ravel(), rtol=1e-5)
     fig, _, _ = pages["heads"].heads_view(sel, "max_attention_peak")
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected.max(0), rtol=1e-5)
     text = help_text(pages)
@@ -173,11 +187,13 @@ def test_every_metric_round_trips_to_its_figure(name, toy_run, reference, pages)
         fig = ex.view_b1(sel, name)
         np.testing.assert_allclose(fig["data"][3]["y"], dense[pos].ravel(), rtol=1e-6)
         assert fig["layout"]["yaxis"]["title"]["text"] == m.title
-    elif m.level == "image_head":
+    else:
         assert name in [o["value"] for o in ex.c1_metric_options(sel, None)[0]]
         c1, _, c3, _ = ex.view_c(sel, name)
-        np.testing.assert_allclose(c1["data"][0]["y"], dense[pos].ravel(), rtol=1e-6)
-        assert c3["layout"]["shapes"][0]["x0"] == pytest.approx(float(dense[pos, layer, head]))
+        np.testing.assert_allclose(c1["data"][0]["y"], (dense[pos] if m.level == "image_head" else dense).ravel(),
+                                   rtol=1e-6)
+        if m.level == "image_head":
+            assert c3["layout"]["shapes"][0]["x0"] == pytest.approx(float(dense[pos, layer, head]))
     heads_fig, _, _ = pages["heads"].heads_view(sel, name)
     expected = np.nanmean(dense, axis=0) if m.level == "image_head" else dense
     np.testing.assert_allclose(np.array(heads_fig["data"][0]["z"], float), expected, rtol=1e-5)

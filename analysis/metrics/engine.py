@@ -115,7 +115,7 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
     if labels is not None and vit.has_head:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         known = (labels >= 0).numpy()
-        labels = labels.clamp_min(0)
+        labels = labels.clamp_min(0).to(vit.device)
     else:
         labels = None
     analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], q, patterns)
@@ -123,7 +123,8 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
     analyser.batch = batch
     out = BatchResult()
     hooks = list(dict.fromkeys(m.compute for m in active if isinstance(m.compute, registry.OnBatch)))
-    # a hook that takes the attention pass runs first (the leave-one-out's unpruned pass)
+    # batch hooks in registry order; the first to take the attention pass (the leave-one-out's
+    # unpruned forward) hosts the attention-level metrics, else one plain pass below does
     for hook in hooks:
         out.update({k: _numpy(v) for k, v in hook.fn(vit, images, labels, batch).items()})
     if not batch.attention_pass_taken and (analyser.metrics or patterns):
@@ -139,8 +140,9 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
                 a = a.astype(np.float64) if a.dtype.kind != "f" else a.copy()
                 a[~known] = np.nan
             result[m.name] = a
-        elif m.value != "category":
-            result[m.name] = np.full((B, L, H), np.nan, dtype=np.float32)
+        else:  # not applicable to this model (or not produced): missing values
+            result[m.name] = (np.full((B, L, H), "", dtype="U1") if m.value == "category"
+                              else np.full((B, L, H), np.nan, dtype=np.float32))
     return result
 
 

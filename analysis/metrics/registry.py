@@ -25,12 +25,17 @@ Compute hooks (how the engine / the merge obtain the values; see ``engine.analys
 * ``OnRun(fn)`` (``level="head"``): ``fn(arrays) -> [L, H]`` (or ``[L*H]``) evaluated when the
   run's tables are written; ``arrays`` = {metric name: [n_images, L, H(,K)]} of the whole run.
 
-``batch`` (``engine.Batch``) gives hooks ``batch.images``, ``batch.labels``, ``batch.options``
-(build options, e.g. ``q``) and ``batch.memo(key, compute)`` to share work between hooks of a batch.
+``batch`` (``engine.Batch``) gives hooks ``batch.images``, ``batch.labels`` (-1 = unknown replaced
+by 0; ``needs_label`` metrics are set to NaN there afterwards), ``batch.options`` (build options,
+e.g. ``q``), ``batch.memo(key, compute)`` to share work between hooks of a batch, and
+``batch.take_attention_pass()`` (an OnBatch hook that runs an unpruned forward anyway passes it as
+that forward's attention hook, so the OnAttention metrics need no pass of their own). OnAttention
+hooks run under ``torch.inference_mode``; OnBatch hooks with autograd available.
 
-Values: ``"scalar"`` (float32 column), ``"vector"`` (list<float32> column, dense ``[..., K]``),
-``"category"`` (string column, dense object array). ``summary=True`` gives ``head_summary`` the
-columns ``<name>_mean`` and ``<name>_std`` (population std, ddof=0, over images; a vector gets
+Values: ``"scalar"`` (float32 column, NaN = missing), ``"vector"`` (list<float32> column, dense
+``[..., K]``), ``"category"`` (string column, dense object array; hooks return str arrays, "" =
+missing; needs ``summary=False``). ``summary=True`` gives ``head_summary`` the columns
+``<name>_mean`` and ``<name>_std`` (population std, ddof=0, over images; a vector gets
 ``<name>_mean`` only, the mean vector). A metric with ``stage`` set is computed only when the build
 enables that stage (``BuildConfig.stages``); a run lists what it has in ``manifest["metrics"]``.
 """

@@ -57,7 +57,7 @@ def write_table(path: Path, df: pd.DataFrame, columns: dict | None = None) -> No
 
 def _has_values(metric: registry.Metric, a: np.ndarray) -> bool:
     if metric.value == "category":
-        return any(v is not None and v == v for v in np.asarray(a, dtype=object).ravel())
+        return any(isinstance(v, str) and v for v in np.asarray(a, dtype=object).ravel())
     return a.ndim == (4 if metric.value == "vector" else 3) and bool(np.isfinite(a).any())
 
 
@@ -65,8 +65,9 @@ def _column(metric: registry.Metric, a: np.ndarray | None, rows: int) -> list | 
     """A dense array [n, L, H(, K)] as one head_metrics column (None / NaN where missing)."""
     if metric.value == "vector":
         return [None] * rows if a is None or a.ndim != 4 else list(a.reshape(rows, -1).astype(np.float32))
-    if metric.value == "category":
-        return [None] * rows if a is None else list(np.asarray(a, dtype=object).reshape(rows))
+    if metric.value == "category":  # "" = missing
+        values = [] if a is None else [str(v) if isinstance(v, str) and v else None for v in np.asarray(a).ravel()]
+        return values or [None] * rows
     return np.full(rows, np.nan, np.float32) if a is None else a.reshape(rows)
 
 

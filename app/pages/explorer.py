@@ -147,12 +147,14 @@ def metric_options(sel, current):
 @callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("sel", "data"),
           State("c1-metric", "value"))
 def c1_metric_options(sel, current):
-    """C1's y axis: any scalar head property of the run (strength entropy by default, as in the paper)."""
+    """C1's y axis: any scalar head property of the run (strength entropy by default, as in the
+    paper), then the run-level per-head metrics."""
     index, _ = load(sel)
-    if index is None or not index.properties:
+    names = index.properties + index.run_level if index is not None else []
+    if not names:
         return [], None
-    default = "strength_entropy" if "strength_entropy" in index.properties else index.properties[0]
-    return data.metric_options(index.properties), current if current in index.properties else default
+    default = "strength_entropy" if "strength_entropy" in names else names[0]
+    return data.metric_options(names), current if current in names else default
 
 
 @callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
@@ -334,17 +336,21 @@ def choose_mode(click):
           Output("c-msg", "children"), Input("sel", "data"), Input("c1-metric", "value"))
 def view_c(sel, prop):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
-    selected head's k-hop strength; C3: its C1 property over all images."""
+    selected head's k-hop strength; C3: its C1 property over all images (a run-level metric has one
+    value per head: C1 shows it for any image, C3 has nothing to show)."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), F.empty(""), F.empty(""), None
     pos, head = _selection(index, sel)
-    if prop not in index.properties:
+    if prop not in index.properties + index.run_level:
         msg = index.missing.get("properties") if not index.properties else None
         return F.empty(msg or "Choose a head property."), F.empty(""), F.empty(""), message(msg)
     m = registry.get_metric(prop)
-    values = index.values(prop)
-    if pos is None:
+    values = index.values(prop) if m.level == "image_head" else None
+    if values is None:
+        c1 = F.property_overview(index.summary(prop)[0], index.L, index.H, head, "one value per head (run level)",
+                                 y_title=m.title, y_range=m.range)
+    elif pos is None:
         mean = index.memo(("mean", prop), lambda: index.summary(prop)[0])
         c1 = F.property_overview(mean, index.L, index.H, head, "mean over all images (select an image in A)",
                                  y_title=m.title, y_range=m.range)
@@ -360,8 +366,11 @@ def view_c(sel, prop):
         c2 = F.strength_bars(index.summary("strength")[0][hi], "mean over all images")
     else:
         c2 = F.strength_bars(index.values("strength")[pos, hi])
-    current = None if pos is None else float(values[pos, hi])
-    c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range)
+    if values is None:
+        c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
+    else:
+        current = None if pos is None else float(values[pos, hi])
+        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range)
     return c1, c2, c3, None
 
 
