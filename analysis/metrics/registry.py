@@ -27,7 +27,7 @@ Compute hooks (how the engine / the merge obtain the values; see ``engine.analys
 
 ``batch`` (``engine.Batch``) gives hooks ``batch.images``, ``batch.labels`` (-1 = unknown replaced
 by 0; ``needs_label`` metrics are set to NaN there afterwards), ``batch.options`` (build options,
-e.g. ``q``), ``batch.memo(key, compute)`` to share work between hooks of a batch, and
+e.g. ``q``; ``label_known``: bool [B], which images have a true label, None without labels), ``batch.memo(key, compute)`` to share work between hooks of a batch, and
 ``batch.take_attention_pass()`` (an OnBatch hook that runs an unpruned forward anyway passes it as
 that forward's attention hook, so the OnAttention metrics need no pass of their own). OnAttention
 hooks run under ``torch.inference_mode``; OnBatch hooks with autograd available.
