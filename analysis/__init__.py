@@ -4,7 +4,8 @@ Public API (see README):
     load_vit, head_importance (method="exact"|"taylor", ablation="zero"|"mean"), attention_strength,
     partial_pruning, analyse_batch, MODES; head sets: set_pruning, set_metrics, pair_interactions,
     pruning_curve(s), exact_order, taylor_order, random_order, curve_area, heads_before_drop;
-    pattern labels: pattern_scores; patch attribution: patch_maps
+    pattern labels: pattern_scores; patch attribution: patch_maps, head_saliency_alignment,
+    map_agreement, deletion_curves
 
 The names are imported on first use (PEP 562), so that `import analysis.cli` (the `headscope`
 command's --help) or `analysis.errors` do not load torch.
@@ -27,7 +28,8 @@ _EXPORTS = {
     "pattern_scores": "analysis.metrics.patterns", "pattern_arrays": "analysis.metrics.patterns",
     "consistency": "analysis.metrics.patterns",
     "class_statistics": "analysis.metrics.classes", "class_specificity": "analysis.metrics.classes",
-    "patch_maps": "analysis.metrics.patch_maps",
+    **{name: "analysis.metrics.patch_maps" for name in ("patch_maps", "head_saliency_alignment", "map_agreement",
+                                                        "deletion_curves", "MAPS")},
 }
 __all__ = list(_EXPORTS)
 

@@ -89,6 +89,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--curves", action="store_true", help="cumulative pruning curves (exact, taylor, 3 random "
                    "orders) with their areas -> pruning_curves.parquet")
     x.add_argument("--curve-images", type=int, metavar="N", help="labelled images the curves use (default 64)")
+    x.add_argument("--patch-maps", action="store_true",
+                   help="also precompute the four patch maps of every image (occlusion, token_drop, rollout, "
+                        "grad_rollout; ~2 x (patches + 1) forwards per image) and each head's alignment with the "
+                        "occlusion map (metric saliency_alignment)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (finished images are skipped)")
     s = r.add_mutually_exclusive_group()
@@ -229,7 +233,8 @@ def make_config(args: argparse.Namespace):
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
              "ae_latent": args.ae_latent, "thumb_px": args.thumb_px, "curve_images": args.curve_images}
     stages = [name for name, on in (("taylor", args.taylor), ("taylor_only", args.taylor_only),
-                                    ("mean_ablation", args.mean_ablation), ("curves", args.curves)) if on]
+                                    ("mean_ablation", args.mean_ablation), ("curves", args.curves),
+                                    ("patch_maps", args.patch_maps)) if on]
     if stages:
         from analysis.runs.head_stages import check_stages
 

@@ -483,3 +483,64 @@ def masked_image(image, weights=None, grid=None, highlight=None, size: int = 160
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)  # ~10x faster to encode than PNG
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- saliency panel (patch attribution maps, SPEC "Patch attribution") -----------------------
+def saliency_map(values, name: str, unit: str, others: dict | None = None, image_uri: str | None = None,
+                 selected_patch: int | None = None) -> dict:
+    """One patch map [gh, gw] as a colour overlay on the image (``image_uri``, e.g. masked_image()),
+    with its own colour bar in ``unit``: diverging around 0 when the map has both signs (ablation
+    maps), cividis otherwise. Hover shows the patch's value in every map of ``others``
+    ({name: [gh, gw]}); customdata is the flat patch index (click -> source token)."""
+    z = np.asarray(values, float)
+    gh, gw = z.shape
+    others = {name: z, **(others or {})}
+    idx = np.arange(gh * gw).reshape(gh, gw)
+    text = [[f"patch {idx[r, c]} (row {r}, col {c})<br>" + "<br>".join(
+        f"{'<b>' if k == name else ''}{k}: {float(np.asarray(v, float)[r, c]):.4g}{'</b>' if k == name else ''}"
+        for k, v in others.items()) for c in range(gw)] for r in range(gh)]
+    signed = np.nanmin(z) < 0 < np.nanmax(z)
+    scale = {"colorscale": "RdBu", "reversescale": True, "zmid": 0} if signed else {"colorscale": LAYER_SCALE}
+    data = [{"type": "heatmap", "z": typed(np.where(np.isfinite(z), z, np.nan).astype(np.float32)),
+             "x": list(range(gw)), "y": list(range(gh)), "customdata": idx.tolist(), "text": text,
+             "hovertemplate": "%{text}<extra></extra>", "opacity": 0.6 if image_uri else 1.0, "xgap": 0, "ygap": 0,
+             "colorbar": {"title": {"text": unit, "side": "right"}, "thickness": 10, "tickformat": ".3~g"}, **scale}]
+    images = ([{"source": image_uri, "xref": "x", "yref": "y", "x": -0.5, "y": -0.5, "sizex": gw, "sizey": gh,
+                "sizing": "stretch", "layer": "below"}] if image_uri else [])
+    shapes = []
+    if selected_patch is not None:
+        r, c = divmod(int(selected_patch), gw)
+        shapes.append({"type": "rect", "x0": c - 0.5, "x1": c + 0.5, "y0": r - 0.5, "y1": r + 0.5,
+                       "line": {"color": ACCENT, "width": 2}})
+    lay = layout(name, images=images, shapes=shapes, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                 xaxis=axis(None, visible=False, range=[-0.5, gw - 0.5], constrain="domain"),
+                 yaxis=axis(None, visible=False, range=[gh - 0.5, -0.5], scaleanchor="x"))
+    return {"data": data, "layout": lay}
+
+
+def map_agreement(agreement: dict) -> dict:
+    """Spearman agreement between maps ({name: {name: rho}}) as an annotated square heatmap."""
+    names = list(agreement)
+    z = np.array([[np.nan if agreement[a][b] is None else agreement[a][b] for b in names] for a in names], float)
+    data = [{"type": "heatmap", "z": z.tolist(), "x": names, "y": names, "zmin": -1, "zmax": 1,
+             "colorscale": "RdBu", "reversescale": True, "showscale": False,
+             "text": [[f"{v:.2f}" if np.isfinite(v) else "–" for v in row] for row in z],
+             "texttemplate": "%{text}", "hovertemplate": "%{y} vs %{x}: Spearman %{text}<extra></extra>"}]
+    lay = layout("agreement (Spearman over patches)", margin={"l": 90, "r": 10, "t": 30, "b": 70},
+                 xaxis=axis(None, tickangle=-30), yaxis=axis(None, autorange="reversed"))
+    return {"data": data, "layout": lay}
+
+
+def deletion_curves(n, curves: dict, metric_title: str, selected_n: int | None = None) -> dict:
+    """Deletion curves: the model's output (``metric_title``, e.g. P(true)) after removing the top-n
+    patches of each map ({map: [value per n]}), one line per map; a line marks the slider's n."""
+    data = [{"type": "scatter", "mode": "lines+markers", "name": name, "x": list(n), "y": list(values),
+             "line": {"color": OKABE_ITO[i % len(OKABE_ITO)], "width": 2}, "marker": {"size": 5},
+             "hovertemplate": f"{name}: n=%{{x}}, %{{y:.4g}}<extra></extra>"}
+            for i, (name, values) in enumerate(curves.items())]
+    shapes = ([{"type": "line", "xref": "x", "yref": "paper", "x0": selected_n, "x1": selected_n, "y0": 0, "y1": 1,
+                "line": {"color": GREY, "width": 1, "dash": "dot"}}] if selected_n is not None else [])
+    lay = layout(None, shapes=shapes, showlegend=True, legend={"orientation": "h", "y": 1.12},
+                 xaxis=axis("patches removed (top n of the map)"), yaxis=axis(metric_title),
+                 margin={"l": 55, "r": 10, "t": 30, "b": 40})
+    return {"data": data, "layout": lay}

@@ -5,6 +5,7 @@
     python scripts/build_cache.py --model vit_small_patch16_224 --weights vit_s.safetensors \\
         --images data/val --out cache/my-run --limit 1000
     python scripts/build_cache.py --model path/to/hf_folder --images data/val   # a HuggingFace checkpoint
+    python scripts/build_cache.py --dataset photos --patch-maps    # + the four patch maps per image
     python scripts/build_cache.py --out cache/my-run --resume      # continue after Ctrl-C / a crash
     python scripts/build_cache.py ... --shard 1/4   (one per GPU/machine), then ... --merge
     HEADSCOPE_BROKER_URL=redis://... python scripts/build_cache.py ... --worker-pool   # on the Celery workers

@@ -269,3 +269,26 @@ def test_heads_page_on_a_run_from_an_older_writer(tmp_path):
     expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(2, 2)
     fig, _, _ = heads.heads_view({"run": "older"}, "semantic_concentration")
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected, rtol=1e-5)
+
+
+def test_saliency_panel_figures():
+    occ = np.array([[0.2, -0.1], [0.0, 0.05]])
+    roll = np.array([[0.1, 0.2], [0.3, 0.4]])
+    fig = roundtrip(F.saliency_map(occ, "occlusion", "P(y) drop", others={"rollout": roll},
+                                   image_uri="data:image/jpeg;base64,xx", selected_patch=3))
+    hm = fig["data"][0]
+    np.testing.assert_allclose(F.untyped(hm["z"]), occ, rtol=1e-6)
+    assert hm["zmid"] == 0 and hm["colorbar"]["title"]["text"] == "P(y) drop"   # signed: diverging at 0
+    assert hm["customdata"] == [[0, 1], [2, 3]]
+    assert "occlusion: -0.1" in hm["text"][0][1] and "rollout: 0.2" in hm["text"][0][1]
+    assert fig["layout"]["images"][0]["source"].startswith("data:image")
+    assert fig["layout"]["shapes"][0]["x0"] == 0.5 and fig["layout"]["shapes"][0]["y0"] == 0.5
+    plain = F.saliency_map(roll, "rollout", "rollout weight")
+    assert "zmid" not in plain["data"][0] and plain["layout"]["images"] == []
+    agree = roundtrip(F.map_agreement({"a": {"a": 1.0, "b": -0.5}, "b": {"a": -0.5, "b": None}}))
+    assert agree["data"][0]["text"] == [["1.00", "-0.50"], ["-0.50", "–"]]
+    curves = roundtrip(F.deletion_curves([0, 1, 4], {"occlusion": [0.9, 0.7, 0.2], "rollout": [0.9, 0.8, 0.6]},
+                                         "P(true)", selected_n=1))
+    assert [t["name"] for t in curves["data"]] == ["occlusion", "rollout"]
+    assert curves["data"][0]["x"] == [0, 1, 4] and curves["data"][1]["y"] == [0.9, 0.8, 0.6]
+    assert curves["layout"]["yaxis"]["title"]["text"] == "P(true)" and curves["layout"]["shapes"][0]["x0"] == 1

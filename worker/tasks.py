@@ -77,6 +77,20 @@ def attention(run_dir: str, image_id: int, layer: int, head: int, fingerprint: s
                     lambda: service.attention(run_dir_in_cache(run_dir), image_id, layer, head, fingerprint))
 
 
+@app.task(name="headscope.patch_maps")
+def patch_maps(run_dir: str, image_id: int, fingerprint: str | None = None) -> dict:
+    """One image's four patch maps, their agreement and the heads' alignment (JSON lists)."""
+    return _payload("patch maps query",
+                    lambda: service.patch_maps(run_dir_in_cache(run_dir), image_id, fingerprint))
+
+
+@app.task(name="headscope.deletion_curves")
+def deletion_curves(run_dir: str, image_id: int, fingerprint: str | None = None) -> dict:
+    """Deletion curves of one image's patch maps."""
+    return _payload("deletion curves query",
+                    lambda: service.deletion_curves(run_dir_in_cache(run_dir), image_id, fingerprint))
+
+
 @app.task(name="headscope.build_slice", time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)),
           soft_time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)) - 30)
 def build_slice(config: dict, image_indices: list[int]) -> dict:

@@ -16,8 +16,9 @@ from analysis.metrics.patterns import binarize_topq, cls_vector, pack_bits
 from analysis.models.adapter import ViT
 
 # Arrays of a batch that are not registry metrics: probs [B, C] float32 (classifier models);
-# cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8 (layout inputs).
-ENGINE_ARRAYS = ("probs", "cls_vectors", "patch_bits")
+# cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8 (layout inputs);
+# patch_maps [B, len(MAPS), gh, gw] float32 (the "patch_maps" stage; analysis.metrics.patch_maps).
+ENGINE_ARRAYS = ("probs", "cls_vectors", "patch_bits", "patch_maps")
 
 
 class BatchResult(dict):
@@ -32,7 +33,8 @@ class BatchResult(dict):
 
 class Batch:
     """What compute hooks see of a batch: ``images`` [B, 3, H, W], ``labels`` LongTensor [B] or None,
-    ``options`` (build options such as ``q``), ``memo(key, compute)`` to share work between hooks,
+    ``options`` (build options such as ``q``; ``label_known``: bool [B], False where the true label is
+    unknown and ``labels`` holds 0 in its place, None without labels), ``memo(key, compute)`` to share work between hooks,
     ``outputs`` for engine arrays (``probs``), and ``take_attention_pass()`` (below)."""
 
     def __init__(self, vit: ViT, images: Tensor, labels: Tensor | None, options: dict, attention_hook):
@@ -126,7 +128,7 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
     else:
         labels = None
     analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], patterns)
-    batch = Batch(vit, images, labels, {"q": q, **(options or {})}, analyser)
+    batch = Batch(vit, images, labels, {"q": q, "label_known": known, **(options or {})}, analyser)
     analyser.batch = batch
     out = BatchResult()
     hooks = list(dict.fromkeys(m.compute for m in active if isinstance(m.compute, registry.OnBatch)))

@@ -28,7 +28,7 @@ Compute hooks (how the engine / the merge obtain the values; see ``engine.analys
 
 ``batch`` (``engine.Batch``) gives hooks ``batch.images``, ``batch.labels`` (-1 = unknown replaced
 by 0; ``needs_label`` metrics are set to NaN there afterwards), ``batch.options`` (build options,
-e.g. ``q``), ``batch.memo(key, compute)`` to share work between hooks of a batch, and
+e.g. ``q``; ``label_known``: bool [B], which images have a true label, None without labels), ``batch.memo(key, compute)`` to share work between hooks of a batch, and
 ``batch.take_attention_pass()`` (an OnBatch hook that runs an unpruned forward anyway passes it as
 that forward's attention hook, so the OnAttention metrics need no pass of their own). OnAttention
 hooks run under ``torch.inference_mode``; OnBatch hooks with autograd available.
@@ -231,6 +231,19 @@ def _semantic(vit, layer, A, batch):
     return batch.memo(("semantic", layer), lambda: semantic_concentration(A, weights, vit.num_prefix_tokens))
 
 
+def _patch_maps(vit, images, labels, batch):
+    """The "patch_maps" stage: the four maps of every image (kept for the run's patch_maps table)
+    and each head's alignment with the occlusion map."""
+    from analysis.metrics.patch_maps import batch_patch_maps
+
+    known = batch.options.get("label_known")
+    per_image = None if labels is None else [int(y) if known is None or known[i] else None
+                                             for i, y in enumerate(labels.tolist())]
+    maps, alignment = batch_patch_maps(vit, images, per_image)
+    batch.outputs["patch_maps"] = maps
+    return {"saliency_alignment": alignment}
+
+
 _DIST = r"$1 - \cos(a, b)$"
 for _m in (
     Metric("prob", "P(true) when pruned", axis="P(true)", important="low", group="importance", range=(0, 1),
@@ -295,6 +308,13 @@ for _m in (
            compute=OnAttention(lambda vit, layer, A, batch: _semantic(vit, layer, A, batch)[1]),
            meaning="the same for the CLS row",
            formula=r"semantic concentration of the CLS row alone, $P \sum_v \tilde A[0, v]\, w_v$."),
+    Metric("saliency_alignment", "head-saliency alignment", group="saliency", stage="patch_maps", range=(-1, 1),
+           compute=OnBatch(_patch_maps), meaning="does the head's CLS row look where occlusion matters",
+           formula=r"the Spearman correlation over the $P$ patches between the head's CLS attention row "
+                   r"$A[0, T{:}]$ and the image's occlusion map $P(y|x) - P(y|x'_t)$ (patch $t$ set to the mean "
+                   "colour; for a backbone the cosine distance of the pooled embeddings; $y$ = the true class, "
+                   "or the top-1 class when it is unknown). +1: the head attends most to the patches whose "
+                   "removal hurts most. Computed when the run is built with --patch-maps."),
 ):
     register_metric(_m)
 del _m

@@ -706,7 +706,7 @@ def merge_run(ctx: BuildContext) -> dict:
     manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
                                 layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
                                 sizes=lambda d: run_sizes(d, n, manifest["model"]),
-                                inputs={"patch_bits": arrays["patch_bits"]})
+                                inputs={"patch_bits": arrays["patch_bits"]}, patch_maps=arrays.get("patch_maps"))
     shutil.rmtree(stages_dir(run_dir), ignore_errors=True)  # the tables hold the stages' results now
     store.remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
     ctx.manifest = manifest

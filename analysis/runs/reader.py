@@ -23,7 +23,7 @@ from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
-from analysis.runs.schema import REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS
+from analysis.runs.schema import PATCH_MAPS_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS
 
 
 class Run:
@@ -132,6 +132,27 @@ class Run:
         except (OSError, pa.ArrowException) as err:
             raise CacheError(f"{name} of run {self.path.name} cannot be read ({type(err).__name__}: {err}). "
                              f"Rebuild the run with `python scripts/build_cache.py --out {self.path}`.") from None
+
+    @property
+    def has_patch_maps(self) -> bool:
+        """Whether the run was built with the "patch_maps" stage (precomputed maps per image)."""
+        return (self.path / PATCH_MAPS_FILE).is_file()
+
+    @cached_property
+    def _patch_maps(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / PATCH_MAPS_FILE) if self.has_patch_maps else pd.DataFrame()
+
+    def patch_maps(self, image_id: int) -> dict[str, np.ndarray] | None:
+        """The precomputed maps of one image, {name: float32 [gh, gw]} (SPEC "Patch attribution");
+        None when the run has none for it."""
+        table = self._patch_maps
+        if table.empty:
+            return None
+        rows = table[table["image_id"] == int(image_id)]
+        if rows.empty:
+            return None
+        gh, gw = (int(g) for g in self.model["grid"])
+        return {r.map: np.asarray(r.values, np.float32).reshape(gh, gw) for r in rows.itertuples()}
 
     @cached_property
     def metrics(self) -> list[str]:

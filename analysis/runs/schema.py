@@ -8,6 +8,8 @@ A run directory ``cache/RUN/`` holds:
   head_metrics.parquet  one row per image x head      (HEAD_KEYS, a column per image_head metric, LAYOUT_COLUMNS)
   head_summary.parquet  one row per head              (SUMMARY_KEYS, Metric.summary_columns(), n_images)
   skipped.parquet       files that could not be read  (SKIPPED_COLUMNS)
+  patch_maps.parquet    one row per image x patch map (PATCH_MAP_COLUMNS; only runs built with the
+                        "patch_maps" stage): the map's gh x gw values, row-major (SPEC "Patch attribution")
   thumbs/ID.png         thumbnails the app serves
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
 # The tables open_run requires, with the columns each must have.
 REQUIRED_COLUMNS = {"images.parquet": tuple(IMAGE_COLUMNS), "head_metrics.parquet": tuple(HEAD_KEYS),
                     "head_summary.parquet": tuple(SUMMARY_KEYS)}
+PATCH_MAPS_FILE = "patch_maps.parquet"
+PATCH_MAP_COLUMNS = {"image_id": pa.int32(), "map": pa.string(), "values": pa.list_(pa.float32())}
 # Names a metric may not take (they are fixed columns of head_metrics / head_summary).
 RESERVED_COLUMNS = frozenset(HEAD_KEYS) | frozenset(LAYOUT_COLUMNS) | {"n_images"}
 VALUE_TYPES = {"scalar": pa.float32(), "vector": pa.list_(pa.float32()), "category": pa.string()}

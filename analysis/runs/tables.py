@@ -169,11 +169,22 @@ def present_metrics(arrays: dict, summary: pd.DataFrame) -> list[str]:
     return out
 
 
+def patch_maps_table(image_ids: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
+    """[n, len(MAPS), gh, gw] maps (NaN = a map the model lacks) -> PATCH_MAP_COLUMNS rows, image-major."""
+    from analysis.metrics.patch_maps import MAPS
+
+    rows = [(int(i), name, maps[k, j].ravel().tolist()) for k, i in enumerate(image_ids)
+            for j, name in enumerate(MAPS) if not np.isnan(maps[k, j]).all()]
+    return pd.DataFrame(rows, columns=list(schema.PATCH_MAP_COLUMNS))
+
+
 def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict, *, L: int, H: int,
               layouts: dict | None = None, skipped: pd.DataFrame | None = None, stages: Iterable[str] = (),
-              sizes: Callable[[Path], dict] | None = None, inputs: dict | None = None) -> dict:
-    """Write a complete run: images, head_metrics, head_summary and skipped tables, then the
-    manifest with status "complete", ``metrics`` (the registry metrics with values), timings.tables and ``sizes``
+              sizes: Callable[[Path], dict] | None = None, inputs: dict | None = None,
+              patch_maps: np.ndarray | None = None) -> dict:
+    """Write a complete run: images, head_metrics, head_summary and skipped tables (and patch_maps
+    when ``patch_maps`` [n, len(MAPS), gh, gw] is given), then the manifest with status "complete",
+    ``metrics`` (the registry metrics with values), timings.tables and ``sizes``
     (``sizes(run_dir)``, default {"cache_bytes"}). ``images`` has IMAGE_COLUMNS, one row per image
     in ascending image_id; ``arrays`` {metric name: [n, L, H(, K)]} in the same order; ``inputs``
     engine arrays in the same order for run-level hooks only (``patch_bits``). Returns the manifest."""
@@ -196,6 +207,8 @@ def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict,
     write_table(run_dir / "head_summary.parquet", summary, schema.summary_columns(list(arrays) + list(summary.columns)))
     skipped = skipped if skipped is not None else pd.DataFrame(columns=list(schema.SKIPPED_COLUMNS))
     write_table(run_dir / "skipped.parquet", skipped, schema.SKIPPED_COLUMNS)
+    if patch_maps is not None:
+        write_table(run_dir / schema.PATCH_MAPS_FILE, patch_maps_table(ids, patch_maps), schema.PATCH_MAP_COLUMNS)
     manifest = {**manifest, "schema_version": schema.SCHEMA_VERSION, "metrics": present_metrics(arrays, summary),
                 "status": "complete"}
     manifest["timings"] = {**manifest.get("timings", {}), "tables": round(time.perf_counter() - start, 3)}

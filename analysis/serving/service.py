@@ -44,6 +44,35 @@ def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["b64"]), dtype=d["dtype"]).reshape(d["shape"])
 
 
+def json_floats(a) -> list:
+    """An array as nested lists of floats, NaN -> None (JSON-safe on every transport)."""
+    a = np.asarray(a, dtype=np.float64)
+    out = a.astype(object)
+    out[np.isnan(a)] = None
+    return out.tolist()
+
+
+def patch_maps_payload(vit: ViT, image: torch.Tensor, label: int | None, stored: dict | None = None) -> dict:
+    """The online patch-maps answer for one image [3, H, W]: ``stored`` maps (a run's precomputed
+    ones) or every map the model supports computed now, with units, pairwise agreement (Spearman)
+    and the heads' alignment with the occlusion map [L, H] (None without a prefix token)."""
+    from analysis.metrics.patch_maps import (check_image, head_saliency_alignment, map_agreement, map_unit,
+                                             patch_maps, target_class)
+
+    label = label if vit.has_head else None
+    maps = stored if stored else patch_maps(vit, image, label)
+    agreement = map_agreement(maps)
+    alignment = (head_saliency_alignment(vit, maps["occlusion"], image=image)
+                 if vit.num_prefix_tokens > 0 else None)
+    return {"label": label, "target": target_class(vit, check_image(vit, image), label),
+            "precomputed": bool(stored), "grid": list(vit.grid), "patch_size": vit.patch_size,
+            "img_size": list(vit.img_size), "num_prefix_tokens": vit.num_prefix_tokens,
+            "maps": {k: json_floats(v) for k, v in maps.items()},
+            "units": {k: map_unit(k, vit.has_head) for k in maps},
+            "agreement": {k: dict(zip(agreement.columns, json_floats(agreement.loc[k]))) for k in maps},
+            "alignment": None if alignment is None else json_floats(alignment)}
+
+
 class ResultCache:
     """A thread-safe LRU of query results with single flight: the first caller of a key computes
     it, concurrent callers of the same key wait for that answer (or its error), callers of other
@@ -237,3 +266,32 @@ class ModelService:
 
         return self._query("attn", run_dir, image_id, (int(layer), int(head)), fingerprint, compute,
                            head=(int(layer), int(head)))
+
+    # ---- patch attribution (SPEC "Patch attribution") ----------------------------------------
+    def patch_maps(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
+        """The four patch maps of one image (precomputed when the run has them, else computed now),
+        their pairwise Spearman agreement and each head's alignment with the occlusion map:
+        {"maps": {name: [[gh x gw floats]]}, "units", "agreement": {name: {name: rho}},
+        "alignment": [[L x H]], "target", "label", "precomputed", grid/patch facts}. NaN -> None."""
+        run = self.run(run_dir, fingerprint)
+
+        def compute(vit, image, label):
+            return {"image_id": int(image_id), **patch_maps_payload(vit, image, label, run.patch_maps(int(image_id)))}
+
+        return self._query("patch_maps", run_dir, image_id, (), fingerprint, compute)
+
+    def deletion_curves(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
+        """Deletion curves of the image's maps (top-n patch tokens dropped, n on the default grid):
+        {"metric": "prob" | "emb_dist", "n": [...], "curves": {map: [values]}}."""
+        from analysis.metrics.patch_maps import deletion_curves
+
+        maps = self.patch_maps(run_dir, image_id, fingerprint)["maps"]
+
+        def compute(vit, image, label):
+            arrays = {k: np.asarray(v, np.float64) for k, v in maps.items()}
+            df = deletion_curves(vit, image, label, arrays)
+            metric = df.columns[-1]
+            return {"image_id": int(image_id), "metric": metric, "n": sorted(set(df["n"].tolist())),
+                    "curves": {name: g.sort_values("n")[metric].tolist() for name, g in df.groupby("map", sort=False)}}
+
+        return self._query("deletion", run_dir, image_id, (), fingerprint, compute)

@@ -261,3 +261,23 @@ def attention(run_dir, image_id: int, layer: int, head: int) -> dict:
     """{"attention": np.ndarray [N, N] float16, "num_prefix_tokens", "grid", "patch_size", "img_size"}"""
     return dict(_call("attention", run_dir, _ints(image_id, layer, head),  # a copy: callers may change it
                       decode=lambda out: {**out, "attention": decode_array(out["attention"])}))
+
+
+def _image_id(image_id) -> list[int]:
+    try:
+        return [strict_int(image_id)]
+    except ValueError:
+        raise OnlineError(f"The image must be an integer id, not {image_id!r}.") from None
+
+
+def patch_maps(run_dir, image_id: int) -> dict:
+    """The image's patch maps (SPEC "Patch attribution"): {"maps": {name: [[gh x gw]]}, "units",
+    "agreement": {name: {name: Spearman}}, "alignment": [[L x H]] (with occlusion), "target",
+    "label", "precomputed", "grid", "patch_size", "img_size", "num_prefix_tokens"}; None = NaN."""
+    return dict(_call("patch_maps", run_dir, _image_id(image_id)))
+
+
+def deletion_curves(run_dir, image_id: int) -> dict:
+    """Deletion curves of the image's maps: {"metric": "prob" | "emb_dist", "n": [...],
+    "curves": {map: [value per n]}} (n = 0 is the unpruned output)."""
+    return dict(_call("deletion_curves", run_dir, _image_id(image_id)))
