@@ -135,6 +135,21 @@ def _dict(v):
         raise Invalid("expected an object")
 
 
+def _run_names(v):
+    if not isinstance(v, list) or len(v) > 16:
+        raise Invalid("expected a list of at most 16 run names")
+    for name in v:
+        if config.name_problem(name):
+            raise Invalid(config.name_problem(name))
+
+
+def _flags(*options):
+    def check(v):
+        if not isinstance(v, list) or not set(v) <= set(options):
+            raise Invalid(f"expected a list of {', '.join(map(repr, options))}")
+    return check
+
+
 RULES = {
     # Dash's page router (use_pages)
     ("_pages_location", "pathname"): _opt(_str()),
@@ -145,6 +160,14 @@ RULES = {
     ("sel", "data"): _opt(_selection),
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
+    ("c1-metric", "value"): _opt(_str(64)),
+    ("curves-metric", "value"): _opt(_str(64)),
+    ("heads-class-metric", "value"): _opt(_str(64)),
+    ("heads-class-correct", "value"): _opt(_flags("correct")),
+    ("compare-runs", "value"): _opt(_run_names),
+    ("compare-metric", "value"): _opt(_str(64)),
+    ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
+    ("compare-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
     ("prune-mode", "data"): _opt(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("q-slider", "value"): _opt(_number(-1, 2)),
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),

@@ -27,7 +27,7 @@ from pathlib import Path
 ONLINE_IDS = ("b2-graph", "d3-graph", "d2-images")
 
 def ensure_run(cache: Path, name: str, **kw) -> Path:
-    from make_synthetic_cache import make_run
+    from analysis.runs.synthetic import make_run
 
     out = cache / name
     if not (out / "manifest.json").is_file():

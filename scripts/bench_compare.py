@@ -16,11 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1000)
@@ -29,7 +24,7 @@ def main(argv=None) -> dict:
 
     import pandas as pd
 
-    from make_synthetic_cache import make_run
+    from analysis.runs.synthetic import make_run
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hs-bench-compare-"))
     for name, seed in (("a", 0), ("b", 1)):

@@ -14,13 +14,10 @@ random images (speed does not depend on the values).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis import head_importance, load_vit, pair_interactions, pruning_curve, random_order  # noqa: E402
 from analysis.metrics.taylor import taylor_agreement  # noqa: E402
 

@@ -14,14 +14,11 @@ embedded DINOv2 ViT-S/14 + probe (112 px, 64 patches). The second default model 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis import load_vit, patch_maps  # noqa: E402
 
 

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         ap.error("give --url of a running app or --serve")
     cache_dir = args.cache_dir or store.default_cache_dir()
     if args.make_run:
-        from make_synthetic_cache import make_run  # the sibling script
+        from analysis.runs.synthetic import make_run
 
         make_run(cache_dir / args.run, n_images=40, model="test_vit", img_size=64)
     try:  # the simulated users pick image ids and heads of the run: read them here

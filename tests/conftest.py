@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from scripts.make_synthetic_cache import make_run as make_synthetic_run  # noqa: F401  (re-exported)
+from analysis.runs.synthetic import make_run as make_synthetic_run  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,6 +160,38 @@ def start_gunicorn(compose_app_command: list[str], env: dict, log: Path, workers
 
 
 # ---- fixtures --------------------------------------------------------------------------------
+TINY_IMAGES = 12  # readable images of the tiny set (one more file is corrupt)
+
+
+# ---- the tiny build set shared by the build, registry, stage and pattern tests ----------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), as the
+    build picks on a busy machine (two threads on two shared cores made the autoencoder test 40x
+    slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Weights, a folder of 3 classes x 4 PNGs plus one corrupt file, and a config factory."""
+    root = tmp_path_factory.mktemp("tiny")
+    weights = save_tiny_vit(root / "tiny.safetensors")  # 64 px: 4x4 patch grid, 12 layers x 3 heads, 3 classes
+    make_image_folder(root / "images", classes=("a", "b", "c"), per_class=4, size=(40, 48), broken="b")
+
+    def config(out, **kw):
+        settings = dict(out=str(root / out), model="vit_tiny_patch16_224", weights=str(weights), img_size=64,
+                        dataset=str(root / "images"), dataset_kind="folder", batch_size=5, threads=1,
+                        progress=False)
+        from analysis.runs import build
+
+        return build.BuildConfig(**{**settings, **kw})
+    return {"root": root, "weights": weights, "config": config}
+
+
 @pytest.fixture(autouse=True)
 def reset_app_config():
     """Leave the app's settings (cache dir, default run) as every test expects them."""

@@ -24,37 +24,14 @@ from analysis.errors import CacheError
 from analysis.runs.layouts import tsne_2d
 from analysis.metrics.patterns import pack_bits
 from analysis.serving.service import model_from_manifest
-from conftest import embedded_default_missing, make_image_folder, save_tiny_vit
+from conftest import TINY_IMAGES as N_IMAGES, embedded_default_missing, save_tiny_vit
 
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("images.parquet", "head_metrics.parquet", "head_summary.parquet", "skipped.parquet")
-N_IMAGES = 12  # readable images of the tiny set (one more file is corrupt)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the build picks on a busy machine (two threads on two shared cores
-    made the autoencoder test 40x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Weights, a folder of 3 classes x 4 PNGs plus one corrupt file, and a config factory."""
-    root = tmp_path_factory.mktemp("tiny")
-    weights = save_tiny_vit(root / "tiny.safetensors")  # 64 px: 4x4 patch grid, 12 layers x 3 heads, 3 classes
-    make_image_folder(root / "images", classes=("a", "b", "c"), per_class=4, size=(40, 48), broken="b")
-
-    def config(out, **kw):
-        settings = dict(out=str(root / out), model="vit_tiny_patch16_224", weights=str(weights), img_size=64,
-                        dataset=str(root / "images"), dataset_kind="folder", batch_size=5, threads=1,
-                        progress=False)
-        return build.BuildConfig(**{**settings, **kw})
-    return {"root": root, "weights": weights, "config": config}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

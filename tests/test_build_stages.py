@@ -15,7 +15,9 @@ from analysis.errors import HeadScopeError
 from analysis.metrics.taylor import taylor_agreement
 from analysis.runs import build, store
 from analysis.serving.service import model_from_manifest
-from test_build import N_IMAGES, one_thread, tiny  # noqa: F401  (fixtures)
+from conftest import TINY_IMAGES as N_IMAGES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STAGES = ["taylor", "mean_ablation", "curves"]
 

@@ -1,15 +1,12 @@
 """Compare page helpers on runs written by the run writer, against plain pandas references."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+
+from analysis.runs.synthetic import make_run
 
 
 @pytest.fixture(scope="module")

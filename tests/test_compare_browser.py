@@ -3,15 +3,13 @@
 ``flock /tmp/hs-browser.lock python -m pytest tests/test_compare_browser.py``."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+from analysis.runs.synthetic import make_run
 
 pytest.importorskip("selenium")
 if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):

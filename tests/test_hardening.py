@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,11 @@ from PIL import Image
 from analysis import datasets
 from analysis.datasets import FASHION_MNIST_CLASSES, load_image_set, open_image, printable
 from analysis.errors import CacheError, ImageReadError, InputError, LabelError, ModelLoadError
-from analysis.runs import build, store
+from analysis.runs import build, store, tables
 from analysis.values import strict_int
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+
+from analysis.runs.synthetic import make_run
 from tests.test_build import save_tiny_vit  # noqa: E402
 
 
@@ -126,10 +124,9 @@ def test_folder_names_match_case_punctuation_and_id2label_synonyms(tmp_path):
 
 
 def test_build_has_one_labels_flag():
-    sys.path.insert(0, str(ROOT))
-    from scripts.build_cache import parse_args
+    from analysis.cli import build_parser
 
-    assert parse_args(["--images", "x", "--labels", "sorted"]).labels == "sorted"
+    assert build_parser().parse_args(["--images", "x", "--labels", "sorted"]).labels == "sorted"
     assert "labels" in {f for f in build.BuildConfig.__dataclass_fields__}
 
 
@@ -350,7 +347,7 @@ def _full_disk(monkeypatch, when):
     """Make the next write of an atomic write whose temporary's prefix satisfies ``when`` fail
     with ENOSPC (after the temporary file was created)."""
     last = {}
-    real_mkstemp, real_fdopen = store.tempfile.mkstemp, os.fdopen
+    real_mkstemp, real_fdopen = tables.tempfile.mkstemp, os.fdopen
 
     def mkstemp(dir=None, prefix=""):
         last["prefix"] = prefix
@@ -359,8 +356,8 @@ def _full_disk(monkeypatch, when):
     def fdopen(fd, *args, **kwargs):
         full = when(last.pop("prefix", ""))
         return _Full(fd) if full else real_fdopen(fd, *args, **kwargs)
-    monkeypatch.setattr(store.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(store.os, "fdopen", fdopen)
+    monkeypatch.setattr(tables.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tables.os, "fdopen", fdopen)
 
 
 class _Full:
@@ -382,7 +379,7 @@ def _temporaries(run_dir: Path) -> list[Path]:
 
 
 def test_build_odd_names_full_disk_and_resume(tiny, monkeypatch, capsys):
-    from scripts.build_cache import main
+    from analysis.cli import build_main as main
 
     cfg = tiny["config"]("run")
     ctx = build.prepare(cfg)

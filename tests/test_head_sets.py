@@ -201,7 +201,7 @@ def test_api_answers_head_sets_and_pair_interactions(tmp_path, monkeypatch):
     from analysis.serving import transport as online
     from analysis.serving.service import ModelService
     from app.server import create_app
-    from scripts.make_synthetic_cache import make_run
+    from analysis.runs.synthetic import make_run
 
     monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
     run = make_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)

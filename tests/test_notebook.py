@@ -18,8 +18,7 @@ from analysis.notebook import head_figures, open_run
 from analysis.serving.service import model_from_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_cache import make_run  # noqa: E402
+from analysis.runs.synthetic import make_run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from analysis import deletion_curves, head_saliency_alignment, load_vit, map_agreement, patch_maps
 from analysis.errors import HeadScopeError
 from analysis.metrics.patch_maps import MAPS
-from test_build import one_thread, tiny  # noqa: F401  (fixtures: tiny folder set, one torch thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 from test_importance import make_model
 
 VARIANTS = ["cls", "reg", "distilled", "avgpool", "backbone"]

@@ -228,7 +228,7 @@ def test_class_statistics_bad_input():
 
 # ---- the build: columns, consistency, and adding the labels to a run built without them -------
 
-from test_build import one_thread, tiny  # noqa: E402,F401  (fixtures: one torch thread, tiny folder set)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):

@@ -15,7 +15,9 @@ from analysis.metrics.engine import analyse_batch
 from analysis.metrics.registry import Metric, OnAttention, OnBatch, OnRun
 from analysis.runs import build, schema, store
 from analysis.serving.service import model_from_manifest
-from test_build import N_IMAGES, one_thread, tiny  # noqa: F401  (fixtures: tiny folder set, one torch thread)
+from conftest import TINY_IMAGES as N_IMAGES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUILTIN = [m.name for m in registry.metrics()]  # collected before the toy metrics exist
 

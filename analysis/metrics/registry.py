@@ -42,7 +42,7 @@ enables that stage (``BuildConfig.stages``); a run lists what it has in ``manife
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from analysis.runs.schema import RESERVED_COLUMNS

@@ -12,7 +12,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
