@@ -321,8 +321,9 @@ def metric_options(_k, sel):
 
 @callback(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"))
 def figure_format(fmt):
-    """Every plot's camera button exports at publication size in the chosen format."""
-    return [graph_config(g, fmt) for g in GRAPHS]
+    """Every plot's camera button exports at publication size in the chosen format; D5's threshold
+    line can be dragged (plotly's shapePosition edits: relayoutData ``shapes[0].x0``)."""
+    return [dict(graph_config(g, fmt), **({"edits": {"shapePosition": True}} if g == "d5-graph" else {})) for g in GRAPHS]
 
 
 @callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
