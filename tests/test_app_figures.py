@@ -372,3 +372,14 @@ def test_heads_page_ranks_importance_and_head_properties(cache):
     expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(L, H)
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], dtype=float), expected, rtol=1e-5)
     assert msg is None and fig["data"][1]["x"] == [2] and fig["data"][1]["y"] == [1]  # selected head marked
+
+
+def test_responses_are_gzip_compressed(cache):
+    from app import create_app
+
+    client = create_app(cache, "syn").server.test_client()
+    r = client.get("/_dash-layout", headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers.get("Content-Encoding") == "gzip"
+    import gzip
+
+    assert gzip.decompress(r.data).startswith(b"{")
