@@ -153,7 +153,7 @@ def test_selecting_a_head_updates_b2_b3_c2_c3_d2_to_d5(dash_duo, app):
     wait_js(dash_duo, "d4-graph", "gd.data.length", lambda n: n == 2, "heatmap")
     wait_js(dash_duo, "d5-graph", "gd.data.length && gd.data[0].y.length", lambda n: n == 40, "histogram (40 log bins)")
     until(lambda: (segments(dash_duo) or 0) > 0, timeout=TIMEOUT, msg="segments in D3")
-    dash_duo.wait_for_contains_text("#d3-count", "segments drawn", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#d3-count", "patch→patch segments", timeout=TIMEOUT)
     until(lambda: len(dash_duo.find_elements("#d2-images img")) == 3, timeout=TIMEOUT, msg="D2 images")
     # B3's true label in bold when present; the mode bar chosen for B3 is highlighted
     assert js(dash_duo, "b2-graph", "gd.data[0].marker.color[1]") == "#D55E00"
@@ -188,7 +188,7 @@ def test_moving_the_threshold_changes_the_d3_segments(dash_duo, app):
     handle.send_keys(Keys.HOME)  # top 0.1%
     until(lambda: family_segments(dash_duo, "patch→patch") == expected(0.001), timeout=TIMEOUT, msg="0.1%")
     # clicking a histogram bar sets an absolute threshold at its left edge
-    bars = dash_duo.find_elements("#d5-graph .barlayer .point")
+    bars = [b for b in dash_duo.find_elements("#d5-graph .barlayer .point path") if b.size["height"] > 3]
     ActionChains(dash_duo.driver).move_to_element(bars[len(bars) // 2]).pause(0.3).click().perform()
     until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="threshold from the histogram")
     thr = float(query(dash_duo)["thr"][1:])
@@ -522,7 +522,7 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=2&head=1")
     wait_js(dash_duo, "d1-graph", "gd.data.length", lambda n: n == 4, "background + 3 overlay traces", timeout=120)
     assert js(dash_duo, "d1-graph", "gd.data[0].type") == "scattergl"
-    assert js(dash_duo, "d1-graph", "gd.data[0].x.length") == index.n * index.L * index.H
+    assert js(dash_duo, "d1-graph", "gd._fullData[0]._length") == index.n * index.L * index.H
     # pick a head of another image through plotly's own click on the webgl point
     target = next(p for p in range(index.n) if int(index.image_ids[p]) != 3)
     image = int(index.image_ids[target])

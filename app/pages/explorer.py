@@ -202,7 +202,7 @@ clientside_callback(
         if (!trig.length) { return nu; }
         const id = trig[0], out = Object.assign({}, sel || {});
         const dflt = (v, d) => (v === d ? null : v);
-        if (id === 'metric') { out.metric = metric || null; }
+        if (id === 'metric' && metric) { out.metric = metric; }  // null: the menu before its options came
         if (id === 'a-color') { out.color = dflt(color, 'class'); }
         if (id === 'd1-kind') { out.d1 = dflt(d1, 'cls'); }
         if (id === 'd1-style') { out.d1s = dflt(d1s, 'points'); }
@@ -315,6 +315,8 @@ def metric_options(_k, sel):
     index, _ = load(sel)
     if index is None or not index.metrics:
         return [], "no metrics"
+    if sel.get("metric") in index.metrics:  # the state's metric, once the menu has its options
+        dash.set_props("metric", {"value": sel["metric"]})
     default = _metric(index, {})
     return [{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics], data.METRIC_SHORT.get(default, default)
 
