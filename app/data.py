@@ -1,8 +1,10 @@
-"""The explainer side of the app: per-run indexes (numpy arrays built once) and online look-ups.
+"""The explainer side of the app: per-run indexes (arrays read once) and online look-ups.
 
-Views never touch DataFrames per request: ``get_index(run)`` builds, once per run (and again only
-when its manifest changes), arrays such as ``metric["prob"]`` of shape [n_images, L*H] where
-column ``layer * H + head`` is one head. Figure builders (app/figures.py) draw from these.
+Views never touch DataFrames per request: ``get_index(run)`` opens the run once (and again only
+when its manifest changes) and hands out the run reader's dense arrays as ``values(name)`` of shape
+[n_images, L*H] (``[n, L*H, K]`` for a vector), where column ``layer * H + head`` is one head.
+Which metrics exist, their labels and units come from the metric registry. Figure builders
+(app/figures.py) draw from these.
 """
 from __future__ import annotations
 
@@ -15,50 +17,104 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.runs import store
 from analysis.errors import CacheError
+from analysis.metrics import registry
+from analysis.runs import store
 
 from . import config
 
-METRIC_LABELS = {
-    "prob": "P(true) when pruned",
-    "prob_drop": "drop of P(true)",
-    "jsd": "JSD (bits)",
-    "cls_dist": "CLS cos. distance",
-    "patch_dist": "patch cos. distance",
-    "emb_dist": "embedding cos. dist.",
-}
-METRIC_AXIS = {"prob": "P(true)", "prob_drop": "ΔP(true)", "jsd": "JSD (bits)", "cls_dist": "CLS cos. dist.",
-               "patch_dist": "patch cos. dist.", "emb_dist": "emb. cos. dist."}
-METRIC_SHORT = {"prob": "prob · P(true class) with the head pruned", "prob_drop": "prob_drop · drop of P(true class)",
-                "jsd": "jsd · change of the output (JSD)", "cls_dist": "cls_dist · change of the CLS output",
-                "patch_dist": "patch_dist · change of the patch outputs", "emb_dist": "emb_dist · change of the embedding"}
+
+def metric_options(names) -> list[dict]:
+    """Dropdown options ('name · meaning') for registry metric names."""
+    return [{"label": registry.get_metric(n).option, "value": n} for n in names]
 
 
 @dataclass
 class RunIndex:
-    """Everything the cached views need from one run, as arrays indexed [image position, head]."""
-    name: str
-    path: Path
-    manifest: dict
-    images: pd.DataFrame
-    L: int
-    H: int
-    metrics: list[str]
-    metric: dict[str, np.ndarray]            # name -> [n, L*H] float32 (NaN where missing)
-    mean: dict[str, np.ndarray]              # name -> [L*H]
-    std: dict[str, np.ndarray]               # name -> [L*H]
-    entropy: np.ndarray | None               # [n, L*H]
-    strength: np.ndarray | None              # [n, L*H, K]
-    mean_distance: np.ndarray | None         # [n, L*H]
-    layouts: dict[str, np.ndarray]           # "cls" / "patch" -> [n, L*H, 2]
+    """Everything the cached views need from one run (a ``store.Run``), as arrays [image position, head]."""
+    run: store.Run
     missing: dict[str, str] = field(default_factory=dict)  # view -> what the run lacks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def manifest(self) -> dict:
+        return self.run.manifest
+
+    @property
+    def images(self) -> pd.DataFrame:
+        return self.run.images
+
+    @property
+    def L(self) -> int:
+        return self.run.L
+
+    @property
+    def H(self) -> int:
+        return self.run.H
+
+    @property
     def n(self) -> int:
         return len(self.images)
+
+    @cached_property
+    def importance(self) -> list[str]:
+        """Importance metrics with values in this run (B1, B2, Heads), registry order."""
+        return [m.name for m in self.run.metrics_of(importance=True, level="image_head")]
+
+    @cached_property
+    def properties(self) -> list[str]:
+        """Scalar per-image head properties with values (C1's y axis, Heads)."""
+        return [m.name for m in self.run.metrics_of(importance=False, value="scalar", level="image_head")]
+
+    @cached_property
+    def run_level(self) -> list[str]:
+        """Scalar run-level metrics (one value per head) with values."""
+        return [m.name for m in self.run.metrics_of(value="scalar", level="head")]
+
+    @cached_property
+    def head_metrics(self) -> list[str]:
+        """Every scalar metric the Heads page ranks: importance, properties, then run-level ones."""
+        return self.importance + self.properties + self.run_level
+
+    def has(self, name: str) -> bool:
+        return name in self.run.metrics
+
+    def values(self, name: str) -> np.ndarray:
+        """[n, L*H] (vector: [n, L*H, K]) of an image_head metric of this run."""
+        a = self.run.dense(name)
+        return a.reshape(a.shape[0], self.L * self.H, *a.shape[3:])
+
+    def summary(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) per head [L*H] over images, from head_summary (a run-level metric: its value and
+        NaN; a vector: the mean vector [L*H, K] and NaN)."""
+        LH = self.L * self.H
+        m = registry.get_metric(name)
+        flat = lambda a: a.reshape(LH, *a.shape[2:])
+        if m.level == "head":
+            return flat(self.run.summary(name)), np.full(LH, np.nan)
+        if f"{name}_mean" not in self.run.head_summary.columns:  # a run written before the metric had a summary
+            return self.memo(("summary", name), lambda: _summarise(self.values(name), m.value == "vector"))
+        mean = flat(self.run.summary(f"{name}_mean"))
+        return mean, (np.full(LH, np.nan) if m.value == "vector" else flat(self.run.summary(f"{name}_std")))
+
+    @cached_property
+    def layouts(self) -> dict[str, np.ndarray]:
+        """"cls" / "patch" -> [n, L*H, 2] for the layouts the run has."""
+        out = {}
+        for kind in ("cls", "patch"):
+            xy = self.run.layout(kind)
+            if xy is not None:
+                out[kind] = xy.reshape(self.n, self.L * self.H, 2)
+        return out
 
     @cached_property
     def image_ids(self) -> np.ndarray:
@@ -100,7 +156,11 @@ class RunIndex:
 
     @property
     def has_classifier(self) -> bool:
-        return "prob" in self.metrics
+        return "prob" in self.importance
+
+    def thumbnail(self, image_id):
+        """The image's thumbnail (PIL), via the run reader (CacheError when missing)."""
+        return self.run.open_thumbnail(image_id)
 
     def memo(self, key, compute):
         """Cache a selection-independent piece (figure background, histogram) for this run."""
@@ -111,67 +171,36 @@ class RunIndex:
         return self._memo[key]
 
 
-def _grid(df: pd.DataFrame, values: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int, LH: int,
-          tail: tuple = ()) -> np.ndarray:
-    out = np.full((n, LH, *tail), np.nan, dtype=np.float32)
-    out[rows, cols] = values
-    return out
+def _summarise(values: np.ndarray, vector: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std with ddof=0) over images of [n, L*H(, K)] values, as head_summary holds them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # heads without any value
+        mean = np.nanmean(values, axis=0)
+        std = np.full(values.shape[1], np.nan) if vector else np.nanstd(values, axis=0)
+    return mean, std
 
 
 def build_index(run: store.Run) -> RunIndex:
-    """Read the three tables once and turn them into arrays."""
-    images = run.images.reset_index(drop=True)
-    hm = run.head_metrics
-    L = int(hm["layer"].max()) + 1 if len(hm) else int(run.model.get("depth", 0))
-    H = int(hm["head"].max()) + 1 if len(hm) else int(run.model.get("heads", 0))
-    n, LH = len(images), L * H
-    pos = pd.Series(np.arange(n), index=images["image_id"].to_numpy())
-    rows = pos.reindex(hm["image_id"].to_numpy()).to_numpy()
-    keep = ~np.isnan(rows)
-    hm = hm[keep]
-    rows = rows[keep].astype(np.int64)
-    cols = hm["layer"].to_numpy(np.int64) * H + hm["head"].to_numpy(np.int64)
-    missing = {}
-
-    def column(name):
-        if name not in hm.columns or hm[name].isna().all():
-            return None
-        return _grid(hm, hm[name].to_numpy(np.float32, na_value=np.nan), rows, cols, n, LH)
-
-    metrics = [m for m in store.METRIC_COLUMNS if m in hm.columns and hm[m].notna().any()]
-    metric = {m: column(m) for m in metrics}
-    mean = {m: np.nanmean(a, axis=0) if n else np.zeros(LH) for m, a in metric.items()}
-    std = {m: np.nanstd(a, axis=0) if n else np.zeros(LH) for m, a in metric.items()}
-    entropy = column("strength_entropy")
-    if entropy is None:
+    """Wrap an opened run and note what its views will lack."""
+    index = RunIndex(run)
+    missing = index.missing
+    if "strength_entropy" not in index.properties:
         missing["strength_entropy"] = "This run has no strength_entropy column: the attention strength overview cannot be drawn."
-    strength = None
-    if "strength" in hm.columns and hm["strength"].notna().any():
-        vals = [np.asarray(v, dtype=np.float32) if v is not None else None for v in hm["strength"].to_numpy()]
-        K = max((len(v) for v in vals if v is not None), default=0)
-        if K:
-            stacked = np.full((len(vals), K), np.nan, dtype=np.float32)
-            for i, v in enumerate(vals):
-                if v is not None:
-                    stacked[i, :len(v)] = v
-            strength = _grid(hm, stacked, rows, cols, n, LH, (K,))
-    if strength is None:
+    if not index.properties:
+        missing["properties"] = "This run has no per-head property (strength entropy, attention distance, ...)."
+    if not index.has("strength"):
         missing["strength"] = "This run has no k-hop strength vectors (column strength)."
-    layouts = {}
     for key in ("cls", "patch"):
-        x, y = column(f"{key}_x"), column(f"{key}_y")
-        if x is None or y is None:
+        if key not in index.layouts:
             missing[key] = f"This run has no {key} pattern layout (columns {key}_x / {key}_y are empty)."
-        else:
-            layouts[key] = np.stack([x, y], axis=-1)
     for c in ("overview_x", "overview_y"):
-        if c not in images.columns or images[c].isna().all():
+        if c not in index.images.columns or index.images[c].isna().all():
             missing["overview"] = "This run has no image overview layout (images.overview_x / overview_y are empty)."
-    if not metrics:
+    if not index.importance:
         missing["metrics"] = "This run has no head-importance metric values."
-    return RunIndex(name=run.name, path=run.path, manifest=run.manifest, images=images, L=L, H=H,
-                    metrics=metrics, metric=metric, mean=mean, std=std, entropy=entropy, strength=strength,
-                    mean_distance=column("mean_distance_px"), layouts=layouts, missing=missing)
+    return index
 
 
 _indexes: OrderedDict[tuple, RunIndex] = OrderedDict()

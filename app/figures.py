@@ -273,24 +273,34 @@ def top5(class_names, probs, true_label_name: str | None, caption: str) -> dict:
 
 
 # ---- C: attention strength -----------------------------------------------------------------
-def strength_overview(entropy, L: int, H: int, selected=None, title: str | None = None) -> dict:
-    """C1: every head at x = layer (spread by head), y = normalised strength entropy, coloured by layer."""
+def _padded(value_range):
+    lo, hi = value_range
+    pad = 0.03 * (hi - lo)
+    return [lo - pad, hi + pad]
+
+
+def property_overview(values, L: int, H: int, selected=None, title: str | None = None,
+                      y_title: str = "strength entropy", y_range=(0, 1)) -> dict:
+    """C1: every head at x = layer (spread by head), y = a per-head property (default: the
+    normalised strength entropy), coloured by layer. y_range None: automatic."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
     jitter = (head - (H - 1) / 2) * (0.6 / max(H, 1))
     x = layer + jitter
-    ent = np.asarray(entropy, float)
+    ent = np.asarray(values, float)
     data = [{"type": "scatter", "mode": "markers", "x": x.tolist(), "y": ent.tolist(),
              "customdata": np.stack([layer, head], 1).tolist(),
              "marker": {"color": layer.tolist(), "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
                         "size": 8, "line": {"width": 0.5, "color": "#333"},
                         "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
-             "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>entropy %{y:.3f}<extra></extra>"}]
+             "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>" + y_title
+                              + " %{y:.4g}<extra></extra>"}]
     if selected is not None:
         i = selected[0] * H + selected[1]
         data.append(selected_ring(float(x[i]), float(ent[i])))
+    y_axis = axis(y_title, range=_padded(y_range)) if y_range else axis(y_title)
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),
-                 yaxis=axis("strength entropy", range=[-0.03, 1.03]),
+                 yaxis=y_axis,
                  margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
     return {"data": data, "layout": lay}
 
@@ -306,28 +316,33 @@ def strength_bars(strength, title: str | None = None) -> dict:
     return {"data": data, "layout": lay}
 
 
-def entropy_distribution(values, current=None, bins: int = 30, title: str | None = None, subset=None) -> dict:
-    """C3: distribution (area, share of images per bin) of one head's strength entropy over all
-    images, a second area over the ``subset`` (positions of a selected set) when given, and a line
-    at the selected image's value."""
+def distribution(values, current=None, bins: int = 30, title: str | None = None,
+                 x_title: str = "strength entropy", x_range=(0, 1), subset=None) -> dict:
+    """C3: distribution (area, share of images per bin) of one head's property over all images
+    (default: strength entropy in [0, 1]; x_range None: the values' range), a second area over the
+    ``subset`` (positions of a selected set) when given, and a line at the selected image's value."""
     v_all = np.asarray(values, float)
+    if x_range is None:
+        v = v_all[~np.isnan(v_all)]
+        lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+        x_range = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
     data = []
     parts = [("all images", v_all, MEAN_BLUE, "rgba(0,114,178,0.25)")]
     if subset is not None and len(subset):
         parts.append((f"selected set ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
     for name, v, colour, fill in parts:
         v = v[~np.isnan(v)]
-        hist, edges = np.histogram(v, bins=bins, range=(0, 1))
+        hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
         share = hist / max(len(v), 1)
         centres = (edges[:-1] + edges[1:]) / 2
         data.append({"type": "scatter", "x": centres.tolist(), "y": share.tolist(), "mode": "lines", "fill": "tozeroy",
                      "line": {"color": colour, "shape": "spline", "smoothing": 0.6}, "fillcolor": fill, "name": name,
-                     "hovertemplate": "entropy %{x:.2f}: %{y:.1%} of " + name + "<extra></extra>"})
+                     "hovertemplate": "%{x:.3g}: %{y:.1%} of " + name + "<extra></extra>"})
     shapes = []
     if current is not None and not np.isnan(current):
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": current, "x1": current, "y0": 0, "y1": 1,
                        "line": {"color": ACCENT, "width": 2}})
-    lay = layout(title, shapes=shapes, xaxis=axis("strength entropy", range=[0, 1]), showlegend=len(data) > 1,
+    lay = layout(title, shapes=shapes, xaxis=axis(x_title, range=list(x_range)), showlegend=len(data) > 1,
                  legend={"x": 1, "xanchor": "right", "y": 1, "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0.7)"},
                  yaxis=axis("share of images", tickformat=".0%"), margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
     return {"data": data, "layout": lay}

@@ -114,9 +114,15 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
 def _register_thumbnails(app: dash.Dash) -> None:
     @app.server.route(app.config.routes_pathname_prefix + "thumbs/<run>/<int:image_id>.png")
     def thumbnail(run, image_id):
+        from analysis.errors import HeadScopeError
+        from app import data
+
         if not config.valid_name(run):
             abort(404)
-        path = config.run_dir(run) / "thumbs" / f"{image_id}.png"
+        try:
+            path = data.get_index(run).run.thumbnail(image_id)  # through the run reader
+        except HeadScopeError:
+            abort(404)
         if not path.is_file():
             abort(404)
         return send_file(path, mimetype="image/png", max_age=3600)

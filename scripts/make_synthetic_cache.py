@@ -1,4 +1,8 @@
-"""Write a schema-valid synthetic HeadScope run (random but plausible values) for tests and benchmarks.
+"""Write a synthetic HeadScope run (random but plausible values) for tests and benchmarks.
+
+The values are made up here; the tables and manifest are written by the build's own writer
+(analysis.runs.tables.write_run), so the run has exactly the build's columns and summaries.
+Registered scalar metrics without a generator below get gamma noise.
 
     python scripts/make_synthetic_cache.py --out cache/synthetic --images 1000 --layers 12 --heads 12
     python scripts/make_synthetic_cache.py --out /tmp/tiny --images 40 --model test_vit --img-size 96
@@ -25,8 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.runs import store  # noqa: E402
-
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def save_random_model(name: str, img_size: int, num_classes: int, path: Path, seed: int) -> dict:
@@ -99,7 +101,10 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
     out = Path(out)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    class_names = FASHION[:n_classes] if n_classes <= len(FASHION) else [f"class {c}" for c in range(n_classes)]
+    from analysis.datasets import FASHION_MNIST_CLASSES as fashion
+    from analysis.metrics import registry
+
+    class_names = fashion[:n_classes] if n_classes <= len(fashion) else [f"class {c}" for c in range(n_classes)]
     patch_size, prefix = 16, 1
     model_info = {"name": "synthetic", "weights": None, "pretrained": False, "num_classes": n_classes,
                   "class_names": class_names}
@@ -130,7 +135,7 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
         probs[labels[i]] += p_true[i]
         top = np.argsort(-probs)[:5]
         rows.append({"image_id": i, "path": str(path.resolve()), "label": int(labels[i]),
-                     "label_name": class_names[labels[i]], "pred": int(top[0]), "prob": float(probs[top[0]]),
+                     "label_name": class_names[labels[i]], "pred": int(top[0]), "prob": float(probs[labels[i]]),
                      "top5_classes": top.astype(int).tolist(), "top5_probs": probs[top].astype(float).tolist()})
     images = pd.DataFrame(rows)
     angle = 2 * math.pi * labels / n_classes
@@ -161,34 +166,22 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
     cls_xy = centres[0][None] + noise[0]
     patch_xy = centres[1][None] + noise[1]
 
-    img_ids = np.repeat(np.arange(n_images), LH)
-    hm = pd.DataFrame({
-        "image_id": img_ids, "layer": np.tile(np.repeat(np.arange(L), H), n_images),
-        "head": np.tile(np.arange(H), n_images * L),
-        "prob": prob.ravel(), "prob_drop": prob_drop.ravel(), "jsd": jsd.ravel(), "cls_dist": cls_dist.ravel(),
-        "patch_dist": patch_dist.ravel(), "emb_dist": emb_dist.ravel(),
-        "strength": list(strength.reshape(-1, K)), "strength_entropy": ent.ravel(),
-        "mean_distance_px": mean_dist.ravel(),
-        "semantic_concentration": semantic.ravel(), "cls_semantic_concentration": cls_semantic.ravel(),
-        "cls_x": cls_xy[..., 0].ravel(), "cls_y": cls_xy[..., 1].ravel(),
-        "patch_x": patch_xy[..., 0].ravel(), "patch_y": patch_xy[..., 1].ravel(),
-    })
-    store.write_table(out / "images.parquet", images, store.IMAGE_COLUMNS)
-    store.write_table(out / "head_metrics.parquet", hm, store.HEAD_COLUMNS)
-    summary = hm.groupby(["layer", "head"])[list(store.SUMMARY_METRICS)].agg(["mean", "std"])
-    summary.columns = [f"{m}_{s}" for m, s in summary.columns]
-    store.write_table(out / "head_summary.parquet", summary.reset_index())
-    store.write_table(out / "skipped.parquet", pd.DataFrame({"path": [], "reason": []}), store.SKIPPED_COLUMNS)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    store.write_json(out / "manifest.json", {
-        "schema_version": store.SCHEMA_VERSION, "status": "complete",
+    arrays = {"prob": prob, "prob_drop": prob_drop, "jsd": jsd, "cls_dist": cls_dist, "patch_dist": patch_dist,
+              "emb_dist": emb_dist, "strength": strength, "strength_entropy": ent, "mean_distance_px": mean_dist,
+              "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic}
+    for m in registry.metrics("image_head", value="scalar"):  # metrics without a generator here: noise
+        arrays.setdefault(m.name, rng.gamma(1.5, 0.05, (n_images, LH)))
+    arrays = {k: v.reshape(n_images, L, H, *v.shape[2:]) for k, v in arrays.items()}
+    manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_info,
         "dataset": {"name": f"synthetic-{n_images}", "kind": "folder", "n_images": n_images,
                     "class_names": class_names},
         "params": {"q": 0.01, "synthetic": True, "seed": seed},
-        "timings": {}, "sizes": {"cache_bytes": size}, "versions": {},
-    })
+        "timings": {}, "versions": {},
+    }
+    store.write_run(out, manifest, images, arrays, L=L, H=H,
+                    layouts={"cls": cls_xy.reshape(-1, 2), "patch": patch_xy.reshape(-1, 2)})
     return out
 
 
@@ -208,7 +201,7 @@ def main(argv=None) -> int:
     out = make_run(Path(args.out), args.images, args.layers, args.heads, args.grid, args.classes, args.seed,
                    args.model, args.img_size)
     run = store.open_run(out)
-    print(f"wrote {out}: {len(run.images)} images, {len(run.head_metrics)} head rows, metrics {run.metrics}")
+    print(f"wrote {out}: {len(run.images)} images, {len(run.head_metrics)} head rows, metrics {', '.join(run.metrics)}")
     return 0
 
 

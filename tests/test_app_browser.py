@@ -5,9 +5,9 @@ safetensors and real PNG images, so the online views (B2/B3, D2-D5) compute for 
 ``nomodel`` has no loadable model (online queries fail); ``old`` was built with an older schema
 and ``unfinished`` has not finished building.
 
-test_screenshot_explorer drives the Explorer on the real default model: cache/default when it
-exists, else a 30-image default run it builds; HEADSCOPE_SCREENSHOT=1 makes it write
-assets/screenshot_explorer.png.
+test_every_page_on_a_real_default_run and test_screenshot_explorer use a run the real build made of
+the real default model: cache/default when it exists, else a 30-image default run built once here;
+HEADSCOPE_SCREENSHOT=1 makes the screenshot test write assets/screenshot_explorer.png.
 """
 import json
 import os
@@ -95,6 +95,25 @@ def click(dash_duo, selector):
 def no_console_errors(dash_duo):
     errors = [e for e in dash_duo.get_logs() if e.get("level") == "SEVERE"]
     assert errors == [], errors
+
+
+def record_server_errors(app) -> list[str]:
+    """Every HTTP 5xx response and unhandled exception of the app's Flask server, as it happens."""
+    from flask import got_request_exception, request
+
+    errors = []
+
+    @app.server.after_request
+    def _status(response):
+        if response.status_code >= 500:
+            errors.append(f"HTTP {response.status_code} {request.path}")
+        return response
+
+    def _exception(sender, exception, **_):
+        errors.append(f"{type(exception).__name__}: {exception}")
+
+    got_request_exception.connect(_exception, app.server, weak=False)
+    return errors
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -244,6 +263,10 @@ def build_real_run(cache) -> str | None:
 
     if embedded_default_missing():
         return None
+    prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")  # a run built by this same command earlier (faster reruns)
+    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
+        shutil.copytree(prebuilt, cache / "real", dirs_exist_ok=True)
+        return "real"
     proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
                            "--out", str(cache / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
@@ -251,32 +274,89 @@ def build_real_run(cache) -> str | None:
     return "real"
 
 
-def _screenshot_target(cache):
-    """(cache dir, run, image, layer, head): cache/default when it opens, else a small real default
-    run built here, else the synthetic run; the image's most important head by prob_drop."""
+@pytest.fixture(scope="module")
+def real_default(cache):
+    """(cache dir, run) of a run made by the real build of the real default model: cache/default when
+    it opens, else a small one built here; None when the embedded default is not installed."""
     from analysis.errors import HeadScopeError
+    from analysis.runs import store
+
+    try:
+        store.open_run(ROOT / "cache" / "default")
+        return ROOT / "cache", "default"
+    except HeadScopeError:
+        pass
+    run = build_real_run(cache)
+    return None if run is None else (cache, run)
+
+
+def _target(cache_dir, run):
+    """(image, layer, head): the 4th image and its most important head by prob_drop (or the first metric)."""
     from app import config, data
 
-    candidates = [(ROOT / "cache", "default")]
-    if not (ROOT / "cache" / "default" / "manifest.json").is_file():
-        real = build_real_run(cache)
-        if real:
-            candidates.append((cache, real))
-    for cache_dir, run in candidates + [(cache, "tiny")]:
-        config.configure(cache_dir, run)
-        try:
-            index = data.get_index(run)
-        except HeadScopeError:
-            continue
-        metric = "prob_drop" if "prob_drop" in index.metric else index.metrics[0]
-        pos = min(3, index.n - 1)
-        hi = int(index.metric[metric][pos].argmax())
-        return cache_dir, run, int(index.image_ids[pos]), hi // index.H, hi % index.H
-    raise RuntimeError("no run to take the screenshot on")
+    config.configure(cache_dir, run)
+    index = data.get_index(run)
+    metric = "prob_drop" if "prob_drop" in index.importance else index.importance[0]
+    pos = min(3, index.n - 1)
+    hi = int(np.nanargmax(index.values(metric)[pos]))
+    return int(index.image_ids[pos]), hi // index.H, hi % index.H
 
 
-def test_screenshot_explorer(dash_duo, cache, tmp_path):
-    cache_dir, run, image, layer, head = _screenshot_target(cache)
+def choose_each(dash_duo, dropdown, graph, expr, names, expected):
+    """Pick every option of ``dropdown`` in turn; wait until ``expr`` on ``graph`` equals expected(name)."""
+    for name in names:
+        click(dash_duo, f"#{dropdown}")  # opens the menu (rendered asynchronously)
+        option = f".dash-dropdown-content .dash-dropdown-option:has(input[value='{name}'])"
+        click(dash_duo, option)
+        is_open = lambda: dash_duo.find_elements(".dash-dropdown-content[data-state=open]")
+        if is_open():
+            ActionChains(dash_duo.driver).send_keys(Keys.ESCAPE).perform()
+        until(lambda: not is_open(), timeout=TIMEOUT, msg="menu closed")
+        wait_js(dash_duo, graph, expr, lambda got, want=expected(name): got == want, f"{dropdown} = {name}")
+        no_console_errors(dash_duo)
+
+
+def test_every_page_on_a_real_default_run(dash_duo, real_default):
+    """Explorer (every B1 and C1 choice), Heads (every metric of its dropdown), Runs and Help on a
+    real default run: no browser console error, no HTTP 5xx from the server."""
+    from analysis.metrics import registry
+    from app import data
+
+    if real_default is None:
+        pytest.skip("the embedded default model is not installed here")
+    cache_dir, run = real_default
+    image, layer, head = _target(cache_dir, run)
+    index = data.get_index(run)
+    app = create_app(cache_dir, run)
+    server_errors = record_server_errors(app)
+    visit(dash_duo, app, f"/?run={run}&image={image}&layer={layer}&head={head}")
+    for graph in ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph",
+                  "d1-graph", "d3-graph", "d4-graph", "d5-graph"):
+        wait_js(dash_duo, graph, "gd.data.length", lambda n: bool(n), "drawn", timeout=180)
+    until(lambda: len(dash_duo.find_elements("#d2-images img")) == 3, timeout=TIMEOUT, msg="D2 images")
+    no_console_errors(dash_duo)
+    title = lambda name: registry.get_metric(name).title
+    choose_each(dash_duo, "metric", "b1-graph", "gd.layout.yaxis.title.text", index.importance, title)
+    assert {"strength_entropy", "mean_distance_px", "semantic_concentration"} <= set(index.properties)
+    choose_each(dash_duo, "c1-metric", "c1-graph", "gd.layout.yaxis.title.text", index.properties + index.run_level,
+                title)
+    dash_duo.find_element("#nav-heads").click()
+    dash_duo.wait_for_contains_text("#heads-table", "rank", timeout=TIMEOUT)
+    assert len(index.head_metrics) >= 10
+    choose_each(dash_duo, "heads-metric", "heads-map", "gd.layout.title.text", index.head_metrics,
+                lambda name: f"mean {title(name)}")
+    dash_duo.find_element("#nav-runs").click()
+    dash_duo.wait_for_contains_text(".runs-table", run, timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+    dash_duo.find_element("#nav-help").click()
+    dash_duo.wait_for_contains_text(".help-page", "mean_distance_px", timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+    assert server_errors == []
+
+
+def test_screenshot_explorer(dash_duo, cache, real_default, tmp_path):
+    cache_dir, run = real_default or (cache, "tiny")
+    image, layer, head = _target(cache_dir, run)
     app = create_app(cache_dir, run)
     visit(dash_duo, app, f"/?run={run}&image={image}&layer={layer}&head={head}")
     for graph in ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph",
@@ -299,17 +379,11 @@ def test_screenshot_explorer(dash_duo, cache, tmp_path):
 
 # ---- the Explorer on a run of the REAL default model (issue 12) ---------------------------------
 @pytest.fixture(scope="module")
-def real(cache):
-    """(cache dir, run name) of a 30-image run of the embedded default model, built once per module
-    (HEADSCOPE_REAL_RUN=/path/to/run reuses one built by build_real_run earlier)."""
-    prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")
-    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
-        shutil.copytree(prebuilt, cache / "real", dirs_exist_ok=True)
-        return cache, "real"
-    run = build_real_run(cache)
-    if run is None:
-        pytest.skip("the embedded default model is not installed")
-    return cache, run
+def real(real_default):
+    """(cache dir, run name) of the real default run (see real_default)."""
+    if real_default is None:
+        pytest.skip("the embedded default model is not installed here")
+    return real_default
 
 
 @pytest.fixture
@@ -459,7 +533,7 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     wait_js(dash_duo, "b1-graph", "gd.data[2].name", lambda n: n == f"mean over the set ({len(ids)})", "B1 band over the set")
     pos = [index.pos(i) for i in ids]
     metric = "prob"
-    mean = np.nanmean(index.metric[metric][pos], 0)
+    mean = np.nanmean(index.values(metric)[pos], 0)
     got = js(dash_duo, "b1-graph", "Array.from(gd.data[2].y)")
     np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-6)
     wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"selected set ({len(ids)})"],
@@ -544,9 +618,9 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
 def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_duo, real_app, real, tmp_path):
     run = real[1]
     index = real_index(real)
-    metric = "prob_drop" if "prob_drop" in index.metric else index.metrics[0]
+    metric = "prob_drop" if "prob_drop" in index.importance else index.importance[0]
     pos = min(3, index.n - 1)
-    hi = int(index.metric[metric][pos].argmax())
+    hi = int(np.nanargmax(index.values(metric)[pos]))
     visit(dash_duo, real_app, f"/?run={run}&image={int(index.image_ids[pos])}&layer={hi // index.H}&head={hi % index.H}")
     for size, name in (((1920, 1080), "screenshot_explorer_1920.png"), ((1280, 800), "screenshot_explorer_1280.png")):
         dash_duo.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from plotly.io.json import to_json_plotly
 
+from analysis.metrics import registry
 from analysis.runs import store
 from app import config, data, figures as F
 from app.server import parse_selection
@@ -43,11 +44,12 @@ def test_synthetic_run_is_schema_valid(cache):
     assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
     assert set(store.IMAGE_COLUMNS) <= set(run.images.columns)
     assert set(store.HEAD_COLUMNS) <= set(run.head_metrics.columns)
-    assert run.metrics == list(store.METRIC_COLUMNS)
+    assert run.metrics == [m.name for m in registry.metrics()]
+    assert run.manifest["metrics"] == run.metrics
     assert (cache / "syn" / "thumbs" / "0.png").is_file()
     ent = run.head_metrics.strength_entropy
     assert ent.between(0, 1).all() and len(run.head_metrics.strength.iloc[0]) == 5
-    assert {"layer", "head", "prob_mean", "prob_std"} <= set(run.head_summary.columns)
+    assert list(run.head_summary.columns) == list(store.summary_columns())  # the build's writer
 
 
 def test_index_arrays(index, cache):
@@ -55,11 +57,13 @@ def test_index_arrays(index, cache):
 
     hm = store.open_run(cache / "syn").head_metrics
     assert index.L == L and index.H == H and index.n == 24
-    assert index.metric["jsd"].shape == (24, L * H)
+    assert index.values("jsd").shape == (24, L * H)
     row = hm[(hm.image_id == 5) & (hm.layer == 2) & (hm["head"] == 1)].iloc[0]
-    assert index.metric["jsd"][index.pos(5), 2 * H + 1] == pytest.approx(row.jsd)
-    assert index.strength.shape == (24, L * H, 5)
-    assert np.allclose(index.mean["prob"], hm.groupby(["layer", "head"]).prob.mean().to_numpy(), atol=1e-6)
+    assert index.values("jsd")[index.pos(5), 2 * H + 1] == pytest.approx(row.jsd)
+    assert index.values("strength").shape == (24, L * H, 5)
+    mean, std = index.summary("prob")
+    assert np.allclose(mean, hm.groupby(["layer", "head"]).prob.mean().to_numpy(), atol=1e-6)
+    assert np.allclose(std, hm.groupby(["layer", "head"]).prob.std(ddof=0).to_numpy(), atol=1e-6)
     assert index.pos(999) is None and index.head_index(L, 0) is None and index.head_index(1, 2) == 1 * H + 2
     assert data.get_index("syn") is index  # built once
 
@@ -75,7 +79,7 @@ def test_index_reports_missing_columns(tmp_path):
     store.write_table(run / "head_metrics.parquet", hm, store.HEAD_COLUMNS)
     index = data.build_index(store.open_run(run))
     assert "patch" in index.missing and "cls" not in index.missing
-    assert index.metrics == ["cls_dist", "patch_dist", "emb_dist"]
+    assert index.importance == ["cls_dist", "patch_dist", "emb_dist"]
 
 
 def test_bad_run_names_are_refused(cache):
@@ -191,18 +195,18 @@ def test_pruning_modes_and_top5():
 
 def test_strength_views():
     ent = np.linspace(0, 1, L * H)
-    fig = roundtrip(F.strength_overview(ent, L, H, selected=(2, 0)))
+    fig = roundtrip(F.property_overview(ent, L, H, selected=(2, 0)))
     pts = fig["data"][0]
     assert pts["marker"]["color"] == [l for l in range(L) for _ in range(H)]
     assert all(abs(x - l) < 0.5 for x, l in zip(pts["x"], pts["marker"]["color"]))
     assert fig["data"][1]["y"] == [pytest.approx(ent[2 * H])]
     fig = roundtrip(F.strength_bars([0.5, 0.2, 0.1]))
     assert fig["data"][0]["x"] == [0, 1, 2]
-    fig = roundtrip(F.entropy_distribution(np.array([0.1, 0.1, 0.9, np.nan]), current=0.9, bins=10))
+    fig = roundtrip(F.distribution(np.array([0.1, 0.1, 0.9, np.nan]), current=0.9, bins=10))
     assert sum(fig["data"][0]["y"]) == pytest.approx(1) and len(fig["data"]) == 1
     assert fig["layout"]["shapes"][0]["x0"] == 0.9
     # a selected set gets its own distribution on top of all images'
-    fig = roundtrip(F.entropy_distribution(np.array([0.1, 0.1, 0.9, 0.95]), bins=10, subset=[2, 3]))
+    fig = roundtrip(F.distribution(np.array([0.1, 0.1, 0.9, 0.95]), bins=10, subset=[2, 3]))
     assert fig["data"][1]["name"] == "selected set (2)" and fig["data"][1]["y"][9] == pytest.approx(1)
     assert fig["data"][0]["y"][1] == pytest.approx(0.5)
 
@@ -383,3 +387,30 @@ def test_responses_are_gzip_compressed(cache):
     import gzip
 
     assert gzip.decompress(r.data).startswith(b"{")
+
+
+def test_heads_page_on_a_run_from_an_older_writer(tmp_path):
+    """A run whose manifest lists no metrics and whose head_summary lacks a metric's columns (runs
+    written before those existed): every Heads choice still draws, from the per-image values."""
+    import pandas as pd
+
+    from app import create_app
+
+    run = make_run(tmp_path / "older", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
+    hs = pd.read_parquet(run / "head_summary.parquet")
+    hs.drop(columns=["strength_mean", "semantic_concentration_mean", "semantic_concentration_std"]).to_parquet(
+        run / "head_summary.parquet")
+    mf = json.loads((run / "manifest.json").read_text())
+    del mf["metrics"]
+    (run / "manifest.json").write_text(json.dumps(mf))
+    create_app(tmp_path, "older")
+    heads = sys.modules["app.pages.heads"]
+    options, _ = heads.heads_metric({"run": "older"}, None)
+    assert "semantic_concentration" in [o["value"] for o in options]
+    for o in options:
+        fig, _, msg = heads.heads_view({"run": "older"}, o["value"])
+        assert msg is None and np.isfinite(np.array(fig["data"][0]["z"], float)).all(), o["value"]
+    hm = store.open_run(run).head_metrics
+    expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(2, 2)
+    fig, _, _ = heads.heads_view({"run": "older"}, "semantic_concentration")
+    np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected, rtol=1e-5)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis import attention_strength, head_importance
+from analysis import METRICS, attention_strength, head_importance
+from analysis.metrics import registry
 from analysis.runs import build, store
 from analysis.runs.autoencoder import PatternAutoencoder, train_autoencoder
 from analysis.datasets import open_image
@@ -101,15 +102,16 @@ def test_tables_have_the_contract_columns_and_types(full_run):
     assert len(images) == N_IMAGES and images.image_id.is_unique
     assert len(hm) == N_IMAGES * L * H and len(hs) == L * H
     assert hm[["image_id", "layer", "head"]].equals(hm.sort_values(["image_id", "layer", "head"])[["image_id", "layer", "head"]])
-    for m in store.SUMMARY_METRICS:
-        assert {f"{m}_mean", f"{m}_std"} <= set(hs.columns)
+    assert list(hs.columns) == list(store.summary_columns())
+    assert hs.n_images.eq(N_IMAGES).all() and all(len(s) == 4 for s in hs.strength_mean)
     assert all(len(s) == 4 for s in hm.strength)  # K = max(gh, gw) = 4
     assert all(len(c) == 3 and len(p) == 3 for c, p in zip(images.top5_classes, images.top5_probs))
     for col in ("overview_x", "overview_y"):
         assert images[col].notna().all()
     for col in ("cls_x", "cls_y", "patch_x", "patch_y"):
         assert hm[col].notna().all() and hm[col].std() > 0
-    assert set(full_run.metrics) == set(store.METRIC_COLUMNS)
+    assert full_run.metrics == [m.name for m in registry.metrics()]  # a classifier run has every metric
+    assert full_run.manifest["metrics"] == full_run.metrics
 
 
 def test_manifest_and_thumbnails(full_run):
@@ -143,13 +145,13 @@ def test_metrics_equal_the_engine(full_run):
     ref = head_importance(vit, x, labels).merge(attention_strength(vit, x), on=["image", "layer", "head"])
     ref["image_id"] = images.image_id.to_numpy()[ref.image]
     ref = ref.sort_values(["image_id", "layer", "head"]).reset_index(drop=True)
-    for m in store.METRIC_COLUMNS + ("strength_entropy", "mean_distance_px"):
+    for m in METRICS + ("strength_entropy", "mean_distance_px"):
         np.testing.assert_allclose(hm[m].to_numpy(np.float64), ref[m].to_numpy(np.float64), rtol=1e-4, atol=1e-6,
                                    err_msg=m)
     np.testing.assert_allclose(np.stack(hm.strength), np.stack(ref.strength), rtol=1e-4, atol=1e-7)
     batch = analyse_batch(vit, x, labels)
-    for m in store.SEMANTIC_COLUMNS:
-        expected = getattr(batch, m)[np.argsort(images.image_id.to_numpy())].reshape(-1)
+    for m in ("semantic_concentration", "cls_semantic_concentration"):
+        expected = batch[m][np.argsort(images.image_id.to_numpy())].reshape(-1)
         assert np.isfinite(expected).any(), m
         np.testing.assert_allclose(hm[m].to_numpy(np.float64), expected, rtol=1e-4, atol=1e-6, equal_nan=True,
                                    err_msg=m)

@@ -224,14 +224,14 @@ def test_analyse_batch_agrees_with_the_public_functions():
     B, L, H = 3, vit.depth, vit.num_heads
     for m in ("prob", "jsd", "cls_dist", "patch_dist", "emb_dist"):
         np.testing.assert_allclose(r.importance[m].reshape(-1), hi[m].to_numpy(), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(r.strength_entropy.reshape(-1), st.strength_entropy, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(r.strength.reshape(B * L * H, -1), np.stack(st.strength), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(r["strength_entropy"].reshape(-1), st.strength_entropy, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["strength"].reshape(B * L * H, -1), np.stack(st.strength), rtol=1e-5, atol=1e-7)
     A = vit.capture_attention(images)
     T = vit.num_prefix_tokens
-    assert unpack_bits(r.patch_bits, vit.num_patches).sum((-1, -2)).max() == round(0.05 * vit.num_patches ** 2)
-    np.testing.assert_allclose(r.cls_vectors[:, 1, 2, :vit.num_tokens], A[:, 1, 2, 0].numpy(), atol=1e-3)
+    assert unpack_bits(r["patch_bits"], vit.num_patches).sum((-1, -2)).max() == round(0.05 * vit.num_patches ** 2)
+    np.testing.assert_allclose(r["cls_vectors"][:, 1, 2, :vit.num_tokens], A[:, 1, 2, 0].numpy(), atol=1e-3)
     w = torch.from_numpy(batch_semantic_weights(images, vit.data_config, vit.grid, vit.patch_size))
     sc, cls_sc = semantic_concentration(A[:, 2], w, T)
-    np.testing.assert_allclose(r.semantic_concentration[:, 2], sc.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(r.cls_semantic_concentration[:, 2], cls_sc.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(r.probs, torch.softmax(vit(images), -1).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(r["semantic_concentration"][:, 2], sc.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(r["cls_semantic_concentration"][:, 2], cls_sc.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(r["probs"], torch.softmax(vit(images), -1).numpy(), rtol=1e-5, atol=1e-7)

@@ -1,98 +1,147 @@
-"""One call that computes every per-image array the cache needs, in a single unpruned pass
-plus the leave-one-out: importance, strength, CLS vectors and binarised patch patterns."""
+"""One call that computes every per-image array the cache needs: the registry's image_head
+metrics (attention-level hooks ride on a single unpruned pass, batch-level hooks add their own
+passes) plus the pattern inputs of the layouts (CLS vectors, binarised patch patterns)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from analysis.metrics.importance import arrays_to_frame, importance_arrays
+from analysis.metrics import registry
+from analysis.metrics.importance import arrays_to_frame
 from analysis.metrics.patterns import binarize_topq, cls_vector, pack_bits
-from analysis.metrics.semantic import batch_semantic_weights, semantic_concentration
-from analysis.metrics.strength import khop_strength, mean_attention_distance, strength_entropy
 from analysis.models.adapter import ViT
 
+# Arrays of a batch that are not registry metrics: probs [B, C] float32 (classifier models);
+# cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8 (layout inputs).
+ENGINE_ARRAYS = ("probs", "cls_vectors", "patch_bits")
 
-@dataclass
-class BatchResult:
-    """Per-image arrays of one batch (B images, L layers, H heads, K = max(gh, gw)).
 
-    importance: {metric: [B, L, H] float64}; probs: [B, C] float32 or None (backbone);
-    strength [B, L, H, K] float32; strength_entropy, mean_distance_px [B, L, H] float32;
-    cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8;
-    semantic_concentration, cls_semantic_concentration [B, L, H] float32 (see analysis.semantic).
-    """
-    importance: dict[str, np.ndarray] = field(default_factory=dict)
-    probs: np.ndarray | None = None
-    strength: np.ndarray | None = None
-    strength_entropy: np.ndarray | None = None
-    mean_distance_px: np.ndarray | None = None
-    cls_vectors: np.ndarray | None = None
-    patch_bits: np.ndarray | None = None
-    semantic_concentration: np.ndarray | None = None
-    cls_semantic_concentration: np.ndarray | None = None
+class BatchResult(dict):
+    """{name: array} of one batch: every computed registry metric ``[B, L, H]`` (``[B, L, H, K]``
+    for a vector; NaN where it does not apply) and the ENGINE_ARRAYS present."""
+
+    @property
+    def importance(self) -> dict[str, np.ndarray]:
+        """The importance metrics only."""
+        return {m.name: self[m.name] for m in registry.metrics(importance=True) if m.name in self}
+
+
+class Batch:
+    """What compute hooks see of a batch: ``images`` [B, 3, H, W], ``labels`` LongTensor [B] or None,
+    ``options`` (build options such as ``q``), ``memo(key, compute)`` to share work between hooks,
+    ``outputs`` for engine arrays (``probs``), and ``take_attention_pass()`` (below)."""
+
+    def __init__(self, vit: ViT, images: Tensor, labels: Tensor | None, options: dict, attention_hook):
+        self.vit, self.images, self.labels, self.options = vit, images, labels, options
+        self.outputs: dict[str, np.ndarray] = {}
+        self._memo: dict = {}
+        self._attention_hook = attention_hook
+
+    def memo(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def take_attention_pass(self):
+        """For a batch hook that runs an unpruned forward anyway: the ``hook(layer, A)`` to pass to it,
+        so the attention-level metrics ride on that pass (None once taken: run no second one)."""
+        hook, self._attention_hook = self._attention_hook, None
+        return hook
+
+    @property
+    def attention_pass_taken(self) -> bool:
+        return self._attention_hook is None
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
+    return np.asarray(x)
 
 
 class AttentionAnalyser:
-    """Attention hook that turns each block's pattern A [B, H, N, N] into strength and pattern arrays."""
+    """Attention hook: runs every OnAttention metric (and the pattern inputs) on each block's A."""
 
-    def __init__(self, vit: ViT, q: float = 0.01, patterns: bool = True, semantic_weights: Tensor | None = None):
-        self.vit, self.q, self.patterns, self.weights = vit, q, patterns, semantic_weights
-        self.strength, self.entropy, self.distance, self.cls, self.bits = [], [], [], [], []
-        self.semantic, self.cls_semantic = [], []
+    def __init__(self, vit: ViT, metrics: list[registry.Metric], q: float, patterns: bool):
+        self.vit, self.metrics, self.q, self.patterns = vit, metrics, q, patterns
+        self.batch: Batch | None = None
+        self.values: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
+        if patterns:
+            self.values.update(cls_vectors=[], patch_bits=[])
 
     def __call__(self, layer: int, A: Tensor) -> None:
-        T, vit = self.vit.num_prefix_tokens, self.vit
-        A_pp = A[..., T:, T:]
-        s = khop_strength(A_pp, vit.grid)
-        self.strength.append(s.float().cpu().numpy())
-        self.entropy.append(strength_entropy(s).float().cpu().numpy())
-        self.distance.append(mean_attention_distance(A_pp, vit.grid, vit.patch_size).float().cpu().numpy())
+        for m in self.metrics:
+            self.values[m.name].append(_numpy(m.compute.fn(self.vit, layer, A, self.batch)))
         if self.patterns:
-            self.cls.append(cls_vector(A, T).to(torch.float16).cpu().numpy())
-            self.bits.append(pack_bits(binarize_topq(A_pp, self.q)))
-        if self.weights is not None:
-            sc, cls_sc = semantic_concentration(A, self.weights, T)
-            self.semantic.append(sc.float().cpu().numpy())
-            self.cls_semantic.append(cls_sc.float().cpu().numpy())
+            T = self.vit.num_prefix_tokens
+            self.values["cls_vectors"].append(cls_vector(A, T).to(torch.float16).cpu().numpy())
+            self.values["patch_bits"].append(pack_bits(binarize_topq(A[..., T:, T:], self.q)))
 
-    def fill(self, result: BatchResult) -> BatchResult:
-        stack = lambda arrays: np.stack(arrays, axis=1)  # L x [B, H, ...] -> [B, L, H, ...]
-        result.strength = stack(self.strength)
-        result.strength_entropy = stack(self.entropy)
-        result.mean_distance_px = stack(self.distance)
-        if self.patterns:
-            result.cls_vectors = stack(self.cls)
-            result.patch_bits = stack(self.bits)
-        if self.weights is not None:
-            result.semantic_concentration = stack(self.semantic)
-            result.cls_semantic_concentration = stack(self.cls_semantic)
-        return result
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.stack(v, axis=1) for k, v in self.values.items() if v}  # L x [B, H, ...] -> [B, L, H, ...]
 
 
-@torch.inference_mode()
-def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, semantic: bool = True) -> BatchResult:
-    """Everything per image for a batch: images [B, 3, H, W] preprocessed, labels [B] or None.
-    semantic: also compute the SIFT-based semantic concentration (analysis.semantic)."""
-    weights = None
-    if semantic:
-        images = vit.check_images(images)
-        weights = torch.from_numpy(batch_semantic_weights(images, vit.data_config, vit.grid, vit.patch_size))
-    analyser = AttentionAnalyser(vit, q, semantic_weights=weights)
-    importance, base = importance_arrays(vit, images, labels, on_attention=analyser)
-    probs = None if base.logp is None else base.logp.exp().float().cpu().numpy()
-    return analyser.fill(BatchResult(importance=importance, probs=probs))
+def model_kind(vit: ViT) -> str:
+    return "classifier" if vit.has_head else "backbone"
 
 
-@torch.inference_mode()
-def strength_arrays(vit: ViT, images: Tensor) -> BatchResult:
-    """Strength arrays only (no pruning): one forward with the analyser hook."""
-    analyser = AttentionAnalyser(vit, patterns=False)
-    vit.blocks(vit.embed(images), hook=lambda layer, A: analyser(layer, A))
-    return analyser.fill(BatchResult())
+def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, metrics: Iterable[str] | None = None,
+                  stages: Iterable[str] = (), patterns: bool = True, semantic: bool = True) -> BatchResult:
+    """Everything per image for a batch. images [B, 3, H, W] preprocessed; labels [B] or None
+    (-1 = unknown: metrics with ``needs_label`` are NaN for that image; ignored for a backbone).
+
+    metrics: registry names to compute (default: every image_head metric whose stage is None or
+    in ``stages``); patterns: also the CLS vectors and patch bits; semantic=False drops the
+    semantic group (SIFT). Metrics not applying to this kind of model are NaN [B, L, H].
+    Batch hooks run with autograd available (gradient metrics); the attention pass runs in inference mode.
+    """
+    images = vit.check_images(images)
+    B, L, H = images.shape[0], vit.depth, vit.num_heads
+    chosen = registry.computed_metrics("image_head", stages)
+    if metrics is not None:
+        chosen = registry.metrics("image_head", names=metrics)
+    if not semantic:
+        chosen = [m for m in chosen if m.group != "semantic"]
+    kind = model_kind(vit)
+    active = [m for m in chosen if kind in m.applies_to]
+    known = None
+    if labels is not None and vit.has_head:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        known = (labels >= 0).numpy()
+        labels = labels.clamp_min(0).to(vit.device)
+    else:
+        labels = None
+    analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], q, patterns)
+    batch = Batch(vit, images, labels, {"q": q}, analyser)
+    analyser.batch = batch
+    out = BatchResult()
+    hooks = list(dict.fromkeys(m.compute for m in active if isinstance(m.compute, registry.OnBatch)))
+    # batch hooks in registry order; the first to take the attention pass (the leave-one-out's
+    # unpruned forward) hosts the attention-level metrics, else one plain pass below does
+    for hook in hooks:
+        out.update({k: _numpy(v) for k, v in hook.fn(vit, images, labels, batch).items()})
+    if not batch.attention_pass_taken and (analyser.metrics or patterns):
+        with torch.inference_mode():
+            vit.blocks(vit.embed(images), hook=batch.take_attention_pass())
+    out.update(analyser.arrays())
+    out.update(batch.outputs)
+    result = BatchResult({k: v for k, v in out.items() if k in ENGINE_ARRAYS})
+    for m in chosen:
+        if m in active and m.name in out:
+            a = out[m.name]
+            if m.needs_label and known is not None and not known.all():
+                a = a.astype(np.float64) if a.dtype.kind != "f" else a.copy()
+                a[~known] = np.nan
+            result[m.name] = a
+        else:  # not applicable to this model (or not produced): missing values
+            result[m.name] = (np.full((B, L, H), "", dtype="U1") if m.value == "category"
+                              else np.full((B, L, H), np.nan, dtype=np.float32))
+    return result
 
 
 def attention_strength(vit: ViT, images: Tensor, batch_size: int = 32) -> pd.DataFrame:
@@ -103,9 +152,9 @@ def attention_strength(vit: ViT, images: Tensor, batch_size: int = 32) -> pd.Dat
     mean_distance_px (attention-weighted mean patch distance, pixels).
     """
     images = vit.check_images(images)
+    names = ("strength", "strength_entropy", "mean_distance_px")
     frames = []
     for s in range(0, images.shape[0], batch_size):
-        r = strength_arrays(vit, images[s:s + batch_size])
-        frames.append(arrays_to_frame({"strength": r.strength, "strength_entropy": r.strength_entropy,
-                                       "mean_distance_px": r.mean_distance_px}, offset=s))
+        r = analyse_batch(vit, images[s:s + batch_size], metrics=names, patterns=False)
+        frames.append(arrays_to_frame({k: r[k] for k in names}, offset=s))
     return pd.concat(frames, ignore_index=True)

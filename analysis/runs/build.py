@@ -9,8 +9,11 @@ Stages (``build`` runs them all; ``scripts/build_cache.py`` is its command line)
    interrupt loses at most the batch in flight and a re-run skips finished images. With
    ``shard=(K, N)`` only the K-th of N contiguous slices of the batches runs (one process per
    GPU or machine); a worker pool can call ``run_image_stage(config, image_indices)`` directly.
-3. ``merge_run``: all parts -> pattern autoencoder, t-SNE layouts, ``images``, ``head_metrics``,
-   ``head_summary`` and ``skipped`` tables, and the manifest with status "complete".
+3. ``merge_run``: all parts -> pattern autoencoder, t-SNE layouts, then ``tables.write_run`` (the
+   one writer of the run format) writes the tables and the manifest with status "complete".
+
+What is computed per image is the metric registry's (``analysis.metrics.registry``): every
+image_head metric whose ``stage`` is None or listed in ``BuildConfig.stages``.
 
 Image ids are positions in the image set (0-based). Results equal a single-process build
 whatever the sharding or interruptions, provided every process uses the same batch size (and,
@@ -32,9 +35,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.runs import store
 from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
-from analysis.metrics.importance import METRICS
+from analysis.metrics import registry
+from analysis.runs import store, tables
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
 # Parameters that change the results: a run directory refuses a build that differs in any.
@@ -50,7 +53,8 @@ class BuildConfig:
     of images (None = the set's default); q: top fraction kept by the patch binarisation;
     ae_epochs / ae_latent: pattern autoencoder training epochs and latent size; thumb_px:
     thumbnail side in px (None: the model's input size clamped to 112-224); threads: CPU threads for
-    torch and t-SNE (None: the idle cores, see ``auto_threads``).
+    torch and t-SNE (None: the idle cores, see ``auto_threads``); stages: optional metric stages to
+    compute (``Metric.stage`` names, e.g. a gradient metric's), none by default.
     """
     out: str
     model: str = "default"
@@ -69,6 +73,7 @@ class BuildConfig:
     thumb_px: int | None = None
     threads: int | None = None
     progress: bool = True
+    stages: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +102,10 @@ class BuildConfig:
 
     def params(self) -> dict:
         """The manifest's "params": result parameters plus how the build ran."""
-        return {k: getattr(self, k) for k in RESULT_PARAMS + ("batch_size", "device", "threads")}
+        out = {k: getattr(self, k) for k in RESULT_PARAMS + ("batch_size", "device", "threads")}
+        if self.stages:  # only when set, so runs built before stages existed keep their identity
+            out["stages"] = sorted(self.stages)
+        return out
 
 
 @dataclass
@@ -229,7 +237,7 @@ def new_manifest(config: BuildConfig, vit, image_set) -> dict:
 
 IDENTITY = [("schema_version",), ("model", "name"), ("model", "weights_sha256"), ("model", "pretrained"),
             ("model", "img_size"), ("model", "num_classes"), ("dataset", "fingerprint"), ("dataset", "n_images")]
-IDENTITY += [("params", p) for p in RESULT_PARAMS]
+IDENTITY += [("params", p) for p in RESULT_PARAMS + ("stages",)]
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
@@ -395,20 +403,13 @@ def _load_batch(ctx: BuildContext, ids: Sequence[int]):
 
 
 def write_part(run_dir: Path, ids: list[int], result, skipped: list[tuple[int, str]], seconds: float) -> Path:
-    """One finished batch -> parts/part_<first id>.npz, written atomically."""
+    """One finished batch -> parts/part_<first id>.npz, written atomically (``result``: the
+    engine's BatchResult, saved under its own keys)."""
     arrays = {"index": np.asarray(ids, np.int64), "seconds": np.float64(seconds),
               "skipped_index": np.asarray([i for i, _ in skipped], np.int64),
               "skipped_reason": np.asarray([r for _, r in skipped], dtype=str)}
     if result is not None:
-        arrays.update({f"imp_{m}": a for m, a in result.importance.items()})
-        if result.probs is not None:
-            arrays["probs"] = result.probs
-        arrays.update(strength=result.strength, strength_entropy=result.strength_entropy,
-                      mean_distance_px=result.mean_distance_px, cls_vectors=result.cls_vectors,
-                      patch_bits=result.patch_bits)
-        if result.semantic_concentration is not None:
-            arrays.update(semantic_concentration=result.semantic_concentration,
-                          cls_semantic_concentration=result.cls_semantic_concentration)
+        arrays.update(result)  # registry metric names + engine arrays (probs, cls_vectors, patch_bits)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = parts_dir(run_dir) / f"part_{min(ids + [i for i, _ in skipped]):06d}.npz"
@@ -482,12 +483,8 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
                 pending = pool.submit(_load_batch, ctx, plan[b + 1])
             result = None
             if ok:
-                labels = torch.tensor([max(labels_of[i], 0) for i in ok])
-                known = torch.tensor([labels_of[i] >= 0 for i in ok])
-                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q)
-                if vit.has_head and not bool(known.all()):  # unknown labels: no true-class metrics
-                    for m in ("prob", "prob_drop"):
-                        result.importance[m][~known.numpy()] = np.nan
+                labels = torch.tensor([labels_of[i] for i in ok])  # -1 = unknown: no true-class metrics
+                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q, stages=cfg.stages)
                 for i, im in zip(ok, thumbs):
                     buf = io.BytesIO()
                     im.save(buf, format="PNG")
@@ -567,42 +564,6 @@ def images_table(ctx: BuildContext, arrays: dict, overview_xy: np.ndarray) -> pd
     })
 
 
-def head_table(arrays: dict, cls_xy: np.ndarray, patch_xy: np.ndarray) -> pd.DataFrame:
-    """One row per (image, layer, head), sorted by image_id, layer, head."""
-    n, L, H = arrays["strength_entropy"].shape
-    img, lay, hd = np.meshgrid(arrays["index"], np.arange(L), np.arange(H), indexing="ij")
-    df = pd.DataFrame({"image_id": img.ravel(), "layer": lay.ravel(), "head": hd.ravel()})
-    for m in METRICS:
-        df[m] = arrays[f"imp_{m}"].reshape(-1) if f"imp_{m}" in arrays else np.nan
-    df["strength"] = list(arrays["strength"].reshape(n * L * H, -1))
-    df["strength_entropy"] = arrays["strength_entropy"].reshape(-1)
-    df["mean_distance_px"] = arrays["mean_distance_px"].reshape(-1)
-    for m in store.SEMANTIC_COLUMNS:
-        df[m] = arrays[m].reshape(-1) if m in arrays else np.nan
-    df["cls_x"], df["cls_y"] = cls_xy[:, 0], cls_xy[:, 1]
-    df["patch_x"], df["patch_y"] = patch_xy[:, 0], patch_xy[:, 1]
-    return df
-
-
-def summary_table(arrays: dict) -> pd.DataFrame:
-    """One row per head: <metric>_mean and <metric>_std (population std, ddof=0) over images of
-    SUMMARY_METRICS (NaN where a metric is undefined), strength_mean (mean k-hop vector), n_images."""
-    n, L, H = arrays["strength_entropy"].shape
-    lay, hd = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
-    df = pd.DataFrame({"layer": lay.ravel(), "head": hd.ravel()})
-    for m in store.SUMMARY_METRICS:
-        a = arrays.get(f"imp_{m}" if m in METRICS else m)
-        a = np.full((n, L * H), np.nan) if a is None else a.astype(np.float64).reshape(n, L * H)
-        defined = np.isfinite(a).any(axis=0)
-        mean, std = np.full(L * H, np.nan), np.full(L * H, np.nan)
-        mean[defined] = np.nanmean(a[:, defined], axis=0)
-        std[defined] = np.nanstd(a[:, defined], axis=0)
-        df[f"{m}_mean"], df[f"{m}_std"] = mean, std
-    df["strength_mean"] = list(arrays["strength"].mean(axis=0).reshape(L * H, -1).astype(np.float32))
-    df["n_images"] = n
-    return df
-
-
 class _Stages:
     """Times stages and shows one tqdm bar per stage."""
 
@@ -662,18 +623,13 @@ def merge_run(ctx: BuildContext) -> dict:
     jobs = cfg.threads or 1
     patch_xy = _layout(stages, "patch", ae.latents, cfg.seed, jobs)
     cls_xy = _layout(stages, "cls", arrays["cls_vectors"].reshape(n * L * H, -1), cfg.seed, jobs)
-    overview_xy = _layout(stages, "overview", arrays[f"imp_{metric}"].reshape(n, L * H), cfg.seed, jobs)
+    overview_xy = _layout(stages, "overview", arrays[metric].reshape(n, L * H), cfg.seed, jobs)
 
-    t = time.perf_counter()
     images = images_table(ctx, arrays, overview_xy)
-    store.write_table(run_dir / "images.parquet", images, store.IMAGE_COLUMNS)
-    store.write_table(run_dir / "head_metrics.parquet", head_table(arrays, cls_xy, patch_xy), store.HEAD_COLUMNS)
-    store.write_table(run_dir / "head_summary.parquet", summary_table(arrays))
+    metric_arrays = {m.name: arrays[m.name] for m in registry.metrics("image_head") if m.name in arrays}
     skipped = list(ctx.image_set.skipped) + [(ctx.image_set.items[i].ref, r)
                                              for i, r in zip(arrays["skipped_index"], arrays["skipped_reason"])]
-    store.write_table(run_dir / "skipped.parquet", pd.DataFrame(skipped, columns=list(store.SKIPPED_COLUMNS)),
-                      store.SKIPPED_COLUMNS)
-    stages.timings["tables"] = round(time.perf_counter() - t, 3)
+    skipped = pd.DataFrame(skipped, columns=list(store.SKIPPED_COLUMNS))
 
     timings = {k: round(v, 3) for k, v in ctx.timings.items()}
     timings["images"] = round(arrays["seconds"], 3)
@@ -687,11 +643,10 @@ def merge_run(ctx: BuildContext) -> dict:
     manifest.update(
         ae_loss=ae.loss_curve, ae_baseline_loss=ae.baseline_loss, timings=timings,
         throughput={"images_per_s": round(n / arrays["seconds"], 4) if arrays["seconds"] else None},
-        completed=now_iso(), status="complete")
-    manifest["sizes"] = run_sizes(run_dir, n, vit)
-    store.write_json(run_dir / "manifest.json", manifest)
-    manifest["sizes"] = run_sizes(run_dir, n, vit)  # include the manifest itself
-    store.write_json(run_dir / "manifest.json", manifest)
+        completed=now_iso())
+    manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
+                                layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
+                                sizes=lambda d: run_sizes(d, n, vit))
     ctx.manifest = manifest
     return manifest
 

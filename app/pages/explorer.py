@@ -24,6 +24,7 @@ import pandas as pd
 from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
+from analysis.metrics import registry
 from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
@@ -35,9 +36,6 @@ dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Expl
 Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
 DEFAULT_THR = "q1"  # top 1 % (the paper's default)
 Q_STEP = 0.05
-# value ranges of the metrics (B1's band is clipped to them)
-METRIC_RANGE = {"prob": (0, 1), "prob_drop": (-1, 1), "jsd": (0, 1), "cls_dist": (0, 2), "patch_dist": (0, 2),
-                "emb_dist": (0, 2)}
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
@@ -112,14 +110,16 @@ def layout(**_query):
         ], className="g-1"),
     ], hint="B1: click a head", class_name="view-b")
 
+    c1_tools = [dcc.Dropdown(id="c1-metric", clearable=False, searchable=False, className="c1-metric",
+                             style={"minWidth": "13rem", "fontSize": "0.8rem"})]
     view_c = card("C", "Attention strength", [
         html.Div(id="c-msg"),
         graph("c1-graph", HEIGHT["c1"]),
         dbc.Row([
             dbc.Col([html.Div("C2 · k-hop strength of the head", className="sub-title"), graph("c2-graph", HEIGHT["c2"])], width=6),
-            dbc.Col([html.Div("C3 · its strength entropy over images", className="sub-title"), graph("c3-graph", HEIGHT["c2"])], width=6),
+            dbc.Col([html.Div("C3 · the head's C1 property over images", className="sub-title"), graph("c3-graph", HEIGHT["c2"])], width=6),
         ], className="g-1"),
-    ], hint="C1: heads by layer and strength entropy · click a head", class_name="view-c")
+    ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools, class_name="view-c")
 
     d_tools = [
         dbc.RadioItems(id="d1-kind", options=[{"label": "CLS vectors", "value": "cls"},
@@ -275,11 +275,11 @@ def _set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
 
 def _metric(index: data.RunIndex, sel: dict) -> str | None:
     """The chosen metric, or the run's default (prob; emb_dist for a backbone, as view A uses)."""
-    if not index.metrics:
+    if not index.importance:
         return None
-    if sel.get("metric") in index.metrics:
+    if sel.get("metric") in index.importance:
         return sel["metric"]
-    return next((m for m in ("prob", "emb_dist") if m in index.metrics), index.metrics[0])
+    return next((m for m in ("prob", "emb_dist") if m in index.importance), index.importance[0])
 
 
 def _mode(sel: dict) -> int:
@@ -304,21 +304,35 @@ def thumb_url(run: str, image_id) -> str:
     return dash.get_relative_path(f"/thumbs/{run}/{int(image_id)}.png")
 
 
-def _metric_label(metric: str) -> str:
-    return data.METRIC_LABELS.get(metric, metric)
+def _title(metric: str) -> str:
+    return registry.get_metric(metric).title
 
 
 # ---- selection summary, metric options, export format ----------------------------------------------
 @callback(Output("metric", "options"), Output("metric", "placeholder"), Input("k-image", "data"), State("sel", "data"))
 def metric_options(_k, sel):
-    """The metrics this run has values for (backbone runs have no prob / jsd); the default as placeholder."""
+    """B1's choice: the importance metrics this run has values for (backbone runs have no prob / jsd);
+    the default as placeholder."""
     index, _ = load(sel)
-    if index is None or not index.metrics:
+    if index is None or not index.importance:
         return [], "no metrics"
-    if sel.get("metric") in index.metrics:  # the state's metric, once the menu has its options
+    if sel.get("metric") in index.importance:  # the state's metric, once the menu has its options
         dash.set_props("metric", {"value": sel["metric"]})
     default = _metric(index, {})
-    return [{"label": data.METRIC_SHORT.get(m, m), "value": m} for m in index.metrics], data.METRIC_SHORT.get(default, default)
+    return data.metric_options(index.importance), registry.get_metric(default).option
+
+
+@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("k-image", "data"),
+          State("sel", "data"), State("c1-metric", "value"))
+def c1_metric_options(_k, sel, current):
+    """C1's y axis: any scalar head property of the run (strength entropy by default, as in the
+    paper), then the run-level per-head metrics."""
+    index, _ = load(sel)
+    names = index.properties + index.run_level if index is not None else []
+    if not names:
+        return [], None
+    default = "strength_entropy" if "strength_entropy" in names else names[0]
+    return data.metric_options(names), current if current in names else default
 
 
 @callback(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"))
@@ -381,7 +395,7 @@ def _overview(index: data.RunIndex, sel: dict):
         if head is None or metric is None:
             color = "class"
         else:
-            kw = {"values": index.metric[metric][:, head[0] * index.H + head[1]],
+            kw = {"values": index.values(metric)[:, head[0] * index.H + head[1]],
                   "value_label": f"{metric} of {F.head_name(*head)}"}
     return F.image_overview(imgs["overview_x"].to_numpy(), imgs["overview_y"].to_numpy(), imgs["label"].to_numpy(),
                             index.image_ids, names, uirevision=index.name, color_by=color, **kw)
@@ -487,16 +501,16 @@ def view_b1(_ki, _kh, _km, _ks, sel):
     if metric is None:
         return F.empty(index.missing.get("metrics", "Choose a metric."))
     pos, head = _selection(index, sel)
-    values = None if pos is None else index.metric[metric][pos]
+    values = None if pos is None else index.values(metric)[pos]
     members = _set_positions(index, sel)
     if members is None:
-        mean, std, band = index.mean[metric], index.std[metric], "mean over images"
+        (mean, std), band = index.summary(metric), "mean over images"
     else:
-        sub = index.metric[metric][members]
+        sub = index.values(metric)[members]
         mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over the set ({len(members)})"
-    return F.head_importance(index.L, index.H, _metric_label(metric), mean, std, image_values=values, selected=head,
+    return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
                              image_label=None if pos is None else _image_caption(index, pos),
-                             value_range=METRIC_RANGE.get(metric, (None, None)), band_label=band)
+                             value_range=registry.get_metric(metric).range or (None, None), band_label=band)
 
 
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
@@ -548,11 +562,11 @@ def view_b2_b3(_ki, _kh, _km, _kmode, sel):
         return F.empty("Partial pruning unavailable."), F.empty(""), message(str(err), "danger")
     mode = _mode(sel)
     metric = _metric(index, sel)
-    metric = metric if metric in rows[0] else "prob"
+    if metric not in rows[0]:  # partial pruning gives the exact leave-one-out metrics
+        metric = next((m for m in index.importance if m in rows[0]), "emb_dist")
     values = [r.get(metric) for r in rows]
     reference = rows[0].get("prob") if metric == "prob" else None
-    b2 = F.pruning_modes(MODE_LABELS, values, data.METRIC_AXIS.get(metric, metric), selected_mode=mode,
-                         reference=reference)
+    b2 = F.pruning_modes(MODE_LABELS, values, _title(metric), selected_mode=mode, reference=reference)
     row = rows[mode] if 0 <= mode < len(rows) else rows[1]
     if not row.get("top5_classes"):
         b3 = F.empty("This model has no classifier head:\nno class probabilities.")
@@ -576,31 +590,44 @@ def choose_mode(click):
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
           Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
-          State("sel", "data"))
-def view_c(_ki, _kh, _ks, sel):
+          Input("c1-metric", "value"), State("sel", "data"))
+def view_c(_ki, _kh, _ks, prop, sel):
+    """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
+    selected head's k-hop strength; C3: its C1 property over all images and over the selected set
+    (a run-level metric has one value per head: C1 shows it for any image, C3 has nothing to show)."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), F.empty(""), F.empty(""), None
     pos, head = _selection(index, sel)
-    if index.entropy is None:
-        msg = index.missing["strength_entropy"]
-        return F.empty(msg), F.empty(""), F.empty(""), message(msg)
-    if pos is None:
-        ent = index.memo("mean-entropy", lambda: np.nanmean(index.entropy, axis=0))
-        c1 = F.strength_overview(ent, index.L, index.H, head, "mean over all images (select an image in A)")
+    if prop not in index.properties + index.run_level:
+        msg = index.missing.get("properties") if not index.properties else None
+        return F.empty(msg or "Choose a head property."), F.empty(""), F.empty(""), message(msg)
+    m = registry.get_metric(prop)
+    values = index.values(prop) if m.level == "image_head" else None
+    if values is None:
+        c1 = F.property_overview(index.summary(prop)[0], index.L, index.H, head, "one value per head (run level)",
+                                 y_title=m.title, y_range=m.range)
+    elif pos is None:
+        mean = index.memo(("mean", prop), lambda: index.summary(prop)[0])
+        c1 = F.property_overview(mean, index.L, index.H, head, "mean over all images (select an image in A)",
+                                 y_title=m.title, y_range=m.range)
     else:
-        c1 = F.strength_overview(index.entropy[pos], index.L, index.H, head, _image_caption(index, pos))
+        c1 = F.property_overview(values[pos], index.L, index.H, head, _image_caption(index, pos),
+                                 y_title=m.title, y_range=m.range)
     if head is None:
-        return c1, F.empty("Click a head to see its k-hop strength."), F.empty("… and its entropy over all images."), None
+        return c1, F.empty("Click a head to see its k-hop strength."), F.empty("… and its values over all images."), None
     hi = head[0] * index.H + head[1]
-    if index.strength is None:
+    if not index.has("strength"):
         c2 = F.empty(index.missing["strength"])
     elif pos is None:
-        c2 = F.strength_bars(np.nanmean(index.strength[:, hi], axis=0), "mean over all images")
+        c2 = F.strength_bars(index.summary("strength")[0][hi], "mean over all images")
     else:
-        c2 = F.strength_bars(index.strength[pos, hi])
-    current = None if pos is None else float(index.entropy[pos, hi])
-    c3 = F.entropy_distribution(index.entropy[:, hi], current, subset=_set_positions(index, sel))
+        c2 = F.strength_bars(index.values("strength")[pos, hi])
+    if values is None:
+        c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
+    else:
+        current = None if pos is None else float(values[pos, hi])
+        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range, subset=_set_positions(index, sel))
     return c1, c2, c3, None
 
 
@@ -735,8 +762,6 @@ def view_d2(_ki, _kh, _ks, hover, sel):
         att = _attention(index, pos, head)
     except (OnlineError, HeadScopeError) as err:
         return None, message(str(err), "danger")
-    from PIL import Image
-
     A, T, grid = att["attention"], int(att["num_prefix_tokens"]), tuple(att["grid"])
     vmax = _vmax(att, head[0], sel.get("scale"))
     names = F.token_names(A.shape[0], T, grid)
@@ -748,9 +773,9 @@ def view_d2(_ki, _kh, _ks, hover, sel):
         else:
             target = int(cd[1])
     try:
-        image = Image.open(index.path / "thumbs" / f"{int(index.image_ids[pos])}.png")
-    except OSError:
-        return None, message("The thumbnail of this image is missing from the run.")
+        image = index.thumbnail(index.image_ids[pos])
+    except HeadScopeError as err:
+        return None, message(str(err))
     tiles = [
         ("image", F.masked_image(image)),
         (f"attention to {names[target]} (sources)",
@@ -768,9 +793,7 @@ def view_d2(_ki, _kh, _ks, hover, sel):
 # ---- export ------------------------------------------------------------------------------------
 def _head_table(index: data.RunIndex, sel: dict) -> pd.DataFrame:
     """The run's head table (head_metrics), of the selected image when one is selected."""
-    from analysis.runs import store
-
-    hm = store.open_run(index.path).head_metrics
+    hm = index.run.head_metrics
     pos, _ = _selection(index, sel)
     if pos is not None:
         hm = hm[hm["image_id"] == int(index.image_ids[pos])]

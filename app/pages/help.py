@@ -4,6 +4,8 @@ from __future__ import annotations
 import dash
 from dash import dcc, html
 
+from analysis.metrics import registry
+
 dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=3)
 
 TEXT = r"""
@@ -63,56 +65,7 @@ A **pruning mode** is a set of regions to remove. The eight modes:
 
 Modes 0–5 are the paper's Fig. 4; 6 and 7 complete the set.
 
-## Head importance metrics
-
-Let $P(x)$ be the model's predicted class distribution for image $x$, $y$ its true label, and $P'$ the
-distribution with the head pruned (mode 1).
-
-* **prob** — the probability of the true class *with the head pruned*, $P'_y$. Low means the model
-  needs this head for this image. (The paper plots this value rather than the drop because it reads more easily.)
-* **prob_drop** — how much the true class loses: $P_y - P'_y$ (paper Eq. 3). Negative values mean the
-  head was *hurting* the prediction.
-* **jsd** — how much the whole output distribution changes, as the Jensen–Shannon divergence in bits
-  (0 = identical, 1 = completely different):
-  $\mathrm{JSD}(P \,\|\, P') = \tfrac12 \mathrm{KL}(P \,\|\, M) + \tfrac12 \mathrm{KL}(P' \,\|\, M)$,
-  $M = \tfrac12 (P + P')$, logarithms base 2 (Eq. 4).
-* **cls_dist** — how much the attention block's output for the CLS token changes:
-  $1 - \cos(z_l[0], z'_l[0])$, where $z_l$ is the block's attention output (after the output projection,
-  before the residual) (Eq. 5). It measures the head's effect on its own layer, before later layers
-  can compensate.
-* **patch_dist** — the same cosine distance averaged over the $P$ patch tokens:
-  $\frac{1}{P}\sum_{t} \big(1 - \cos(z_l[t], z'_l[t])\big)$ (Eq. 6).
-* **emb_dist** — for models without a classifier (self-supervised backbones such as DINOv2), where
-  prob, prob_drop and jsd do not exist: the cosine distance of the model's pooled output embedding
-  with and without the head.
-
-All metrics are exact leave-one-out: the network is really re-run with one head removed. Heads are
-removed one at a time, so two heads that can stand in for each other may each look unimportant.
-
-## Attention strength
-
-Only patch tokens have a position, so strength uses the patch → patch block $A[T{:}, T{:}]$.
-
-* **Hop distance** between patches $(r_1, c_1)$ and $(r_2, c_2)$ is $\max(|r_1 - r_2|, |c_1 - c_2|)$: the
-  8 patches around a patch are 1 hop away, the ring around those 2 hops, and so on.
-* **k-hop strength** of a source patch $u$: $s_k(u) = \frac{1}{|V_k(u)|}\sum_{v \in V_k(u)} A[u, v]$,
-  the average attention $u$ gives to one patch at hop $k$. The head's vector $s$ has $K = \max(g_h, g_w)$
-  entries: $s_k$ is the mean of $s_k(u)$ over the source patches that have any patch at hop $k$
-  (paper Eq. 7). A head with a tall bar at $k=0$ makes every patch look at itself.
-* **Strength entropy** — $-\sum_k p_k \log p_k \,/\, \log K$ with $p = s / \sum_k s_k$; between 0
-  (all attention on one hop distance: a *local* or strictly patterned head) and 1 (spread evenly over all
-  distances: a *global* head). Lower layers tend to have both kinds; higher layers are mostly global.
-* **Mean attention distance** (column mean_distance_px) — the attention-weighted average distance in
-  pixels between a patch and the patches it attends to (rows renormalised over patches), as in the
-  original ViT paper.
-* **Semantic concentration** (columns semantic_concentration, cls_semantic_concentration; Heads page) —
-  how much of a head's attention lands on *semantically rich* patches. A patch's semantic weight $w_v$ is
-  its share of the SIFT keypoints found in the image as the model sees it ($\sum_v w_v = 1$). With each
-  source row restricted to the patch columns and renormalised ($\tilde A$),
-  $\text{sc} = P \cdot \operatorname{mean}_u \sum_v \tilde A[u, v]\, w_v$ (mean over the $P$ source patches $u$); the CLS variant uses the CLS row
-  alone, $P \sum_v \tilde A[0, v]\, w_v$. 1 = no preference (what uniform attention gives), above 1 =
-  attention flows to keypoint-rich patches (object parts, edges), below 1 = to flat background.
-  Undefined (empty) for an image in which SIFT finds no keypoint.
+{metrics}
 
 ## Attention patterns
 
@@ -150,5 +103,52 @@ mean little):
 """
 
 
+
+# Prose that opens a metric group's section on this page (groups without one get a plain heading).
+GROUP_INTROS = {
+    "importance": ("Head importance metrics", r"""
+Let $P(x)$ be the model's predicted class distribution for image $x$, $y$ its true label, and $P'$ the
+distribution with the head pruned (mode 1).
+""", r"""
+Exact metrics are leave-one-out: the network is really re-run with one head removed. Heads are
+removed one at a time, so two heads that can stand in for each other may each look unimportant.
+Metrics marked *approximate* estimate an effect instead of measuring it.
+"""),
+    "strength": ("Attention strength", r"""
+Only patch tokens have a position, so strength uses the patch → patch block $A[T{:}, T{:}]$.
+The **hop distance** between patches $(r_1, c_1)$ and $(r_2, c_2)$ is $\max(|r_1 - r_2|, |c_1 - c_2|)$: the
+8 patches around a patch are 1 hop away, the ring around those 2 hops, and so on.
+""", ""),
+    "semantic": ("Semantic concentration", "", ""),
+}
+
+
+def metric_item(m) -> str:
+    """One registry entry as a Help bullet: name, label, unit, kind, formula."""
+    facts = [m.label] + ([m.unit] if m.unit else [])
+    if m.important:
+        facts.append(f"{m.important} = important")
+    if not m.exact:
+        facts.append("**approximate**")
+    if m.level == "head":
+        facts.append("one value per head")
+    if m.applies_to != {"classifier", "backbone"}:
+        facts.append("classifier models only" if m.applies_to == {"classifier"} else "backbones only")
+    return f"* **{m.name}** ({'; '.join(facts)}) — {m.formula}"
+
+
+def metrics_text() -> str:
+    """The metric sections, one per registry group, in registry order."""
+    groups: dict[str, list] = {}
+    for m in registry.metrics():
+        groups.setdefault(m.group, []).append(m)
+    parts = []
+    for group, ms in groups.items():
+        title, before, after = GROUP_INTROS.get(group, (group.replace("_", " ").capitalize(), "", ""))
+        parts.append(f"## {title}\n{before}\n" + "\n".join(metric_item(m) for m in ms) + f"\n{after}")
+    return "\n".join(parts)
+
+
 def layout(**_query):
-    return html.Div([dcc.Markdown(TEXT, mathjax=True, className="help-text")], className="help-page")
+    text = TEXT.replace("{metrics}", metrics_text())
+    return html.Div([dcc.Markdown(text, mathjax=True, className="help-text")], className="help-page")

@@ -1,0 +1,61 @@
+"""The run format: file names, fixed columns and the columns derived from the metric registry.
+
+A run directory ``cache/RUN/`` holds:
+  manifest.json         schema_version, status ("complete" once every stage finished), model
+                        (depth = L, heads = H, ...), dataset, params, metrics (the registry metrics
+                        it has values for), versions, timings (s per stage), sizes (bytes), ...
+  images.parquet        one row per image             (IMAGE_COLUMNS)
+  head_metrics.parquet  one row per image x head      (HEAD_KEYS, a column per image_head metric, LAYOUT_COLUMNS)
+  head_summary.parquet  one row per head              (SUMMARY_KEYS, Metric.summary_columns(), n_images)
+  skipped.parquet       files that could not be read  (SKIPPED_COLUMNS)
+  thumbs/ID.png         thumbnails the app serves
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from analysis.metrics import registry
+
+SCHEMA_VERSION = 1
+TABLE_FILES = ("images.parquet", "head_metrics.parquet", "head_summary.parquet")
+IMAGE_COLUMNS = {
+    "image_id": pa.int32(), "path": pa.string(), "label": pa.int32(), "label_name": pa.string(),
+    "pred": pa.int32(), "prob": pa.float32(),
+    "top5_classes": pa.list_(pa.int32()), "top5_probs": pa.list_(pa.float32()),
+    "overview_x": pa.float32(), "overview_y": pa.float32(),
+}
+HEAD_KEYS = {"image_id": pa.int32(), "layer": pa.int16(), "head": pa.int16()}
+LAYOUT_COLUMNS = {"cls_x": pa.float32(), "cls_y": pa.float32(), "patch_x": pa.float32(), "patch_y": pa.float32()}
+SUMMARY_KEYS = {"layer": pa.int64(), "head": pa.int64()}
+SKIPPED_COLUMNS = {"path": pa.string(), "reason": pa.string()}
+# Names a metric may not take (they are fixed columns of head_metrics / head_summary).
+RESERVED_COLUMNS = frozenset(HEAD_KEYS) | frozenset(LAYOUT_COLUMNS) | {"n_images"}
+VALUE_TYPES = {"scalar": pa.float32(), "vector": pa.list_(pa.float32()), "category": pa.string()}
+SUMMARY_TYPES = {"scalar": pa.float64(), "vector": pa.list_(pa.float32()), "category": pa.string()}
+
+
+def head_columns(names=None) -> dict:
+    """head_metrics columns and types: keys, one per image_head metric (all registered, or the
+    ``names`` a run has), layout coordinates."""
+    ms = registry.metrics("image_head", names=names)
+    return {**HEAD_KEYS, **{m.name: VALUE_TYPES[m.value] for m in ms}, **LAYOUT_COLUMNS}
+
+
+def summary_columns(names=None) -> dict:
+    """head_summary columns and types (see registry.Metric.summary_columns)."""
+    cols = dict(SUMMARY_KEYS)
+    for m in registry.metrics(names=names):
+        for c in m.summary_columns():
+            cols[c] = SUMMARY_TYPES[m.value]
+    cols["n_images"] = pa.int64()
+    return cols
+
+
+def __getattr__(name):
+    """HEAD_COLUMNS / SUMMARY_COLUMNS: the columns of every registered metric (read at use time,
+    so metrics registered later are included)."""
+    if name == "HEAD_COLUMNS":
+        return head_columns()
+    if name == "SUMMARY_COLUMNS":
+        return summary_columns()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
