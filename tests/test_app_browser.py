@@ -87,8 +87,13 @@ def query(dash_duo):
     return {k: v[0] for k, v in parse_qs(urlsplit(dash_duo.driver.current_url).query).items()}
 
 
+def into_view(dash_duo, el):
+    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'});", el)
+    return el
+
+
 def click(dash_duo, selector):
-    el = dash_duo.wait_for_element(selector, timeout=TIMEOUT)
+    el = into_view(dash_duo, dash_duo.wait_for_element(selector, timeout=TIMEOUT))
     ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).click().perform()
 
 
@@ -207,8 +212,15 @@ def test_moving_the_threshold_changes_the_d3_segments(dash_duo, app):
     handle.send_keys(Keys.HOME)  # top 0.1%
     until(lambda: family_segments(dash_duo, "patch→patch") == expected(0.001), timeout=TIMEOUT, msg="0.1%")
     # clicking a histogram bar sets an absolute threshold at its left edge
+    into_view(dash_duo, dash_duo.find_element("#d5-graph"))
     bars = [b for b in dash_duo.find_elements("#d5-graph .barlayer .point path") if b.size["height"] > 3]
-    ActionChains(dash_duo.driver).move_to_element(bars[len(bars) // 2]).pause(0.3).click().perform()
+    bar = bars[len(bars) // 2]  # on a log axis its path reaches far below the plot: click near its top
+    r = dash_duo.driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.x + r.width / 2, r.y];", bar)
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    actions = ActionBuilder(dash_duo.driver)
+    actions.pointer_action.move_to_location(int(r[0]), int(r[1]) + 4).pause(0.3).click()
+    actions.perform()
     until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="threshold from the histogram")
     thr = float(query(dash_duo)["thr"][1:])
     until(lambda: family_segments(dash_duo, "patch→patch") == min(int((patch >= thr).sum()), 2000), timeout=TIMEOUT,
@@ -480,6 +492,7 @@ def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, re
     assert js(dash_duo, "d5-graph", "gd.layout.yaxis.type") == "log"
     before = js(dash_duo, "d5-graph", "gd.layout.shapes[0].x0")
     patch_before = family_segments(dash_duo, "patch→patch")
+    into_view(dash_duo, dash_duo.find_element("#d5-graph"))
     line = dash_duo.find_element("#d5-graph .shapelayer path")
     drag(dash_duo, line, -80, 0)  # to the left: a lower threshold
     until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="dragged threshold in the URL")
@@ -522,7 +535,7 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     dash_duo.driver.execute_script(
         "const gd = document.querySelector('#a-graph .js-plotly-plot'); Plotly.relayout(gd, {dragmode: 'select'});")
     time.sleep(0.5)
-    plot = dash_duo.find_element("#a-graph .js-plotly-plot")
+    plot = into_view(dash_duo, dash_duo.find_element("#a-graph .js-plotly-plot"))
     w, h = plot.size["width"], plot.size["height"]
     ActionChains(dash_duo.driver).move_to_element(plot).move_by_offset(-w // 2 + 12, -h // 2 + 12).click_and_hold().pause(0.2) \
         .move_by_offset(w // 4, h // 4).pause(0.2).move_by_offset(w // 3, h // 3).pause(0.2).release().perform()
@@ -606,7 +619,7 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
         "const gd = document.querySelector('#d1-graph .js-plotly-plot');"
         f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
     time.sleep(1)
-    plot = dash_duo.find_element("#d1-graph .nsewdrag")
+    plot = into_view(dash_duo, dash_duo.find_element("#d1-graph .nsewdrag"))
     ActionChains(dash_duo.driver).move_to_element(plot).pause(0.6).click().perform()
     until(lambda: query(dash_duo).get("image") == str(image), timeout=TIMEOUT, msg="the other image selected")
     assert (query(dash_duo)["layer"], query(dash_duo)["head"]) == ("4", "5")

@@ -523,6 +523,8 @@ def select_head(b1, c1, d1, sel):
     if not click or not click.get("points"):
         return no_update, no_update
     cd = click["points"][0].get("customdata")
+    if isinstance(cd, dict):  # a row of a typed-array customdata (D1's background) arrives as {"0": .., "1": ..}
+        cd = [cd[str(i)] for i in range(len(cd))]
     p = Patch()
     if isinstance(cd, list) and len(cd) == 2:
         p["layer"], p["head"] = int(cd[0]), int(cd[1])
