@@ -522,9 +522,10 @@ def select_head(b1, c1, d1, sel):
     click = {"b1-graph": b1, "c1-graph": c1, "d1-graph": d1}.get(ctx.triggered_id)
     if not click or not click.get("points"):
         return no_update, no_update
-    cd = click["points"][0].get("customdata")
-    if isinstance(cd, dict):  # a row of a typed-array customdata (D1's background) arrives as {"0": .., "1": ..}
-        cd = [cd[str(i)] for i in range(len(cd))]
+    pt = click["points"][0]
+    cd = pt.get("customdata")
+    if ctx.triggered_id == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
+        cd = _d1_background_point(sel, pt)
     p = Patch()
     if isinstance(cd, list) and len(cd) == 2:
         p["layer"], p["head"] = int(cd[0]), int(cd[1])
@@ -539,6 +540,23 @@ def select_head(b1, c1, d1, sel):
                               f"picked {F.head_name(layer, head)} of image {image}"], className="small")
         return p, note
     return no_update, no_update
+
+
+def _d1_background_point(sel: dict, pt: dict) -> list[int] | None:
+    """[image id, layer, head] of a clicked point of D1's all-heads trace (by its pointNumber)."""
+    index, _ = load(sel)
+    kind = sel.get("d1") if sel.get("d1") in ("cls", "patch") else "cls"
+    style = sel.get("d1s") if sel.get("d1s") in F.D1_STYLES else "points"
+    if index is None or kind not in index.layouts or style == "contours" or pt.get("pointNumber") is None:
+        return None
+    if pt.get("curveNumber") != (1 if style == "both" else 0):
+        return None
+    shown = index.memo(("d1-shown", kind), lambda: np.flatnonzero(~np.isnan(index.layouts[kind].reshape(-1, 2)).any(1)))
+    i = int(pt["pointNumber"])
+    if not 0 <= i < len(shown):
+        return None
+    pos, hi = divmod(int(shown[i]), index.L * index.H)
+    return [int(index.image_ids[pos]), hi // index.H, hi % index.H]
 
 
 def _pruning(index, pos, head) -> list[dict]:
