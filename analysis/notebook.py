@@ -87,33 +87,38 @@ def head_figures(run, layer: int, head: int, image_id: int | None = None, metric
     """
     import plotly.graph_objects as go
 
+    from analysis.metrics import registry
     from app import data, figures as F
 
     run = _as_run(run)
     index = data.build_index(run)
     metric = metric or _main_metric(run)
-    if metric not in index.metric:
-        raise InputError(f"Run {run.name} has no metric {metric!r}; it has {', '.join(index.metric)}.")
+    if metric not in index.importance:
+        raise InputError(f"Run {run.name} has no metric {metric!r}; it has {', '.join(index.importance)}.")
     if not (0 <= layer < index.L and 0 <= head < index.H):
         raise InputError(f"Head ({layer}, {head}) does not exist: layers 0-{index.L - 1}, heads 0-{index.H - 1}.")
-    hi = layer * index.H + head
     pos = None if image_id is None else index.pos(image_id)
     if image_id is not None and pos is None:
         raise InputError(f"Image {image_id} is not in run {run.name} (ids {index.image_ids.min()}-"
                          f"{index.image_ids.max()}).")
-    figs = {"importance": F.head_importance(index.L, index.H, data.METRIC_LABELS.get(metric, metric),
-                                            index.mean[metric], index.std[metric],
-                                            image_values=None if pos is None else index.metric[metric][pos],
+    title = lambda name: registry.get_metric(name).title
+    mean, std = index.summary(metric)
+    values = index.values(metric).reshape(index.n, -1)
+    figs = {"importance": F.head_importance(index.L, index.H, title(metric), mean, std,
+                                            image_values=None if pos is None else values[pos],
                                             selected=(layer, head),
                                             image_label=None if pos is None else f"image {image_id}")}
-    if index.entropy is not None:
-        figs["entropy"] = F.entropy_distribution(index.entropy[:, hi], None if pos is None else index.entropy[pos, hi],
-                                                 title=f"{F.head_name(layer, head)} over all images")
+    if index.has("strength_entropy"):
+        entropy = index.values("strength_entropy").reshape(index.n, -1)
+        hi = layer * index.H + head
+        figs["entropy"] = F.distribution(entropy[:, hi], None if pos is None else entropy[pos, hi],
+                                         title=f"{F.head_name(layer, head)} over all images")
         if pos is not None:
-            figs["strength_overview"] = F.strength_overview(index.entropy[pos], index.L, index.H, (layer, head),
+            figs["strength_overview"] = F.property_overview(entropy[pos], index.L, index.H, (layer, head),
                                                             f"image {image_id}")
-    if index.strength is not None and pos is not None:
-        figs["strength"] = F.strength_bars(index.strength[pos, hi], f"{F.head_name(layer, head)}, image {image_id}")
+    if index.has("strength") and pos is not None:
+        strength = index.values("strength")
+        figs["strength"] = F.strength_bars(strength[pos, layer * index.H + head], f"{F.head_name(layer, head)}, image {image_id}")
     if vit is not None and pos is not None:
         figs.update(_online_figures(run, index, vit, image_id, pos, layer, head, metric))
     return {k: go.Figure(v) for k, v in figs.items()}
@@ -122,6 +127,7 @@ def head_figures(run, layer: int, head: int, image_id: int | None = None, metric
 def _online_figures(run, index, vit, image_id, pos, layer, head, metric) -> dict:
     from app import data, figures as F
     from analysis import partial_pruning
+    from analysis.metrics import registry
     from analysis.datasets import open_image
     from analysis.models.pruning import MODE_LABELS
 
@@ -130,7 +136,7 @@ def _online_figures(run, index, vit, image_id, pos, layer, head, metric) -> dict
     label = int(row.label) if vit.has_head and int(row.label) >= 0 else None
     pp = partial_pruning(vit, x[0], label, layer, head)
     metric = metric if metric in pp.columns and pp[metric].notna().any() else "emb_dist"
-    out = {"pruning": F.pruning_modes(MODE_LABELS, pp[metric].tolist(), data.METRIC_AXIS.get(metric, metric),
+    out = {"pruning": F.pruning_modes(MODE_LABELS, pp[metric].tolist(), registry.get_metric(metric).title,
                                       reference=float(pp.prob[0]) if metric == "prob" else None)}
     if vit.has_head:
         pruned = pp.iloc[1]

@@ -45,17 +45,19 @@ def test_head_figures_are_the_app_figures_of_the_run(tiny_run):
     image_id, layer, head = int(tiny_run.images.image_id.iloc[3]), 1, 2
     figs = head_figures(tiny_run, layer, head, image_id=image_id, vit=vit)
     assert set(figs) == {"importance", "entropy", "strength_overview", "strength", "pruning", "top5", "attention"}
-    index = data.build_index(tiny_run)
-    pos, hi = index.pos(image_id), layer * index.H + head
+    pos = int(np.flatnonzero(tiny_run.images.image_id.to_numpy() == image_id)[0])
+    dense = tiny_run.dense("prob_drop")                                               # [n, L, H], the reader's
     b1 = figs["importance"].to_dict()["data"]
-    np.testing.assert_allclose(b1[2]["y"], index.mean["prob_drop"], rtol=1e-6)     # mean over images
-    np.testing.assert_allclose(b1[3]["y"], index.metric["prob_drop"][pos], rtol=1e-6)  # the image's curve
-    np.testing.assert_allclose(figs["strength"].to_dict()["data"][0]["y"], index.strength[pos, hi], rtol=1e-6)
+    y = lambda trace: F.untyped(trace["y"])
+    np.testing.assert_allclose(y(b1[2]), np.nanmean(dense, axis=0).ravel(), rtol=1e-5)   # mean over images
+    np.testing.assert_allclose(y(b1[3]), dense[pos].ravel(), rtol=1e-6)                  # the image's curve
+    np.testing.assert_allclose(y(figs["strength"].to_dict()["data"][0]), tiny_run.dense("strength")[pos, layer, head],
+                               rtol=1e-6)
     # the online views equal the engine's own answers
     row = tiny_run.images.iloc[pos]
     x = vit.preprocess([open_image(row.path)])
     pp = partial_pruning(vit, x[0], int(row.label), layer, head)
-    np.testing.assert_allclose(figs["pruning"].to_dict()["data"][0]["y"], pp.prob_drop, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(y(figs["pruning"].to_dict()["data"][0]), pp.prob_drop, rtol=1e-6, atol=1e-9)
     A = vit.capture_attention(x, layers=[layer])[0, 0, head].numpy()
     shown = np.fmax(*(np.nan_to_num(F.untyped(t["z"]), nan=-1) for t in figs["attention"].to_dict()["data"]))
     kept = shown >= 0

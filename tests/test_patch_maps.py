@@ -275,9 +275,9 @@ def maps_run(tiny):
 def test_build_option_precomputes_maps_and_alignment(maps_run, tiny):
     from analysis.datasets import open_image
     from analysis.serving.service import model_from_manifest
-    from scripts.build_cache import make_config, parse_args
+    from analysis.cli import build_parser, make_config
 
-    assert make_config(parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
+    assert make_config(build_parser().parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
     run = maps_run
     assert run.has_patch_maps and "saliency_alignment" in run.metrics
     vit = model_from_manifest(run.model)
@@ -299,11 +299,11 @@ def test_online_query_and_transport(maps_run, tiny):
     from analysis.datasets import open_image
     from analysis.runs import build
     from analysis.serving import transport
-    from analysis.serving.service import ModelService, model_from_manifest
+    from analysis.serving.service import ModelService, ResultCache, model_from_manifest
 
     plain_dir = tiny["root"] / "plain"
     build.build(tiny["config"]("plain"))
-    service = ModelService(device="cpu")
+    service = ModelService(device="cpu", cache=ResultCache(max_items=64))
     vit = model_from_manifest(maps_run.model)
     row = maps_run.images.iloc[2]
     x = vit.preprocess([open_image(row.path)])[0]

@@ -263,7 +263,7 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
         before.dense("pattern")
     assert f"--out {run_dir} --add-pattern-labels" in before.lacks("consistency")
 
-    from scripts.build_cache import main as build_cache
+    from analysis.cli import build_main as build_cache
 
     assert build_cache(["--out", str(run_dir), "--add-pattern-labels"]) == 0
     assert "Added the pattern labels" in capsys.readouterr().out
