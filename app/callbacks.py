@@ -76,20 +76,43 @@ def _number(lo=-math.inf, hi=math.inf):
     return check
 
 
-def _selection(v):
-    if not isinstance(v, dict) or not set(v) <= {"run", "image", "layer", "head"}:
-        raise Invalid("expected {run, image, layer, head}")
+def _state(v):
+    """The Explorer's view state ``sel`` (app.server.STATE_KEYS), or a part of it (the ``k-*`` stores)."""
+    from .server import INT_KEYS, MAX_SET, STATE_KEYS, STR_KEYS  # the shell imports this module
+
+    if not isinstance(v, dict) or not set(v) <= set(STATE_KEYS):
+        raise Invalid(f"expected an object with keys among {', '.join(STATE_KEYS)}")
     if v.get("run") is not None and config.name_problem(v["run"]):
         raise Invalid(config.name_problem(v["run"]))
-    for k in ("image", "layer", "head"):
+    for k in INT_KEYS:
         _opt(_int)(v.get(k))
+    for k in STR_KEYS:
+        _opt(_str(64))(v.get(k))
+    ids = v.get("set")
+    if ids is not None:
+        if not isinstance(ids, list) or len(ids) > MAX_SET:
+            raise Invalid(f"expected set: a list of at most {MAX_SET} image ids")
+        for i in ids:
+            _int(i, what="an image id")
 
 
-def _pair(v):
-    if not (isinstance(v, list) and len(v) == 2):
-        raise Invalid("expected customdata [layer, head]")
-    for x in v:
-        _int(x)
+def _ints(*lengths):
+    """customdata: a list of ``lengths`` integers (e.g. [layer, head], D1's [image id, layer, head])."""
+    def check(v):
+        if not (isinstance(v, list) and len(v) in lengths):
+            raise Invalid(f"expected a list of {' or '.join(map(str, lengths))} integers")
+        for x in v:
+            _int(x)
+    return check
+
+
+def _numbers(n):
+    def check(v):
+        if not (isinstance(v, list) and len(v) == n):
+            raise Invalid(f"expected a list of {n} numbers")
+        for x in v:
+            _number()(x)
+    return check
 
 
 def _points(customdata=None, need=(), nonempty=True):
@@ -127,7 +150,7 @@ def _d3_token(v):
 
 
 _image_id = _opt(lambda v: _int(v, what="an image id"))
-_head_cd = _opt(_pair)
+_head_cd = _opt(_ints(2))
 _clicks = _opt(lambda v: _int(v, 0))
 
 def _dict(v):
@@ -156,8 +179,10 @@ RULES = {
     ("_pages_location", "search"): _opt(_str()),
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
-    ("url", "search"): _opt(_str()),
-    ("sel", "data"): _opt(_selection),
+    ("url", "search"): _opt(_str(1 << 16)),  # a set of up to MAX_SET image ids
+    ("url", "href"): _opt(_str(1 << 17)),
+    ("sel", "data"): _opt(_state),
+    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
     ("c1-metric", "value"): _opt(_str(64)),
@@ -168,10 +193,20 @@ RULES = {
     ("compare-metric", "value"): _opt(_str(64)),
     ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
     ("compare-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
-    ("prune-mode", "data"): _opt(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("q-slider", "value"): _opt(_number(-1, 2)),
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
-    ("d1-style", "value"): _opt(_choice("density", "points")),
+    ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
+    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
+    ("scale", "value"): _opt(_choice("layer", "image")),
+    ("bins", "value"): _opt(_choice("log", "linear")),
+    ("thr-kind", "value"): _opt(_choice("q", "a")),
+    ("thr-abs", "value"): _opt(_number()),
+    ("thr-current", "data"): _opt(_number()),
+    ("fig-format", "value"): _opt(_choice("png", "svg")),
+    ("goto-layer", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
+    ("goto-head", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
+    ("set-clear", "n_clicks"): _clicks,
+    **{(f"dl-{k}", "n_clicks"): _clicks for k in ("heads-csv", "heads-parquet", "att-csv", "att-parquet", "prune-csv", "report")},
     ("d1-key", "data"): _opt(_str(512)),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,
@@ -181,10 +216,11 @@ RULES = {
     ("a-graph", "selectedData"): _points(_image_id, nonempty=False),
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
-    ("d1-graph", "clickData"): _points(_head_cd),
+    ("d1-graph", "clickData"): _points(_opt(_ints(2, 3))),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
-    ("d5-graph", "clickData"): _points(_number()),
+    ("d5-graph", "clickData"): _points(_numbers(2)),
+    ("d5-graph", "relayoutData"): _opt(_dict),
     ("d3-graph", "hoverData"): _points(_d3_token),
 }
 

@@ -294,20 +294,22 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
     assert every <= set(RULES), every - set(RULES)  # every callback input has its rule
     sel = {"run": "syn", "image": 1, "layer": 0, "head": 1}
     b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
-    prune = next(k for k in app.callback_map if k.startswith("prune-mode"))
+    prune = next(k for k, spec in app.callback_map.items() if spec["inputs"][0]["id"] == "b2-graph")
     d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
-    assert post(_payload(app, b1, [sel, "jsd"])).status_code == 200  # a genuine request
+    parts = [{"run": "syn", "image": 1}, {"run": "syn", "layer": 0, "head": 1}, {"run": "syn", "metric": "jsd"}, {"set": None}]
+    assert post(_payload(app, b1, parts, [sel])).status_code == 200  # a genuine request
     caplog.set_level(logging.INFO)
     forged = [
         [], {}, "x", {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},
-        _payload(app, b1, [{"run": "syn", "image": "1", "layer": [0], "head": {}}, "jsd"]),
-        _payload(app, b1, [{"run": "../../etc", "image": 1}, "jsd"]),
-        _payload(app, b1, [sel]),  # one input missing
-        _payload(app, b1, [sel, ["jsd"]]),
+        _payload(app, b1, parts, [{"run": "syn", "image": "1", "layer": [0], "head": {}}]),
+        _payload(app, b1, parts, [{"run": "../../etc", "image": 1}]),
+        _payload(app, b1, parts[:3], [sel]),  # one input missing
+        _payload(app, b1, parts[:2] + [{"run": "syn", "metric": ["jsd"]}, parts[3]], [sel]),
+        _payload(app, b1, parts, [{**sel, "evil": 1}]),
         _payload(app, prune, [{"points": [{"customdata": "x"}]}]),
         _payload(app, prune, [{"points": []}]),
-        _payload(app, d35, [sel, "lots"]),
-        _payload(app, d35, [sel, 1e9]),
+        _payload(app, d35, [parts[0], parts[1], "lots", parts[3]], [sel]),
+        _payload(app, d35, [parts[0], parts[1], {"thr": 1e9}, parts[3]], [sel]),
     ]
     hover = next(k for k in app.callback_map if "a-tooltip" in k)
     forged += [_payload(app, hover, [{"points": [{"customdata": 1}]}], [sel]),
