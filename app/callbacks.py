@@ -76,13 +76,25 @@ def _number(lo=-math.inf, hi=math.inf):
     return check
 
 
-def _selection(v):
-    if not isinstance(v, dict) or not set(v) <= {"run", "image", "layer", "head"}:
-        raise Invalid("expected {run, image, layer, head}")
+def _state(v, keys=None):
+    """The view state (app.server STATE_KEYS) or a part of it (the Explorer's k-* stores)."""
+    from .server import INT_KEYS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
+
+    if not isinstance(v, dict) or not set(v) <= set(STATE_KEYS):
+        raise Invalid(f"expected an object with keys among {', '.join(STATE_KEYS)}")
     if v.get("run") is not None and config.name_problem(v["run"]):
         raise Invalid(config.name_problem(v["run"]))
-    for k in ("image", "layer", "head"):
+    for k in INT_KEYS:
         _opt(_int)(v.get(k))
+    for k in STR_KEYS:
+        if v.get(k) is not None and not (isinstance(v[k], str) and _TOKEN.match(v[k])):
+            raise Invalid(f"expected {k} to be a short token")
+    ids = v.get("set")
+    if ids is not None:
+        if not isinstance(ids, list) or len(ids) > MAX_SET:
+            raise Invalid(f"expected set to be a list of at most {MAX_SET} image ids")
+        for i in ids:
+            _int(i, what="an image id")
 
 
 def _pair(v):
@@ -90,6 +102,33 @@ def _pair(v):
         raise Invalid("expected customdata [layer, head]")
     for x in v:
         _int(x)
+
+
+def _head_or_image_head(v):
+    """D1's customdata: [layer, head] or [image id, layer, head]."""
+    if not (isinstance(v, list) and len(v) in (2, 3)):
+        raise Invalid("expected customdata [layer, head] or [image, layer, head]")
+    for x in v:
+        _int(x)
+
+
+def _numbers(v):
+    """A number or a short list of numbers (D5's bar edges)."""
+    for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
+        _number()(x)
+
+
+def _relayout(v):
+    """Plotly relayoutData: a flat object of numbers, strings, booleans and short lists."""
+    if not isinstance(v, dict) or len(v) > 64:
+        raise Invalid("expected a relayout object")
+    for k, x in v.items():
+        if not isinstance(k, str) or len(k) > 128:
+            raise Invalid("expected short property names")
+        if isinstance(x, (int, float, str, bool)) or x is None:
+            continue
+        if not (isinstance(x, list) and len(x) <= 8 and all(isinstance(y, (int, float, str)) for y in x)):
+            raise Invalid(f"{k}: expected a number, string or short list")
 
 
 def _points(customdata=None, need=(), nonempty=True):
@@ -157,7 +196,8 @@ RULES = {
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
     ("url", "search"): _opt(_str()),
-    ("sel", "data"): _opt(_selection),
+    ("url", "href"): _opt(_str()),
+    ("sel", "data"): _opt(_state),
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
     ("c1-metric", "value"): _opt(_str(64)),
@@ -168,10 +208,9 @@ RULES = {
     ("compare-metric", "value"): _opt(_str(64)),
     ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
     ("compare-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
-    ("prune-mode", "data"): _opt(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("q-slider", "value"): _opt(_number(-1, 2)),
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
-    ("d1-style", "value"): _opt(_choice("density", "points")),
+    ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
     ("d1-key", "data"): _opt(_str(512)),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,
@@ -181,11 +220,25 @@ RULES = {
     ("a-graph", "selectedData"): _points(_image_id, nonempty=False),
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
-    ("d1-graph", "clickData"): _points(_head_cd),
+    ("d1-graph", "clickData"): _points(_opt(_head_or_image_head)),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
-    ("d5-graph", "clickData"): _points(_number()),
+    ("d5-graph", "clickData"): _points(_numbers),
+    ("d5-graph", "relayoutData"): _opt(_relayout),
     ("d3-graph", "hoverData"): _points(_d3_token),
+    # the Explorer's controls and its per-part state stores
+    ("goto-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
+    ("goto-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
+    ("set-clear", "n_clicks"): _clicks,
+    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
+    ("fig-format", "value"): _opt(_choice("png", "svg")),
+    ("scale", "value"): _opt(_choice("layer", "image")),
+    ("bins", "value"): _opt(_choice("log", "linear")),
+    ("thr-kind", "value"): _opt(_choice("q", "a")),
+    ("thr-abs", "value"): _opt(_number(0, 1)),
+    ("thr-current", "data"): _opt(_number()),
+    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
+    **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }
 
 
