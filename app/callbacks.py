@@ -237,6 +237,12 @@ RULES = {
     ("thr-kind", "value"): _opt(_choice("q", "a")),
     ("thr-abs", "value"): _opt(_number(0, 1)),
     ("thr-current", "data"): _opt(_number()),
+    ("d1-color", "value"): _opt(_choice("layer", "pattern")),
+    ("band-scope", "value"): _opt(_choice("set", "class", "wrong")),
+    # D6, the saliency panel (app/panels/saliency.py)
+    ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
+    ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
+    ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
     **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }

@@ -298,15 +298,17 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
     b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
     mode = next(k for k, v in app.callback_map.items() if [i["id"] for i in v["inputs"]] == ["b2-graph"])
     d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
+    parts.append("set")  # band-scope
     assert post(_payload(app, b1, parts, [sel])).status_code == 200  # a genuine request
     caplog.set_level(logging.INFO)
     forged = [
         [], {}, "x", {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},
         _payload(app, b1, parts, [{"run": "syn", "image": "1", "layer": [0], "head": {}}]),
         _payload(app, b1, parts, [{"run": "../../etc", "image": 1}]),
-        _payload(app, b1, parts[:3], [sel]),  # one input missing
-        _payload(app, b1, parts[:3] + [{"set": "1,2"}], [sel]),
-        _payload(app, b1, parts[:3] + [{"set": [1], "evil": 1}], [sel]),
+        _payload(app, b1, parts[:4], [sel]),  # one input missing
+        _payload(app, b1, parts[:3] + [{"set": "1,2"}, "set"], [sel]),
+        _payload(app, b1, parts[:3] + [{"set": [1], "evil": 1}, "set"], [sel]),
+        _payload(app, b1, parts[:4] + ["everything"], [sel]),
         _payload(app, b1, parts, [{**sel, "metric": "<script>"}]),
         _payload(app, mode, [{"points": [{"customdata": "x"}]}]),
         _payload(app, mode, [{"points": []}]),
