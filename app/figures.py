@@ -722,3 +722,21 @@ def deletion_curves(n, curves: dict, metric_title: str, selected_n: int | None =
                  xaxis=axis("patches removed (top n of the map)"), yaxis=axis(metric_title),
                  margin={"l": 55, "r": 10, "t": 30, "b": 40})
     return {"data": data, "layout": lay}
+
+
+def pattern_example(E, grid, scores: dict, title: str) -> dict:
+    """Help's drawing of one basic pattern (the paper's Fig. 13 style): a binarised patch matrix
+    ``E`` (bool [P, P], row = source patch, column = target) on a ``grid`` as a heatmap, titled with
+    ``title`` and the label and scores analysis.pattern_scores gives it."""
+    E = np.asarray(E, bool)
+    P = E.shape[0]
+    subtitle = f"label {scores['pattern']} · " + " · ".join(f"{k} {scores[k]:.2f}" for k in
+                                                             ("diagonal", "horizontal", "vertical", "block"))
+    data = [{"type": "heatmap", "z": E.astype(int).tolist(), "x": list(range(P)), "y": list(range(P)),
+             "colorscale": [[0, "#ffffff"], [1, ORANGES[-1]]], "showscale": False, "xgap": 1, "ygap": 1,
+             "hovertemplate": "source patch %{y} → target patch %{x}: %{z}<extra></extra>"}]
+    lay = layout(f"{title}<br><span style='font-size:10px'>{subtitle}</span>",
+                 margin={"l": 40, "r": 10, "t": 48, "b": 36},
+                 xaxis=axis(f"target patch ({grid[0]}×{grid[1]} grid)", constrain="domain"),
+                 yaxis=axis("source patch", autorange="reversed", scaleanchor="x"))
+    return {"data": data, "layout": lay}
