@@ -76,9 +76,9 @@ def _number(lo=-math.inf, hi=math.inf):
     return check
 
 
-def _state(v):
-    """The Explorer's view state ``sel`` (app.server.STATE_KEYS), or a part of it (the ``k-*`` stores)."""
-    from .server import INT_KEYS, MAX_SET, STATE_KEYS, STR_KEYS  # the shell imports this module
+def _state(v, keys=None):
+    """The view state (app.server STATE_KEYS) or a part of it (the Explorer's k-* stores)."""
+    from .server import INT_KEYS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
 
     if not isinstance(v, dict) or not set(v) <= set(STATE_KEYS):
         raise Invalid(f"expected an object with keys among {', '.join(STATE_KEYS)}")
@@ -87,11 +87,12 @@ def _state(v):
     for k in INT_KEYS:
         _opt(_int)(v.get(k))
     for k in STR_KEYS:
-        _opt(_str(64))(v.get(k))
+        if v.get(k) is not None and not (isinstance(v[k], str) and _TOKEN.match(v[k])):
+            raise Invalid(f"expected {k} to be a short token")
     ids = v.get("set")
     if ids is not None:
         if not isinstance(ids, list) or len(ids) > MAX_SET:
-            raise Invalid(f"expected set: a list of at most {MAX_SET} image ids")
+            raise Invalid(f"expected set to be a list of at most {MAX_SET} image ids")
         for i in ids:
             _int(i, what="an image id")
 
@@ -106,13 +107,31 @@ def _ints(*lengths):
     return check
 
 
-def _numbers(n):
-    def check(v):
-        if not (isinstance(v, list) and len(v) == n):
-            raise Invalid(f"expected a list of {n} numbers")
-        for x in v:
-            _number()(x)
-    return check
+def _head_or_image_head(v):
+    """D1's customdata: [layer, head] or [image id, layer, head]."""
+    if not (isinstance(v, list) and len(v) in (2, 3)):
+        raise Invalid("expected customdata [layer, head] or [image, layer, head]")
+    for x in v:
+        _int(x)
+
+
+def _numbers(v):
+    """A number or a short list of numbers (D5's bar edges)."""
+    for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
+        _number()(x)
+
+
+def _relayout(v):
+    """Plotly relayoutData: a flat object of numbers, strings, booleans and short lists."""
+    if not isinstance(v, dict) or len(v) > 64:
+        raise Invalid("expected a relayout object")
+    for k, x in v.items():
+        if not isinstance(k, str) or len(k) > 128:
+            raise Invalid("expected short property names")
+        if isinstance(x, (int, float, str, bool)) or x is None:
+            continue
+        if not (isinstance(x, list) and len(x) <= 8 and all(isinstance(y, (int, float, str)) for y in x)):
+            raise Invalid(f"{k}: expected a number, string or short list")
 
 
 def _points(customdata=None, need=(), nonempty=True):
@@ -179,10 +198,9 @@ RULES = {
     ("_pages_location", "search"): _opt(_str()),
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
-    ("url", "search"): _opt(_str(1 << 16)),  # a set of up to MAX_SET image ids
-    ("url", "href"): _opt(_str(1 << 17)),
+    ("url", "search"): _opt(_str()),
+    ("url", "href"): _opt(_str()),
     ("sel", "data"): _opt(_state),
-    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
     ("c1-metric", "value"): _opt(_str(64)),
@@ -196,17 +214,6 @@ RULES = {
     ("q-slider", "value"): _opt(_number(-1, 2)),
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
     ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
-    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
-    ("scale", "value"): _opt(_choice("layer", "image")),
-    ("bins", "value"): _opt(_choice("log", "linear")),
-    ("thr-kind", "value"): _opt(_choice("q", "a")),
-    ("thr-abs", "value"): _opt(_number()),
-    ("thr-current", "data"): _opt(_number()),
-    ("fig-format", "value"): _opt(_choice("png", "svg")),
-    ("goto-layer", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
-    ("goto-head", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
-    ("set-clear", "n_clicks"): _clicks,
-    **{(f"dl-{k}", "n_clicks"): _clicks for k in ("heads-csv", "heads-parquet", "att-csv", "att-parquet", "prune-csv", "report")},
     ("d1-key", "data"): _opt(_str(512)),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,
@@ -216,12 +223,31 @@ RULES = {
     ("a-graph", "selectedData"): _points(_image_id, nonempty=False),
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
-    ("d1-graph", "clickData"): _points(_opt(_ints(2, 3))),
+    ("d1-graph", "clickData"): _points(_opt(_head_or_image_head)),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
-    ("d5-graph", "clickData"): _points(_numbers(2)),
-    ("d5-graph", "relayoutData"): _opt(_dict),
+    ("d5-graph", "clickData"): _points(_numbers),
+    ("d5-graph", "relayoutData"): _opt(_relayout),
     ("d3-graph", "hoverData"): _points(_d3_token),
+    # the Explorer's controls and its per-part state stores
+    ("goto-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
+    ("goto-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
+    ("set-clear", "n_clicks"): _clicks,
+    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
+    ("fig-format", "value"): _opt(_choice("png", "svg")),
+    ("scale", "value"): _opt(_choice("layer", "image")),
+    ("bins", "value"): _opt(_choice("log", "linear")),
+    ("thr-kind", "value"): _opt(_choice("q", "a")),
+    ("thr-abs", "value"): _opt(_number(0, 1)),
+    ("thr-current", "data"): _opt(_number()),
+    ("d1-color", "value"): _opt(_choice("layer", "pattern")),
+    ("band-scope", "value"): _opt(_choice("set", "class", "wrong")),
+    # D6, the saliency panel (app/panels/saliency.py)
+    ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
+    ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
+    ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
+    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
+    **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }
 
 

@@ -317,10 +317,11 @@ def strength_bars(strength, title: str | None = None) -> dict:
 
 
 def distribution(values, current=None, bins: int = 30, title: str | None = None,
-                 x_title: str = "strength entropy", x_range=(0, 1), subset=None) -> dict:
+                 x_title: str = "strength entropy", x_range=(0, 1), subset=None, subset_label: str = "selected set") -> dict:
     """C3: distribution (area, share of images per bin) of one head's property over all images
     (default: strength entropy in [0, 1]; x_range None: the values' range), a second area over the
-    ``subset`` (positions of a selected set) when given, and a line at the selected image's value."""
+    ``subset`` (positions of a selected set, named ``subset_label``) when given, and a line at the
+    selected image's value."""
     v_all = np.asarray(values, float)
     if x_range is None:
         v = v_all[~np.isnan(v_all)]
@@ -329,7 +330,7 @@ def distribution(values, current=None, bins: int = 30, title: str | None = None,
     data = []
     parts = [("all images", v_all, MEAN_BLUE, "rgba(0,114,178,0.25)")]
     if subset is not None and len(subset):
-        parts.append((f"selected set ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
+        parts.append((f"{subset_label} ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
     for name, v, colour, fill in parts:
         v = v[~np.isnan(v)]
         hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
@@ -352,11 +353,23 @@ def distribution(values, current=None, bins: int = 30, title: str | None = None,
 D1_STYLES = {"points": "points", "both": "points + contours", "contours": "contours"}
 
 
-def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None) -> list[dict]:
+# D1's colours for the basic patterns (SPEC "Attention pattern labels"): diagonal:* share one colour
+PATTERN_COLOURS = {"diagonal": "#0072B2", "horizontal": "#E69F00", "vertical": "#009E73", "block": "#CC79A7",
+                   "mixed": "#BBBBBB"}
+
+
+def pattern_family(label: str) -> str:
+    """'diagonal:above' -> 'diagonal'; the other labels are their own family ('' -> 'mixed')."""
+    return (label or "mixed").split(":")[0]
+
+
+def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None) -> list[dict]:
     """D1's context layer (independent of the selection), as in the paper's Fig. 12:
     ``xy`` [n, L*H, 2]. "points": every head of every image coloured by layer (cividis, with the
-    layer colour bar; customdata [image id, layer, head] for hover and click); "contours": smooth
-    density contours of all of them (histogram2dcontour); "both": contours under the points."""
+    layer colour bar; customdata [image id, layer, head] for hover and click) or, given ``patterns``
+    (str [n, L*H], the registry's ``pattern`` labels), by its basic pattern (PATTERN_COLOURS, a legend
+    entry per pattern after the points trace, the full label on hover); "contours": smooth density
+    contours of all of them (histogram2dcontour); "both": contours under the points."""
     n, LH, _ = xy.shape
     flat = xy.reshape(-1, 2)
     ok = ~np.isnan(flat).any(1)
@@ -372,13 +385,24 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None) -> li
         idx = np.arange(n * LH)
         cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)[ok]  # image id, layer, head
         L = LH // H
+        hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}"
+        marker = {"size": 3, "color": typed(cd[:, 1], "i4"), "colorscale": LAYER_SCALE, "opacity": 0.55,
+                  "cmin": 0, "cmax": max(L - 1, 1), "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}}
+        extra = {}
+        if patterns is not None:
+            labels = np.asarray(patterns, dtype=object).reshape(-1)[ok]
+            families = [pattern_family(v) for v in labels]
+            marker = {"size": 3, "opacity": 0.6, "color": [PATTERN_COLOURS.get(f, PATTERN_COLOURS["mixed"]) for f in families]}
+            extra = {"text": [v or "mixed" for v in labels], "showlegend": False}
+            hover += " · %{text}"
         out.append({"type": "scattergl", "mode": "markers", "x": typed(flat[ok, 0]), "y": typed(flat[ok, 1]),
-                    "customdata": typed(cd, "i4"), "name": "all heads",
-                    "marker": {"size": 3, "color": typed(cd[:, 1], "i4"), "colorscale": LAYER_SCALE, "opacity": 0.55,
-                               "cmin": 0, "cmax": max(L - 1, 1),
-                               "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
-                    "hovertemplate": "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}"
-                                     "<extra>click: select this head of this image</extra>"})
+                    "customdata": typed(cd, "i4"), "name": "all heads", "marker": marker, **extra,
+                    "hovertemplate": hover + "<extra>click: select this head of this image</extra>"})
+        if patterns is not None:  # legend entries only (no points), after the points trace
+            present = set(families)
+            out += [{"type": "scatter", "mode": "markers", "x": [None], "y": [None], "name": f"pattern: {f}",
+                     "marker": {"size": 8, "color": c}, "hoverinfo": "skip", "legendgroup": "patterns"}
+                    for f, c in PATTERN_COLOURS.items() if f in present]
     return out
 
 
@@ -408,7 +432,7 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
         if selected is not None:
             i = selected[0] * H + selected[1]
             data[2] = selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1]))
-    return data
+    return [dict(t, showlegend=False) for t in data]  # D1's legend, when shown, names the patterns only
 
 
 def pattern_layout(background: list[dict], overlay: list[dict], kind: str, uirevision=None) -> dict:
@@ -419,6 +443,8 @@ def pattern_layout(background: list[dict], overlay: list[dict], kind: str, uirev
                  margin={"l": 6, "r": 6, "t": 6, "b": 6}, hoverdistance=6,
                  annotations=[{"text": f"2-D layout of {title}", "xref": "paper", "yref": "paper", "x": 0, "y": 1,
                                "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 10, "color": "#666"}}])
+    if any(t.get("legendgroup") == "patterns" for t in background):  # coloured by pattern: its legend only
+        lay.update(showlegend=True, legend={"orientation": "h", "y": 0, "yanchor": "top", "font": {"size": 10}})
     return {"data": background + overlay, "layout": lay}
 
 
@@ -695,4 +721,22 @@ def deletion_curves(n, curves: dict, metric_title: str, selected_n: int | None =
     lay = layout(None, shapes=shapes, showlegend=True, legend={"orientation": "h", "y": 1.12},
                  xaxis=axis("patches removed (top n of the map)"), yaxis=axis(metric_title),
                  margin={"l": 55, "r": 10, "t": 30, "b": 40})
+    return {"data": data, "layout": lay}
+
+
+def pattern_example(E, grid, scores: dict, title: str) -> dict:
+    """Help's drawing of one basic pattern (the paper's Fig. 13 style): a binarised patch matrix
+    ``E`` (bool [P, P], row = source patch, column = target) on a ``grid`` as a heatmap, titled with
+    ``title`` and the label and scores analysis.pattern_scores gives it."""
+    E = np.asarray(E, bool)
+    P = E.shape[0]
+    subtitle = f"label {scores['pattern']} · " + " · ".join(f"{k} {scores[k]:.2f}" for k in
+                                                             ("diagonal", "horizontal", "vertical", "block"))
+    data = [{"type": "heatmap", "z": E.astype(int).tolist(), "x": list(range(P)), "y": list(range(P)),
+             "colorscale": [[0, "#ffffff"], [1, ORANGES[-1]]], "showscale": False, "xgap": 1, "ygap": 1,
+             "hovertemplate": "source patch %{y} → target patch %{x}: %{z}<extra></extra>"}]
+    lay = layout(f"{title}<br><span style='font-size:10px'>{subtitle}</span>",
+                 margin={"l": 40, "r": 10, "t": 48, "b": 36},
+                 xaxis=axis(f"target patch ({grid[0]}×{grid[1]} grid)", constrain="domain"),
+                 yaxis=axis("source patch", autorange="reversed", scaleanchor="x"))
     return {"data": data, "layout": lay}

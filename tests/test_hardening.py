@@ -166,7 +166,8 @@ def test_strict_int():
             strict_int(bad)
     from app.server import parse_selection
 
-    assert parse_selection("?run=r&image=1_0&layer=2&head=٣", None) == {"run": "r", "image": None, "layer": 2, "head": None}
+    sel = parse_selection("?run=r&image=1_0&layer=2&head=٣", None)
+    assert {k: sel[k] for k in ("run", "image", "layer", "head")} == {"run": "r", "image": None, "layer": 2, "head": None}
 
 
 # ---- weak messages: weights ---------------------------------------------------------------------
@@ -293,23 +294,26 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
 
     assert every <= set(RULES), every - set(RULES)  # every callback input has its rule
     sel = {"run": "syn", "image": 1, "layer": 0, "head": 1}
-    b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
-    prune = next(k for k, spec in app.callback_map.items() if spec["inputs"][0]["id"] == "b2-graph")
-    d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
     parts = [{"run": "syn", "image": 1}, {"run": "syn", "layer": 0, "head": 1}, {"run": "syn", "metric": "jsd"}, {"set": None}]
+    b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
+    mode = next(k for k, v in app.callback_map.items() if [i["id"] for i in v["inputs"]] == ["b2-graph"])
+    d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
+    parts.append("set")  # band-scope
     assert post(_payload(app, b1, parts, [sel])).status_code == 200  # a genuine request
     caplog.set_level(logging.INFO)
     forged = [
         [], {}, "x", {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},
         _payload(app, b1, parts, [{"run": "syn", "image": "1", "layer": [0], "head": {}}]),
         _payload(app, b1, parts, [{"run": "../../etc", "image": 1}]),
-        _payload(app, b1, parts[:3], [sel]),  # one input missing
-        _payload(app, b1, parts[:2] + [{"run": "syn", "metric": ["jsd"]}, parts[3]], [sel]),
-        _payload(app, b1, parts, [{**sel, "evil": 1}]),
-        _payload(app, prune, [{"points": [{"customdata": "x"}]}]),
-        _payload(app, prune, [{"points": []}]),
-        _payload(app, d35, [parts[0], parts[1], "lots", parts[3]], [sel]),
-        _payload(app, d35, [parts[0], parts[1], {"thr": 1e9}, parts[3]], [sel]),
+        _payload(app, b1, parts[:4], [sel]),  # one input missing
+        _payload(app, b1, parts[:3] + [{"set": "1,2"}, "set"], [sel]),
+        _payload(app, b1, parts[:3] + [{"set": [1], "evil": 1}, "set"], [sel]),
+        _payload(app, b1, parts[:4] + ["everything"], [sel]),
+        _payload(app, b1, parts, [{**sel, "metric": "<script>"}]),
+        _payload(app, mode, [{"points": [{"customdata": "x"}]}]),
+        _payload(app, mode, [{"points": []}]),
+        _payload(app, d35, parts[:2] + [{"thr": "a 0.5;"}, {"scale": None}], [sel]),
+        _payload(app, d35, parts[:2] + [1e9, {"scale": None}], [sel]),
     ]
     hover = next(k for k in app.callback_map if "a-tooltip" in k)
     forged += [_payload(app, hover, [{"points": [{"customdata": 1}]}], [sel]),

@@ -29,6 +29,7 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
+from app.panels import saliency
 from app.views import card, graph, graph_config, load, loading, message
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
@@ -108,7 +109,9 @@ def layout(**_query):
             dbc.Col([html.Div("B3 · top-5 classes under that pruning", className="sub-title"),
                      loading([graph("b3-graph", HEIGHT["b2"])])], width=5),
         ], className="g-1"),
-    ], hint="B1: click a head", class_name="view-b")
+    ], hint="B1: click a head", tools=[dbc.Select(id="band-scope", size="sm", value="set", className="band-scope",
+                                                 options=[{"label": f"band & C3: {v}", "value": k}
+                                                          for k, v in SCOPES.items()])], class_name="view-b")
 
     c1_tools = [dcc.Dropdown(id="c1-metric", clearable=False, searchable=False, className="c1-metric",
                              style={"minWidth": "13rem", "fontSize": "0.8rem"})]
@@ -127,6 +130,9 @@ def layout(**_query):
                        value="cls", inline=True, className="small toggle"),
         dbc.RadioItems(id="d1-style", options=[{"label": v, "value": k} for k, v in F.D1_STYLES.items()],
                        value="points", inline=True, className="small toggle"),
+        dbc.RadioItems(id="d1-color", options=[{"label": "by layer", "value": "layer"},
+                                                {"label": "by pattern", "value": "pattern"}],
+                       value="layer", inline=True, className="small toggle"),
         dbc.RadioItems(id="scale", options=[{"label": "scale: this layer", "value": "layer"},
                                             {"label": "all layers", "value": "image"}],
                        value="layer", inline=True, className="small toggle",
@@ -146,7 +152,8 @@ def layout(**_query):
     view_d = card("D", "Attention pattern", [
         dbc.Row([
             dbc.Col([html.Div(id="d1-msg"), graph("d1-graph", HEIGHT["d1"]), dcc.Store(id="d1-key")], className="d1-col"),
-            dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), className="d2-col"),
+            dbc.Col([loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]),
+                     saliency.panel()], className="d2-col"),
             dbc.Col(loading([
                 html.Div(id="d-msg"),
                 html.Div([html.Span("D3 · two-axis view ", className="sub-title"),
@@ -271,6 +278,21 @@ def _set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
     ids = sel.get("set") or []
     pos = [p for p in (index.pos(i) for i in ids) if p is not None]
     return np.asarray(sorted(pos), int) if pos else None
+
+
+SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
+
+
+def _scope_positions(index: data.RunIndex, sel: dict, scope: str | None) -> tuple[np.ndarray | None, str]:
+    """(positions, name) of the images B1's band and C3's second area are restricted to: the lasso
+    set (None: no set), the selected image's class or the mispredicted images."""
+    imgs = index.images
+    if scope == "class" and sel.get("image") is not None and index.pos(sel["image"]) is not None:
+        label = imgs["label"].iat[index.pos(sel["image"])]
+        return np.flatnonzero((imgs["label"] == label).to_numpy()), f"class {index.class_name(label)}"
+    if scope == "wrong" and index.has_classifier:
+        return np.flatnonzero((imgs["pred"] != imgs["label"]).to_numpy()), "mispredicted"
+    return _set_positions(index, sel), "the set"
 
 
 def _metric(index: data.RunIndex, sel: dict) -> str | None:
@@ -492,8 +514,8 @@ def select_image(click, selected, _go, _submit, _clear, typed_id, typed_layer, t
 
 # ---- B: head importance ----------------------------------------------------------------------
 @callback(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"),
-          Input("k-set", "data"), State("sel", "data"))
-def view_b1(_ki, _kh, _km, _ks, sel):
+          Input("k-set", "data"), Input("band-scope", "value"), State("sel", "data"))
+def view_b1(_ki, _kh, _km, _ks, scope, sel):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run")
@@ -502,12 +524,14 @@ def view_b1(_ki, _kh, _km, _ks, sel):
         return F.empty(index.missing.get("metrics", "Choose a metric."))
     pos, head = _selection(index, sel)
     values = None if pos is None else index.values(metric)[pos]
-    members = _set_positions(index, sel)
-    if members is None:
+    members, name = _scope_positions(index, sel, scope)
+    if members is None or len(members) < 2:
         (mean, std), band = index.summary(metric), "mean over images"
+        if members is not None:  # too few for a band: say how many
+            band += f" ({name}: {len(members)} image{'s' if len(members) != 1 else ''}, no band)"
     else:
         sub = index.values(metric)[members]
-        mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over the set ({len(members)})"
+        mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over {name} ({len(members)})"
     return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
                              image_label=None if pos is None else _image_caption(index, pos),
                              value_range=registry.get_metric(metric).range or (None, None), band_label=band)
@@ -610,8 +634,8 @@ def choose_mode(click):
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
           Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
-          Input("c1-metric", "value"), State("sel", "data"))
-def view_c(_ki, _kh, _ks, prop, sel):
+          Input("c1-metric", "value"), Input("band-scope", "value"), State("sel", "data"))
+def view_c(_ki, _kh, _ks, prop, scope, sel):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
     selected head's k-hop strength; C3: its C1 property over all images and over the selected set
     (a run-level metric has one value per head: C1 shows it for any image, C3 has nothing to show)."""
@@ -647,15 +671,16 @@ def view_c(_ki, _kh, _ks, prop, sel):
         c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
     else:
         current = None if pos is None else float(values[pos, hi])
-        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range, subset=_set_positions(index, sel))
+        subset, name = _scope_positions(index, sel, scope)
+        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range, subset=subset, subset_label=name)
     return c1, c2, c3, None
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
 @callback(Output("d1-graph", "figure"), Output("d1-key", "data"), Output("d1-msg", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
-          State("sel", "data"), State("d1-key", "data"))
-def view_d1(_ki, _kh, _kd, _ks, sel, drawn):
+          Input("d1-color", "value"), State("sel", "data"), State("d1-key", "data"))
+def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
     """Background (all heads of all images, by layer) is cached per run/kind/style and sent only when
     it changes; a new selection only patches the three overlay traces."""
     index, err = load(sel)
@@ -677,8 +702,12 @@ def view_d1(_ki, _kh, _kd, _ks, sel, drawn):
         head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"the set ({len(members)})")
     overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label,
                                 colorbar=style == "contours")
-    key = f"{index.name}|{kind}|{style}"
-    background = index.memo(("d1", kind, style), lambda: F.pattern_background(xy, style, index.H, index.image_ids))
+    by_pattern = color == "pattern" and style != "contours"
+    if by_pattern and not index.has("pattern"):
+        return no_update, no_update, message(index.run.lacks("pattern"))
+    key = f"{index.name}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}"
+    background = index.memo(("d1", kind, style, by_pattern), lambda: F.pattern_background(
+        xy, style, index.H, index.image_ids, patterns=index.values("pattern") if by_pattern else None))
     if drawn == key:
         p = Patch()
         for i, trace in enumerate(overlay):

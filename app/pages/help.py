@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dash
+import numpy as np
 from dash import dcc, html
 
+from analysis import pattern_scores
 from analysis.metrics import registry
+from app import figures as F
 
 dash.register_page(__name__, path="/help", name="Help", title="HeadScope · Help", order=5)
 
@@ -167,6 +170,55 @@ def metrics_text() -> str:
     return "\n".join(parts)
 
 
+EXAMPLE_GRID = (5, 5)
+
+
+def pattern_examples(grid=EXAMPLE_GRID) -> dict[str, np.ndarray]:
+    """A hand-made binarised patch matrix E (bool [P, P], row = source, column = target) per basic
+    pattern (the paper's Fig. 13) on ``grid``: each patch attends to the patch above it (a diagonal
+    with an offset); to the patches at least 2 to its right in its row (horizontal); every patch to
+    the same ceil(0.1 P) patches (vertical); the patches of each 2x2 block to one another (block)."""
+    gh, gw = grid
+    P = gh * gw
+    r, c = np.divmod(np.arange(P), gw)
+    same_row = r[:, None] == r[None, :]
+    vertical = np.zeros((P, P), bool)
+    vertical[:, np.linspace(0, P - 1, -(-P // 10)).astype(int)] = True
+    same_block = ((r[:, None] // 2 == r[None, :] // 2) & (c[:, None] // 2 == c[None, :] // 2)
+                  & (r[:, None] // 2 < gh // 2) & (c[:, None] // 2 < gw // 2))
+    return {"diagonal with an offset (above)": (r[None, :] == r[:, None] - 1) & (c[None, :] == c[:, None]),
+            "horizontal": same_row & (c[None, :] - c[:, None] >= 2),
+            "vertical": vertical,
+            "block": same_block & ~np.eye(P, dtype=bool)}
+
+
+def pattern_example_figures(grid=EXAMPLE_GRID) -> list[tuple[str, dict, dict]]:
+    """(title, pattern_scores, figure) of each example, scored by analysis.pattern_scores."""
+    out = []
+    for title, E in pattern_examples(grid).items():
+        scores = pattern_scores(E, grid)
+        out.append((title, scores, F.pattern_example(E, grid, scores, title)))
+    return out
+
+
+PATTERN_TEXT = r"""
+## The four basic patterns
+
+The paper sums up the patch → patch patterns it found into four (its Fig. 13). Each drawing below is
+a hand-made binarised patch matrix (row = source patch, column = target patch, orange = kept) on a
+5 × 5 grid, with the label and scores HeadScope's `pattern_scores` gives it (SPEC "Attention pattern
+labels"): **diagonal** (every patch looks at its neighbour at one offset, e.g. the patch above: a shifted
+diagonal), **horizontal** (patches look along their row), **vertical** (all patches look at the same few
+patches: columns), **block** (patches of a region look at one another). D1 can colour every head by
+its label ("by pattern").
+"""
+
+
 def layout(**_query):
     text = TEXT.replace("{metrics}", metrics_text())
-    return html.Div([dcc.Markdown(text, mathjax=True, className="help-text")], className="help-page")
+    examples = [html.Div(dcc.Graph(figure=fig, config={"displayModeBar": False}, style={"height": "300px"}),
+                         className="pattern-example", id=f"pattern-example-{i}")
+                for i, (_, _, fig) in enumerate(pattern_example_figures())]
+    return html.Div([dcc.Markdown(text, mathjax=True, className="help-text"),
+                     dcc.Markdown(PATTERN_TEXT, className="help-text"),
+                     html.Div(examples, className="pattern-examples")], className="help-page")

@@ -1,0 +1,131 @@
+"""D6, the Explorer's saliency panel beside D2 (SPEC "Patch attribution"): which patches matter.
+
+The selected image's patch maps (occlusion, token_drop, rollout, grad_rollout: those the run's model
+has) from analysis.serving.transport.patch_maps, which uses a run's precomputed maps when it has
+them and caches per (run, image): the chosen map over the image with its own colour bar and unit,
+the maps' Spearman agreement, and the deletion curves (the model's output after removing the top-n
+patches of each map) with a slider marking n. Hover a patch: its value in every map; click a patch:
+it becomes the source token of D2/D3 (it writes D3's hover state, which D2 reads).
+"""
+from __future__ import annotations
+
+import dash_bootstrap_components as dbc
+import numpy as np
+from dash import Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+
+from analysis.errors import HeadScopeError
+from analysis.metrics.patch_maps import MAPS
+from analysis.serving import transport
+from analysis.serving.transport import OnlineError
+
+from app import config, figures as F
+from app.views import graph, load, loading, message
+
+MAP_TITLES = {"occlusion": "occlusion", "token_drop": "token drop", "rollout": "attention rollout",
+              "grad_rollout": "gradient rollout"}
+DELETION_TITLES = {"prob": "P(true class)", "emb_dist": "embedding distance to the unpruned"}
+HEIGHT = {"map": 300, "agree": 210, "deletion": 230}
+
+
+def panel():
+    """The panel's layout (placed under D2 by the Explorer)."""
+    return html.Div([
+        html.Div([html.Span("D6 · which patches matter ", className="sub-title"),
+                  dbc.Select(id="sal-map", size="sm", value="occlusion", className="sal-map",
+                             options=[{"label": MAP_TITLES[m], "value": m} for m in MAPS])],
+                 className="d-flex align-items-center gap-2"),
+        loading([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
+                 graph("sal-agree", HEIGHT["agree"])]),
+        html.Div("deletion curves: remove the top-n patches of each map", className="sub-title"),
+        loading([graph("sal-deletion", HEIGHT["deletion"])]),
+        html.Div(dcc.Slider(id="sal-n", min=0, max=1, step=None, value=0, marks={0: "0"}, updatemode="mouseup"),
+                 className="sal-n"),
+    ], className="saliency-panel", id="saliency-panel")
+
+
+def _maps(sel: dict) -> tuple[dict | None, object, str | None]:
+    """(patch-maps payload, index, problem) of the selected image."""
+    index, err = load(sel)
+    if index is None:
+        return None, None, err
+    pos = index.pos(sel.get("image")) if sel.get("image") is not None else None
+    if pos is None:
+        return None, index, "Select an image (A) to see which of its patches matter."
+    try:
+        return transport.patch_maps(config.run_dir(index.name), int(index.image_ids[pos])), index, None
+    except (OnlineError, HeadScopeError) as err:
+        return None, index, str(err)
+
+
+def _source_patch(hover, T: int) -> int | None:
+    """The patch that D3's hover state makes the source token, if it is a patch."""
+    cd = ((hover or {}).get("points") or [{}])[0].get("customdata")
+    if isinstance(cd, list) and len(cd) == 2 and cd[0] == 0 and int(cd[1]) >= T:
+        return int(cd[1]) - T
+    return None
+
+
+def _arrays(out: dict) -> dict[str, np.ndarray]:
+    return {k: np.array([[np.nan if v is None else v for v in row] for row in rows], float)
+            for k, rows in out["maps"].items()}
+
+
+@callback(Output("sal-map", "options"), Output("sal-map", "value"), Output("sal-graph", "figure"),
+          Output("sal-agree", "figure"), Output("sal-msg", "children"),
+          Input("k-image", "data"), Input("sal-map", "value"), Input("d3-graph", "hoverData"), State("sel", "data"))
+def view_saliency(_ki, chosen, hover, sel):
+    """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement."""
+    out, index, problem = _maps(sel or {})
+    if out is None:
+        return no_update, no_update, F.empty(problem or ""), F.empty(""), None
+    T = int(out["num_prefix_tokens"])
+    if ctx.triggered_id == "d3-graph":
+        p = Patch()
+        patch = _source_patch(hover, T)
+        fig = F.saliency_map(np.zeros(out["grid"]), "", "", selected_patch=patch)
+        p["layout"]["shapes"] = fig["layout"]["shapes"]
+        return no_update, no_update, p, no_update, None
+    maps = _arrays(out)
+    name = chosen if chosen in maps else next(iter(maps))
+    options = [{"label": MAP_TITLES[m], "value": m} for m in maps]
+    try:
+        image = index.thumbnail(index.image_ids[index.pos(sel["image"])])
+    except HeadScopeError as err:
+        return options, name, F.empty(str(err)), F.empty(""), message(str(err))
+    title = f"{MAP_TITLES[name]} ({out['units'][name]})" + ("" if out["precomputed"] else " · computed now")
+    fig = F.saliency_map(maps[name], title, out["units"][name], others=maps, image_uri=F.masked_image(image),
+                         selected_patch=_source_patch(hover, T))
+    return options, name, fig, F.map_agreement(out["agreement"]), None
+
+
+@callback(Output("d3-graph", "hoverData"), Input("sal-graph", "clickData"), State("sel", "data"),
+          prevent_initial_call=True)
+def pick_source(click, sel):
+    """A click on a patch of the map makes that patch the source token of D2/D3."""
+    out, _, _ = _maps(sel or {})
+    patch = ((click or {}).get("points") or [{}])[0].get("customdata")
+    if out is None or not isinstance(patch, int) or not 0 <= patch < out["grid"][0] * out["grid"][1]:
+        return no_update
+    return {"points": [{"customdata": [0, int(out["num_prefix_tokens"]) + patch]}]}
+
+
+@callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"),
+          Input("k-image", "data"), Input("sal-n", "value"), State("sel", "data"))
+def view_deletion(_ki, n, sel):
+    """Deletion curves of the image's maps, the slider's n marked."""
+    _, index, problem = _maps(sel or {})
+    if problem:
+        return F.empty(problem), no_update, no_update
+    try:
+        image_id = int(index.image_ids[index.pos(sel["image"])])
+        out = transport.deletion_curves(config.run_dir(index.name), image_id)
+    except (OnlineError, HeadScopeError) as err:
+        return F.empty(str(err)), no_update, no_update
+    steps = [int(v) for v in out["n"]]
+    fig = F.deletion_curves(steps, out["curves"], DELETION_TITLES.get(out["metric"], out["metric"]),
+                            selected_n=n if n in steps else None)
+    if ctx.triggered_id == "sal-n":
+        return fig, no_update, no_update
+    label_every = max(1, len(steps) // 6)
+    marks = {s: (str(s) if i % label_every == 0 or s == steps[-1] else "") for i, s in enumerate(steps)}
+    return fig, max(steps), marks
