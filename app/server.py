@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlencode
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, _callback, dcc, html, no_update
+from dash import Input, Output, _callback, dcc, html, no_update
 from flask import abort, jsonify, request, send_file
 
 from analysis.values import strict_int

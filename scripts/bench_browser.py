@@ -68,7 +68,7 @@ def free_port() -> int:
 
 def start_app(code_root: Path, cache: Path, run: str, port: int) -> subprocess.Popen:
     """The app of ``code_root`` on ``cache``/``run`` in a subprocess (imports that checkout's code)."""
-    code = (f"import sys; sys.path.insert(0, {str(code_root)!r}); from app import create_app; "
+    code = (f"from app import create_app; "  # PYTHONPATH and cwd put that checkout first
             f"create_app({str(cache)!r}, {run!r}).run(port={port}, debug=False)")
     env = dict(os.environ, PYTHONPATH=str(code_root))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=code_root, env=env,

@@ -15,7 +15,6 @@ online service, which answers each (image, head) once (its result cache) for all
 from __future__ import annotations
 
 import io
-import math
 
 import dash
 import dash_bootstrap_components as dbc
