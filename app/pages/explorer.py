@@ -863,7 +863,7 @@ def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
     pos, head = _selection(index, sel)
     figs = []
     b2, b3, _ = view_b2_b3(None, None, None, None, sel)
-    _, c2, c3, _ = view_c(None, None, None, "strength_entropy", sel)
+    _, c2, c3, _ = view_c(None, None, None, "strength_entropy", "set", sel)
     d3, d4, _, count, _, _ = view_d3_d5(None, None, None, None, sel)
     d2, _ = view_d2(None, None, None, None, sel)
     for title, fig in (("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3),
