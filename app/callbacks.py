@@ -76,13 +76,43 @@ def _number(lo=-math.inf, hi=math.inf):
     return check
 
 
+STATE_STR = ("metric", "thr", "d1", "d1s", "color", "scale", "bins")  # app.server.STR_KEYS
+MAX_IMAGE_SET = 5000   # app.server.MAX_SET
+MAX_HEAD_SET = 64      # analysis.metrics.head_sets.MAX_SET_HEADS
+
+
 def _selection(v):
-    if not isinstance(v, dict) or not set(v) <= {"run", "image", "layer", "head"}:
-        raise Invalid("expected {run, image, layer, head}")
+    """The Explorer's view state (app.server.STATE_KEYS) or a part of it (the k-* stores)."""
+    known = {"run", "image", "layer", "head", "mode", "set", "heads", *STATE_STR}
+    if not isinstance(v, dict) or not set(v) <= known:
+        raise Invalid(f"expected an object with keys among {', '.join(sorted(known))}")
     if v.get("run") is not None and config.name_problem(v["run"]):
         raise Invalid(config.name_problem(v["run"]))
-    for k in ("image", "layer", "head"):
+    for k in ("image", "layer", "head", "mode"):
         _opt(_int)(v.get(k))
+    for k in STATE_STR:
+        _opt(_str(40))(v.get(k))
+    ids = v.get("set")
+    if ids is not None:
+        if not isinstance(ids, list) or len(ids) > MAX_IMAGE_SET:
+            raise Invalid(f"expected set: a list of at most {MAX_IMAGE_SET} image ids")
+        for i in ids:
+            _int(i)
+    _opt(_head_list)(v.get("heads"))
+
+
+def _head_list(v):
+    if not isinstance(v, list) or len(v) > MAX_HEAD_SET:
+        raise Invalid(f"expected heads: a list of at most {MAX_HEAD_SET} [layer, head]")
+    for pair in v:
+        _pair(pair)
+
+
+def _relayout(v):
+    """Plotly relayoutData: an object; the D5 line's position, when present, a finite number."""
+    _dict(v)
+    if "shapes[0].x0" in v:
+        _number()(v["shapes[0].x0"])
 
 
 def _pair(v):
@@ -168,10 +198,25 @@ RULES = {
     ("compare-metric", "value"): _opt(_str(64)),
     ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
     ("compare-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
-    ("prune-mode", "data"): _opt(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("q-slider", "value"): _opt(_number(-1, 2)),
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
-    ("d1-style", "value"): _opt(_choice("density", "points")),
+    ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
+    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
+    ("scale", "value"): _opt(_choice("layer", "image")),
+    ("bins", "value"): _opt(_choice("log", "linear")),
+    ("thr-kind", "value"): _opt(_choice("q", "a")),
+    ("thr-abs", "value"): _opt(_number(0, 1)),
+    ("thr-current", "data"): _opt(_number()),
+    ("fig-format", "value"): _opt(_choice("png", "svg")),
+    ("goto-layer", "value"): _opt(_number(0, 4096)),
+    ("goto-head", "value"): _opt(_number(0, 4096)),
+    ("set-clear", "n_clicks"): _clicks,
+    ("url", "href"): _opt(_str()),
+    ("d5-graph", "relayoutData"): _opt(_relayout),
+    **{(f"k-{k}", "data"): _opt(_selection) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set",
+                                                      "scale")},
+    **{(f"dl-{k}", "n_clicks"): _clicks for k in ("heads-csv", "heads-parquet", "att-csv", "att-parquet", "prune-csv",
+                                                 "report")},
     ("d1-key", "data"): _opt(_str(512)),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,

@@ -103,31 +103,80 @@ def selected_ring(x, y, text=None) -> dict:
 
 
 # ---- A: image overview ---------------------------------------------------------------------
-def image_overview(x, y, labels, image_ids, class_names, selected_pos=None, uirevision=None) -> dict:
-    """Scatter of images (overview_x/y) coloured by class; customdata = image id.
-    Hover text is left to the page's tooltip (thumbnail); the selected image gets a ring."""
+COLOR_BY = {"class": "class", "prob": "P(true label)", "correct": "correct / wrong", "head": "metric of the head"}
+CORRECT_COLOURS = (("correct", "#0072B2", "circle"), ("wrong", ACCENT, "x"))
+
+
+def _points(x, y, ids, m, name, marker) -> dict:
+    return {"type": "scattergl" if m.sum() > 3000 else "scatter", "mode": "markers", "name": name,
+            "x": np.asarray(x)[m].tolist(), "y": np.asarray(y)[m].tolist(),
+            "customdata": np.asarray(ids)[m].tolist(), "hoverinfo": "none", "marker": marker}
+
+
+def image_overview(x, y, labels, image_ids, class_names, selected_pos=None, uirevision=None,
+                   color_by: str = "class", values=None, value_label: str | None = None, correct=None,
+                   selected_set=None) -> dict:
+    """A: scatter of images (overview_x/y); customdata = image id.
+    ``color_by``: "class" (one trace per class, Okabe-Ito/Safe colours and symbols), "prob" or "head"
+    (continuous ``values`` [n] on cividis with a horizontal colour bar titled ``value_label``), "correct"
+    (``correct`` [n] bool: two traces). The legend is NOT drawn by plotly (it would squeeze the plot):
+    ``legend_items(fig)`` lists (name, colour, symbol) for a compact HTML legend.
+    ``selected_set`` (positions) is outlined (``set_outline``); ``selected_pos`` gets a ring."""
     labels = np.asarray(labels)
-    classes = sorted(int(c) for c in np.unique(labels))
-    styles = class_style(max(classes, default=-1) + 2)
-    data = []
-    for c in classes:
-        m = labels == c
-        colour, symbol = styles[c] if c >= 0 else (GREY, "circle")
-        name = class_names[c] if 0 <= c < len(class_names) else "unknown"
-        data.append({"type": "scattergl" if m.sum() > 3000 else "scatter", "mode": "markers", "name": name,
-                     "x": np.asarray(x)[m].tolist(), "y": np.asarray(y)[m].tolist(),
-                     "customdata": np.asarray(image_ids)[m].tolist(), "hoverinfo": "none",
-                     "marker": {"color": colour, "symbol": symbol, "size": 7, "opacity": 0.85,
-                                "line": {"width": 0.5, "color": "white"}}})
+    n = len(labels)
+    base = {"size": 7, "opacity": 0.85, "line": {"width": 0.5, "color": "white"}}
+    data, legend = [], []
+    if color_by in ("prob", "head") and values is not None:
+        v = np.asarray(values, float)
+        ok = ~np.isnan(v)
+        lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if ok.any() else (0.0, 1.0)
+        if color_by == "prob":
+            lo, hi = 0.0, 1.0
+        marker = dict(base, color=np.where(ok, v, lo).tolist(), colorscale=LAYER_SCALE, cmin=lo, cmax=max(hi, lo + 1e-9),
+                      colorbar={"title": {"text": value_label or "", "side": "top", "font": {"size": 10}},
+                                "orientation": "h", "thickness": 8, "len": 0.6, "x": 0.5, "y": -0.02,
+                                "yanchor": "top", "tickfont": {"size": 9}})
+        data.append(_points(x, y, image_ids, np.ones(n, bool), value_label or color_by, marker))
+        margin_b = 42
+    elif color_by == "correct" and correct is not None:
+        correct = np.asarray(correct, bool)
+        for (name, colour, symbol), m in zip(CORRECT_COLOURS, (correct, ~correct)):
+            if m.any():
+                data.append(_points(x, y, image_ids, m, f"{name} ({int(m.sum())})",
+                                    dict(base, color=colour, symbol=symbol)))
+                legend.append((f"{name} ({int(m.sum())})", colour, symbol))
+        margin_b = 6
+    else:
+        classes = sorted(int(c) for c in np.unique(labels))
+        styles = class_style(max(classes, default=-1) + 2)
+        for c in classes:
+            m = labels == c
+            colour, symbol = styles[c] if c >= 0 else (GREY, "circle")
+            name = class_names[c] if 0 <= c < len(class_names) else "unknown"
+            data.append(_points(x, y, image_ids, m, name, dict(base, color=colour, symbol=symbol)))
+            legend.append((name, colour, symbol))
+        margin_b = 6
+    if selected_set is not None and len(selected_set):
+        data.append(set_outline(np.asarray(x)[selected_set], np.asarray(y)[selected_set]))
     if selected_pos is not None:
         data.append(selected_ring(float(x[selected_pos]), float(y[selected_pos]), "selected image"))
-        data[-1]["showlegend"] = False
-    lay = layout(showlegend=True, dragmode="zoom", uirevision=uirevision,
-                 legend={"font": {"size": 10}, "itemsizing": "constant", "title": {"text": "class"}},
+    lay = layout(dragmode="zoom", uirevision=uirevision, hoverdistance=8,
                  xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
-                 margin={"l": 10, "r": 10, "t": 10, "b": 10})
+                 margin={"l": 6, "r": 6, "t": 6, "b": margin_b}, meta={"legend": legend})
     return {"data": data, "layout": lay}
+
+
+def set_outline(x, y) -> dict:
+    """Dark outlines around the images of a selected set (A)."""
+    return {"type": "scatter", "mode": "markers", "x": np.asarray(x, float).tolist(), "y": np.asarray(y, float).tolist(),
+            "hoverinfo": "skip", "name": "selected set",
+            "marker": {"size": 11, "color": "rgba(0,0,0,0)", "line": {"color": "#222", "width": 1.5}}}
+
+
+def legend_items(fig: dict) -> list[tuple[str, str, str]]:
+    """(name, colour, symbol) of A's discrete colour encoding (empty for a colour bar)."""
+    return [tuple(i) for i in fig["layout"].get("meta", {}).get("legend", [])]
 
 
 # ---- B: head importance --------------------------------------------------------------------
@@ -151,19 +200,26 @@ def _layer_shapes(L: int, H: int) -> list[dict]:
 
 
 def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=None, selected=None,
-                    image_label: str | None = None) -> dict:
-    """B1: the chosen metric over all L*H heads: mean +/- std over images, and the selected
-    image's curve on top. ``selected`` = (layer, head) draws a vertical marker."""
+                    image_label: str | None = None, value_range=(None, None), band_label: str = "mean over images") -> dict:
+    """B1: the chosen metric over all L*H heads: mean +/- std over images (or over a selected set:
+    ``band_label``), the band clipped to the metric's ``value_range`` (lo, hi; None = open), and
+    the selected image's curve on top. ``selected`` = (layer, head) draws a vertical marker."""
     x = np.arange(L * H)
     cd = np.stack([x // H, x % H], axis=1).tolist()
     mean, std = np.asarray(mean, float), np.asarray(std, float)
+    lo, hi = value_range
+    upper, lower = mean + std, mean - std
+    if hi is not None:
+        upper = np.minimum(upper, hi)
+    if lo is not None:
+        lower = np.maximum(lower, lo)
     faded = image_values is not None
     data = [
-        {"type": "scatter", "x": x.tolist(), "y": (mean + std).tolist(), "mode": "lines", "line": {"width": 0},
+        {"type": "scatter", "x": x.tolist(), "y": upper.tolist(), "mode": "lines", "line": {"width": 0},
          "hoverinfo": "skip", "name": "mean + std"},
-        {"type": "scatter", "x": x.tolist(), "y": (mean - std).tolist(), "mode": "lines", "line": {"width": 0},
+        {"type": "scatter", "x": x.tolist(), "y": lower.tolist(), "mode": "lines", "line": {"width": 0},
          "fill": "tonexty", "fillcolor": "rgba(0,114,178,0.15)", "hoverinfo": "skip", "name": "mean - std"},
-        {"type": "scatter", "x": x.tolist(), "y": mean.tolist(), "mode": "lines+markers", "name": "mean over images",
+        {"type": "scatter", "x": x.tolist(), "y": mean.tolist(), "mode": "lines+markers", "name": band_label,
          "customdata": cd, "line": {"color": MEAN_BLUE, "width": 1.2 if faded else 2},
          "marker": {"size": 4 if faded else 5, "color": MEAN_BLUE}, "opacity": 0.6 if faded else 1,
          "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>mean %{y:.4f}<extra></extra>"},
@@ -179,8 +235,8 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": i, "x1": i, "y0": 0, "y1": 1,
                        "line": {"color": ACCENT, "width": 2, "dash": "dot"}})
     lay = layout(showlegend=True, shapes=shapes, xaxis=_head_axis(L, H), yaxis=axis(metric_label),
-                 legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom",
-                         "font": {"size": 10}}, margin={"l": 55, "r": 10, "t": 24, "b": 40})
+                 legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom",
+                         "font": {"size": 10}}, margin={"l": 55, "r": 10, "t": 24, "b": 40}, hoverdistance=8)
     lay["legend"]["traceorder"] = "normal"
     for t in data[:2]:
         t["showlegend"] = False
@@ -261,56 +317,77 @@ def strength_bars(strength, title: str | None = None) -> dict:
 
 
 def distribution(values, current=None, bins: int = 30, title: str | None = None,
-                 x_title: str = "strength entropy", x_range=(0, 1)) -> dict:
-    """C3: distribution (area) of one head's property over all images (default: strength entropy
-    in [0, 1]; x_range None: the values' range), with a line at the selected image's value."""
-    v = np.asarray(values, float)
-    v = v[~np.isnan(v)]
+                 x_title: str = "strength entropy", x_range=(0, 1), subset=None) -> dict:
+    """C3: distribution (area, share of images per bin) of one head's property over all images
+    (default: strength entropy in [0, 1]; x_range None: the values' range), a second area over the
+    ``subset`` (positions of a selected set) when given, and a line at the selected image's value."""
+    v_all = np.asarray(values, float)
     if x_range is None:
+        v = v_all[~np.isnan(v_all)]
         lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
         x_range = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
-    hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
-    share = hist / max(len(v), 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    data = [{"type": "scatter", "x": centres.tolist(), "y": share.tolist(), "mode": "lines", "fill": "tozeroy",
-             "line": {"color": MEAN_BLUE, "shape": "spline", "smoothing": 0.6}, "fillcolor": "rgba(0,114,178,0.25)",
-             "hovertemplate": "%{x:.3g}: %{y:.1%} of images<extra></extra>"}]
+    data = []
+    parts = [("all images", v_all, MEAN_BLUE, "rgba(0,114,178,0.25)")]
+    if subset is not None and len(subset):
+        parts.append((f"selected set ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
+    for name, v, colour, fill in parts:
+        v = v[~np.isnan(v)]
+        hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
+        share = hist / max(len(v), 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        data.append({"type": "scatter", "x": centres.tolist(), "y": share.tolist(), "mode": "lines", "fill": "tozeroy",
+                     "line": {"color": colour, "shape": "spline", "smoothing": 0.6}, "fillcolor": fill, "name": name,
+                     "hovertemplate": "%{x:.3g}: %{y:.1%} of " + name + "<extra></extra>"})
     shapes = []
     if current is not None and not np.isnan(current):
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": current, "x1": current, "y0": 0, "y1": 1,
                        "line": {"color": ACCENT, "width": 2}})
-    lay = layout(title, shapes=shapes, xaxis=axis(x_title, range=list(x_range)),
+    lay = layout(title, shapes=shapes, xaxis=axis(x_title, range=list(x_range)), showlegend=len(data) > 1,
+                 legend={"x": 1, "xanchor": "right", "y": 1, "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0.7)"},
                  yaxis=axis("share of images", tickformat=".0%"), margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
     return {"data": data, "layout": lay}
 
 
 # ---- D: attention pattern ------------------------------------------------------------------
-def density_grid(xy: np.ndarray, bins: int = 80):
-    """2-D histogram of all points: (x centres, y centres, counts [bins, bins] transposed for plotly)."""
-    xy = xy.reshape(-1, 2)
-    xy = xy[~np.isnan(xy).any(1)]
-    h, xe, ye = np.histogram2d(xy[:, 0], xy[:, 1], bins=bins)
-    return (xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2, h.T
+D1_STYLES = {"points": "points", "both": "points + contours", "contours": "contours"}
 
 
-def pattern_background(xy: np.ndarray, style: str) -> list[dict]:
-    """D1's context layer (independent of the selection): all heads of all images as tiny points
-    (pointIndex = image_position * L*H + head_index) or as a density."""
-    if style == "points":
-        flat = xy.reshape(-1, 2)
-        return [{"type": "scattergl", "mode": "markers", "x": typed(flat[:, 0]), "y": typed(flat[:, 1]),
-                 "marker": {"size": 3, "color": "rgba(110,110,110,0.25)"}, "name": "all heads",
-                 "hovertemplate": "a head of another image (click to select)<extra></extra>"}]
-    xc, yc, z = density_grid(xy)
-    z = np.where(z > 0, np.log1p(z), np.nan)
-    return [{"type": "heatmap", "x": typed(xc), "y": typed(yc), "z": typed(z), "showscale": False,
-             "colorscale": [[0, "#f2f2f2"], [1, "#5a5a5a"]], "hoverinfo": "skip", "name": "density", "zsmooth": "best"}]
+def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None) -> list[dict]:
+    """D1's context layer (independent of the selection), as in the paper's Fig. 12:
+    ``xy`` [n, L*H, 2]. "points": every head of every image coloured by layer (cividis, with the
+    layer colour bar; customdata [image id, layer, head] for hover and click); "contours": smooth
+    density contours of all of them (histogram2dcontour); "both": contours under the points."""
+    n, LH, _ = xy.shape
+    flat = xy.reshape(-1, 2)
+    ok = ~np.isnan(flat).any(1)
+    out = []
+    if style in ("contours", "both"):
+        out.append({"type": "histogram2dcontour", "x": typed(flat[ok, 0]), "y": typed(flat[ok, 1]),
+                    "ncontours": 14, "nbinsx": 60, "nbinsy": 60, "showscale": False, "hoverinfo": "skip",
+                    "colorscale": [[0, "rgba(255,255,255,0)"], [0.05, "#f3f3f3"], [1, "#6b6b6b"]],
+                    "contours": {"coloring": "fill", "showlines": style == "contours"},
+                    "line": {"width": 0.5, "color": "#999", "smoothing": 1.3}, "name": "density"})
+    if style in ("points", "both"):
+        ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
+        idx = np.arange(n * LH)
+        cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)[ok]  # image id, layer, head
+        L = LH // H
+        out.append({"type": "scattergl", "mode": "markers", "x": typed(flat[ok, 0]), "y": typed(flat[ok, 1]),
+                    "customdata": typed(cd, "i4"), "name": "all heads",
+                    "marker": {"size": 3, "color": typed(cd[:, 1], "i4"), "colorscale": LAYER_SCALE, "opacity": 0.55,
+                               "cmin": 0, "cmax": max(L - 1, 1),
+                               "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
+                    "hovertemplate": "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}"
+                                     "<extra>click: select this head of this image</extra>"})
+    return out
 
 
-def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None) -> list[dict]:
+def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None,
+                    colorbar: bool = True) -> list[dict]:
     """D1's selection layer, always three traces (so a selection can patch them in place):
-    the selected head over all images (light), the selected image's heads (coloured by layer,
-    customdata = [layer, head]) and a ring around the selected head; unused slots are empty."""
+    the selected head over all images or the selected set (orange), the selected image's heads
+    emphasised (large, coloured by layer, black outline; customdata = [layer, head]) and a ring
+    around the selected head; unused slots are empty."""
     blank = {"type": "scatter", "mode": "markers", "x": [], "y": [], "hoverinfo": "skip"}
     data = [dict(blank, name="selected head, all images"), dict(blank, name="heads of the image"),
             dict(blank, name="selected")]
@@ -318,15 +395,16 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
         data[0] = {"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
                    "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
                    "name": head_label or "selected head, all images",
-                   "marker": {"size": 5, "color": "rgba(213,94,0,0.35)"}, "hoverinfo": "skip"}
+                   "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}, "hoverinfo": "skip"}
     if xy_image is not None:
         idx = np.arange(L * H)
+        marker = {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
+                  "size": 10, "line": {"width": 1.2, "color": "#111"}}
+        if colorbar:
+            marker["colorbar"] = {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}
         data[1] = {"type": "scatter", "mode": "markers", "x": xy_image[:, 0].tolist(), "y": xy_image[:, 1].tolist(),
                    "customdata": np.stack([idx // H, idx % H], 1).tolist(), "name": "heads of the image",
-                   "marker": {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE, "cmin": 0,
-                              "cmax": max(L - 1, 1), "size": 8, "line": {"width": 0.6, "color": "#333"},
-                              "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
-                   "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<extra></extra>"}
+                   "marker": marker, "hovertemplate": "selected image · layer %{customdata[0]} head %{customdata[1]}<extra></extra>"}
         if selected is not None:
             i = selected[0] * H + selected[1]
             data[2] = selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1]))
@@ -338,38 +416,48 @@ def pattern_layout(background: list[dict], overlay: list[dict], kind: str, uirev
     title = "CLS attention vectors" if kind == "cls" else "patch attention latents"
     lay = layout(None, xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""), uirevision=uirevision,
-                 margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                 margin={"l": 6, "r": 6, "t": 6, "b": 6}, hoverdistance=6,
                  annotations=[{"text": f"2-D layout of {title}", "xref": "paper", "yref": "paper", "x": 0, "y": 1,
                                "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 10, "color": "#666"}}])
     return {"data": background + overlay, "layout": lay}
 
 
-def _strength_levels(values: np.ndarray, n_levels: int) -> np.ndarray:
-    """0..n_levels-1 per value, by rank among the drawn values (darker = stronger)."""
-    if len(values) == 0:
-        return np.zeros(0, int)
-    ranks = values.argsort().argsort()
-    return np.minimum((ranks * n_levels) // len(values), n_levels - 1)
+def _scale_stops(scale: list[str]) -> list[list]:
+    return [[i / (len(scale) - 1), c] for i, c in enumerate(scale)]
 
 
-def two_axis(A: np.ndarray, T: int, threshold: float, grid, max_segments: int = 20000, n_levels: int = 4):
-    """D3: source tokens on a top axis, target tokens on a bottom axis, one segment per attention
-    value >= threshold (blue: CLS-related, orange: patch->patch; darker = stronger).
-    Returns (figure, number of segments drawn, number of values above the threshold)."""
+def _colorbar_trace(scale, vmax: float, title: str, x: float) -> dict:
+    """An invisible trace that only draws a colour bar [0, vmax]."""
+    return {"type": "scatter", "mode": "markers", "x": [None], "y": [None], "hoverinfo": "skip", "showlegend": False,
+            "marker": {"color": [0], "cmin": 0, "cmax": vmax, "colorscale": _scale_stops(scale), "showscale": True,
+                       "colorbar": {"title": {"text": title, "side": "right", "font": {"size": 10}}, "thickness": 8,
+                                    "x": x, "len": 1, "tickfont": {"size": 9}, "tickformat": ".2~g"}}}
+
+
+def two_axis(A: np.ndarray, T: int, threshold: float, grid, vmax: float | None = None, max_segments: int = 2000,
+             n_levels: int = 6):
+    """D3: source tokens on a top axis, target tokens on a bottom axis. Every CLS-related pair
+    (source or target a prefix token) is always drawn in blues; patch->patch pairs with a value
+    >= ``threshold`` in oranges, at most ``max_segments`` of them (the strongest). Colour = the value
+    on one scale [0, ``vmax``] shared by the heads compared (default: this matrix's max), in
+    ``n_levels`` steps, with a colour bar per family.
+    Returns (figure, patch segments drawn, patch values >= threshold, CLS segments drawn)."""
     N = A.shape[0]
+    vmax = float(A.max()) if vmax is None else float(vmax)
+    vmax = max(vmax, 1e-12)
     src, dst = np.nonzero(A >= threshold)
+    patch = (src >= T) & (dst >= T)
+    src, dst = src[patch], dst[patch]
     vals = A[src, dst]
     above = len(vals)
     if above > max_segments:
-        keep = np.argsort(-vals)[:max_segments]
+        keep = np.argsort(-vals, kind="stable")[:max_segments]
         src, dst, vals = src[keep], dst[keep], vals[keep]
-    cls_related = (src < T) | (dst < T)
+    cs, cd_ = np.nonzero(np.zeros_like(A, bool) | (np.arange(N)[:, None] < T) | (np.arange(N)[None, :] < T))
     data = []
-    for family, mask, scale in (("CLS-related", cls_related, BLUES), ("patch→patch", ~cls_related, ORANGES)):
-        if not mask.any():
-            continue
-        levels = _strength_levels(vals[mask], n_levels)
-        s, d = src[mask], dst[mask]
+    for family, s, d, v, scale in (("CLS-related", cs, cd_, A[cs, cd_], BLUES), ("patch→patch", src, dst, vals, ORANGES)):
+        levels = np.minimum((v / vmax * n_levels).astype(int), n_levels - 1)
+        colours = pc.sample_colorscale(_scale_stops(scale), [(lev + 0.5) / n_levels for lev in range(n_levels)])
         for lev in range(n_levels):
             sel = levels == lev
             if not sel.any():
@@ -379,10 +467,11 @@ def two_axis(A: np.ndarray, T: int, threshold: float, grid, max_segments: int = 
             ys = np.empty(3 * k)
             xs[0::3], xs[1::3], xs[2::3] = s[sel], d[sel], np.nan
             ys[0::3], ys[1::3], ys[2::3] = 1, 0, np.nan
-            colour = scale[int(round(lev * (len(scale) - 1) / max(n_levels - 1, 1)))]
             data.append({"type": "scatter", "mode": "lines", "x": typed(xs), "y": typed(ys), "hoverinfo": "skip",
-                         "line": {"color": colour, "width": 1 + 0.5 * lev}, "name": f"{family} {lev}",
-                         "meta": {"segments": k}, "connectgaps": False})
+                         "line": {"color": colours[lev], "width": 0.8 + 0.5 * lev}, "name": f"{family} {lev}",
+                         "meta": {"segments": k, "family": family, "level": lev}, "connectgaps": False})
+    data.append(_colorbar_trace(BLUES, vmax, "CLS", 1.01))
+    data.append(_colorbar_trace(ORANGES, vmax, "patch", 1.09))
     names = token_names(N, T, grid)
     tok = np.arange(N)
     tok_colour = [MEAN_BLUE if t < T else "#c26a1b" for t in tok]
@@ -398,33 +487,47 @@ def two_axis(A: np.ndarray, T: int, threshold: float, grid, max_segments: int = 
     ticktext = ["CLS" if T == 1 else "prefix"] + [f"row {r}" for r in rows]
     lay = layout(None, xaxis=axis(None, tickvals=ticks, ticktext=ticktext, range=[-1, N], showgrid=False, tickfont={"size": 9}),
                  yaxis=axis(None, tickvals=[0, 1], ticktext=["target", "source"], range=[-0.12, 1.12], showgrid=False),
-                 margin={"l": 55, "r": 10, "t": 10, "b": 30}, hoverdistance=8)
-    return {"data": data, "layout": lay}, len(vals), above
+                 margin={"l": 55, "r": 70, "t": 6, "b": 26}, hoverdistance=8)
+    return {"data": data, "layout": lay}, len(vals), above, len(cs)
 
 
-def attention_heatmap(A: np.ndarray, T: int, threshold: float) -> dict:
-    """D4: the attention matrix (row = source, column = target); the prefix rows/columns are drawn
-    wider; CLS-related cells in blues, patch->patch in oranges; values below the threshold blank."""
+def threshold_colorscale(scale: list[str], threshold: float, vmax: float) -> list[list]:
+    """``scale`` spread over [threshold, vmax] of a [0, vmax] axis, white below ``threshold``
+    (D4's patch cells: a new threshold only patches this colour scale)."""
+    f = min(max(threshold / max(vmax, 1e-12), 0.0), 1.0)
+    if f <= 0:
+        return _scale_stops(scale)
+    if f >= 1:
+        return [[0, "#ffffff"], [1, "#ffffff"]]
+    return [[0, "#ffffff"], [f, "#ffffff"]] + [[f + (1 - f) * i / (len(scale) - 1), c] for i, c in enumerate(scale)]
+
+
+def attention_heatmap(A: np.ndarray, T: int, threshold: float, vmax: float | None = None) -> dict:
+    """D4: the attention matrix (row = source, column = target), both families on one value scale
+    [0, ``vmax``] shared by the heads compared (default: this matrix's max). The prefix rows and
+    columns (drawn wider) are always shown, in blues; patch->patch cells in oranges, white below
+    ``threshold`` (``threshold_colorscale``: a new threshold only patches data[1].colorscale)."""
     N = A.shape[0]
     P = N - T
+    vmax = float(A.max()) if vmax is None else float(vmax)
+    vmax = max(vmax, 1e-12)
     wide = max(2, P // 16)
     widths = np.array([wide] * T + [1] * P, float)
     edges = np.concatenate([[0], np.cumsum(widths)])
-    shown = np.where(A >= threshold, A, np.nan).astype(np.float32)
-    cls_part = shown.copy()
+    z = np.asarray(A, np.float32)
+    cls_part = z.copy()
     cls_part[T:, T:] = np.nan
-    patch_part = shown.copy()
+    patch_part = z.copy()
     patch_part[:T, :] = np.nan
     patch_part[:, :T] = np.nan
-    vmax = float(np.nanmax(shown)) if np.isfinite(shown).any() else 1.0
     data = []
-    for name, z, scale, x_bar in (("CLS-related", cls_part, BLUES, 1.02), ("patch→patch", patch_part, ORANGES, 1.12)):
-        data.append({"type": "heatmap", "x": typed(edges), "y": typed(edges), "z": typed(z), "name": name,
-                     "colorscale": [[i / (len(scale) - 1), c] for i, c in enumerate(scale)],
-                     "zmin": threshold, "zmax": max(vmax, threshold + 1e-9), "hoverongaps": False,
+    for name, zz, scale, x_bar in (("CLS-related", cls_part, BLUES, 1.02), ("patch→patch", patch_part, ORANGES, 1.13)):
+        cs = threshold_colorscale(scale, threshold, vmax) if scale is ORANGES else _scale_stops(scale)
+        data.append({"type": "heatmap", "x": typed(edges), "y": typed(edges), "z": typed(zz), "name": name,
+                     "colorscale": cs, "zmin": 0, "zmax": vmax, "hoverongaps": False,
                      "colorbar": {"title": {"text": name.split("→")[0].split("-")[0], "side": "right"},
                                   "thickness": 8, "x": x_bar, "len": 0.8, "tickfont": {"size": 9},
-                                  "tickformat": ".3~g"},
+                                  "tickformat": ".2~g"},
                      "hovertemplate": "source %{y:.0f}, target %{x:.0f}: %{z:.4f}<extra>" + name + "</extra>"})
     centres = (edges[:-1] + edges[1:]) / 2
     gw = max(1, int(round(P ** 0.5)))
@@ -434,52 +537,101 @@ def attention_heatmap(A: np.ndarray, T: int, threshold: float) -> dict:
                  ticktext=["CLS" if t == 0 else str(t) for t in tick_tokens], showgrid=False, tickfont={"size": 9})
     lay = layout(None, xaxis=axis("target token", range=[0, edges[-1]], **ticks, side="top"),
                  yaxis=axis("source token", range=[edges[-1], 0], **ticks, scaleanchor="x"),
-                 margin={"l": 50, "r": 60, "t": 40, "b": 10})
+                 margin={"l": 50, "r": 70, "t": 40, "b": 6})
     return {"data": data, "layout": lay}
 
 
-def attention_histogram(A: np.ndarray, threshold: float, q: float, bins: int = 60) -> dict:
-    """D5: histogram of the head's N*N attention values (log counts) with the threshold line.
-    Clicking a bar sets the threshold at its left edge (customdata)."""
+def histogram_bins(v: np.ndarray, bins: int, binning: str) -> np.ndarray:
+    """Bin edges of attention values ``v``: "log" = log-spaced from the smallest positive value to
+    the max (resolves the many small values); "linear" = equal width on [0, max]."""
+    hi = max(float(v.max()), 1e-12)
+    if binning == "log":
+        pos = v[v > 0]
+        lo = float(pos.min()) if len(pos) else hi / 1e6
+        lo = min(lo, hi / 10)
+        return np.geomspace(lo, hi, bins + 1)
+    return np.linspace(0.0, hi, bins + 1)
+
+
+def attention_histogram(A: np.ndarray, threshold: float, label: str, bins: int = 40, binning: str = "log") -> dict:
+    """D5: histogram of the head's N*N attention values, log-scaled counts, with a draggable
+    threshold line (an editable shape: dragging it sends relayoutData ``shapes[0].x0``).
+    "log" binning: x is log10(value) on a linear axis labelled in values (the shape's x is log10 of
+    the threshold; exact zeros, e.g. float16 underflow, are counted in the first bin);
+    "linear": x = value on [0, max]. Clicking a bar sets the threshold at its left edge (customdata)."""
     v = np.asarray(A, float).ravel()
-    lo, hi = float(v.min()), float(v.max())
-    hist, edges = np.histogram(v, bins=bins, range=(lo, max(hi, lo + 1e-9)))
-    centres = (edges[:-1] + edges[1:]) / 2
+    edges = histogram_bins(v, bins, binning)
+    hist, _ = np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)
+    to_x = (lambda e: np.log10(e)) if binning == "log" else (lambda e: np.asarray(e, float))
+    xe = to_x(edges)
+    centres = (xe[:-1] + xe[1:]) / 2
     colours = [ACCENT if e >= threshold else "#9ab7d3" for e in edges[1:]]
-    data = [{"type": "bar", "x": centres.tolist(), "y": hist.tolist(), "customdata": edges[:-1].tolist(),
-             "width": float(edges[1] - edges[0]), "marker": {"color": colours, "line": {"width": 0}},
-             "hovertemplate": "%{x:.4f}: %{y} values<extra>click to set the threshold</extra>"}]
-    shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": threshold, "x1": threshold, "y0": 0, "y1": 1,
-               "line": {"color": "#222", "width": 2}}]
-    ann = [{"x": threshold, "y": 0.98, "xref": "x", "yref": "paper", "text": f"top {q * 100:.3g}% ≥ {threshold:.3g} ",
-            "showarrow": False, "xanchor": "right", "yanchor": "top", "font": {"size": 11},
-            "bgcolor": "rgba(255,255,255,0.8)"}]
-    lay = layout(None, shapes=shapes, annotations=ann, bargap=0,
-                 xaxis=axis("attention value"), yaxis=axis("count", type="log", dtick=1),
-                 margin={"l": 55, "r": 10, "t": 10, "b": 40})
+    data = [{"type": "bar", "x": centres.tolist(), "y": [int(h) if h else None for h in hist],
+             "customdata": np.stack([edges[:-1], edges[1:]], 1).tolist(),
+             "width": np.diff(xe).tolist(), "marker": {"color": colours, "line": {"width": 0}},
+             "hovertemplate": "%{customdata[0]:.3g} – %{customdata[1]:.3g}: %{y} values<extra>click: threshold here</extra>"}]
+    tx = float(to_x(max(threshold, edges[0])))
+    shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": tx, "x1": tx, "y0": 0, "y1": 1,
+               "editable": True, "line": {"color": "#222", "width": 3}, "name": "threshold"}]
+    ann = [{"x": tx, "y": 0.98, "xref": "x", "yref": "paper", "text": f"{label} ", "showarrow": False,
+            "xanchor": "right", "yanchor": "top", "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.8)"}]
+    if binning == "log":
+        decades = np.arange(np.floor(xe[0]), np.ceil(xe[-1]) + 1)
+        xaxis = axis("attention value (log bins; drag the line)", range=[float(xe[0]), float(xe[-1])],
+                     tickvals=decades.tolist(), ticktext=[f"1e{int(d)}" for d in decades])
+    else:
+        xaxis = axis("attention value (drag the line)", range=[0.0, float(xe[-1])])
+    lay = layout(None, shapes=shapes, annotations=ann, bargap=0, xaxis=xaxis,
+                 yaxis=axis("count", type="log", dtick=1), margin={"l": 55, "r": 10, "t": 6, "b": 40},
+                 meta={"binning": binning})
     return {"data": data, "layout": lay}
+
+
+def threshold_from_shape_x(x: float, binning: str) -> float:
+    """D5's dragged line position (relayoutData) -> an attention value."""
+    return float(10 ** x) if binning == "log" else max(float(x), 0.0)
 
 
 # ---- D2: image masks -----------------------------------------------------------------------
-def masked_image(image, weights=None, grid=None, highlight=None, size: int = 160) -> str:
-    """The image (PIL) as a JPEG data URI; with ``weights`` [gh*gw] it is overlaid as a transparency
-    mask (stronger attention -> more visible); ``highlight`` = patch index outlined."""
+MASK_SCALE = ORANGES
+
+
+def mask_colours(f: np.ndarray) -> np.ndarray:
+    """RGB [.., 3] in 0-255 for fractions ``f`` in [0, 1] of the shared scale (D2's overlay)."""
+    stops = np.array([pc.hex_to_rgb(c) if c.startswith("#") else pc.unlabel_rgb(c) for c in MASK_SCALE], float)
+    pos = np.clip(f, 0, 1) * (len(stops) - 1)
+    i = np.minimum(pos.astype(int), len(stops) - 2)
+    t = (pos - i)[..., None]
+    return stops[i] * (1 - t) + stops[i + 1] * t
+
+
+def mask_gradient_css() -> str:
+    """CSS linear-gradient of D2's colour scale, for its HTML colour bar."""
+    return "linear-gradient(to right, transparent, " + ", ".join(MASK_SCALE) + ")"
+
+
+def masked_image(image, weights=None, grid=None, highlight=None, size: int = 160, vmax: float | None = None) -> str:
+    """The image (PIL) as a JPEG data URI. With ``weights`` [gh*gw] the attention is laid over a
+    greyed image as colour (MASK_SCALE) and opacity, both linear in ``weights / vmax`` (one scale
+    for all masks compared; default: the mask's own max); ``highlight`` = patch index outlined."""
     from PIL import Image, ImageDraw
 
     im = image.convert("RGB").resize((size, size), Image.BILINEAR)
     if weights is not None:
         gh, gw = grid
         w = np.asarray(weights, float).reshape(gh, gw)
-        w = w / w.max() if w.max() > 0 else w
-        mask = Image.fromarray((w * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
-        m = np.asarray(mask, float)[..., None] / 255
-        arr = np.asarray(im, float) * (0.12 + 0.88 * m) + 255 * 0.0
+        top = float(w.max()) if vmax is None else float(vmax)
+        f = np.clip(w / top, 0, 1) if top > 0 else np.zeros_like(w)
+        fm = np.asarray(Image.fromarray((f * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR), float) / 255
+        grey = np.asarray(im.convert("L"), float)[..., None] * 0.55 + 255 * 0.3
+        alpha = (0.85 * fm)[..., None]
+        arr = grey * (1 - alpha) + mask_colours(fm) * alpha
         im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     if highlight is not None and grid is not None:
         gh, gw = grid
         r, c = divmod(int(highlight), gw)
         ch, cw = size / gh, size / gw
-        ImageDraw.Draw(im).rectangle([c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1], outline=(213, 94, 0), width=2)
+        ImageDraw.Draw(im).rectangle([c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1], outline=(0, 114, 178), width=2)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)  # ~10x faster to encode than PNG
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

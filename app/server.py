@@ -1,14 +1,17 @@
 """The Dash app factory: ``create_app(cache_dir=None, run=None) -> dash.Dash``.
 
 One shell around the pages (app/pages/*.py): a navbar, the shared selection store ``sel``
-({"run", "image", "layer", "head"}) and its mirror in the URL query string, so any view can be
-shared as a link (``/?run=default&image=12&layer=0&head=4``).
+(the view state: STATE_KEYS) and its mirror in the URL query string, so any view can be shared
+as a link (``/?run=default&image=12&layer=0&head=4&metric=jsd&thr=a0.05``). Every change of the
+state is pushed to the browser history (dcc.Location refresh=False), so Back/Forward step through it.
 """
 from __future__ import annotations
 
+import json
+import re
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import dash
 import dash_bootstrap_components as dbc
@@ -23,20 +26,46 @@ from .auth import install_basic_auth
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEYS = ("run", "image", "layer", "head")
+# The Explorer's view state beyond the selection (the pages validate the values against the run):
+# metric, thr ("q1" = top 1 %, "a0.05" = value >= 0.05), mode (pruning mode for B3), d1 / d1s (D1's
+# layout and style), color (A's colour), scale (D3/D4's shared colour scale), bins (D5), set (ids).
+INT_KEYS = ("image", "layer", "head", "mode")
+STR_KEYS = ("metric", "thr", "d1", "d1s", "color", "scale", "bins")
+STATE_KEYS = KEYS + ("mode",) + STR_KEYS + ("set",)
+MAX_SET = 5000
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
 PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Compare", "/compare"), ("Runs", "/runs"),
          ("Help", "/help"))
 
 
 def parse_selection(search: str | None, default_run: str | None) -> dict:
-    """URL query string -> selection dict (unknown or malformed values become None)."""
+    """URL query string -> state dict with every STATE_KEYS key (unknown or malformed values become None)."""
     q = {k: v[-1] for k, v in parse_qs((search or "").lstrip("?")).items()}
     sel = {"run": q.get("run") if config.valid_name(q.get("run")) else default_run}
-    for k in ("image", "layer", "head"):
+    for k in INT_KEYS:
         try:
             sel[k] = strict_int(q[k]) if k in q else None
         except ValueError:
             sel[k] = None
+    for k in STR_KEYS:
+        sel[k] = q[k] if k in q and _TOKEN.match(q[k]) else None
+    try:
+        ids = sorted({int(i) for i in q.get("set", "").split(",") if i.strip()})
+        sel["set"] = ids[:MAX_SET] or None
+    except ValueError:
+        sel["set"] = None
     return sel
+
+
+def selection_query(sel: dict | None) -> str:
+    """State dict -> canonical query string ("?run=..&image=.."; "" when empty): the inverse of parse_selection."""
+    pairs = []
+    for k in STATE_KEYS:
+        v = (sel or {}).get(k)
+        if v is None or v == [] or v == "":
+            continue
+        pairs.append((k, ",".join(str(int(i)) for i in v) if k == "set" else v))
+    return "?" + urlencode(pairs, safe=",:") if pairs else ""
 
 
 def _shell():
@@ -52,41 +81,36 @@ def _shell():
     ], fluid=True), color="dark", dark=True, className="py-1")
     return html.Div([
         dcc.Location(id="url", refresh=False),
-        dcc.Store(id="sel", data={"run": run, "image": None, "layer": None, "head": None}),
-        html.Div(id="url-sync", hidden=True),
+        dcc.Store(id="sel", data={**dict.fromkeys(STATE_KEYS), "run": run}),
         nav,
-        dbc.Container(dash.page_container, fluid=True, className="pt-2 pb-4"),
+        dbc.Container(dash.page_container, fluid=True, className="pt-1 pb-2"),
     ])
 
 
 def _register_shell_callbacks(app: dash.Dash) -> None:
-    @app.callback(Output("sel", "data"), Input("url", "search"), State("sel", "data"))
-    def url_to_selection(search, sel):
-        """The URL decides the selection when it changes (first load, links, back button)."""
+    @app.callback(Output("sel", "data"), Output("url", "search"), Input("url", "search"), Input("sel", "data"))
+    def sync_url(search, sel):
+        """One callback both ways (Dash allows a cycle inside one callback): the URL decides the state
+        when it changes (first load, links, Back/Forward); a new state is written to the URL, which
+        dcc.Location(refresh=False) pushes to the history."""
+        if dash.ctx.triggered_id == "sel":
+            q = selection_query(sel)
+            return no_update, (no_update if q == (search or "") else q)
         new = parse_selection(search, (sel or {}).get("run") or config.default_run())
-        return no_update if new == sel else new
+        return (no_update if new == sel else new), no_update
 
-    # selection -> URL (replaceState: no page reload, no router round trip) and nav links
+    # the nav links keep the whole state
     app.clientside_callback(
         """
-        function(sel) {
-            const p = new URLSearchParams();
-            ['run', 'image', 'layer', 'head'].forEach(k => {
-                if (sel && sel[k] !== null && sel[k] !== undefined) { p.set(k, sel[k]); }
-            });
-            const q = p.toString() ? '?' + p.toString() : '';
-            if (window.location.search !== q) {
-                window.history.replaceState(window.history.state, '', window.location.pathname + q);
-            }
+        function(search, sel) {
             const cfg = document.getElementById('_dash-config');
             const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
-            return [base + q, base + 'heads' + q, base + 'compare' + q, base + 'runs' + q, base + 'help' + q, q,
-                    sel && sel.run ? 'run: ' + sel.run : 'no run'];
+            const q = search || '';
+            return [...PATHS.map(p => base + p + q), sel && sel.run ? 'run: ' + sel.run : 'no run'];
         }
-        """,
-        [Output("nav-explorer", "href"), Output("nav-heads", "href"), Output("nav-compare", "href"), Output("nav-runs", "href"),
-         Output("nav-help", "href"), Output("url-sync", "children"), Output("nav-run", "children")],
-        Input("sel", "data"),
+        """.replace("PATHS", json.dumps([path.lstrip("/") for _, path in PAGES])),
+        [*(Output(f"nav-{name.lower()}", "href") for name, _ in PAGES), Output("nav-run", "children")],
+        Input("url", "search"), Input("sel", "data"),
     )
 
 
@@ -191,7 +215,7 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     _callback.GLOBAL_CALLBACK_MAP.clear()
     app = dash.Dash(
         "app", use_pages=True, pages_folder="pages", assets_folder=str(ROOT / "assets"),
-        title="HeadScope", update_title=None, suppress_callback_exceptions=False,
+        title="HeadScope", update_title=None, suppress_callback_exceptions=False, compress=True,
         meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
     )
     app.layout = _shell

@@ -35,8 +35,16 @@ def card(letter: str, title: str, body, hint: str | None = None, tools=None, cla
     ], className=f"view-card mb-2 {class_name}")
 
 
+def graph_config(id_: str, fmt: str = "png") -> dict:
+    """GRAPH_CONFIG with the camera button exporting at publication size: PNG at 4x the on-screen
+    pixels (print resolution) or SVG (vector), named after the view."""
+    fmt = fmt if fmt in ("png", "svg") else "png"
+    return {**GRAPH_CONFIG, "toImageButtonOptions": {"format": fmt, "filename": f"headscope-{id_.removesuffix('-graph')}",
+                                                     "scale": 4 if fmt == "png" else 1}}
+
+
 def graph(id_: str, height: int, **kw) -> dcc.Graph:
-    return dcc.Graph(id=id_, config=GRAPH_CONFIG, style={"height": f"{height}px"},
+    return dcc.Graph(id=id_, config=graph_config(id_), style={"height": f"{height}px"},
                      figure={"data": [], "layout": {"xaxis": {"visible": False}, "yaxis": {"visible": False}}}, **kw)
 
 

@@ -86,8 +86,13 @@ def query(dash_duo):
     return {k: v[0] for k, v in parse_qs(urlsplit(dash_duo.driver.current_url).query).items()}
 
 
+def into_view(dash_duo, el):
+    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'});", el)
+    return el
+
+
 def click(dash_duo, selector):
-    el = dash_duo.wait_for_element(selector, timeout=TIMEOUT)
+    el = into_view(dash_duo, dash_duo.wait_for_element(selector, timeout=TIMEOUT))
     ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).click().perform()
 
 
@@ -170,9 +175,9 @@ def test_selecting_a_head_updates_b2_b3_c2_c3_d2_to_d5(dash_duo, app):
     wait_js(dash_duo, "c2-graph", "gd.data.length && gd.data[0].y.length", lambda n: n == 6, "6 hops on a 6x6 grid")
     wait_js(dash_duo, "c3-graph", "(gd.layout.shapes || []).length", lambda n: n == 1, "line at the image")
     wait_js(dash_duo, "d4-graph", "gd.data.length", lambda n: n == 2, "heatmap")
-    wait_js(dash_duo, "d5-graph", "gd.data.length && gd.data[0].y.length", lambda n: n == 60, "histogram")
+    wait_js(dash_duo, "d5-graph", "gd.data.length && gd.data[0].y.length", lambda n: n == 40, "histogram (40 log bins)")
     until(lambda: (segments(dash_duo) or 0) > 0, timeout=TIMEOUT, msg="segments in D3")
-    dash_duo.wait_for_contains_text("#d3-count", "segments drawn", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#d3-count", "patch→patch segments", timeout=TIMEOUT)
     until(lambda: len(dash_duo.find_elements("#d2-images img")) == 3, timeout=TIMEOUT, msg="D2 images")
     # B3's true label in bold when present; the mode bar chosen for B3 is highlighted
     assert js(dash_duo, "b2-graph", "gd.data[0].marker.color[1]") == "#D55E00"
@@ -189,18 +194,37 @@ def test_selecting_a_head_updates_b2_b3_c2_c3_d2_to_d5(dash_duo, app):
 def test_moving_the_threshold_changes_the_d3_segments(dash_duo, app):
     visit(dash_duo, app, "/?run=tiny&image=3&layer=1&head=1")
     until(lambda: (segments(dash_duo) or 0) > 0, timeout=TIMEOUT, msg="segments in D3")
-    start = segments(dash_duo)
-    assert start == round(0.01 * 37 * 37)  # top 1% of a 37x37 matrix
+    A = api_attention(dash_duo, "tiny", 3, 1, 1)
+    patch = A[1:, 1:]
+
+    def expected(q):
+        flat = np.sort(A.ravel())
+        thr = flat[flat.size - max(1, round(q * flat.size))]
+        return int((patch >= thr).sum())
+
+    assert family_segments(dash_duo, "CLS-related") == 2 * 37 - 1  # CLS row and column, always
+    assert family_segments(dash_duo, "patch→patch") == expected(0.01)  # top 1% of a 37x37 matrix
     handle = dash_duo.wait_for_element("#q-slider [role=slider]")
     handle.send_keys(Keys.END)   # top 100%
-    until(lambda: segments(dash_duo) == 37 * 37, timeout=TIMEOUT, msg="all segments at 100%")
-    dash_duo.wait_for_contains_text("#d3-count", "1,369 segments", timeout=TIMEOUT)
+    until(lambda: family_segments(dash_duo, "patch→patch") == 36 * 36, timeout=TIMEOUT, msg="all segments at 100%")
+    dash_duo.wait_for_contains_text("#d3-count", "1,296 patch→patch", timeout=TIMEOUT)
+    assert query(dash_duo)["thr"] == "q100"
     handle.send_keys(Keys.HOME)  # top 0.1%
-    until(lambda: segments(dash_duo) == 1, timeout=TIMEOUT, msg="one segment at 0.1%")
-    # clicking a histogram bar sets the threshold too
-    bars = dash_duo.find_elements("#d5-graph .barlayer .point")
-    ActionChains(dash_duo.driver).move_to_element(bars[len(bars) // 2]).pause(0.3).click().perform()
-    until(lambda: segments(dash_duo) not in (None, 1), timeout=TIMEOUT, msg="threshold from the histogram")
+    until(lambda: family_segments(dash_duo, "patch→patch") == expected(0.001), timeout=TIMEOUT, msg="0.1%")
+    # clicking a histogram bar sets an absolute threshold at its left edge
+    into_view(dash_duo, dash_duo.find_element("#d5-graph"))
+    bars = [b for b in dash_duo.find_elements("#d5-graph .barlayer .point path") if b.size["height"] > 3]
+    bar = bars[len(bars) // 2]  # on a log axis its path reaches far below the plot: click near its top
+    r = dash_duo.driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.x + r.width / 2, r.y];", bar)
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    actions = ActionBuilder(dash_duo.driver)
+    actions.pointer_action.move_to_location(int(r[0]), int(r[1]) + 4).pause(0.3).click()
+    actions.perform()
+    until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="threshold from the histogram")
+    thr = float(query(dash_duo)["thr"][1:])
+    until(lambda: family_segments(dash_duo, "patch→patch") == min(int((patch >= thr).sum()), 2000), timeout=TIMEOUT,
+          msg="D3 follows the bar's threshold")
     no_console_errors(dash_duo)
 
 
@@ -249,6 +273,10 @@ def build_real_run(cache) -> str | None:
 
     if embedded_default_missing():
         return None
+    prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")  # a run built by this same command earlier (faster reruns)
+    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
+        shutil.copytree(prebuilt, cache / "real", dirs_exist_ok=True)
+        return "real"
     proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
                            "--out", str(cache / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
@@ -357,3 +385,290 @@ def test_screenshot_explorer(dash_duo, cache, real_default, tmp_path):
     if os.environ.get("HEADSCOPE_SCREENSHOT"):
         shutil.copy(out, ROOT / "assets" / "screenshot_explorer.png")
         print("screenshot -> assets/screenshot_explorer.png")
+
+
+# ---- the Explorer on a run of the REAL default model (issue 12) ---------------------------------
+@pytest.fixture(scope="module")
+def real(real_default):
+    """(cache dir, run name) of the real default run (see real_default)."""
+    if real_default is None:
+        pytest.skip("the embedded default model is not installed here")
+    return real_default
+
+
+@pytest.fixture
+def real_app(real):
+    return create_app(*real)
+
+
+def real_index(real):
+    from app import config, data
+
+    config.configure(*real)
+    return data.get_index(real[1])
+
+
+def family_segments(dash_duo, family):
+    return js(dash_duo, "d3-graph", f"gd.data.filter(t => t.meta && t.meta.family === '{family}')"
+                                    ".reduce((s, t) => s + t.meta.segments, 0)")
+
+
+def api_attention(dash_duo, run, image, layer, head):
+    import requests
+
+    r = requests.get(f"{dash_duo.server_url}/api/attention", params=dict(run=run, image=image, layer=layer, head=head))
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["attention"], dtype=np.float32)
+
+
+def settle(dash_duo, timeout=TIMEOUT):
+    until(dash_duo._wait_for_callbacks, timeout=timeout, poll=0.1)
+    time.sleep(0.2)
+
+
+def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, real_app, real):
+    run = real[1]
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=11&head=0")
+    until(lambda: (family_segments(dash_duo, "CLS-related") or 0) > 0, timeout=180, msg="D3 drawn")
+    A = api_attention(dash_duo, run, 3, 11, 0)
+    N = A.shape[0]
+    assert family_segments(dash_duo, "CLS-related") == 2 * N - 1  # every CLS row/column pair, at top 1%
+    top = js(dash_duo, "d4-graph", "gd.data.map(t => t.zmax)")
+    assert top[0] == top[1] > 0
+    dash_duo.wait_for_element("#d2-images .d2-scale .d2-bar", timeout=TIMEOUT)
+    bar_text = dash_duo.find_element("#d2-images .d2-ticks").text
+    # another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
+    click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")  # layer 11 head 3
+    until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
+    settle(dash_duo)
+    wait_js(dash_duo, "d4-graph", "gd.data.map(t => t.zmax)", lambda z: z == top, "same scale for head 3")
+    assert dash_duo.find_element("#d2-images .d2-ticks").text == bar_text
+    # another layer: its own scale; "all layers" makes one scale for the whole image
+    dash_duo.find_element("#goto-layer").send_keys("1")
+    dash_duo.find_element("#goto-head").send_keys("1")
+    dash_duo.find_element("#image-go").click()
+    until(lambda: query(dash_duo).get("layer") == "1", timeout=TIMEOUT, msg="go to layer 1 head 1")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    settle(dash_duo)
+    z1 = js(dash_duo, "d4-graph", "gd.data[0].zmax")
+    click(dash_duo, "#scale input[value=image]")
+    until(lambda: query(dash_duo).get("scale") == "image", timeout=TIMEOUT, msg="scale in the URL")
+    settle(dash_duo)
+    z_all = js(dash_duo, "d4-graph", "gd.data[0].zmax")
+    assert z_all >= max(z1, top[0]) - 1e-6
+    # an absolute threshold: exactly the patch->patch values >= it are drawn (under the cap)
+    A = api_attention(dash_duo, run, 3, 1, 1)
+    value = float(sorted(A[1:, 1:].ravel())[-40])
+    click(dash_duo, "#thr-kind input[value=a]")
+    box = dash_duo.find_element("#thr-abs")
+    box.clear()
+    box.send_keys(f"{value:.6g}" + Keys.ENTER)
+    until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="absolute threshold in the URL")
+    settle(dash_duo)
+    thr = float(query(dash_duo)["thr"][1:])
+    expected = int((A[1:, 1:] >= thr).sum())
+    until(lambda: family_segments(dash_duo, "patch→patch") == expected, timeout=TIMEOUT, msg="segments >= value")
+    assert family_segments(dash_duo, "CLS-related") == 2 * A.shape[0] - 1
+    # a low threshold: D3 caps the lines and says so
+    box.clear()
+    box.send_keys("0" + Keys.ENTER)
+    until(lambda: family_segments(dash_duo, "patch→patch") == 2000, timeout=TIMEOUT, msg="capped at 2000")
+    dash_duo.wait_for_contains_text("#d3-count", "capped", timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+
+
+def drag(dash_duo, element, dx, dy):
+    ActionChains(dash_duo.driver).move_to_element(element).pause(0.2).click_and_hold().pause(0.2) \
+        .move_by_offset(dx // 2, dy // 2).pause(0.1).move_by_offset(dx - dx // 2, dy - dy // 2).pause(0.2).release().perform()
+
+
+def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, real_app, real):
+    run = real[1]
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=5&head=2")
+    wait_js(dash_duo, "d5-graph", "gd.data.length && gd.layout.shapes.length", lambda n: n == 1, "D5 drawn", timeout=180)
+    settle(dash_duo)
+    assert js(dash_duo, "d5-graph", "gd.layout.yaxis.type") == "log"
+    before = js(dash_duo, "d5-graph", "gd.layout.shapes[0].x0")
+    patch_before = family_segments(dash_duo, "patch→patch")
+    into_view(dash_duo, dash_duo.find_element("#d5-graph"))
+    line = dash_duo.find_element("#d5-graph .shapelayer path")
+    drag(dash_duo, line, -80, 0)  # to the left: a lower threshold
+    until(lambda: query(dash_duo).get("thr", "").startswith("a"), timeout=TIMEOUT, msg="dragged threshold in the URL")
+    settle(dash_duo)
+    thr = float(query(dash_duo)["thr"][1:])
+    assert thr < 10 ** before
+    A = api_attention(dash_duo, run, 3, 5, 2)
+    expected = min(int((A[1:, 1:] >= thr).sum()), 2000)
+    until(lambda: family_segments(dash_duo, "patch→patch") == expected, timeout=TIMEOUT, msg="D3 follows the line")
+    assert expected > patch_before
+    # linear bins: the axis is [0, max]
+    click(dash_duo, "#bins input[value=linear]")
+    until(lambda: query(dash_duo).get("bins") == "linear", timeout=TIMEOUT, msg="bins in the URL")
+    wait_js(dash_duo, "d5-graph", "gd.layout.xaxis.range", lambda r: r and r[0] == 0 and abs(r[1] - float(A.max())) < 1e-3,
+            "axis [0, max]")
+    no_console_errors(dash_duo)
+
+
+def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_app, real):
+    run = real[1]
+    index = real_index(real)
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=2&head=1")
+    wait_js(dash_duo, "a-graph", "gd.data.length", lambda n: (n or 0) > 1, "A drawn", timeout=120)
+    dash_duo.wait_for_element("#a-legend .a-chip", timeout=TIMEOUT)
+    assert js(dash_duo, "a-graph", "gd._fullLayout.showlegend") is False  # the legend is HTML, it cannot squeeze
+    # colour by correct / wrong, by P(true label), by the head's metric
+    from selenium.webdriver.support.ui import Select
+
+    Select(dash_duo.find_element("#a-color")).select_by_value("correct")
+    until(lambda: query(dash_duo).get("color") == "correct", timeout=TIMEOUT, msg="colour in the URL")
+    n_wrong = int((index.images["pred"] != index.images["label"]).sum())
+    wait_js(dash_duo, "a-graph", "gd.data.map(t => t.name)",
+            lambda names: any(n.startswith("correct") for n in names) and (n_wrong == 0 or f"wrong ({n_wrong})" in names),
+            "correct / wrong traces")
+    Select(dash_duo.find_element("#a-color")).select_by_value("head")
+    wait_js(dash_duo, "a-graph", "gd.data[0].marker.colorbar && gd.data[0].marker.colorbar.title.text",
+            lambda t: t and "layer 2 head 1" in t, "coloured by the head's metric")
+    # a box selection in A: the set, not its lowest id
+    wait_js(dash_duo, "b1-graph", "gd.data[2].name", lambda n: n == "mean over images", "B1 band over all images")
+    dash_duo.driver.execute_script(
+        "const gd = document.querySelector('#a-graph .js-plotly-plot'); Plotly.relayout(gd, {dragmode: 'select'});")
+    time.sleep(0.5)
+    plot = into_view(dash_duo, dash_duo.find_element("#a-graph .js-plotly-plot"))
+    w, h = plot.size["width"], plot.size["height"]
+    ActionChains(dash_duo.driver).move_to_element(plot).move_by_offset(-w // 2 + 12, -h // 2 + 12).click_and_hold().pause(0.2) \
+        .move_by_offset(w // 4, h // 4).pause(0.2).move_by_offset(w // 3, h // 3).pause(0.2).release().perform()
+    until(lambda: "set" in query(dash_duo), timeout=TIMEOUT, msg="the set is in the URL")
+    ids = [int(i) for i in query(dash_duo)["set"].split(",")]
+    assert len(ids) > 1
+    settle(dash_duo)
+    wait_js(dash_duo, "b1-graph", "gd.data[2].name", lambda n: n == f"mean over the set ({len(ids)})", "B1 band over the set")
+    pos = [index.pos(i) for i in ids]
+    metric = "prob"
+    mean = np.nanmean(index.values(metric)[pos], 0)
+    got = js(dash_duo, "b1-graph", "Array.from(gd.data[2].y)")
+    np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-6)
+    wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"selected set ({len(ids)})"],
+            "C3 shows the set")
+    wait_js(dash_duo, "d1-graph", "gd.data.map(t => t.name).join('|')", lambda n: f"the set ({len(ids)})" in n, "D1 highlights the set")
+    assert js(dash_duo, "d1-graph", "gd._fullData.find(t => (t.name || '').includes('the set'))._length") == len(ids)
+    dash_duo.wait_for_contains_text("#sel-summary", f"set of {len(ids)} images", timeout=TIMEOUT)
+    # a double-click resets the zoom only: the set, the image and the head stay
+    state = query(dash_duo)
+    ActionChains(dash_duo.driver).move_to_element(plot).move_by_offset(w // 2 - 14, h // 2 - 60).double_click().perform()
+    time.sleep(1.0)
+    settle(dash_duo)
+    assert query(dash_duo) == state
+    click(dash_duo, "#set-clear")
+    until(lambda: "set" not in query(dash_duo), timeout=TIMEOUT, msg="set cleared")
+    no_console_errors(dash_duo)
+
+
+def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, real_app, real):
+    run = real[1]
+    start = (f"/?run={run}&image=3&layer=4&head=2&mode=3&metric=jsd&thr=q5&d1=patch&d1s=both&color=prob"
+             "&scale=image&bins=linear&set=1,2,3")
+    visit(dash_duo, real_app, start)
+    settle(dash_duo, 180)
+    full = query(dash_duo)
+    assert full == {"run": run, "image": "3", "layer": "4", "head": "2", "mode": "3", "metric": "jsd", "thr": "q5",
+                    "d1": "patch", "d1s": "both", "color": "prob", "scale": "image", "bins": "linear", "set": "1,2,3"}
+    # the controls show the state the URL gave
+    assert dash_duo.find_element("#d1-kind input[value=patch]").is_selected()
+    assert dash_duo.find_element("#d1-style input[value=both]").is_selected()
+    assert dash_duo.find_element("#bins input[value=linear]").is_selected()
+    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "histogram2dcontour"
+    wait_js(dash_duo, "b2-graph", "gd.data[0].marker.color[3]", lambda c: c == "#D55E00", "mode 3 chosen for B3")
+    assert "JSD" in js(dash_duo, "b1-graph", "gd.layout.yaxis.title.text")
+    # three selections, then Back twice and Forward once
+    click(dash_duo, "#c1-graph .scatterlayer .trace .point:nth-of-type(8)")  # layer 1 head 1
+    until(lambda: query(dash_duo).get("layer") == "1", timeout=TIMEOUT, msg="head from C1")
+    settle(dash_duo)
+    click(dash_duo, "#d1-kind input[value=cls]")
+    until(lambda: "d1" not in query(dash_duo), timeout=TIMEOUT, msg="d1 toggle in the URL")
+    settle(dash_duo)
+    dash_duo.driver.back()
+    until(lambda: query(dash_duo).get("d1") == "patch" and query(dash_duo).get("layer") == "1", timeout=TIMEOUT,
+          msg="Back: the D1 toggle returns")
+    until(lambda: dash_duo.find_element("#d1-kind input[value=patch]").is_selected(), timeout=TIMEOUT, msg="control follows")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    dash_duo.driver.back()
+    until(lambda: query(dash_duo) == full, timeout=TIMEOUT, msg="Back again: the first state")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 4 head 2", timeout=TIMEOUT)
+    dash_duo.driver.forward()
+    until(lambda: query(dash_duo).get("layer") == "1" and query(dash_duo).get("d1") == "patch", timeout=TIMEOUT,
+          msg="Forward")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+
+
+def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, real_app, real):
+    run = real[1]
+    index = real_index(real)
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=2&head=1")
+    wait_js(dash_duo, "d1-graph", "gd.data.length", lambda n: n == 4, "background + 3 overlay traces", timeout=120)
+    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "scattergl"
+    assert js(dash_duo, "d1-graph", "gd._fullData[0]._length") == index.n * index.L * index.H
+    # pick a head of another image through plotly's own click on the webgl point
+    target = next(p for p in range(index.n) if int(index.image_ids[p]) != 3)
+    image = int(index.image_ids[target])
+    hi = 4 * index.H + 5
+    xy = index.layouts["cls"][target, hi]
+    dash_duo.driver.execute_script(  # zoom in on it, then click it as a user does
+        "const gd = document.querySelector('#d1-graph .js-plotly-plot');"
+        f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    time.sleep(1)
+    plot = into_view(dash_duo, dash_duo.find_element("#d1-graph .nsewdrag"))
+    ActionChains(dash_duo.driver).move_to_element(plot).pause(0.6).click().perform()
+    until(lambda: query(dash_duo).get("image") == str(image), timeout=TIMEOUT, msg="the other image selected")
+    assert (query(dash_duo)["layer"], query(dash_duo)["head"]) == ("4", "5")
+    dash_duo.wait_for_contains_text("#pick-note", f"layer 4 head 5 of image {image}", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#sel-summary", f"image {image}", timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+
+
+def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_duo, real_app, real, tmp_path):
+    run = real[1]
+    index = real_index(real)
+    metric = "prob_drop" if "prob_drop" in index.importance else index.importance[0]
+    pos = min(3, index.n - 1)
+    hi = int(np.nanargmax(index.values(metric)[pos]))
+    visit(dash_duo, real_app, f"/?run={run}&image={int(index.image_ids[pos])}&layer={hi // index.H}&head={hi % index.H}")
+    for size, name in (((1920, 1080), "screenshot_explorer_1920.png"), ((1280, 800), "screenshot_explorer_1280.png")):
+        dash_duo.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                        {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False})
+        time.sleep(2)
+        for g in ("a-graph", "b1-graph", "b2-graph", "c1-graph", "d1-graph", "d3-graph", "d4-graph", "d5-graph"):
+            wait_js(dash_duo, g, "gd.data.length", lambda n: bool(n), "drawn", timeout=180)
+        until(lambda: len(dash_duo.find_elements("#d2-images img")) == 3, timeout=TIMEOUT, msg="D2 images")
+        settle(dash_duo)
+        time.sleep(1)
+        doc = dash_duo.driver.execute_script(
+            "return [document.documentElement.scrollHeight, document.documentElement.scrollWidth]")
+        widths = dash_duo.driver.execute_script(
+            "return ['a-graph', 'b1-graph', 'c1-graph', 'd3-graph'].map(id => document.getElementById(id).offsetWidth)")
+        if size[0] == 1920:
+            assert doc[0] <= 1080 and doc[1] <= 1920, doc  # no page scroll
+        else:
+            assert doc[1] <= 1280, doc  # no horizontal scroll; a vertical stack of readable views
+            assert min(widths) >= 480, widths
+        out = tmp_path / name
+        assert dash_duo.driver.save_screenshot(str(out))
+        if os.environ.get("HEADSCOPE_SCREENSHOT"):
+            shutil.copy(out, ROOT / "assets" / name)
+    no_console_errors(dash_duo)
+
+
+def test_real_exports_data_and_a_self_contained_report(real):
+    from app import create_app as make
+
+    make(*real)
+    explorer = sys.modules["app.pages.explorer"]
+    index = real_index(real)
+    sel = {"run": real[1], "image": 3, "layer": 11, "head": 0}
+    html_text = explorer.report_html(index, sel, "http://x/?run=real&image=3&layer=11&head=0")
+    assert html_text.count("<h3>") == 7 and "http://x/?run=real&image=3&layer=11&head=0" in html_text
+    assert "data:image/jpeg;base64," in html_text and "<script src=" not in html_text  # plotly.js inlined
+    table = explorer._head_table(index, sel)
+    assert len(table) == index.L * index.H and set(table["image_id"]) == {3}
+    att = explorer._attention_table(index, index.pos(3), (11, 0))
+    assert att.shape[0] == att.shape[1] and att.columns[0] == "CLS"

@@ -92,9 +92,32 @@ def test_bad_run_names_are_refused(cache):
 
 
 def test_parse_selection():
-    assert parse_selection("?run=a&image=3&layer=1&head=2", "d") == {"run": "a", "image": 3, "layer": 1, "head": 2}
-    assert parse_selection("", "d") == {"run": "d", "image": None, "layer": None, "head": None}
-    assert parse_selection("?run=../x&image=oops", "d") == {"run": "d", "image": None, "layer": None, "head": None}
+    from app.server import STATE_KEYS, selection_query
+
+    blank = dict.fromkeys(STATE_KEYS)
+    assert parse_selection("?run=a&image=3&layer=1&head=2", "d") == {**blank, "run": "a", "image": 3, "layer": 1, "head": 2}
+    assert parse_selection("", "d") == {**blank, "run": "d"}
+    assert parse_selection("?run=../x&image=oops&metric=<b>&set=1,x", "d") == {**blank, "run": "d"}
+    # the whole view state round-trips through the URL, canonically
+    state = {**blank, "run": "a", "image": 3, "layer": 1, "head": 2, "mode": 4, "metric": "jsd", "thr": "a0.05",
+             "d1": "patch", "d1s": "both", "color": "correct", "scale": "image", "bins": "linear", "set": [2, 5, 9]}
+    q = selection_query(state)
+    assert q == ("?run=a&image=3&layer=1&head=2&mode=4&metric=jsd&thr=a0.05&d1=patch&d1s=both&color=correct"
+                 "&scale=image&bins=linear&set=2,5,9")
+    assert parse_selection(q, "d") == state
+    assert selection_query(parse_selection("?head=2&run=a&set=9,2,2", "d")) == "?run=a&head=2&set=2,9"
+    assert selection_query({}) == ""
+
+
+def test_threshold_parsing(cache):
+    from app import create_app
+
+    create_app(cache, "syn")
+    parse_threshold = sys.modules["app.pages.explorer"].parse_threshold
+
+    assert parse_threshold(None) == ("q", 0.01) and parse_threshold("q10") == ("q", pytest.approx(0.1))
+    assert parse_threshold("a0.05") == ("a", 0.05)
+    assert parse_threshold("a7") == ("q", 0.01) and parse_threshold("zz") == ("q", 0.01)
 
 
 def test_typed_roundtrip():
@@ -110,6 +133,25 @@ def test_image_overview_one_trace_per_class_and_ring():
     assert names[:4] == ["unknown", "a", "b", "c"]
     assert fig["data"][1]["customdata"] == [10, 12]
     assert fig["data"][-1]["x"] == [3.0]  # the ring around the selected image
+    # the legend is HTML (never squeezes the plot): plotly's is off, the items travel in layout.meta
+    assert fig["layout"]["showlegend"] is False
+    assert [n for n, _, _ in F.legend_items(fig)] == ["unknown", "a", "b", "c"]
+
+
+def test_image_overview_colour_modes():
+    x, y, ids = np.arange(5.0), np.arange(5.0), np.arange(100, 105)
+    labels = [0, 1, 0, 1, 1]
+    fig = roundtrip(F.image_overview(x, y, labels, ids, ["a", "b"], color_by="prob",
+                                     values=np.array([0.1, 0.9, 0.5, np.nan, 0.3]), value_label="P(true label)"))
+    (pts,) = fig["data"]
+    assert pts["customdata"] == [100, 101, 102, 103, 104] and pts["marker"]["cmin"] == 0 and pts["marker"]["cmax"] == 1
+    assert pts["marker"]["colorbar"]["orientation"] == "h" and F.legend_items(fig) == []
+    fig = roundtrip(F.image_overview(x, y, labels, ids, ["a", "b"], color_by="head", values=np.array([2.0, 4, 3, 5, 1])))
+    assert (fig["data"][0]["marker"]["cmin"], fig["data"][0]["marker"]["cmax"]) == (1, 5)
+    fig = roundtrip(F.image_overview(x, y, labels, ids, ["a", "b"], color_by="correct",
+                                     correct=np.array([True, False, True, True, False]), selected_set=[1, 4]))
+    assert [t["name"] for t in fig["data"]] == ["correct (3)", "wrong (2)", "selected set"]
+    assert fig["data"][1]["customdata"] == [101, 104] and fig["data"][2]["x"] == [1.0, 4.0]
 
 
 def test_class_colours_are_distinct_up_to_many_classes():
@@ -130,6 +172,13 @@ def test_head_importance_band_and_selected_curve():
     assert sorted(s["x0"] for s in boundaries) == [H - 0.5, 2 * H - 0.5, 3 * H - 0.5]
     assert any(s.get("line", {}).get("dash") == "dot" and s["x0"] == 1 * H + 2 for s in fig["layout"]["shapes"])
     assert fig["layout"]["xaxis"]["ticktext"] == ["L0", "L1", "L2", "L3"]
+    # the band is clipped to the metric's range (a probability stays in [0, 1])
+    fig = roundtrip(F.head_importance(L, H, "P(true)", mean, np.full(L * H, 0.3), value_range=(0, 1),
+                                      band_label="mean over the set (3)"))
+    upper, lower = np.array(fig["data"][0]["y"]), np.array(fig["data"][1]["y"])
+    assert upper.max() == pytest.approx(1) and lower.min() == pytest.approx(0)
+    assert upper[0] == pytest.approx(0.3) and lower[-1] == pytest.approx(0.7)
+    assert fig["data"][2]["name"] == "mean over the set (3)"
 
 
 def test_pruning_modes_and_top5():
@@ -153,21 +202,35 @@ def test_strength_views():
     fig = roundtrip(F.strength_bars([0.5, 0.2, 0.1]))
     assert fig["data"][0]["x"] == [0, 1, 2]
     fig = roundtrip(F.distribution(np.array([0.1, 0.1, 0.9, np.nan]), current=0.9, bins=10))
-    assert sum(fig["data"][0]["y"]) == pytest.approx(1)
+    assert sum(fig["data"][0]["y"]) == pytest.approx(1) and len(fig["data"]) == 1
     assert fig["layout"]["shapes"][0]["x0"] == 0.9
+    # a selected set gets its own distribution on top of all images'
+    fig = roundtrip(F.distribution(np.array([0.1, 0.1, 0.9, 0.95]), bins=10, subset=[2, 3]))
+    assert fig["data"][1]["name"] == "selected set (2)" and fig["data"][1]["y"][9] == pytest.approx(1)
+    assert fig["data"][0]["y"][1] == pytest.approx(0.5)
 
 
 def test_pattern_layout_background_and_overlay():
-    xy = np.random.rand(5, L * H, 2)
-    for style, kind in (("points", "scattergl"), ("density", "heatmap")):
-        bg = F.pattern_background(xy, style)
-        assert bg[0]["type"] == kind
-    assert F.untyped(F.pattern_background(xy, "points")[0]["x"]).shape == (5 * L * H,)
-    overlay = F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4])
-    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "density"), overlay, "cls"))
-    assert [t["type"] for t in fig["data"]] == ["heatmap", "scatter", "scatter", "scatter"]
-    assert fig["data"][2]["customdata"][H + 1] == [1, 1]
-    assert fig["data"][3]["x"] == [pytest.approx(xy[2, H + 1, 0])]
+    n = 5
+    xy = np.random.rand(n, L * H, 2)
+    ids = np.arange(50, 50 + n)
+    kinds = {"points": ["scattergl"], "contours": ["histogram2dcontour"], "both": ["histogram2dcontour", "scattergl"]}
+    for style, types in kinds.items():
+        assert [t["type"] for t in F.pattern_background(xy, style, H, ids)] == types
+    (pts,) = F.pattern_background(xy, "points", H, ids)
+    assert F.untyped(pts["x"]).shape == (n * L * H,)
+    cd = F.untyped(pts["customdata"]).reshape(-1, 3)
+    # every head of every image names its image id, layer and head, and is coloured by its layer
+    i = 2 * L * H + 1 * H + 2
+    assert cd[i].tolist() == [52, 1, 2] and F.untyped(pts["marker"]["color"])[i] == 1
+    assert F.untyped(pts["x"])[i] == pytest.approx(xy[2, H + 2, 0])
+    assert "image %{customdata[0]}" in pts["hovertemplate"]
+    overlay = F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4], colorbar=False)
+    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "both", H, ids), overlay, "cls"))
+    assert [t["type"] for t in fig["data"]] == ["histogram2dcontour", "scattergl", "scatter", "scatter", "scatter"]
+    assert fig["data"][3]["customdata"][H + 1] == [1, 1] and fig["data"][3]["marker"]["size"] > 3
+    assert "colorbar" not in fig["data"][3]["marker"]  # the background's layer colour bar is the one
+    assert fig["data"][4]["x"] == [pytest.approx(xy[2, H + 1, 0])]
     empty = F.pattern_overlay(None, L, H)
     assert len(empty) == 3 and all(t["x"] == [] for t in empty)
 
@@ -178,50 +241,120 @@ def attention(N=10, T=1, seed=0):
     return (A / A.sum(1, keepdims=True)).astype(np.float32)
 
 
-def count_segments(fig):
-    return sum(t["meta"]["segments"] for t in fig["data"] if t.get("mode") == "lines")
+def line_segments(fig, family=None):
+    """[(source, target)] of D3's drawn segments (of one family)."""
+    out = []
+    for t in fig["data"]:
+        if t.get("mode") == "lines" and (family is None or t["meta"]["family"] == family):
+            xs = F.untyped(t["x"]).reshape(-1, 3)[:, :2]
+            out += [tuple(int(v) for v in p) for p in xs]
+    return out
 
 
-def test_two_axis_segments_follow_the_threshold():
-    A = attention()
+def test_two_axis_always_draws_cls_and_caps_the_patch_lines():
+    N, T = 10, 1
+    A = attention(N)
     for q in (0.01, 0.1, 0.5):
         thr = data.threshold_for(A, q)
-        fig, drawn, above = F.two_axis(A, 1, thr, (3, 3))
-        assert drawn == above == int((A >= thr).sum()) == count_segments(fig)
-        assert drawn == pytest.approx(q * A.size, abs=1)
-    fig, drawn, above = F.two_axis(A, 1, 0.0, (3, 3), max_segments=20)
-    assert drawn == 20 and above == 100
-    # colours: CLS-related segments are blue, patch->patch orange
-    fig, _, _ = F.two_axis(A, 1, data.threshold_for(A, 0.3), (3, 3))
-    for t in fig["data"]:
-        if t.get("mode") == "lines":
-            xs = F.untyped(t["x"]).reshape(-1, 3)[:, :2]
-            cls = (xs < 1).any(1)
-            assert cls.all() if t["line"]["color"] in F.BLUES else not cls.any()
-    tokens = [t for t in fig["data"] if t.get("mode") == "markers"]
+        fig, drawn, above, n_cls = F.two_axis(A, T, thr, (3, 3))
+        patch = line_segments(fig, "patch→patch")
+        expected = {(int(s), int(d)) for s, d in zip(*np.nonzero(A >= thr)) if s >= T and d >= T}
+        assert set(patch) == expected and drawn == above == len(expected)
+        cls = line_segments(fig, "CLS-related")
+        assert n_cls == len(cls) == 2 * N - 1  # every CLS row and column pair, whatever the threshold
+        assert set(cls) == {(s, d) for s in range(N) for d in range(N) if s < T or d < T}
+    fig, drawn, above, _ = F.two_axis(A, T, 0.0, (3, 3), max_segments=20)
+    assert drawn == 20 and above == (N - T) ** 2
+    strongest = sorted(((A[s, d], (s, d)) for s in range(T, N) for d in range(T, N)), reverse=True)[:20]
+    assert set(line_segments(fig, "patch→patch")) == {p for _, p in strongest}
+    tokens = [t for t in fig["data"] if t.get("mode") == "markers" and "customdata" in t]
     assert [t["customdata"][3] for t in tokens] == [[0, 3], [1, 3]]
 
 
-def test_heatmap_and_histogram():
+def test_two_axis_colour_is_the_value_on_the_shared_scale():
+    A = attention()
+    weak = A * 0.5
+    # on one scale (vmax) the same cell of a weaker head falls in a lower colour level
+    fig_strong, *_ = F.two_axis(A, 1, 0.0, (3, 3), vmax=float(A.max()), n_levels=4)
+    fig_weak, *_ = F.two_axis(weak, 1, 0.0, (3, 3), vmax=float(A.max()), n_levels=4)
+
+    def level_of(fig, pair):
+        for t in fig["data"]:
+            if t.get("mode") == "lines" and pair in [tuple(int(v) for v in p) for p in F.untyped(t["x"]).reshape(-1, 3)[:, :2]]:
+                return t["meta"]["level"]
+    s, d = np.unravel_index(np.argmax(A[1:, 1:]), (9, 9))
+    pair = (int(s) + 1, int(d) + 1)
+    f = A[pair] / A.max()
+    assert level_of(fig_strong, pair) == min(int(f * 4), 3) and level_of(fig_weak, pair) == min(int(f * 2), 3)
+    assert level_of(fig_weak, pair) < level_of(fig_strong, pair)
+    bars = [t["marker"] for t in fig_strong["data"] if t.get("marker", {}).get("showscale")]
+    assert len(bars) == 2 and all(b["cmin"] == 0 and b["cmax"] == pytest.approx(A.max()) for b in bars)
+
+
+def test_heatmap_shared_scale_and_threshold_colours():
     A = attention()
     thr = data.threshold_for(A, 0.2)
-    fig = roundtrip(F.attention_heatmap(A, 1, thr))
+    fig = roundtrip(F.attention_heatmap(A, 1, thr, vmax=0.9))
     cls, patch = (F.untyped(t["z"]) for t in fig["data"])
     assert np.isnan(cls[1:, 1:]).all() and np.isnan(patch[0]).all() and np.isnan(patch[:, 0]).all()
-    shown = ~np.isnan(cls) | ~np.isnan(patch)
-    assert shown.sum() == (A >= thr).sum()
+    np.testing.assert_allclose(cls[0], A[0]) and np.testing.assert_allclose(patch[1:, 1:], A[1:, 1:])
+    assert all(t["zmin"] == 0 and t["zmax"] == 0.9 for t in fig["data"])  # one scale for both, and for other heads
+    cs = fig["data"][1]["colorscale"]
+    assert cs[0] == [0, "#ffffff"] and cs[1] == [pytest.approx(thr / 0.9), "#ffffff"] and cs[2][1] == F.ORANGES[0]
+    assert fig["data"][0]["colorscale"][0][1] == F.BLUES[0]  # the CLS cells ignore the threshold
     edges = F.untyped(fig["data"][0]["x"])
     assert edges[1] - edges[0] > edges[2] - edges[1]  # the CLS column is drawn wider
-    fig = roundtrip(F.attention_histogram(A, thr, 0.2))
-    assert sum(fig["data"][0]["y"]) == A.size and fig["layout"]["shapes"][0]["x0"] == thr
+    assert F.threshold_colorscale(F.ORANGES, 0.0, 1.0)[0][1] == F.ORANGES[0]
 
 
-def test_masked_image():
+def test_histogram_log_bins_and_draggable_threshold():
+    A = attention(40)
+    A[0, 0] = 0.0  # e.g. a float16 underflow
+    thr = data.threshold_for(A, 0.05)
+    fig = roundtrip(F.attention_histogram(A, thr, "top 5%", bins=30))
+    bars = fig["data"][0]
+    assert sum(v or 0 for v in bars["y"]) == A.size and len(bars["y"]) == 30
+    lo, hi = bars["customdata"][0][0], bars["customdata"][-1][1]
+    assert lo == pytest.approx(A[A > 0].min()) and hi == pytest.approx(A.max())
+    ratios = [b / a for a, b in bars["customdata"]]
+    assert max(ratios) == pytest.approx(min(ratios))  # log-spaced
+    shape = fig["layout"]["shapes"][0]
+    assert shape["editable"] and shape["x0"] == pytest.approx(np.log10(thr))
+    assert F.threshold_from_shape_x(shape["x0"], "log") == pytest.approx(thr)
+    assert fig["layout"]["xaxis"]["range"] == [pytest.approx(np.log10(lo)), pytest.approx(np.log10(hi))]
+    fig = roundtrip(F.attention_histogram(A, thr, "top 5%", bins=30, binning="linear"))
+    assert fig["layout"]["xaxis"]["range"] == [0, pytest.approx(A.max())]  # never below 0
+    assert fig["layout"]["shapes"][0]["x0"] == pytest.approx(thr) and F.threshold_from_shape_x(-0.1, "linear") == 0
+
+
+def test_masked_image_is_a_colour_overlay_on_a_shared_scale():
+    import base64
+    import io
+
     from PIL import Image
 
-    im = Image.new("RGB", (32, 32), (200, 100, 50))
-    uri = F.masked_image(im, np.arange(9.0), (3, 3), highlight=4, size=48)
-    assert uri.startswith("data:image/jpeg;base64,")
+    im = Image.new("RGB", (48, 48), (128, 128, 128))
+
+    def pixels(uri):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1]))).convert("RGB"), float)
+
+    w = np.zeros(9)
+    w[4] = 0.5
+    strong = pixels(F.masked_image(im, w, (3, 3), size=48, vmax=0.5))
+    weak = pixels(F.masked_image(im, w / 2, (3, 3), size=48, vmax=0.5))
+    centre, corner = (24, 24), (2, 2)
+    # colour (red > blue, not only darker) where the attention is, more of it for the larger value
+    assert strong[centre][0] - strong[centre][2] > 60 and weak[centre][0] - weak[centre][2] > 10
+    assert strong[centre][0] - strong[centre][2] > weak[centre][0] - weak[centre][2] + 20
+    assert abs(strong[corner][0] - strong[corner][2]) < 8  # grey where there is none
+    np.testing.assert_allclose(F.mask_colours(np.array([1.0]))[0], pc_rgb(F.MASK_SCALE[-1]))
+    assert F.masked_image(im, w, (3, 3), highlight=4, size=48).startswith("data:image/jpeg;base64,")
+
+
+def pc_rgb(colour):
+    import plotly.colors as pc
+
+    return pc.hex_to_rgb(colour) if colour.startswith("#") else pc.unlabel_rgb(colour)
 
 
 def test_empty_figure_says_why():
@@ -242,6 +375,17 @@ def test_heads_page_ranks_importance_and_head_properties(cache):
     expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(L, H)
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], dtype=float), expected, rtol=1e-5)
     assert msg is None and fig["data"][1]["x"] == [2] and fig["data"][1]["y"] == [1]  # selected head marked
+
+
+def test_responses_are_gzip_compressed(cache):
+    from app import create_app
+
+    client = create_app(cache, "syn").server.test_client()
+    r = client.get("/_dash-layout", headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers.get("Content-Encoding") == "gzip"
+    import gzip
+
+    assert gzip.decompress(r.data).startswith(b"{")
 
 
 def test_heads_page_on_a_run_from_an_older_writer(tmp_path):

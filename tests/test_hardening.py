@@ -294,9 +294,11 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
     assert every <= set(RULES), every - set(RULES)  # every callback input has its rule
     sel = {"run": "syn", "image": 1, "layer": 0, "head": 1}
     b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
-    prune = next(k for k in app.callback_map if k.startswith("prune-mode"))
+    prune = next(k for k, spec in app.callback_map.items() if spec["inputs"][0]["id"] == "b2-graph")
     d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
-    assert post(_payload(app, b1, [sel, "jsd"])).status_code == 200  # a genuine request
+    views = lambda ids: [sel if d["id"] == "sel" or d["id"].startswith("k-") else None for d in ids]
+    genuine = _payload(app, b1, views(app.callback_map[b1]["inputs"]), views(app.callback_map[b1]["state"]))
+    assert post(genuine).status_code == 200  # a genuine request
     caplog.set_level(logging.INFO)
     forged = [
         [], {}, "x", {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},

@@ -255,13 +255,21 @@ class ModelService:
                            compute)
 
     def attention(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
-        """One head's post-softmax attention [N, N] (float16) with the token facts."""
+        """One head's post-softmax attention [N, N] (float16) with the token facts, and, per layer
+        of this image, the largest attention value over all its heads outside the prefix->prefix
+        block R1 (``layer_max`` [L]: the shared colour scale that lets the Explorer compare heads;
+        CLS self-attention, often near 1, would wash it out)."""
 
         def compute(vit, image, label):
-            A = vit.capture_attention(image[None], layers=[int(layer)])[0, 0, int(head)]
+            every = vit.capture_attention(image[None])[0]  # [L, H, N, N]
+            A = every[int(layer), int(head)]
+            T = vit.num_prefix_tokens
+            outside_r1 = every.clone()
+            outside_r1[:, :, :T, :T] = 0
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "num_prefix_tokens": vit.num_prefix_tokens, "grid": list(vit.grid),
                     "patch_size": vit.patch_size, "img_size": list(vit.img_size),
+                    "layer_max": outside_r1.amax(dim=(1, 2, 3)).tolist(),
                     "attention": encode_array(A.cpu().numpy())}
 
         return self._query("attn", run_dir, image_id, (int(layer), int(head)), fingerprint, compute,

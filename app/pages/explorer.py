@@ -3,112 +3,259 @@
 A image overview · B head importance (B1 all heads, B2 pruning modes, B3 top-5) ·
 C attention strength (C1 all heads, C2 k-hop vector, C3 entropy over images) ·
 D attention pattern (D1 layout of all heads, D2 image masks, D3 two-axis view, D4 heatmap,
-D5 histogram + threshold). Every view reads the shared selection store ``sel`` and writes to it.
-Cached views only index arrays of app.data.RunIndex; B2/B3 and D2-D5 ask app.online.
+D5 histogram + threshold).
+
+State: the shell's store ``sel`` holds the whole view state (app.server.STATE_KEYS) and mirrors the
+URL. The controls and ``sel`` are kept in step by one clientside callback; a second one splits
+``sel`` into small ``k-*`` stores that change only when their part changes, and every view listens
+to just the parts it depends on (a threshold change redraws D3-D5 only, an image change leaves the
+D1 background alone, ...). Cached views index arrays of app.data.RunIndex; B2/B3 and D2-D5 ask the
+online service, which answers each (image, head) once (its result cache) for all of them.
 """
 from __future__ import annotations
 
+import io
 import math
 
 import dash
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+import pandas as pd
+from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
 from analysis.metrics import registry
 from analysis.models.pruning import MODE_LABELS
+from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
-from analysis.serving.transport import OnlineError
-from app.views import card, graph, load, loading, message
+from app.views import card, graph, graph_config, load, loading, message
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
 
-Q_MARKS = {-1: "0.1%", math.log10(0.5): "0.5%", 0: "1%", math.log10(5): "5%", 1: "10%",
-           math.log10(50): "50%", 2: "100%"}
-DEFAULT_Q = 0.0  # log10 of the threshold in percent: top 1% (the paper's default)
+Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
+DEFAULT_THR = "q1"  # top 1 % (the paper's default)
 Q_STEP = 0.05
+GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
+          "d3-graph", "d4-graph", "d5-graph")
+# graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
+HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
+
+
+def parse_threshold(thr: str | None) -> tuple[str, float]:
+    """"q1" -> ("q", 0.01) (top 1 %); "a0.05" -> ("a", 0.05) (value >= 0.05); bad -> the default."""
+    for text in (thr, DEFAULT_THR):
+        try:
+            kind, v = text[0], float(text[1:])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if kind == "q" and 0 < v <= 100:
+            return "q", v / 100
+        if kind == "a" and 0 <= v <= 1:
+            return "a", v
+    raise AssertionError("the default threshold parses")
 
 
 def layout(**_query):
+    tool = {"size": "sm", "className": "flex-nowrap"}
     top = dbc.Row([
-        dbc.Col(html.Div(id="sel-summary", className="sel-summary"), md=True),
+        dbc.Col(html.Div([html.Div(id="sel-summary", className="sel-summary"), html.Div(id="pick-note", className="pick-note")]),
+                md=True),
         dbc.Col(dbc.InputGroup([
-            dbc.InputGroupText("image id"),
-            dbc.Input(id="image-box", type="number", min=0, step=1, placeholder="e.g. 12", debounce=True,
-                      style={"maxWidth": "7rem"}),
+            dbc.InputGroupText("image"),
+            dbc.Input(id="image-box", type="number", min=0, step=1, placeholder="id", debounce=True, style={"width": "4.5rem"}),
+            dbc.InputGroupText("layer"),
+            dbc.Input(id="goto-layer", type="number", min=0, step=1, placeholder="l", style={"width": "3.6rem"}),
+            dbc.InputGroupText("head"),
+            dbc.Input(id="goto-head", type="number", min=0, step=1, placeholder="h", style={"width": "3.6rem"}),
             dbc.Button("Go", id="image-go", color="secondary", n_clicks=0),
-        ], size="sm"), width="auto"),
+        ], **tool), width="auto"),
         dbc.Col(dbc.InputGroup([
             dbc.InputGroupText("metric"),
-            dcc.Dropdown(id="metric", clearable=False, searchable=False, style={"minWidth": "21rem"}),
-        ], size="sm", className="flex-nowrap"), width="auto"),
-    ], className="g-2 align-items-center mb-2")
+            dcc.Dropdown(id="metric", clearable=False, searchable=False, style={"minWidth": "17rem"}),
+        ], **tool), width="auto"),
+        dbc.Col(html.Div([
+            dbc.RadioItems(id="fig-format", options=[{"label": "PNG", "value": "png"}, {"label": "SVG", "value": "svg"}],
+                           value="png", inline=True, className="small toggle", inputClassName="me-1"),
+            dbc.DropdownMenu([
+                dbc.DropdownMenuItem("head table · CSV", id="dl-heads-csv"),
+                dbc.DropdownMenuItem("head table · Parquet", id="dl-heads-parquet"),
+                dbc.DropdownMenuItem("attention matrix · CSV", id="dl-att-csv"),
+                dbc.DropdownMenuItem("attention matrix · Parquet", id="dl-att-parquet"),
+                dbc.DropdownMenuItem("B2/B3 pruning modes · CSV", id="dl-prune-csv"),
+                dbc.DropdownMenuItem(divider=True),
+                dbc.DropdownMenuItem("report of this head · HTML", id="dl-report"),
+            ], label="Export", size="sm", color="secondary", id="export-menu"),
+            dcc.Download(id="download"),
+        ], className="d-flex align-items-center gap-2", title="figure format of the camera button of every plot"),
+            width="auto"),
+    ], className="g-2 align-items-center mb-1 explorer-top")
 
+    a_tools = [dbc.Select(id="a-color", size="sm", className="a-color", value="class",
+                          options=[{"label": f"colour: {v}", "value": k} for k, v in F.COLOR_BY.items()]),
+               dbc.Button("clear set", id="set-clear", size="sm", color="link", className="p-0 small", n_clicks=0)]
     view_a = card("A", "Image overview", [
-        graph("a-graph", 400, clear_on_unhover=True),
+        graph("a-graph", HEIGHT["a"], clear_on_unhover=True),
+        html.Div(id="a-legend", className="a-legend"),
         dcc.Tooltip(id="a-tooltip", direction="right"),
-    ], hint="images laid out by head importance · click, lasso or type an id")
+    ], hint="click · lasso/box = a set", tools=a_tools, class_name="view-a")
 
     view_b = card("B", "Head importance", [
-        graph("b1-graph", 230),
+        graph("b1-graph", HEIGHT["b1"]),
         dbc.Row([
             dbc.Col([html.Div("B2 · metric under each pruning mode (click a bar for B3)", className="sub-title"),
-                     loading([html.Div(id="b2-msg"), graph("b2-graph", 210)])], md=7),
+                     loading([html.Div(id="b2-msg"), graph("b2-graph", HEIGHT["b2"])])], width=7),
             dbc.Col([html.Div("B3 · top-5 classes under that pruning", className="sub-title"),
-                     loading([html.Div(id="b3-msg"), graph("b3-graph", 210)])], md=5),
+                     loading([graph("b3-graph", HEIGHT["b2"])])], width=5),
         ], className="g-1"),
-        dcc.Store(id="prune-mode", data=1),
-    ], hint="B1: click a head")
+    ], hint="B1: click a head", class_name="view-b")
 
     c1_tools = [dcc.Dropdown(id="c1-metric", clearable=False, searchable=False, className="c1-metric",
                              style={"minWidth": "13rem", "fontSize": "0.8rem"})]
     view_c = card("C", "Attention strength", [
         html.Div(id="c-msg"),
-        graph("c1-graph", 270),
-        html.Div("C2 · k-hop strength of the selected head", className="sub-title"), graph("c2-graph", 200),
-        html.Div("C3 · the selected head's C1 property over all images", className="sub-title"),
-        graph("c3-graph", 190),
-    ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools)
+        graph("c1-graph", HEIGHT["c1"]),
+        dbc.Row([
+            dbc.Col([html.Div("C2 · k-hop strength of the head", className="sub-title"), graph("c2-graph", HEIGHT["c2"])], width=6),
+            dbc.Col([html.Div("C3 · the head's C1 property over images", className="sub-title"), graph("c3-graph", HEIGHT["c2"])], width=6),
+        ], className="g-1"),
+    ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools, class_name="view-c")
 
-    d1_tools = [
+    d_tools = [
         dbc.RadioItems(id="d1-kind", options=[{"label": "CLS vectors", "value": "cls"},
                                                {"label": "patch latents", "value": "patch"}],
                        value="cls", inline=True, className="small toggle"),
-        dbc.RadioItems(id="d1-style", options=[{"label": "density", "value": "density"},
-                                                {"label": "points", "value": "points"}],
-                       value="density", inline=True, className="small toggle"),
+        dbc.RadioItems(id="d1-style", options=[{"label": v, "value": k} for k, v in F.D1_STYLES.items()],
+                       value="points", inline=True, className="small toggle"),
+        dbc.RadioItems(id="scale", options=[{"label": "scale: this layer", "value": "layer"},
+                                            {"label": "all layers", "value": "image"}],
+                       value="layer", inline=True, className="small toggle",
+                       ),
     ]
+    threshold_row = html.Div([
+        dbc.RadioItems(id="thr-kind", options=[{"label": "top q", "value": "q"}, {"label": "value ≥", "value": "a"}],
+                       value="q", inline=True, className="small toggle me-2"),
+        html.Div(dcc.Slider(id="q-slider", min=-1, max=2, step=Q_STEP, value=0, marks=Q_MARKS,
+                            allow_direct_input=False, updatemode="mouseup"), className="q-slider"),
+        dbc.Input(id="thr-abs", type="number", min=0, max=1, step="any", debounce=True, size="sm",
+                  placeholder="value", className="thr-abs"),
+        dbc.RadioItems(id="bins", options=[{"label": "log bins", "value": "log"}, {"label": "linear", "value": "linear"}],
+                       value="log", inline=True, className="small toggle ms-2"),
+        dcc.Store(id="thr-current"),
+    ], className="q-row")
     view_d = card("D", "Attention pattern", [
         dbc.Row([
-            dbc.Col([html.Div(id="d1-msg"), graph("d1-graph", 300), dcc.Store(id="d1-key")], md=6),
-            dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), md=6),
+            dbc.Col([html.Div(id="d1-msg"), graph("d1-graph", HEIGHT["d1"]), dcc.Store(id="d1-key")], className="d1-col"),
+            dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), className="d2-col"),
+            dbc.Col(loading([
+                html.Div(id="d-msg"),
+                html.Div([html.Span("D3 · two-axis view ", className="sub-title"),
+                          html.Span(id="d3-count", className="d3-count")]),
+                graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
+                dbc.Row([
+                    dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
+                             graph("d4-graph", HEIGHT["d4"])], width=6),
+                    dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
+                             graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
+                ], className="g-1"),
+            ], "d-loading"), className="d3-col"),
         ], className="g-1"),
-        loading([
-            html.Div(id="d-msg"),
-            html.Div([html.Span("D3 · two-axis view ", className="sub-title"),
-                      html.Span(id="d3-count", className="d3-count")]),
-            graph("d3-graph", 190, clear_on_unhover=False),
-            dbc.Row([
-                dbc.Col([html.Div("D4 · attention heatmap (row source, column target)", className="sub-title"),
-                         graph("d4-graph", 330)], md=6),
-                dbc.Col([html.Div("D5 · attention values and the top-q threshold (click a bar or slide)",
-                                  className="sub-title"),
-                         graph("d5-graph", 250),
-                         html.Div([html.Span("threshold: top q =", className="small me-2"),
-                                   dcc.Slider(id="q-slider", min=-1, max=2, step=Q_STEP, value=DEFAULT_Q, marks=Q_MARKS,
-                                              allow_direct_input=False, updatemode="mouseup",
-                                              className="q-slider")], className="q-row")], md=6),
-            ], className="g-1"),
-        ], "d-loading"),
-    ], hint="D1: all heads of all images · click a head", tools=d1_tools)
+    ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
+    keys = [dcc.Store(id=f"k-{k}") for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")]
     return html.Div([
         html.Div(id="run-alert"),
         top,
-        dbc.Row([dbc.Col([view_a, view_c], lg=4), dbc.Col([view_b, view_d], lg=8)], className="g-2"),
-    ], className="explorer")
+        html.Div([view_a, view_b, view_c, view_d], className="explorer-grid"),
+        *keys, dcc.Store(id="ctl-sync"),
+    ], className="explorer", id="explorer-root")
+
+
+# ---- state: controls <-> sel, sel -> the parts views listen to -----------------------------------
+# sel -> controls goes through dash_clientside.set_props (not a declared Output), so the two
+# directions form no dependency cycle; a control set from sel computes the same sel and stops.
+clientside_callback(
+    """
+    function(sel) {
+        const C = window.dash_clientside, s = sel || {};
+        const t = s.thr || 'q1', kind = t[0] === 'a' ? 'a' : 'q', v = parseFloat(t.slice(1));
+        const want = {'metric': s.metric || null, 'a-color': s.color || 'class', 'd1-kind': s.d1 || 'cls',
+                      'd1-style': s.d1s || 'points', 'scale': s.scale || 'layer', 'bins': s.bins || 'log',
+                      'thr-kind': kind};
+        if (isFinite(v) && kind === 'q' && v > 0) { want['q-slider'] = Math.max(-1, Math.min(2, Math.log10(v))); }
+        if (isFinite(v) && kind === 'a') { want['thr-abs'] = v; }
+        for (const [id, value] of Object.entries(want)) {
+            const el = document.getElementById(id);
+            if (el) { C.set_props(id, {value: value}); }
+        }
+        return JSON.stringify(want);
+    }
+    """,
+    Output("ctl-sync", "data"), Input("sel", "data"),
+)
+
+clientside_callback(
+    """
+    function(metric, color, d1, d1s, scale, bins, kind, logq, absv, sel, current) {
+        const C = window.dash_clientside, nu = C.no_update;
+        const trig = (C.callback_context.triggered || []).map(t => t.prop_id.split('.')[0]);
+        if (!trig.length) { return nu; }
+        const id = trig[0], out = Object.assign({}, sel || {});
+        const dflt = (v, d) => (v === d ? null : v);
+        if (id === 'metric' && metric) { out.metric = metric; }  // null: the menu before its options came
+        if (id === 'a-color') { out.color = dflt(color, 'class'); }
+        if (id === 'd1-kind') { out.d1 = dflt(d1, 'cls'); }
+        if (id === 'd1-style') { out.d1s = dflt(d1s, 'points'); }
+        if (id === 'scale') { out.scale = dflt(scale, 'layer'); }
+        if (id === 'bins') { out.bins = dflt(bins, 'log'); }
+        const qthr = () => 'q' + parseFloat(Math.pow(10, logq).toPrecision(3));
+        const athr = () => {
+            const v = (absv !== null && absv !== undefined && absv !== '') ? Number(absv) : current;
+            return (v === null || v === undefined || !isFinite(v)) ? null : 'a' + parseFloat(Number(v).toPrecision(4));
+        };
+        const was = (sel && sel.thr) || 'q1';
+        if (id === 'q-slider' && kind === 'q') { out.thr = qthr(); }
+        if (id === 'thr-abs' && kind === 'a') { out.thr = athr() || was; }
+        if (id === 'thr-kind' && kind !== was[0]) { out.thr = kind === 'q' ? qthr() : (athr() || was); }
+        if (out.thr === 'q1') { out.thr = null; }
+        const norm = o => JSON.stringify(Object.keys(o).sort().map(k => [k, o[k] === undefined ? null : o[k]]));
+        return norm(out) === norm(sel || {}) ? nu : out;
+    }
+    """,
+    Output("sel", "data", allow_duplicate=True),
+    Input("metric", "value"), Input("a-color", "value"), Input("d1-kind", "value"), Input("d1-style", "value"),
+    Input("scale", "value"), Input("bins", "value"), Input("thr-kind", "value"), Input("q-slider", "value"),
+    Input("thr-abs", "value"), State("sel", "data"), State("thr-current", "data"),
+    prevent_initial_call=True,
+)
+
+clientside_callback(
+    """
+    function(sel) {
+        const C = window.dash_clientside, s = sel || {}, r = s.run || null;
+        const parts = [
+            {run: r, image: s.image ?? null},
+            {run: r, layer: s.layer ?? null, head: s.head ?? null},
+            {run: r, metric: s.metric || null},
+            {thr: s.thr || null, bins: s.bins || null},
+            {d1: s.d1 || null, d1s: s.d1s || null},
+            {mode: s.mode ?? null},
+            s.color === 'head' ? {color: 'head', metric: s.metric || null, layer: s.layer ?? null, head: s.head ?? null}
+                               : {color: s.color || null},
+            {set: s.set || null},
+            {scale: s.scale || null},
+        ];
+        // the page's stores are new after each visit of the page: compare with what they hold now
+        const root = document.getElementById('explorer-root');
+        const held = C.hs_parts && root === C.hs_parts_el ? C.hs_parts : [];
+        C.hs_parts = parts;
+        C.hs_parts_el = root;
+        return parts.map((p, i) => JSON.stringify(p) === JSON.stringify(held[i]) ? C.no_update : p);
+    }
+    """,
+    *[Output(f"k-{k}", "data") for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")],
+    Input("sel", "data"),
+)
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -117,6 +264,35 @@ def _selection(index: data.RunIndex, sel: dict):
     pos = index.pos(sel.get("image"))
     hi = index.head_index(sel.get("layer"), sel.get("head"))
     return pos, (None if hi is None else (int(sel["layer"]), int(sel["head"])))
+
+
+def _set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
+    """Positions of the selected set's images in the run (None when there is no set)."""
+    ids = sel.get("set") or []
+    pos = [p for p in (index.pos(i) for i in ids) if p is not None]
+    return np.asarray(sorted(pos), int) if pos else None
+
+
+def _metric(index: data.RunIndex, sel: dict) -> str | None:
+    """The chosen metric, or the run's default (prob; emb_dist for a backbone, as view A uses)."""
+    if not index.importance:
+        return None
+    if sel.get("metric") in index.importance:
+        return sel["metric"]
+    return next((m for m in ("prob", "emb_dist") if m in index.importance), index.importance[0])
+
+
+def _mode(sel: dict) -> int:
+    m = sel.get("mode")
+    return int(m) if m is not None and 0 <= int(m) < len(MODE_LABELS) else 1
+
+
+def _triggered():
+    """The id of the input that triggered the running callback (None outside one, e.g. the report)."""
+    try:
+        return ctx.triggered_id
+    except Exception:
+        return None
 
 
 def _image_caption(index: data.RunIndex, pos: int) -> str:
@@ -132,21 +308,23 @@ def _title(metric: str) -> str:
     return registry.get_metric(metric).title
 
 
-# ---- selection summary, metric options -------------------------------------------------------
-@callback(Output("metric", "options"), Output("metric", "value"), Input("sel", "data"), State("metric", "value"))
-def metric_options(sel, current):
-    """B1's choice: the importance metrics this run has values for (backbone runs have no prob / jsd)."""
+# ---- selection summary, metric options, export format ----------------------------------------------
+@callback(Output("metric", "options"), Output("metric", "placeholder"), Input("k-image", "data"), State("sel", "data"))
+def metric_options(_k, sel):
+    """B1's choice: the importance metrics this run has values for (backbone runs have no prob / jsd);
+    the default as placeholder."""
     index, _ = load(sel)
     if index is None or not index.importance:
-        return [], None
-    # the paper's default (prob); for a backbone its output-level stand-in (emb_dist), as view A uses
-    default = next((m for m in ("prob", "emb_dist") if m in index.importance), index.importance[0])
-    return data.metric_options(index.importance), current if current in index.importance else default
+        return [], "no metrics"
+    if sel.get("metric") in index.importance:  # the state's metric, once the menu has its options
+        dash.set_props("metric", {"value": sel["metric"]})
+    default = _metric(index, {})
+    return data.metric_options(index.importance), registry.get_metric(default).option
 
 
-@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("sel", "data"),
-          State("c1-metric", "value"))
-def c1_metric_options(sel, current):
+@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("k-image", "data"),
+          State("sel", "data"), State("c1-metric", "value"))
+def c1_metric_options(_k, sel, current):
     """C1's y axis: any scalar head property of the run (strength entropy by default, as in the
     paper), then the run-level per-head metrics."""
     index, _ = load(sel)
@@ -155,6 +333,13 @@ def c1_metric_options(sel, current):
         return [], None
     default = "strength_entropy" if "strength_entropy" in names else names[0]
     return data.metric_options(names), current if current in names else default
+
+
+@callback(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"))
+def figure_format(fmt):
+    """Every plot's camera button exports at publication size in the chosen format; D5's threshold
+    line can be dragged (plotly's shapePosition edits: relayoutData ``shapes[0].x0``)."""
+    return [dict(graph_config(g, fmt), **({"edits": {"shapePosition": True}} if g == "d5-graph" else {})) for g in GRAPHS]
 
 
 @callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
@@ -182,30 +367,69 @@ def selection_summary(sel):
                              + (f" · P(true label) = {float(row.prob):.3f}" if row.prob == row.prob else "")], className="small")]
     if head is not None:
         parts.append(html.Span([" · ", html.B(F.head_name(*head))], className="small"))
+    members = _set_positions(index, sel)
+    if members is not None:
+        parts.append(html.Span(f" · set of {len(members)} images (B1 band, C3, D1)", className="small set-badge ms-2"))
     return parts, [message(n) for n in notes] or None
 
 
 # ---- A: image overview -----------------------------------------------------------------------
-def _overview_base(index: data.RunIndex):
+def _overview(index: data.RunIndex, sel: dict):
+    color = sel.get("color") if sel.get("color") in F.COLOR_BY else "class"
     names = [index.class_name(c) for c in range(max(int(index.images["label"].max()) + 1, 1))]
-    return F.image_overview(index.images["overview_x"].to_numpy(), index.images["overview_y"].to_numpy(),
-                            index.images["label"].to_numpy(), index.image_ids, names, uirevision=index.name)
+    imgs = index.images
+    kw = {}
+    if color == "prob":
+        if not index.has_classifier:
+            color = "class"
+        else:
+            kw = {"values": imgs["prob"].to_numpy(float), "value_label": "P(true label)"}
+    elif color == "correct":
+        if not index.has_classifier:
+            color = "class"
+        else:
+            kw = {"correct": (imgs["pred"] == imgs["label"]).to_numpy()}
+    elif color == "head":
+        _, head = _selection(index, sel)
+        metric = _metric(index, sel)
+        if head is None or metric is None:
+            color = "class"
+        else:
+            kw = {"values": index.values(metric)[:, head[0] * index.H + head[1]],
+                  "value_label": f"{metric} of {F.head_name(*head)}"}
+    return F.image_overview(imgs["overview_x"].to_numpy(), imgs["overview_y"].to_numpy(), imgs["label"].to_numpy(),
+                            index.image_ids, names, uirevision=index.name, color_by=color, **kw)
 
 
-@callback(Output("a-graph", "figure"), Input("sel", "data"))
-def view_a(sel):
+def _legend(fig: dict):
+    items = F.legend_items(fig)
+    if not items:
+        return None
+    glyph = {"circle": "●", "square": "■", "diamond": "◆", "triangle-up": "▲", "x": "✕", "cross": "✚",
+             "triangle-down": "▼", "star": "★"}
+    return [html.Span([html.Span(glyph.get(sym, "●"), style={"color": col}, className="me-1"), name], className="a-chip",
+                      title=name) for name, col, sym in items]
+
+
+@callback(Output("a-graph", "figure"), Output("a-legend", "children"),
+          Input("k-image", "data"), Input("k-color", "data"), Input("k-set", "data"), State("sel", "data"))
+def view_a(_ki, _kc, _ks, sel):
     index, err = load(sel)
     if index is None:
-        return F.empty(err or "No run")
+        return F.empty(err or "No run"), None
     if "overview" in index.missing:
-        return F.empty(index.missing["overview"])
-    base = index.memo("overview", lambda: _overview_base(index))
+        return F.empty(index.missing["overview"]), None
+    base = index.memo(("overview", str(sel.get("color")), sel.get("metric"), sel.get("layer"), sel.get("head"))
+                      if sel.get("color") == "head" else ("overview", str(sel.get("color"))), lambda: _overview(index, sel))
     pos, _ = _selection(index, sel)
-    if pos is None:
-        return base
-    ring = F.selected_ring(float(index.images["overview_x"].iat[pos]), float(index.images["overview_y"].iat[pos]))
-    ring["showlegend"] = False
-    return {"data": base["data"] + [ring], "layout": base["layout"]}
+    members = _set_positions(index, sel)
+    extra = []
+    x, y = index.images["overview_x"].to_numpy(), index.images["overview_y"].to_numpy()
+    if members is not None:
+        extra.append(F.set_outline(x[members], y[members]))
+    if pos is not None:
+        extra.append(F.selected_ring(float(x[pos]), float(y[pos]), "selected image"))
+    return {"data": base["data"] + extra, "layout": base["layout"]}, _legend(base)
 
 
 @callback(Output("a-tooltip", "show"), Output("a-tooltip", "bbox"), Output("a-tooltip", "children"),
@@ -232,70 +456,119 @@ def a_tooltip(hover, sel):
 
 @callback(Output("sel", "data", allow_duplicate=True),
           Input("a-graph", "clickData"), Input("a-graph", "selectedData"), Input("image-go", "n_clicks"),
-          Input("image-box", "n_submit"), State("image-box", "value"), prevent_initial_call=True)
-def select_image(click, selected, _go, _submit, typed_id):
-    """A click, a lasso / box selection (its first image) or the id box selects an image."""
-    trig = ctx.triggered_id
-    image = None
-    if trig == "a-graph" and ctx.triggered[0]["prop_id"].endswith("clickData") and click:
+          Input("image-box", "n_submit"), Input("set-clear", "n_clicks"),
+          State("image-box", "value"), State("goto-layer", "value"), State("goto-head", "value"), prevent_initial_call=True)
+def select_image(click, selected, _go, _submit, _clear, typed_id, typed_layer, typed_head):
+    """A click or the id box selects an image; a lasso / box selection selects a set of images
+    (a deselection, e.g. the double-click that resets the zoom, keeps the set); "Go" also goes to
+    the typed layer / head."""
+    trig, prop = ctx.triggered_id, ctx.triggered[0]["prop_id"]
+    p = Patch()
+    if trig == "a-graph" and prop.endswith("clickData") and click and click.get("points"):
         image = click["points"][0].get("customdata")
-    elif trig == "a-graph" and selected and selected.get("points"):
-        image = min((p["customdata"] for p in selected["points"] if p.get("customdata") is not None), default=None)
-    elif trig in ("image-go", "image-box") and typed_id is not None:
-        image = int(typed_id)
-    if image is None:
-        return no_update
-    p = Patch()
-    p["image"] = int(image)
-    return p
-
-
-# ---- B: head importance ----------------------------------------------------------------------
-@callback(Output("b1-graph", "figure"), Input("sel", "data"), Input("metric", "value"))
-def view_b1(sel, metric):
-    index, err = load(sel)
-    if index is None:
-        return F.empty(err or "No run")
-    if not metric or metric not in index.importance:
-        return F.empty(index.missing.get("metrics", "Choose a metric."))
-    pos, head = _selection(index, sel)
-    values = None if pos is None else index.values(metric)[pos]
-    mean, std = index.summary(metric)
-    return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
-                             image_label=None if pos is None else _image_caption(index, pos))
-
-
-@callback(Output("sel", "data", allow_duplicate=True),
-          Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-          State("sel", "data"), State("d1-kind", "value"), State("d1-style", "value"), prevent_initial_call=True)
-def select_head(b1, c1, d1, sel, kind, style):
-    """A click on a head in B1, C1 or D1 selects it (in D1's points mode a background point also
-    selects the image it belongs to)."""
-    click = {"b1-graph": b1, "c1-graph": c1, "d1-graph": d1}.get(ctx.triggered_id)
-    if not click or not click.get("points"):
-        return no_update
-    pt = click["points"][0]
-    p = Patch()
-    cd = pt.get("customdata")
-    if isinstance(cd, list) and len(cd) == 2:
-        p["layer"], p["head"] = int(cd[0]), int(cd[1])
-        return p
-    if ctx.triggered_id == "d1-graph" and style == "points" and pt.get("curveNumber") == 0:
-        index, _ = load(sel)
-        k = pt.get("pointIndex")
-        if index is None or not isinstance(k, int) or not 0 <= k < index.n * index.L * index.H:
+        if image is None:
             return no_update
-        image_pos, hi = divmod(k, index.L * index.H)
-        p["image"] = int(index.image_ids[image_pos])
-        p["layer"], p["head"] = divmod(hi, index.H)
+        p["image"] = int(image)
         return p
+    if trig == "a-graph" and prop.endswith("selectedData"):
+        ids = sorted({int(pt["customdata"]) for pt in (selected or {}).get("points", [])
+                      if isinstance(pt.get("customdata"), (int, float))})
+        if not ids:
+            return no_update
+        p["set"] = ids
+        return p
+    if trig == "set-clear":
+        p["set"] = None
+        return p
+    if trig in ("image-go", "image-box"):
+        changed = False
+        if typed_id is not None:
+            p["image"], changed = int(typed_id), True
+        if typed_layer is not None and typed_head is not None:
+            p["layer"], p["head"], changed = int(typed_layer), int(typed_head), True
+        return p if changed else no_update
     return no_update
 
 
+# ---- B: head importance ----------------------------------------------------------------------
+@callback(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"),
+          Input("k-set", "data"), State("sel", "data"))
+def view_b1(_ki, _kh, _km, _ks, sel):
+    index, err = load(sel)
+    if index is None:
+        return F.empty(err or "No run")
+    metric = _metric(index, sel)
+    if metric is None:
+        return F.empty(index.missing.get("metrics", "Choose a metric."))
+    pos, head = _selection(index, sel)
+    values = None if pos is None else index.values(metric)[pos]
+    members = _set_positions(index, sel)
+    if members is None:
+        (mean, std), band = index.summary(metric), "mean over images"
+    else:
+        sub = index.values(metric)[members]
+        mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over the set ({len(members)})"
+    return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
+                             image_label=None if pos is None else _image_caption(index, pos),
+                             value_range=registry.get_metric(metric).range or (None, None), band_label=band)
+
+
+@callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
+          Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
+          State("sel", "data"), prevent_initial_call=True)
+def select_head(b1, c1, d1, sel):
+    """A click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
+    selects that head of that image, and the note under the header says so."""
+    click = {"b1-graph": b1, "c1-graph": c1, "d1-graph": d1}.get(ctx.triggered_id)
+    if not click or not click.get("points"):
+        return no_update, no_update
+    pt = click["points"][0]
+    cd = pt.get("customdata")
+    if ctx.triggered_id == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
+        cd = _d1_background_point(sel, pt)
+    p = Patch()
+    if isinstance(cd, list) and len(cd) == 2:
+        p["layer"], p["head"] = int(cd[0]), int(cd[1])
+        return p, None
+    if ctx.triggered_id == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
+        image, layer, head = (int(v) for v in cd)
+        p["image"], p["layer"], p["head"] = image, layer, head
+        note = None
+        if image != sel.get("image"):
+            note = html.Span([html.B("D1: "), f"picked {F.head_name(layer, head)} of image {image} "
+                              f"(was image {sel.get('image')})" if sel.get("image") is not None else
+                              f"picked {F.head_name(layer, head)} of image {image}"], className="small")
+        return p, note
+    return no_update, no_update
+
+
+def _d1_background_point(sel: dict, pt: dict) -> list[int] | None:
+    """[image id, layer, head] of a clicked point of D1's all-heads trace (by its pointNumber)."""
+    index, _ = load(sel)
+    kind = sel.get("d1") if sel.get("d1") in ("cls", "patch") else "cls"
+    style = sel.get("d1s") if sel.get("d1s") in F.D1_STYLES else "points"
+    if index is None or kind not in index.layouts or style == "contours" or pt.get("pointNumber") is None:
+        return None
+    if pt.get("curveNumber") != (1 if style == "both" else 0):
+        return None
+    shown = index.memo(("d1-shown", kind), lambda: np.flatnonzero(~np.isnan(index.layouts[kind].reshape(-1, 2)).any(1)))
+    i = int(pt["pointNumber"])
+    if not 0 <= i < len(shown):
+        return None
+    pos, hi = divmod(int(shown[i]), index.L * index.H)
+    return [int(index.image_ids[pos]), hi // index.H, hi % index.H]
+
+
+def _pruning(index, pos, head) -> list[dict]:
+    res = data.partial_pruning(index.name, int(index.image_ids[pos]), *head)
+    return sorted(res["rows"], key=lambda r: r["mode"])
+
+
 @callback(Output("b2-graph", "figure"), Output("b3-graph", "figure"), Output("b2-msg", "children"),
-          Input("sel", "data"), Input("metric", "value"), Input("prune-mode", "data"))
-def view_b2_b3(sel, metric, mode):
-    """Partial pruning of the selected head on the selected image (online)."""
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"), Input("k-mode", "data"),
+          State("sel", "data"))
+def view_b2_b3(_ki, _kh, _km, _kmode, sel):
+    """Partial pruning of the selected head on the selected image (online, cached per (image, head))."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), F.empty(""), None
@@ -304,11 +577,11 @@ def view_b2_b3(sel, metric, mode):
         hint = "Select an image (A) and a head (B1, C1 or D1) to prune it partially."
         return F.empty(hint), F.empty("Top-5 classes appear here."), None
     try:
-        res = data.partial_pruning(index.name, int(index.image_ids[pos]), *head)
+        rows = _pruning(index, pos, head)
     except (OnlineError, HeadScopeError) as err:
         return F.empty("Partial pruning unavailable."), F.empty(""), message(str(err), "danger")
-    rows = sorted(res["rows"], key=lambda r: r["mode"])
-    mode = int(mode) if mode is not None else 1
+    mode = _mode(sel)
+    metric = _metric(index, sel)
     if metric not in rows[0]:  # partial pruning gives the exact leave-one-out metrics
         metric = next((m for m in index.importance if m in rows[0]), "emb_dist")
     values = [r.get(metric) for r in rows]
@@ -325,20 +598,23 @@ def view_b2_b3(sel, metric, mode):
     return b2, b3, None
 
 
-@callback(Output("prune-mode", "data"), Input("b2-graph", "clickData"), prevent_initial_call=True)
+@callback(Output("sel", "data", allow_duplicate=True), Input("b2-graph", "clickData"), prevent_initial_call=True)
 def choose_mode(click):
     if not click or not click.get("points"):
         return no_update
-    return int(click["points"][0]["customdata"])
+    p = Patch()
+    p["mode"] = int(click["points"][0]["customdata"])
+    return p
 
 
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
-          Output("c-msg", "children"), Input("sel", "data"), Input("c1-metric", "value"))
-def view_c(sel, prop):
+          Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
+          Input("c1-metric", "value"), State("sel", "data"))
+def view_c(_ki, _kh, _ks, prop, sel):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
-    selected head's k-hop strength; C3: its C1 property over all images (a run-level metric has one
-    value per head: C1 shows it for any image, C3 has nothing to show)."""
+    selected head's k-hop strength; C3: its C1 property over all images and over the selected set
+    (a run-level metric has one value per head: C1 shows it for any image, C3 has nothing to show)."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), F.empty(""), F.empty(""), None
@@ -371,93 +647,130 @@ def view_c(sel, prop):
         c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
     else:
         current = None if pos is None else float(values[pos, hi])
-        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range)
+        c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range, subset=_set_positions(index, sel))
     return c1, c2, c3, None
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
 @callback(Output("d1-graph", "figure"), Output("d1-key", "data"), Output("d1-msg", "children"),
-          Input("sel", "data"), Input("d1-kind", "value"), Input("d1-style", "value"), State("d1-key", "data"))
-def view_d1(sel, kind, style, drawn):
-    """Background (all heads of all images) is cached per run/kind/style and sent only when it
-    changes; a new selection only patches the overlay traces."""
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
+          State("sel", "data"), State("d1-key", "data"))
+def view_d1(_ki, _kh, _kd, _ks, sel, drawn):
+    """Background (all heads of all images, by layer) is cached per run/kind/style and sent only when
+    it changes; a new selection only patches the three overlay traces."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), None, None
+    kind = sel.get("d1") if sel.get("d1") in ("cls", "patch") else "cls"
+    style = sel.get("d1s") if sel.get("d1s") in F.D1_STYLES else "points"
     if kind not in index.layouts:
         other = "patch" if kind == "cls" else "cls"
         hint = f" Try the {other} layout." if other in index.layouts else ""
         return F.empty(index.missing.get(kind, "No layout.") + hint), None, message(index.missing.get(kind))
     pos, head = _selection(index, sel)
     xy = index.layouts[kind]
-    overlay = F.pattern_overlay(
-        None if pos is None else xy[pos], index.L, index.H, head,
-        None if head is None else xy[:, head[0] * index.H + head[1]],
-        None if head is None else f"{F.head_name(*head)} in all images")
+    members = _set_positions(index, sel)
+    head_xy, head_label = None, None
+    if head is not None:
+        rows = slice(None) if members is None else members
+        head_xy = xy[rows, head[0] * index.H + head[1]]
+        head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"the set ({len(members)})")
+    overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label,
+                                colorbar=style == "contours")
     key = f"{index.name}|{kind}|{style}"
+    background = index.memo(("d1", kind, style), lambda: F.pattern_background(xy, style, index.H, index.image_ids))
     if drawn == key:
         p = Patch()
         for i, trace in enumerate(overlay):
-            p["data"][1 + i] = trace
+            p["data"][len(background) + i] = trace
         return p, no_update, None
-    background = index.memo(("d1", kind, style), lambda: F.pattern_background(xy, style))
     return F.pattern_layout(background, overlay, kind, uirevision=key), key, None
 
 
 # ---- D2-D5: one head's attention (online) -----------------------------------------------------
-def _attention(index, pos, head):
+def _attention(index, pos, head) -> dict:
     return data.attention(index.name, int(index.image_ids[pos]), *head)
 
 
+def _vmax(att: dict, layer: int, scale: str | None) -> float:
+    """The shared colour scale's top: the largest attention value of this image in the head's layer
+    (all its heads, outside the CLS->CLS block, whose cells clip) or, with scale "image", in every
+    layer; the matrix's own max if unknown."""
+    maxes = att.get("layer_max")
+    if not maxes:
+        return float(att["attention"].max())
+    return float(max(maxes)) if scale == "image" else float(maxes[layer])
+
+
+def _threshold(A: np.ndarray, sel: dict) -> tuple[float, str]:
+    """(absolute threshold, label) of the state's threshold for this matrix."""
+    kind, v = parse_threshold(sel.get("thr"))
+    if kind == "q":
+        thr = data.threshold_for(A, v)
+        return thr, f"top {v * 100:.3g}% ≥ {thr:.3g}"
+    return v, f"≥ {v:.3g} (top {float((A >= v).mean()) * 100:.3g}%)"
+
+
 @callback(Output("d3-graph", "figure"), Output("d4-graph", "figure"), Output("d5-graph", "figure"),
-          Output("d3-count", "children"), Output("d-msg", "children"),
-          Input("sel", "data"), Input("q-slider", "value"))
-def view_d3_d5(sel, log_q):
+          Output("d3-count", "children"), Output("d-msg", "children"), Output("thr-current", "data"),
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-thr", "data"), Input("k-scale", "data"),
+          State("sel", "data"))
+def view_d3_d5(_ki, _kh, _kt, _ks, sel):
+    """D3-D5 of the selected head; a threshold change alone patches D4's colour scale instead of
+    resending its matrix."""
     index, err = load(sel)
     if index is None:
-        return F.empty(err or "No run"), F.empty(""), F.empty(""), "", None
+        return F.empty(err or "No run"), F.empty(""), F.empty(""), "", None, None
     pos, head = _selection(index, sel)
     if pos is None or head is None:
         hint = "Select an image (A) and a head (B1, C1 or D1) to see its attention."
-        return F.empty(hint), F.empty(""), F.empty(""), "", None
+        return F.empty(hint), F.empty(""), F.empty(""), "", None, None
     try:
         att = _attention(index, pos, head)
     except (OnlineError, HeadScopeError) as err:
-        return F.empty("Attention unavailable."), F.empty(""), F.empty(""), "", message(str(err), "danger")
+        return F.empty("Attention unavailable."), F.empty(""), F.empty(""), "", message(str(err), "danger"), None
     A, T = att["attention"], int(att["num_prefix_tokens"])
-    q = 10 ** (DEFAULT_Q if log_q is None else float(log_q)) / 100
-    thr = data.threshold_for(A, q)
-    d3, drawn, above = F.two_axis(A, T, thr, att["grid"])
-    count = f"{drawn:,} segments drawn" + (f" (strongest of {above:,})" if drawn < above else "") + \
-        f" · values ≥ {thr:.4g} (top {q * 100:.3g}% of {A.size:,}) · hover a token to update D2"
-    return d3, F.attention_heatmap(A, T, thr), F.attention_histogram(A, thr, q), count, None
+    vmax = _vmax(att, head[0], sel.get("scale"))
+    thr, label = _threshold(A, sel)
+    d3, drawn, above, n_cls = F.two_axis(A, T, thr, att["grid"], vmax=vmax)
+    count = (f"all {n_cls:,} CLS-related pairs + {drawn:,} patch→patch segments"
+             + (f" (the strongest {drawn:,} of {above:,}: capped)" if drawn < above else "")
+             + f" · {label} · colour 0–{vmax:.3g}: max of {'this layer' if sel.get('scale') != 'image' else 'all layers'}"
+             " of this image, CLS→CLS clips · hover a token for D2")
+    d5 = F.attention_histogram(A, thr, label, binning="linear" if sel.get("bins") == "linear" else "log")
+    if _triggered() == "k-thr":
+        d4 = Patch()
+        d4["data"][1]["colorscale"] = F.threshold_colorscale(F.ORANGES, thr, vmax)
+    else:
+        d4 = F.attention_heatmap(A, T, thr, vmax=vmax)
+    return d3, d4, d5, count, None, thr
 
 
-@callback(Output("q-slider", "value"), Input("d5-graph", "clickData"), State("sel", "data"),
-          prevent_initial_call=True)
-def threshold_from_histogram(click, sel):
-    """Clicking a histogram bar moves the threshold to its left edge (to the nearest slider step)."""
-    index, _ = load(sel)
-    if not click or index is None:
+@callback(Output("sel", "data", allow_duplicate=True), Input("d5-graph", "clickData"), Input("d5-graph", "relayoutData"),
+          State("sel", "data"), prevent_initial_call=True)
+def threshold_from_histogram(click, relayout, sel):
+    """Dragging D5's line or clicking a bar sets an absolute threshold (the line's value, the bar's left edge)."""
+    value = None
+    if ctx.triggered[0]["prop_id"].endswith("relayoutData"):
+        x = (relayout or {}).get("shapes[0].x0")
+        if x is not None:
+            value = F.threshold_from_shape_x(float(x), "linear" if sel.get("bins") == "linear" else "log")
+    elif click and click.get("points"):
+        value = float(click["points"][0]["customdata"][0])
+    if value is None:
         return no_update
-    pos, head = _selection(index, sel)
-    if pos is None or head is None:
-        return no_update
-    try:
-        A = _attention(index, pos, head)["attention"]
-    except (OnlineError, HeadScopeError):
-        return no_update
-    edge = float(click["points"][0]["customdata"])
-    q = max(float((A >= edge).mean()), 1e-3)
-    log_q = max(-1.0, min(2.0, math.log10(q * 100)))
-    return round(round(log_q / Q_STEP) * Q_STEP, 2)  # a value on the slider's steps
+    p = Patch()
+    p["thr"] = f"a{float(f'{min(max(value, 0.0), 1.0):.4g}')}"
+    return p
 
 
 @callback(Output("d2-images", "children"), Output("d2-msg", "children"),
-          Input("sel", "data"), Input("d3-graph", "hoverData"))
-def view_d2(sel, hover):
-    """The image, the sources attending to a target token, the targets a source token attends to.
-    Hovering a token in D3 picks it (default: CLS for both)."""
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-scale", "data"), Input("d3-graph", "hoverData"),
+          State("sel", "data"))
+def view_d2(_ki, _kh, _ks, hover, sel):
+    """The image, the sources attending to a target token, the targets a source token attends to,
+    as a colour overlay on the shared scale of D3/D4 (with its colour bar). Hovering a token in D3
+    picks it (default: CLS for both)."""
     index, err = load(sel)
     if index is None:
         return None, None
@@ -470,6 +783,7 @@ def view_d2(sel, hover):
     except (OnlineError, HeadScopeError) as err:
         return None, message(str(err), "danger")
     A, T, grid = att["attention"], int(att["num_prefix_tokens"]), tuple(att["grid"])
+    vmax = _vmax(att, head[0], sel.get("scale"))
     names = F.token_names(A.shape[0], T, grid)
     source, target = 0, 0  # the last hovered token stays picked when the head changes
     cd = (hover or {}).get("points", [{}])[0].get("customdata")
@@ -485,9 +799,86 @@ def view_d2(sel, hover):
     tiles = [
         ("image", F.masked_image(image)),
         (f"attention to {names[target]} (sources)",
-         F.masked_image(image, A[T:, target], grid, highlight=None if target < T else target - T)),
+         F.masked_image(image, A[T:, target], grid, highlight=None if target < T else target - T, vmax=vmax)),
         (f"attention from {names[source]} (targets)",
-         F.masked_image(image, A[source, T:], grid, highlight=None if source < T else source - T)),
+         F.masked_image(image, A[source, T:], grid, highlight=None if source < T else source - T, vmax=vmax)),
     ]
+    bar = html.Div([html.Div(className="d2-bar", style={"background": F.mask_gradient_css()}),
+                    html.Div([html.Span("0"), html.Span(f"{vmax / 2:.2g}"), html.Span(f"{vmax:.3g}")], className="d2-ticks"),
+                    html.Div("attention (shared scale of D3/D4)", className="d2-bar-title")], className="d2-scale")
     return [html.Figure([html.Img(src=src, className="d2-img"), html.Figcaption(cap)], className="d2-tile",
-                        id=f"d2-tile-{i}") for i, (cap, src) in enumerate(tiles)], None
+                        id=f"d2-tile-{i}") for i, (cap, src) in enumerate(tiles)] + [bar], None
+
+
+# ---- export ------------------------------------------------------------------------------------
+def _head_table(index: data.RunIndex, sel: dict) -> pd.DataFrame:
+    """The run's head table (head_metrics), of the selected image when one is selected."""
+    hm = index.run.head_metrics
+    pos, _ = _selection(index, sel)
+    if pos is not None:
+        hm = hm[hm["image_id"] == int(index.image_ids[pos])]
+    return hm.drop(columns=[c for c in ("strength",) if c in hm.columns]).reset_index(drop=True)
+
+
+def _attention_table(index, pos, head) -> pd.DataFrame:
+    att = _attention(index, pos, head)
+    A = att["attention"].astype(np.float32)
+    names = F.token_names(A.shape[0], int(att["num_prefix_tokens"]), att["grid"])
+    return pd.DataFrame(A, index=pd.Index(names, name="source \\ target"), columns=names)
+
+
+def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
+    """A self-contained HTML page about the selected head on the selected image: its B2, C2, C3,
+    D2-D4 and the URL that reproduces the view (plotly.js inlined once)."""
+    import plotly.io as pio
+
+    pos, head = _selection(index, sel)
+    figs = []
+    b2, b3, _ = view_b2_b3(None, None, None, None, sel)
+    _, c2, c3, _ = view_c(None, None, None, "strength_entropy", sel)
+    d3, d4, _, count, _, _ = view_d3_d5(None, None, None, None, sel)
+    d2, _ = view_d2(None, None, None, None, sel)
+    for title, fig in (("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3),
+                       ("C2 · k-hop strength", c2), ("C3 · strength entropy over images", c3),
+                       ("D3 · two-axis view", d3), ("D4 · attention matrix", d4)):
+        fig = dict(fig, layout=dict(fig["layout"], height=360, width=720))
+        figs.append(f"<h3>{title}</h3>" + pio.to_html(fig, include_plotlyjs=not figs, full_html=False))
+    imgs = "".join(f'<figure><img src="{t.children[0].src}" width="200"><figcaption>{t.children[1].children}</figcaption></figure>'
+                   for t in (d2 or []) if isinstance(t, html.Figure))
+    row = index.images.iloc[pos]
+    title = f"HeadScope · {F.head_name(*head)} on image {int(row.image_id)} of run {index.name}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>body{{font-family:system-ui;"
+            f"max-width:1000px;margin:1rem auto}} figure{{display:inline-block;margin:4px}}</style></head><body>"
+            f"<h1>{title}</h1><p>label {index.class_name(row.label)} · predicted {index.class_name(row.pred)}"
+            f" · metric {_metric(index, sel)} · {count}</p><p>Reproduce: <a href='{url}'>{url}</a></p>"
+            f"<h3>D2 · image and attention masks</h3>{imgs}{''.join(figs)}</body></html>")
+
+
+@callback(Output("download", "data"),
+          Input("dl-heads-csv", "n_clicks"), Input("dl-heads-parquet", "n_clicks"), Input("dl-att-csv", "n_clicks"),
+          Input("dl-att-parquet", "n_clicks"), Input("dl-prune-csv", "n_clicks"), Input("dl-report", "n_clicks"),
+          State("sel", "data"), State("url", "href"), prevent_initial_call=True)
+def export(_a, _b, _c, _d, _e, _f, sel, href):
+    """The data behind the views as CSV / Parquet, and the report of this head."""
+    index, _ = load(sel)
+    if index is None or not ctx.triggered_id:
+        return no_update
+    pos, head = _selection(index, sel)
+    what = ctx.triggered_id
+    stem = f"headscope-{index.name}" + ("" if pos is None else f"-image{int(index.image_ids[pos])}") + \
+        ("" if head is None else f"-L{head[0]}H{head[1]}")
+    if what.startswith("dl-heads"):
+        df = _head_table(index, sel)
+    elif pos is None or head is None:
+        return no_update
+    elif what.startswith("dl-att"):
+        df = _attention_table(index, pos, head)
+    elif what == "dl-prune-csv":
+        df = pd.DataFrame(_pruning(index, pos, head))
+    else:
+        return dcc.send_string(report_html(index, sel, href or ""), f"{stem}-report.html")
+    if what.endswith("parquet"):
+        buf = io.BytesIO()
+        df.to_parquet(buf)
+        return dcc.send_bytes(buf.getvalue(), f"{stem}-{what.split('-')[1]}.parquet")
+    return dcc.send_data_frame(df.to_csv, f"{stem}-{what.split('-')[1]}.csv", index=what.startswith("dl-att"))

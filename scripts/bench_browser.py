@@ -1,0 +1,228 @@
+"""Benchmark: the Explorer's interactions in a real headless chromium, event -> last repaint.
+
+    python scripts/bench_browser.py --cache /path/to/cache --run default [--reps 20]
+        [--baseline-root /path/to/older/checkout]
+
+Starts the app of this checkout (and, with --baseline-root, the same app from another checkout,
+e.g. the code before a change) on the run, drives it with selenium like a user (clicks, a key on
+the threshold slider, a toggle, a hover) and times each interaction in the page: from the moment
+the event is sent to the first animation frame after Dash has no callback pending and no request
+in flight (checked for 5 frames in a row). Prints p50 / p95 over the repetitions per interaction,
+and the ratio to the baseline when one is given. A benchmark, not a test: it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# In the page: count requests in flight; resolve once Dash is idle for 5 frames; return ms since t0.
+INSTALL = """
+if (!window.__hsBench) {
+  window.__hsBench = {inflight: 0};
+  const orig = window.fetch;
+  window.fetch = function(...a) {
+    window.__hsBench.inflight++;
+    return orig.apply(this, a).finally(() => { window.__hsBench.inflight--; });
+  };
+}
+window.__hsBench.t0 = performance.now();
+"""
+WAIT = """
+const done = arguments[arguments.length - 1];
+const B = window.__hsBench;
+function busy() {
+  const s = window.store && window.store.getState();
+  const cbs = s ? Object.assign({}, s.callbacks) : {};
+  delete cbs.stored; delete cbs.completed;
+  const pending = Object.values(cbs).reduce((n, v) => n + (v ? v.length : 0), 0);
+  return pending > 0 || B.inflight > 0;
+}
+let quiet = 0, last = performance.now(), frames = 0;
+function tick() {
+  frames++;
+  if (busy()) { quiet = 0; last = performance.now(); }
+  else { quiet++; }
+  if (quiet >= 5 && frames > 6) { done(last - B.t0); return; }
+  if (performance.now() - B.t0 > 30000) { done(-1); return; }
+  requestAnimationFrame(tick);
+}
+requestAnimationFrame(tick);
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(code_root: Path, cache: Path, run: str, port: int) -> subprocess.Popen:
+    """The app of ``code_root`` on ``cache``/``run`` in a subprocess (imports that checkout's code)."""
+    code = (f"import sys; sys.path.insert(0, {str(code_root)!r}); from app import create_app; "
+            f"create_app({str(cache)!r}, {run!r}).run(port={port}, debug=False)")
+    env = dict(os.environ, PYTHONPATH=str(code_root))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=code_root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the app of {code_root} did not start on port {port}")
+
+
+def browser(width: int, height: int):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}", "--hide-scrollbars"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options)
+    driver.set_script_timeout(60)
+    return driver
+
+
+def timed(driver, action) -> float:
+    """ms from the event to the last repaint (see WAIT)."""
+    driver.execute_script(INSTALL)
+    action()
+    return float(driver.execute_async_script(WAIT))
+
+
+def settle(driver) -> None:
+    driver.execute_script(INSTALL)
+    driver.execute_async_script(WAIT)
+
+
+def interactions(driver, rng: random.Random):
+    """name -> a function doing one user action that changes the state."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def points(selector):
+        return driver.find_elements("css selector", selector)
+
+    def click_one(selector):
+        def act():
+            els = points(selector)
+            el = els[rng.randrange(len(els))]
+            ActionChains(driver).move_to_element(el).pause(0.05).click().perform()
+        return act
+
+    state = {"key": Keys.ARROW_LEFT, "hover": 0}
+
+    def threshold():
+        handle = driver.find_element("css selector", "#q-slider [role=slider]")
+        state["key"] = Keys.ARROW_RIGHT if state["key"] == Keys.ARROW_LEFT else Keys.ARROW_LEFT
+        handle.send_keys(state["key"])
+
+    def toggle_d1():
+        radios = [r for r in points("#d1-style input") if not r.is_selected()]
+        radios[0].click()
+
+    def hover_token():
+        toks = points("#d3-graph .scatterlayer .trace:nth-last-of-type(2) .point")
+        state["hover"] = (state["hover"] + 7) % max(len(toks) - 1, 1) + 1
+        ActionChains(driver).move_to_element(toks[state["hover"]]).pause(0.05).perform()
+
+    return {
+        "click an image in A": click_one("#a-graph .scatterlayer .trace .point"),
+        "click a head in B1": click_one("#b1-graph .scatterlayer .trace:nth-of-type(4) .point"),
+        "click a head in C1": click_one("#c1-graph .scatterlayer .trace:nth-of-type(1) .point"),
+        "click a bar in B2": click_one("#b2-graph .barlayer .point"),
+        "change the threshold": threshold,
+        "toggle D1": toggle_d1,
+        "hover a D3 token": hover_token,
+    }
+
+
+def bench(code_root: Path, cache: Path, run: str, reps: int, image: int, layer: int, head: int,
+          size=(1920, 1080)) -> dict[str, list[float]]:
+    port = free_port()
+    proc = start_app(code_root, cache, run, port)
+    driver = browser(*size)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/?run={run}&image={image}&layer={layer}&head={head}")
+        for _ in range(240):  # the first online query loads the model
+            if driver.execute_script("return document.querySelectorAll('#d2-images img').length") >= 3:
+                break
+            time.sleep(0.5)
+        settle(driver)
+        rng = random.Random(0)
+        acts = interactions(driver, rng)
+        out = {}
+        for name, act in acts.items():
+            times = []
+            for _ in range(reps + 2):  # the first two warm the caches of this interaction
+                try:
+                    times.append(timed(driver, act))
+                except Exception as err:  # a stale element after a redraw: retry once
+                    time.sleep(0.3)
+                    try:
+                        times.append(timed(driver, act))
+                    except Exception:
+                        print(f"  {name}: {type(err).__name__}", file=sys.stderr)
+            out[name] = [t for t in times[2:] if t >= 0]
+            # back to the reference selection for the next interaction
+            driver.get(f"http://127.0.0.1:{port}/?run={run}&image={image}&layer={layer}&head={head}")
+            settle(driver)
+        return out
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(10)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--image", type=int, default=3)
+    ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--head", type=int, default=0)
+    ap.add_argument("--baseline-root", type=Path, help="another checkout to time the same way (e.g. before a change)")
+    args = ap.parse_args(argv)
+    if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
+        sys.exit("bench_browser needs chromium and chromedriver")
+    print(f"run {args.run} of {args.cache}: {args.reps} repetitions, image {args.image}, layer {args.layer} head {args.head}")
+    results = {"this": bench(ROOT, args.cache, args.run, args.reps, args.image, args.layer, args.head)}
+    if args.baseline_root:
+        results["baseline"] = bench(args.baseline_root, args.cache, args.run, args.reps, args.image, args.layer, args.head)
+    print(f"{'interaction':24s} {'n':>3s} {'p50 ms':>8s} {'p95 ms':>8s}" +
+          (f" {'base p50':>9s} {'base p95':>9s} {'p95 ratio':>9s}" if "baseline" in results else ""))
+    for name, times in results["this"].items():
+        line = f"{name:24s} {len(times):3d} {pct(times, 0.5):8.0f} {pct(times, 0.95):8.0f}"
+        if "baseline" in results:
+            base = results["baseline"].get(name, [])
+            p95 = pct(base, 0.95)
+            line += f" {pct(base, 0.5):9.0f} {p95:9.0f} {pct(times, 0.95) / p95 if p95 == p95 and p95 else float('nan'):9.2f}"
+        print(line)
+    print(f"(all: p50 {statistics.median([t for v in results['this'].values() for t in v]):.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
