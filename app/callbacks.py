@@ -108,6 +108,32 @@ def _head_list(v):
         _pair(pair)
 
 
+def _head_keys(v):
+    """The chip box's value: ["layer:head", ...]."""
+    if not isinstance(v, list) or len(v) > MAX_HEAD_SET:
+        raise Invalid(f"expected a list of at most {MAX_HEAD_SET} 'layer:head'")
+    for key in v:
+        parts = key.split(":") if isinstance(key, str) and len(key) <= 12 else []
+        if len(parts) != 2:
+            raise Invalid("expected 'layer:head'")
+        for x in parts:
+            _int(x, 0, 4096, "a layer / head")
+
+
+def _shift_click(v):
+    if not isinstance(v, dict) or set(v) != {"cd", "t"}:
+        raise Invalid("expected {cd: [layer, head], t}")
+    _pair(v["cd"])
+    _number()(v["t"])
+
+
+def _pair_cell(v):
+    if not (isinstance(v, list) and len(v) == 4):
+        raise Invalid("expected customdata [a_layer, a_head, b_layer, b_head]")
+    for x in v:
+        _int(x, 0, 4096)
+
+
 def _relayout(v):
     """Plotly relayoutData: an object; the D5 line's position, when present, a finite number."""
     _dict(v)
@@ -218,6 +244,16 @@ RULES = {
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("heads-csv", "heads-parquet", "att-csv", "att-parquet", "prune-csv",
                                                  "report")},
     ("d1-key", "data"): _opt(_str(512)),
+    # the head-set panels (app/panels/head_sets.py)
+    ("k-heads", "data"): _opt(_selection),
+    ("hs-view", "value"): _opt(_choice("b23", "set", "pairs")),
+    ("hs-pin", "n_clicks"): _clicks,
+    ("hs-clear", "n_clicks"): _clicks,
+    ("hs-set", "value"): _opt(_head_keys),
+    ("hs-shift", "data"): _opt(_shift_click),
+    ("hs-k", "value"): _opt(_number(2, 16)),
+    ("hs-pairs-graph", "clickData"): _points(_opt(_pair_cell)),
+    ("b1-overlay", "value"): _opt(_flags("taylor", "mean")),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,
     ("image-go", "n_clicks"): _clicks,
