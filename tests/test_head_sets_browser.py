@@ -106,12 +106,11 @@ def test_real_head_set_and_pair_interactions(dash_duo, real, tmp_path):
         assert single[i] == pytest.approx(r.single_a, abs=1e-6) and single[j] == pytest.approx(r.single_b, abs=1e-6)
 
     # a click on a cell (row 1, column 2) makes that pair the set
-    xy = js(dash_duo, "hs-pairs-graph",
-            "[gd._fullLayout.xaxis._offset + gd._fullLayout.xaxis.l2p(2), gd._fullLayout.yaxis._offset + "
-            "gd._fullLayout.yaxis.l2p(1), gd.getBoundingClientRect().width, gd.getBoundingClientRect().height]")
-    plot = into_view(dash_duo, dash_duo.find_element("#hs-pairs-graph .js-plotly-plot"))
-    ActionChains(dash_duo.driver).move_to_element_with_offset(plot, int(xy[0] - xy[2] / 2), int(xy[1] - xy[3] / 2)) \
-        .pause(0.4).click().perform()
+    xy = js(dash_duo, "hs-pairs-graph", "[gd._fullLayout.xaxis.l2p(2), gd._fullLayout.yaxis.l2p(1)]")
+    drag = into_view(dash_duo, dash_duo.find_element("#hs-pairs-graph .nsewdrag[data-subplot='xy']"))
+    w, h = drag.size["width"], drag.size["height"]
+    ActionChains(dash_duo.driver).move_to_element_with_offset(drag, int(xy[0] - w / 2), int(xy[1] - h / 2)) \
+        .pause(0.5).click().perform()
     pair = sorted([heads[1], heads[2]])
     until(lambda: shown_heads(dash_duo) == pair, timeout=TIMEOUT, msg="the clicked pair is the set")
     wait_js(dash_duo, "hs-pairs-graph", "gd.layout.shapes.length", lambda n: n == 2, "the pair outlined")
