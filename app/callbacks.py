@@ -78,7 +78,7 @@ def _number(lo=-math.inf, hi=math.inf):
 
 def _state(v, keys=None):
     """The view state (app.server STATE_KEYS) or a part of it (the Explorer's k-* stores)."""
-    from .server import INT_KEYS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
+    from .server import INT_KEYS, MAX_HEADS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
 
     if not isinstance(v, dict) or not set(v) <= set(STATE_KEYS):
         raise Invalid(f"expected an object with keys among {', '.join(STATE_KEYS)}")
@@ -95,6 +95,34 @@ def _state(v, keys=None):
             raise Invalid(f"expected set to be a list of at most {MAX_SET} image ids")
         for i in ids:
             _int(i, what="an image id")
+    heads = v.get("heads")
+    if heads is not None:
+        if not isinstance(heads, list) or len(heads) > MAX_HEADS:
+            raise Invalid(f"expected heads: a list of at most {MAX_HEADS} [layer, head]")
+        for pair in heads:
+            _ints(2)(pair)
+
+
+def _head_keys(v):
+    """The head-set chip box's value: ["layer:head", ...]."""
+    from .server import MAX_HEADS
+
+    if not isinstance(v, list) or len(v) > MAX_HEADS:
+        raise Invalid(f"expected a list of at most {MAX_HEADS} 'layer:head'")
+    for key in v:
+        parts = key.split(":") if isinstance(key, str) and len(key) <= 12 else []
+        if len(parts) != 2:
+            raise Invalid("expected 'layer:head'")
+        for x in parts:
+            _int(x, 0, 4096, "a layer / head")
+
+
+def _shift_click(v):
+    """assets/head_sets.js: a shift-click on a B1 cell, {cd: [layer, head], t: ms}."""
+    if not isinstance(v, dict) or set(v) != {"cd", "t"}:
+        raise Invalid("expected {cd: [layer, head], t}")
+    _ints(2)(v["cd"])
+    _number()(v["t"])
 
 
 def _ints(*lengths):
@@ -215,6 +243,16 @@ RULES = {
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
     ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
     ("d1-key", "data"): _opt(_str(512)),
+    # the head-set panels (app/panels/head_sets.py)
+    ("k-heads", "data"): _opt(_state),
+    ("hs-view", "value"): _opt(_choice("b23", "set", "pairs")),
+    ("hs-pin", "n_clicks"): _clicks,
+    ("hs-clear", "n_clicks"): _clicks,
+    ("hs-set", "value"): _opt(_head_keys),
+    ("hs-shift", "data"): _opt(_shift_click),
+    ("hs-k", "value"): _opt(_number(2, 16)),
+    ("hs-pairs-graph", "clickData"): _points(_opt(_ints(4))),
+    ("b1-overlay", "value"): _opt(_flags("taylor", "mean")),
     ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
     ("image-box", "n_submit"): _clicks,
     ("image-go", "n_clicks"): _clicks,

@@ -247,6 +247,20 @@ def partial_pruning(name: str, image_id: int, layer: int, head: int) -> dict:
     return online.partial_pruning(config.run_dir(name), int(image_id), int(layer), int(head))
 
 
+def head_set(name: str, image_id: int, heads: list) -> dict:
+    """online.head_set for a run name: the image with every head of ``heads`` [[layer, head], ...] pruned."""
+    from analysis.serving import transport as online
+
+    return online.head_set(config.run_dir(name), int(image_id), [[int(l), int(h)] for l, h, *_ in heads])
+
+
+def pair_interactions(name: str, image_id: int, heads: list, metric: str) -> dict:
+    """online.pair_interactions for a run name (2-16 heads, metric prob_drop or emb_dist)."""
+    from analysis.serving import transport as online
+
+    return online.pair_interactions(config.run_dir(name), int(image_id), [[int(l), int(h)] for l, h in heads], metric)
+
+
 def threshold_for(values: np.ndarray, q: float) -> float:
     """The attention value above which the top ``q`` fraction of ``values`` lie."""
     flat = np.sort(np.asarray(values, dtype=np.float32).ravel())

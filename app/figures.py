@@ -199,11 +199,18 @@ def _layer_shapes(L: int, H: int) -> list[dict]:
     return shapes
 
 
+SET_GREEN = "#009E73"  # the head set (pinned heads)
+OVERLAY_STYLES = {"taylor": ("#CC79A7", "dash"), "mean": ("#E69F00", "dot")}
+
+
 def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=None, selected=None,
-                    image_label: str | None = None, value_range=(None, None), band_label: str = "mean over images") -> dict:
+                    image_label: str | None = None, value_range=(None, None), band_label: str = "mean over images",
+                    overlays=(), pinned=()) -> dict:
     """B1: the chosen metric over all L*H heads: mean +/- std over images (or over a selected set:
     ``band_label``), the band clipped to the metric's ``value_range`` (lo, hi; None = open), and
-    the selected image's curve on top. ``selected`` = (layer, head) draws a vertical marker."""
+    the selected image's curve on top. ``selected`` = (layer, head) draws a vertical marker;
+    ``overlays``: (kind "taylor" | "mean", name, values [L*H]) curves on the same axis (the Taylor
+    estimate, the mean-ablated metric); ``pinned``: the head set's (layer, head), marked in green."""
     x = np.arange(L * H)
     cd = np.stack([x // H, x % H], axis=1).tolist()
     mean, std = np.asarray(mean, float), np.asarray(std, float)
@@ -229,7 +236,16 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
                      "mode": "lines+markers", "name": image_label or "selected image", "customdata": cd,
                      "line": {"color": ACCENT, "width": 2}, "marker": {"size": 5, "color": ACCENT},
                      "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>image %{y:.4f}<extra></extra>"})
+    for kind, name, values in overlays:
+        colour, dash = OVERLAY_STYLES[kind]
+        data.append({"type": "scatter", "x": x.tolist(), "y": np.asarray(values, float).tolist(), "mode": "lines+markers",
+                     "name": name, "customdata": cd, "line": {"color": colour, "width": 1.6, "dash": dash},
+                     "marker": {"size": 4, "color": colour, "symbol": "diamond"}, "meta": {"overlay": kind},
+                     "hovertemplate": f"layer %{{customdata[0]}} head %{{customdata[1]}}<br>{name} %{{y:.4f}}<extra></extra>"})
     shapes = _layer_shapes(L, H)
+    for l, h in pinned:
+        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": l * H + h, "x1": l * H + h, "y0": 0, "y1": 1,
+                       "line": {"color": SET_GREEN, "width": 2}, "opacity": 0.6})
     if selected is not None:
         i = selected[0] * H + selected[1]
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": i, "x1": i, "y0": 0, "y1": 1,
@@ -269,6 +285,72 @@ def top5(class_names, probs, true_label_name: str | None, caption: str) -> dict:
              "hovertemplate": "%{y}: %{x:.4f}<extra></extra>"}]
     lay = layout(caption, xaxis=axis("probability", range=[0, 1]), yaxis=axis(None, automargin=True),
                  margin={"l": 10, "r": 10, "t": 28, "b": 40})
+    return {"data": data, "layout": lay}
+
+
+def top5_pair(panels, true_label_name: str | None) -> dict:
+    """Two top-5 lists side by side (e.g. one head pruned | the head set pruned): ``panels`` =
+    [(caption, class names, probabilities), ...]; the true label in bold and orange."""
+    data, ann = [], []
+    n = len(panels)
+    lay = layout(margin={"l": 10, "r": 10, "t": 22, "b": 30})
+    for i, (caption, names, probs) in enumerate(panels):
+        xa, ya = ("x", "y") if i == 0 else (f"x{i + 1}", f"y{i + 1}")
+        shown = [f"<b>{c}</b>" if c == true_label_name else c for c in names]
+        data.append({"type": "bar", "orientation": "h", "y": shown[::-1], "x": [float(p) for p in probs][::-1],
+                     "xaxis": xa, "yaxis": ya, "name": caption,
+                     "marker": {"color": [ACCENT if c == true_label_name else MEAN_BLUE for c in names][::-1]},
+                     "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto",
+                     "hovertemplate": "%{y}: %{x:.4f}<extra></extra>"})
+        lo, hi = i / n + 0.02, (i + 1) / n - 0.02
+        lay["xaxis" if i == 0 else f"xaxis{i + 1}"] = axis(None, range=[0, 1], domain=[lo + 0.12, hi], anchor=ya)
+        lay["yaxis" if i == 0 else f"yaxis{i + 1}"] = axis(None, anchor=xa, automargin=True, tickfont={"size": 10})
+        ann.append({"text": caption, "xref": "paper", "yref": "paper", "x": lo, "y": 1.0, "yanchor": "bottom",
+                    "xanchor": "left", "showarrow": False, "font": {"size": 11}})
+    lay["annotations"] = ann
+    return {"data": data, "layout": lay}
+
+
+def pair_heatmap(heads, interaction, singles, metric_label: str, current=()) -> dict:
+    """The pair interactions of k heads (SPEC: m({a,b}) - m({a}) - m({b})) as a symmetric k x k
+    heatmap (diverging, 0 = additive; diagonal empty) with the single-head values m({a}) as a
+    strip on its right margin. ``heads`` [(layer, head)] in the matrix's order; ``interaction``
+    [k, k]; ``singles`` [k]; ``current``: the head set, outlined when it is one of the pairs.
+    Cells carry customdata [a_layer, a_head, b_layer, b_head] (a strip cell: the head twice)."""
+    k = len(heads)
+    names = [f"L{l}H{h}" for l, h in heads]
+    M = np.asarray(interaction, float).copy()
+    np.fill_diagonal(M, np.nan)
+    zmax = float(np.nanmax(np.abs(M))) if k > 1 and np.isfinite(M).any() else 1.0
+    zmax = zmax or 1.0
+    cd = [[[*heads[i], *heads[j]] for j in range(k)] for i in range(k)]
+    z = [[None if np.isnan(v) else float(v) for v in row] for row in M]
+    single = [float(v) for v in singles]
+    data = [
+        {"type": "heatmap", "x": names, "y": names, "z": z, "customdata": cd, "zmid": 0, "zmin": -zmax, "zmax": zmax,
+         "colorscale": "RdBu", "reversescale": True, "xgap": 1, "ygap": 1, "name": "interaction",
+         "colorbar": {"thickness": 8, "len": 1, "x": 0.92, "xanchor": "left", "xpad": 2, "tickfont": {"size": 9},
+                      "title": {"text": "interaction", "side": "right", "font": {"size": 10}}},
+         "hovertemplate": "%{y} + %{x}<br>interaction %{z:.4f}<extra></extra>"},
+        {"type": "heatmap", "x": ["alone"], "y": names, "z": [[v] for v in single], "xaxis": "x2",
+         "customdata": [[[*h, *h]] for h in heads], "colorscale": "Greys", "showscale": False, "name": "single",
+         "text": [[f"{v:.3f}"] for v in single], "texttemplate": "%{text}", "textfont": {"size": 9}, "ygap": 1,
+         "hovertemplate": f"%{{y}} alone<br>{metric_label} %{{z:.4f}}<extra></extra>"},
+    ]
+    shapes = []
+    pair = sorted(tuple(h) for h in current)
+    if len(pair) == 2 and all(tuple(p) in [tuple(h) for h in heads] for p in pair):
+        i, j = (names.index(f"L{l}H{h}") for l, h in pair)
+        for a, b in ((i, j), (j, i)):
+            shapes.append({"type": "rect", "xref": "x", "yref": "y", "x0": a - 0.5, "x1": a + 0.5, "y0": b - 0.5,
+                           "y1": b + 0.5, "line": {"color": SET_GREEN, "width": 3}})
+    tick = {"size": 9 if k <= 10 else 7}
+    lay = layout(margin={"l": 48, "r": 8, "t": 18, "b": 40}, shapes=shapes,
+                 xaxis=axis(None, domain=[0, 0.8], tickangle=-45, tickfont=tick, showgrid=False),
+                 xaxis2=axis(None, domain=[0.82, 0.9], anchor="y", tickfont=tick, showgrid=False),
+                 yaxis=axis(None, autorange="reversed", tickfont=tick, showgrid=False),
+                 title={"text": f"pair interaction of {metric_label} · right: the head alone", "font": {"size": 11},
+                        "x": 0.01, "xanchor": "left", "y": 0.99})
     return {"data": data, "layout": lay}
 
 

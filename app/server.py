@@ -7,6 +7,7 @@ state is pushed to the browser history (dcc.Location refresh=False), so Back/For
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -27,11 +28,13 @@ ROOT = HERE.parent
 KEYS = ("run", "image", "layer", "head")
 # The Explorer's view state beyond the selection (the pages validate the values against the run):
 # metric, thr ("q1" = top 1 %, "a0.05" = value >= 0.05), mode (pruning mode for B3), d1 / d1s (D1's
-# layout and style), color (A's colour), scale (D3/D4's shared colour scale), bins (D5), set (ids).
+# layout and style), color (A's colour), scale (D3/D4's shared colour scale), bins (D5), set (image
+# ids), heads (the head set pruned at once: "layer:head,...", at most MAX_HEADS).
 INT_KEYS = ("image", "layer", "head", "mode")
 STR_KEYS = ("metric", "thr", "d1", "d1s", "color", "scale", "bins")
-STATE_KEYS = KEYS + ("mode",) + STR_KEYS + ("set",)
+STATE_KEYS = KEYS + ("mode",) + STR_KEYS + ("set", "heads")
 MAX_SET = 5000
+MAX_HEADS = 64  # analysis.metrics.head_sets.MAX_SET_HEADS
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
 PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Compare", "/compare"), ("Runs", "/runs"),
          ("Help", "/help"))
@@ -53,6 +56,11 @@ def parse_selection(search: str | None, default_run: str | None) -> dict:
         sel["set"] = ids[:MAX_SET] or None
     except ValueError:
         sel["set"] = None
+    try:
+        heads = sorted({(h[0], h[1]) for h in parse_heads(q.get("heads", "")) if len(h) == 2 and min(h) >= 0})
+        sel["heads"] = [list(h) for h in heads[:MAX_HEADS]] or None
+    except ValueError:
+        sel["heads"] = None
     return sel
 
 
@@ -63,7 +71,11 @@ def selection_query(sel: dict | None) -> str:
         v = (sel or {}).get(k)
         if v is None or v == [] or v == "":
             continue
-        pairs.append((k, ",".join(str(int(i)) for i in v) if k == "set" else v))
+        if k == "set":
+            v = ",".join(str(int(i)) for i in v)
+        elif k == "heads":
+            v = ",".join(f"{int(l)}:{int(h)}" for l, h in v)
+        pairs.append((k, v))
     return "?" + urlencode(pairs, safe=",:") if pairs else ""
 
 
@@ -105,13 +117,10 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
             const cfg = document.getElementById('_dash-config');
             const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
             const q = search || '';
-            return [base + q, base + 'heads' + q, base + 'curves' + q, base + 'compare' + q, base + 'runs' + q,
-                    base + 'help' + q, sel && sel.run ? 'run: ' + sel.run : 'no run'];
+            return [...PATHS.map(p => base + p + q), sel && sel.run ? 'run: ' + sel.run : 'no run'];
         }
-        """,
-        [Output("nav-explorer", "href"), Output("nav-heads", "href"), Output("nav-curves", "href"),
-         Output("nav-compare", "href"), Output("nav-runs", "href"), Output("nav-help", "href"),
-         Output("nav-run", "children")],
+        """.replace("PATHS", json.dumps([path.lstrip("/") for _, path in PAGES])),
+        [*(Output(f"nav-{name.lower()}", "href") for name, _ in PAGES), Output("nav-run", "children")],
         Input("url", "search"), Input("sel", "data"),
     )
 

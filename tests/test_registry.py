@@ -122,7 +122,7 @@ def test_toy_metrics_reach_tables_reader_explorer_heads_and_help(toy_run, refere
     c1_options, _ = ex.c1_metric_options(None, sel, None)
     assert "cls_output_norm" in [o["value"] for o in b1_options]
     assert "max_attention" in [o["value"] for o in c1_options] and "max_attention" not in [o["value"] for o in b1_options]
-    b1 = ex.view_b1(None, None, None, None, "set", {**sel, "metric": "cls_output_norm"})
+    b1 = ex.view_b1(None, None, None, None, None, "set", [], {**sel, "metric": "cls_output_norm"})
     np.testing.assert_allclose(b1["data"][3]["y"], norms[2].ravel(), rtol=1e-4)
     c1 = ex.view_c(None, None, None, "max_attention", "set", sel)[0]
     np.testing.assert_allclose(c1["data"][0]["y"], expected[2].ravel(), rtol=1e-5)
@@ -198,7 +198,7 @@ def test_every_metric_round_trips_to_its_figure(name, toy_run, reference, pages)
         return
     if m.is_importance:
         assert name in [o["value"] for o in ex.metric_options(None, sel)[0]]
-        fig = ex.view_b1(None, None, None, None, "set", {**sel, "metric": name})
+        fig = ex.view_b1(None, None, None, None, None, "set", [], {**sel, "metric": name})
         np.testing.assert_allclose(fig["data"][3]["y"], dense[pos].ravel(), rtol=1e-6)
         assert fig["layout"]["yaxis"]["title"]["text"] == m.title
     else:

@@ -28,10 +28,11 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
-from app.panels import saliency
+from app.panels import head_sets, saliency
 from app.views import card, graph, graph_config, load, loading, message
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
+head_sets.register()
 
 Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
 DEFAULT_THR = "q1"  # top 1 % (the paper's default)
@@ -56,7 +57,7 @@ def parse_threshold(thr: str | None) -> tuple[str, float]:
     raise AssertionError("the default threshold parses")
 
 
-def layout(**_query):
+def layout(**query):
     tool = {"size": "sm", "className": "flex-nowrap"}
     top = dbc.Row([
         dbc.Col(html.Div([html.Div(id="sel-summary", className="sel-summary"), html.Div(id="pick-note", className="pick-note")]),
@@ -102,15 +103,16 @@ def layout(**_query):
 
     view_b = card("B", "Head importance", [
         graph("b1-graph", HEIGHT["b1"]),
-        dbc.Row([
+        head_sets.bottom(dbc.Row([
             dbc.Col([html.Div("B2 · metric under each pruning mode (click a bar for B3)", className="sub-title"),
                      loading([html.Div(id="b2-msg"), graph("b2-graph", HEIGHT["b2"])])], width=7),
             dbc.Col([html.Div("B3 · top-5 classes under that pruning", className="sub-title"),
                      loading([graph("b3-graph", HEIGHT["b2"])])], width=5),
-        ], className="g-1"),
-    ], hint="B1: click a head", tools=[dbc.Select(id="band-scope", size="sm", value="set", className="band-scope",
-                                                 options=[{"label": f"band & C3: {v}", "value": k}
-                                                          for k, v in SCOPES.items()])], class_name="view-b")
+        ], className="g-1"), query),
+    ], hint="B1: click a head · shift-click: add to the set",
+        tools=[*head_sets.tools(), dbc.Select(id="band-scope", size="sm", value="set", className="band-scope",
+                                              options=[{"label": f"band & C3: {v}", "value": k}
+                                                       for k, v in SCOPES.items()])], class_name="view-b")
 
     c1_tools = [dcc.Dropdown(id="c1-metric", clearable=False, searchable=False, className="c1-metric",
                              style={"minWidth": "13rem", "fontSize": "0.8rem"})]
@@ -513,8 +515,9 @@ def select_image(click, selected, _go, _submit, _clear, typed_id, typed_layer, t
 
 # ---- B: head importance ----------------------------------------------------------------------
 @callback(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"),
-          Input("k-set", "data"), Input("band-scope", "value"), State("sel", "data"))
-def view_b1(_ki, _kh, _km, _ks, scope, sel):
+          Input("k-set", "data"), Input("k-heads", "data"), Input("band-scope", "value"), Input("b1-overlay", "value"),
+          State("sel", "data"))
+def view_b1(_ki, _kh, _km, _ks, _khs, scope, overlay, sel):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run")
@@ -533,7 +536,8 @@ def view_b1(_ki, _kh, _km, _ks, scope, sel):
         mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over {name} ({len(members)})"
     return F.head_importance(index.L, index.H, _title(metric), mean, std, image_values=values, selected=head,
                              image_label=None if pos is None else _image_caption(index, pos),
-                             value_range=registry.get_metric(metric).range or (None, None), band_label=band)
+                             value_range=registry.get_metric(metric).range or (None, None), band_label=band,
+                             **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),

@@ -1,0 +1,286 @@
+"""The Explorer's view B beyond one head at a time (issue 13, SPEC "Several heads at once").
+
+* The head set: heads pinned with the pin button or a shift-click in B1 (or typed into its chip
+  box), held in the view state (``sel["heads"]``, the URL's ``heads=layer:head,...``) and pruned all
+  at once on the selected image (online: ``transport.head_set``): prob / prob_drop / jsd /
+  emb_dist and the top-5 under the whole set next to the selected head's alone.
+* Pair interactions: the image's ``k`` most important heads by the chosen metric and the SPEC
+  interaction ``m({a,b}) - m({a}) - m({b})`` of every pair (``transport.pair_interactions``), a
+  heatmap with the single-head values on its margin; a click on a cell makes that pair the set.
+* B1 overlays: the Taylor estimate (approximate) on the exact prob_drop, and the mean-ablated
+  metric next to the zero-ablated one, when the run has them.
+
+The bottom of view B shows one of three panels (B2/B3, the set, the pairs): no extra height.
+"""
+from __future__ import annotations
+
+import dash_bootstrap_components as dbc
+import numpy as np
+from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update, set_props
+
+from analysis.errors import HeadScopeError
+from analysis.metrics import registry
+from analysis.metrics.head_sets import MAX_PAIR_HEADS, MAX_SET_HEADS, SET_METRICS
+from analysis.serving.transport import OnlineError
+
+from app import data, figures as F
+from app.views import graph, load, loading, message
+
+DEFAULT_K = 8
+VIEWS = {"b23": "B2/B3 · one head", "set": "head set", "pairs": "pairs"}
+HEIGHT = 168  # the height of the B2/B3 row it shares
+ZERO_MEAN = {m: f"mean_{m}" for m in SET_METRICS}  # zero-ablated metric -> its mean-ablated twin
+
+
+def tools() -> list:
+    """View B's header controls: B1 overlays, the pin button, the panel switch."""
+    return [
+        dbc.Checklist(id="b1-overlay", options=[{"label": "Taylor (approx.)", "value": "taylor"},
+                                                 {"label": "mean abl.", "value": "mean"}],
+                      value=[], inline=True, className="small toggle",
+                      inputClassName="me-1"),
+        dbc.Button("pin head", id="hs-pin", size="sm", color="success", outline=True, n_clicks=0, className="py-0",
+                   title="add the selected head to the head set (or shift-click a head in B1)"),
+        dbc.RadioItems(id="hs-view", options=[{"label": v, "value": k} for k, v in VIEWS.items()], value="b23",
+                       inline=True, className="small toggle"),
+    ]
+
+
+def bottom(b23, query: dict) -> html.Div:
+    """The bottom of view B: ``b23`` (the B2/B3 row), the head-set panel and the pairs panel; the
+    set panel shows first when the URL names a set."""
+    first = "set" if query.get("heads") else "b23"
+    show = lambda k: {} if k == first else {"display": "none"}
+    set_panel = dbc.Row([
+        dbc.Col([
+            html.Div([dcc.Dropdown(id="hs-set", multi=True, placeholder="pin heads, shift-click B1, or type L3H2",
+                                   className="hs-set"),
+                      dbc.Button("clear", id="hs-clear", size="sm", color="link", className="p-0 small", n_clicks=0)],
+                     className="d-flex align-items-center gap-1"),
+            loading([html.Div(id="hs-msg"), html.Div(id="hs-table", className="hs-table")]),
+        ], width=6),
+        dbc.Col(loading([graph("hs-top5", HEIGHT - 8)]), width=6),
+    ], className="g-1", id="hs-set-panel", style=show("set"))
+    pairs_panel = html.Div([
+        html.Div([html.Span("the image's", className="small"),
+                  dbc.Input(id="hs-k", type="number", min=2, max=MAX_PAIR_HEADS, step=1, value=DEFAULT_K, size="sm",
+                            debounce=True, className="hs-k"),
+                  html.Span("most important heads by the metric · click a cell: that pair becomes the set",
+                            className="small text-muted")], className="d-flex align-items-center gap-1"),
+        loading([html.Div(id="hs-pairs-msg"), graph("hs-pairs-graph", HEIGHT - 28)]),
+    ], id="hs-pairs-panel", style=show("pairs"))
+    return html.Div([html.Div(b23, id="hs-b23", style=show("b23")), set_panel, pairs_panel,
+                     dcc.Store(id="k-heads"), dcc.Store(id="hs-shift")])
+
+
+def b1_extras(index: data.RunIndex, metric: str, pos: int | None, overlay, heads) -> dict:
+    """F.head_importance's ``overlays`` and ``pinned`` for B1: the Taylor estimate over prob_drop,
+    the other ablation of the metric (mean vs zero), of the image (or the run mean)."""
+    def curve(name):
+        return index.values(name)[pos] if pos is not None else index.summary(name)[0]
+
+    overlays = []
+    if "taylor" in (overlay or []) and metric == "prob_drop" and "taylor_prob_drop" in index.importance:
+        overlays.append(("taylor", "Taylor estimate (approx.)", curve("taylor_prob_drop")))
+    if "mean" in (overlay or []):
+        zero = metric[5:] if metric.startswith("mean_") else metric
+        twin = ZERO_MEAN.get(zero)
+        other = zero if metric.startswith("mean_") else twin
+        if twin in index.importance and other in index.importance:
+            overlays.append(("mean", "zero ablation" if other == zero else "mean ablation", curve(other)))
+    return {"overlays": overlays, "pinned": [tuple(h) for h in heads or []]}
+
+
+_CALLBACKS: list = []
+_CLIENTSIDE: list = []
+
+
+def _clientside(*args, **kwargs):
+    _CLIENTSIDE.append((args, kwargs))
+
+
+# ---- the state: sel.heads -> k-heads; shift-clicks; the panel switch --------------------------------
+_clientside(
+    """
+    function(sel, held) {
+        const s = sel || {}, v = {run: s.run || null, heads: s.heads || null};
+        return JSON.stringify(v) === JSON.stringify(held) ? window.dash_clientside.no_update : v;
+    }
+    """,
+    Output("k-heads", "data"), Input("sel", "data"), State("k-heads", "data"),
+)
+
+_clientside(
+    """
+    function(click) {
+        const nu = window.dash_clientside.no_update;
+        if (!window.hsShift || !click || !click.points || !click.points.length) { return nu; }
+        const cd = click.points[0].customdata;
+        return Array.isArray(cd) && cd.length === 2 ? {cd: cd, t: Date.now()} : nu;
+    }
+    """,
+    Output("hs-shift", "data"), Input("b1-graph", "clickData"), prevent_initial_call=True,
+)
+
+_clientside(
+    """
+    function(view) {
+        const hide = {display: 'none'};
+        return [view === 'b23' ? {} : hide, view === 'set' ? {} : hide, view === 'pairs' ? {} : hide];
+    }
+    """,
+    Output("hs-b23", "style"), Output("hs-set-panel", "style"), Output("hs-pairs-panel", "style"),
+    Input("hs-view", "value"), prevent_initial_call=True,
+)
+
+
+
+
+def _deferred(*args, **kwargs):
+    """Declare a callback that register() adds to the app being built (see there)."""
+    def wrap(fn):
+        _CALLBACKS.append((args, kwargs, fn))
+        return fn
+    return wrap
+
+
+def register() -> None:
+    """Register the panels' callbacks; the Explorer page calls it each time Dash imports the page
+    (create_app clears the callback list, and this module, imported once, would not run again)."""
+    for args, kwargs, fn in _CALLBACKS:
+        callback(*args, **kwargs)(fn)
+    for args in _CLIENTSIDE:
+        clientside_callback(*args[0], **args[1])
+
+
+def _key(l, h) -> str:
+    return f"{int(l)}:{int(h)}"
+
+
+def _heads(sel: dict) -> list[list[int]]:
+    return [[int(l), int(h)] for l, h in (sel or {}).get("heads") or []]
+
+
+@_deferred(Output("sel", "data", allow_duplicate=True), Output("hs-view", "value"),
+          Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"), Input("hs-set", "value"),
+          Input("hs-shift", "data"), Input("hs-pairs-graph", "clickData"), State("sel", "data"),
+          prevent_initial_call=True)
+def edit_set(_pin, _clear, typed, shift, pair_click, sel):
+    """Every change of the head set: pin / shift-click toggle a head, the chip box's × removes one,
+    "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set."""
+    trig = ctx.triggered_id
+    heads = _heads(sel)
+    view = no_update
+    toggle = None
+    if trig == "hs-pin" and sel.get("layer") is not None and sel.get("head") is not None:
+        toggle, view = [int(sel["layer"]), int(sel["head"])], "set"
+    elif trig == "hs-shift" and shift:
+        toggle, view = [int(v) for v in shift["cd"]], "set"
+    elif trig == "hs-clear":
+        heads = []
+    elif trig == "hs-set":
+        heads = [[int(p) for p in v.split(":")] for v in typed or []]
+    elif trig == "hs-pairs-graph" and pair_click and pair_click.get("points"):
+        cd = pair_click["points"][0].get("customdata")
+        if not (isinstance(cd, list) and len(cd) == 4):
+            return no_update, no_update
+        heads = [[int(cd[0]), int(cd[1])], [int(cd[2]), int(cd[3])]]
+    if toggle is not None:
+        heads = [h for h in heads if h != toggle] if toggle in heads else heads + [toggle]
+    new = sorted({tuple(h) for h in heads})[:MAX_SET_HEADS]
+    if [list(h) for h in new] == sorted(_heads(sel)):
+        return no_update, view
+    p = Patch()
+    p["heads"] = [list(h) for h in new] or None
+    return p, view
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and v != v) else f"{v:.4g}"
+
+
+def _table(index, results: list[tuple[str, str, dict]]):
+    """metric rows x result columns (id ``hs-val-<column>-<metric>``)."""
+    metrics = [m for m in SET_METRICS if any(r.get(m) is not None for _, _, r in results)]
+    head = html.Tr([html.Th("")] + [html.Th(title) for _, title, _ in results])
+    rows = [html.Tr([html.Td(registry.get_metric(m).label, title=registry.get_metric(m).meaning)]
+                    + [html.Td(_fmt(r.get(m)), id=f"hs-val-{col}-{m}") for col, _, r in results]) for m in metrics]
+    return html.Table([html.Thead(head), html.Tbody(rows)], className="table table-sm mb-0 hs-values")
+
+
+@_deferred(Output("hs-table", "children"), Output("hs-top5", "figure"), Output("hs-msg", "children"),
+          Output("hs-set", "options"), Output("hs-pin", "children"),
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-heads", "data"), State("sel", "data"))
+def view_set(_ki, _kh, _khs, sel):
+    """The set's metrics and top-5 on the selected image next to the selected head's alone."""
+    index, err = load(sel)
+    if index is None:
+        return None, F.empty(err or "No run"), None, [], "pin head"
+    heads = _heads(sel)
+    set_props("hs-set", {"value": [_key(*h) for h in heads]})
+    options = [{"label": f"L{l}H{h}", "value": _key(l, h)} for l in range(index.L) for h in range(index.H)]
+    head = index.head_index(sel.get("layer"), sel.get("head"))
+    one = None if head is None else [int(sel["layer"]), int(sel["head"])]
+    pin = "pin head" if one is None else ("unpin" if one in heads else "pin") + f" L{one[0]}H{one[1]}"
+    pos = index.pos(sel.get("image"))
+    if not heads:
+        return None, F.empty("Pin heads (button above, or shift-click in B1)\nto prune them together."), None, options, pin
+    if pos is None:
+        return None, F.empty("Select an image in A."), None, options, pin
+    image = int(index.image_ids[pos])
+    try:
+        results = [("set", f"set of {len(heads)}", data.head_set(index.name, image, heads))]
+        if one is not None:
+            results.insert(0, ("one", f"L{one[0]}H{one[1]} alone", data.head_set(index.name, image, [one])))
+    except (OnlineError, HeadScopeError) as err:
+        return None, F.empty("Head set unavailable."), message(str(err), "danger"), options, pin
+    label = index.images["label"].iat[pos]
+    panels = [(title, [index.class_name(c) for c in r["top5_classes"]], r["top5_probs"])
+              for _, title, r in results if r.get("top5_classes")]
+    top = F.top5_pair(panels, index.class_name(label)) if panels else F.empty("No classifier head: no top-5.")
+    return _table(index, results), top, None, options, pin
+
+
+def top_heads(index: data.RunIndex, metric: str, pos: int, k: int) -> list[tuple[int, int]]:
+    """The image's k most important heads by ``metric`` (its registry direction; NaN last)."""
+    v = np.asarray(index.values(metric)[pos], float)
+    score = -v if registry.get_metric(metric).important == "high" else v
+    order = np.argsort(np.where(np.isnan(score), np.inf, score), kind="stable")[:k]
+    return [(int(i) // index.H, int(i) % index.H) for i in order]
+
+
+def pair_metric(index: data.RunIndex, metric: str, pos: int) -> str:
+    """The interaction's metric: emb_dist for an embedding metric, a backbone or an unlabelled
+    image, else prob_drop (SPEC defines interactions of these two)."""
+    labelled = index.has_classifier and int(index.images["label"].iat[pos]) >= 0
+    return "emb_dist" if "emb_dist" in metric or not labelled else "prob_drop"
+
+
+@_deferred(Output("hs-pairs-graph", "figure"), Output("hs-pairs-msg", "children"),
+          Input("k-image", "data"), Input("k-metric", "data"), Input("k-heads", "data"), Input("hs-k", "value"),
+          Input("hs-view", "value"), State("sel", "data"))
+def view_pairs(_ki, _km, _khs, k, view, sel):
+    """The pair-interaction heatmap of the image's top-k heads (computed while the panel shows)."""
+    if view != "pairs":
+        return no_update, no_update
+    index, err = load(sel)
+    if index is None:
+        return F.empty(err or "No run"), None
+    pos = index.pos(sel.get("image"))
+    if pos is None or not index.importance:
+        return F.empty("Select an image in A."), None
+    metric = sel.get("metric") if sel.get("metric") in index.importance else index.importance[0]
+    k = int(min(max(k or DEFAULT_K, 2), MAX_PAIR_HEADS, index.L * index.H))
+    heads = top_heads(index, metric, pos, k)
+    what = pair_metric(index, metric, pos)
+    try:
+        rows = data.pair_interactions(index.name, int(index.image_ids[pos]), heads, what)["rows"]
+    except (OnlineError, HeadScopeError) as err:
+        return F.empty("Pair interactions unavailable."), message(str(err), "danger")
+    at = {h: i for i, h in enumerate(heads)}
+    M, single = np.full((k, k), np.nan), np.full(k, np.nan)
+    for r in rows:
+        i, j = at[(r["a_layer"], r["a_head"])], at[(r["b_layer"], r["b_head"])]
+        M[i, j] = M[j, i] = r["interaction"]
+        single[i], single[j] = r["single_a"], r["single_b"]
+    return F.pair_heatmap(heads, M, single, registry.get_metric(what).label, current=_heads(sel)), None

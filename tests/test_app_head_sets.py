@@ -1,0 +1,106 @@
+"""The Explorer's head-set panels without a browser: figure builders, the URL form of the set,
+the set editing logic and the top-k choice (app/panels/head_sets.py)."""
+import json
+
+import numpy as np
+import pytest
+from plotly.io.json import to_json_plotly
+
+from app import config, data, figures as F
+from app.server import parse_selection, selection_query
+from conftest import make_synthetic_run as make_run
+
+L, H = 4, 3
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hs")
+    make_run(root / "syn", n_images=12, layers=L, heads=H, grid=4, n_classes=3, seed=4)
+    config.configure(root, "syn")
+    return data.get_index("syn")
+
+
+def roundtrip(fig):
+    return json.loads(to_json_plotly(fig))
+
+
+def test_the_head_set_round_trips_through_the_url():
+    q = selection_query({"run": "syn", "image": 2, "heads": [[0, 4], [11, 5]]})
+    assert q == "?run=syn&image=2&heads=0:4,11:5"
+    assert parse_selection(q, None)["heads"] == [[0, 4], [11, 5]]
+    assert parse_selection("?heads=3:1,0:2,3:1", None)["heads"] == [[0, 2], [3, 1]]  # sorted, once each
+    for bad in ("?heads=1:x", "?heads=1", "?heads=1:2:3:4", "?heads=-1:2"):
+        assert parse_selection(bad, None)["heads"] is None, bad
+    many = ",".join(f"{l}:{h}" for l in range(12) for h in range(12))
+    assert len(parse_selection(f"?heads={many}", None)["heads"]) == 64
+
+
+def test_b1_marks_the_set_and_draws_overlays():
+    mean, std = np.zeros(L * H), np.ones(L * H)
+    taylor = np.linspace(0, 1, L * H)
+    fig = roundtrip(F.head_importance(L, H, "ΔP(true)", mean, std, image_values=mean + 0.5,
+                                      overlays=[("taylor", "Taylor estimate (approx.)", taylor)], pinned=[(1, 2), (3, 0)]))
+    over = [t for t in fig["data"] if (t.get("meta") or {}).get("overlay") == "taylor"]
+    assert len(over) == 1 and over[0]["name"] == "Taylor estimate (approx.)"
+    assert np.allclose(over[0]["y"], taylor) and over[0]["line"]["dash"] == "dash"
+    green = [s["x0"] for s in fig["layout"]["shapes"] if s.get("line", {}).get("color") == F.SET_GREEN]
+    assert sorted(green) == [1 * H + 2, 3 * H + 0]
+    plain = F.head_importance(L, H, "x", mean, std)
+    assert len(plain["data"]) == 3 and not [s for s in plain["layout"]["shapes"] if s["line"].get("color") == F.SET_GREEN]
+
+
+def test_top5_pair_side_by_side_true_label_bold():
+    fig = roundtrip(F.top5_pair([("L1H2 alone", ["cat", "dog"], [0.7, 0.2]), ("set of 2", ["dog", "cat"], [0.5, 0.4])],
+                                "cat"))
+    a, b = fig["data"]
+    assert a["xaxis"] == "x" and b["xaxis"] == "x2"
+    assert a["y"] == ["dog", "<b>cat</b>"] and a["x"] == [0.2, 0.7]  # highest on top
+    assert b["y"] == ["<b>cat</b>", "dog"]
+    assert fig["layout"]["xaxis"]["domain"][1] <= fig["layout"]["xaxis2"]["domain"][0]
+    assert [x["text"] for x in fig["layout"]["annotations"]] == ["L1H2 alone", "set of 2"]
+
+
+def test_pair_heatmap_is_symmetric_with_singles_on_the_margin():
+    heads = [(0, 1), (2, 0), (3, 2)]
+    M = np.array([[np.nan, 0.1, -0.3], [0.1, np.nan, 0.05], [-0.3, 0.05, np.nan]])
+    fig = roundtrip(F.pair_heatmap(heads, M, [0.2, 0.4, 0.6], "ΔP(true)", current=[[2, 0], [0, 1]]))
+    cells, strip = fig["data"]
+    assert cells["x"] == cells["y"] == ["L0H1", "L2H0", "L3H2"]
+    z = np.array([[np.nan if v is None else v for v in row] for row in cells["z"]])
+    assert np.allclose(z, z.T, equal_nan=True) and np.isnan(np.diag(z)).all()
+    assert cells["zmid"] == 0 and cells["zmax"] == pytest.approx(0.3) and cells["zmin"] == pytest.approx(-0.3)
+    assert cells["customdata"][0][2] == [0, 1, 3, 2] and cells["customdata"][2][0] == [3, 2, 0, 1]
+    assert [r[0] for r in strip["z"]] == [0.2, 0.4, 0.6] and strip["xaxis"] == "x2"
+    assert strip["customdata"][1][0] == [2, 0, 2, 0]
+    outlined = sorted((s["x0"] + 0.5, s["y0"] + 0.5) for s in fig["layout"]["shapes"])
+    assert outlined == [(0, 1), (1, 0)]  # the current set is the pair (L0H1, L2H0)
+    assert not F.pair_heatmap(heads, M, [0, 0, 0], "x", current=[[0, 1]])["layout"]["shapes"]
+
+
+def test_top_heads_follow_the_metric_direction(index):
+    from app.panels.head_sets import pair_metric, top_heads
+
+    pos = 3
+    for metric, high in (("prob_drop", True), ("prob", False)):
+        v = index.values(metric)[pos]
+        got = top_heads(index, metric, pos, 4)
+        want = np.argsort(-v if high else v, kind="stable")[:4]
+        assert got == [(int(i) // H, int(i) % H) for i in want], metric
+    assert pair_metric(index, "jsd", pos) == "prob_drop" and pair_metric(index, "emb_dist", pos) == "emb_dist"
+
+
+def test_b1_extras_only_for_metrics_the_run_has(index):
+    from app.panels.head_sets import b1_extras
+
+    out = b1_extras(index, "prob_drop", 2, ["taylor", "mean"], [[1, 1]])
+    names = {name for _, name, _ in out["overlays"]}
+    assert out["pinned"] == [(1, 1)]
+    assert names == {"Taylor estimate (approx.)", "mean ablation"}  # the synthetic run has both
+    got = {k: v for k, _, v in out["overlays"]}
+    assert np.allclose(got["taylor"], index.values("taylor_prob_drop")[2], equal_nan=True)
+    assert np.allclose(got["mean"], index.values("mean_prob_drop")[2], equal_nan=True)
+    back = b1_extras(index, "mean_jsd", None, ["mean"], None)["overlays"]  # the mean-ablated metric: zero beside it
+    assert [(k, n) for k, n, _ in back] == [("mean", "zero ablation")]
+    assert np.allclose(back[0][2], index.summary("jsd")[0], equal_nan=True)
+    assert b1_extras(index, "jsd", None, ["taylor"], None) == {"overlays": [], "pinned": []}
