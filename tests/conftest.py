@@ -192,6 +192,19 @@ def tiny(tmp_path_factory):
     return {"root": root, "weights": weights, "config": config}
 
 
+EXTRA_STAGES = ["taylor", "mean_ablation", "curves"]
+
+
+@pytest.fixture(scope="module")
+def extra_run(tiny):
+    """The tiny folder built with the stages beyond the paper (EXTRA_STAGES), as an open run."""
+    from analysis.runs import build, reader
+
+    manifest = build.build(tiny["config"]("extra", stages=EXTRA_STAGES, curve_images=6))
+    assert manifest["status"] == "complete"
+    return reader.open_run(tiny["root"] / "extra")
+
+
 @pytest.fixture(autouse=True)
 def reset_app_config():
     """Leave the app's settings (cache dir, default run) as every test expects them."""

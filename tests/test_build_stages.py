@@ -15,18 +15,9 @@ from analysis.errors import HeadScopeError
 from analysis.metrics.taylor import taylor_agreement
 from analysis.runs import build, store
 from analysis.serving.service import model_from_manifest
-from conftest import TINY_IMAGES as N_IMAGES
+from conftest import EXTRA_STAGES as STAGES, TINY_IMAGES as N_IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-STAGES = ["taylor", "mean_ablation", "curves"]
-
-
-@pytest.fixture(scope="module")
-def extra_run(tiny):
-    manifest = build.build(tiny["config"]("extra", stages=STAGES, curve_images=6))
-    assert manifest["status"] == "complete"
-    return store.open_run(tiny["root"] / "extra")
 
 
 def run_inputs(run):

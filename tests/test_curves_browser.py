@@ -11,7 +11,6 @@ if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.whi
 from app import create_app  # noqa: E402
 from test_app_browser import TIMEOUT, js, no_console_errors, wait_js  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
-from test_build_stages import extra_run  # noqa: E402,F401  (fixture: a tiny run with --taylor --mean-ablation --curves)
 
 
 def test_curves_page_draws_every_order_and_answers_the_1_point_question(dash_duo, extra_run):

@@ -333,7 +333,8 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
 
 # ---- 7, 14 and 6/11 in a build ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def odd_folder(tmp_path_factory):
+    """Like conftest's ``tiny``, but the folder also holds an undecodable file name and a dangling link."""
     root = tmp_path_factory.mktemp("tinyh")
     weights = save_tiny_vit(root / "tiny.safetensors")
     rng = np.random.default_rng(0)
@@ -387,10 +388,10 @@ def _temporaries(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.rglob(".*") if p.is_file()]
 
 
-def test_build_odd_names_full_disk_and_resume(tiny, monkeypatch, capsys):
+def test_build_odd_names_full_disk_and_resume(odd_folder, monkeypatch, capsys):
     from analysis.cli import build_main as main
 
-    cfg = tiny["config"]("run")
+    cfg = odd_folder["config"]("run")
     ctx = build.prepare(cfg)
     build.run_image_stage(ctx)
     _full_disk(monkeypatch, lambda prefix: prefix.endswith(".parquet."))
@@ -439,11 +440,11 @@ def test_interrupted_autoencoder_resumes_from_its_last_epoch(tmp_path):
     assert not np.array_equal(other.latents, plain.latents)
 
 
-def test_interrupted_layouts_are_reused(tiny, monkeypatch):
+def test_interrupted_layouts_are_reused(odd_folder, monkeypatch):
     from analysis.runs import layouts
 
-    full = build.build(tiny["config"]("whole"))
-    cfg = tiny["config"]("killed")
+    full = build.build(odd_folder["config"]("whole"))
+    cfg = odd_folder["config"]("killed")
     ctx = build.prepare(cfg)
     build.run_image_stage(ctx)
     real, calls, kill = layouts.tsne_2d, [], [True]
