@@ -118,6 +118,14 @@ def test_metrics_equal_the_engine(full_run):
         assert np.isfinite(expected).any(), m
         np.testing.assert_allclose(hm[m].to_numpy(np.float64), expected, rtol=1e-4, atol=1e-6, equal_nan=True,
                                    err_msg=m)
+    # peak attention: a plain loop over every captured head's matrix, the CLS->CLS cell left out
+    attention = vit.capture_attention(x)  # [B, L, H, N, N]
+    T, peak = vit.num_prefix_tokens, np.zeros(attention.shape[:3])
+    for b, layer, head in np.ndindex(*peak.shape):
+        A = attention[b, layer, head].double().numpy()
+        peak[b, layer, head] = max(A[T:, :].max(), A[:T, T:].max())
+    expected = peak[np.argsort(images.image_id.to_numpy())].reshape(-1)
+    np.testing.assert_allclose(hm["peak_attention"].to_numpy(np.float64), expected, rtol=1e-5, err_msg="peak_attention")
     with torch.no_grad():
         probs = torch.softmax(vit(x).double(), -1).numpy()
     np.testing.assert_allclose(images.prob, probs[np.arange(len(images)), images.label], rtol=1e-4)

@@ -220,6 +220,12 @@ def _mean_distance(vit, layer, A, batch):
     return mean_attention_distance(_patches(vit, A), vit.grid, vit.patch_size)
 
 
+def _peak(A, num_prefix):
+    from analysis.metrics.strength import peak_attention
+
+    return peak_attention(A, num_prefix)
+
+
 def _semantic(vit, layer, A, batch):
     """(patch-source, CLS-source) concentration [B, H] of one block, computed once per block."""
     import torch
@@ -294,6 +300,14 @@ for _m in (
            compute=OnAttention(_mean_distance), meaning="mean attention distance (px)",
            formula="the attention-weighted average distance in pixels between a patch and the patches it attends "
                    "to (rows renormalised over patches), averaged over source patches, as in the original ViT paper."),
+    Metric("peak_attention", "peak attention", group="strength", range=(0, 1),
+           compute=OnAttention(lambda vit, layer, A, batch: _peak(A, vit.num_prefix_tokens)),
+           meaning="the head's largest attention weight outside CLS→CLS",
+           formula=r"$\max_{(u, v) \notin R_1} A[u, v]$, the largest single weight of the head outside the "
+                   r"prefix$\to$prefix block $R_1$ (CLS self-attention, often near 1). A peaked head (one "
+                   "source puts most of its attention on one token) comes close to 1, a diffuse one to $1/N$. "
+                   "The Explorer's *run* colour scale for D2-D4 is the largest value of it in the head's layer "
+                   "over the run's images, so heads and images can be compared on one scale."),
     Metric("semantic_concentration", "semantic concentration", group="semantic",
            compute=OnAttention(lambda vit, layer, A, batch: _semantic(vit, layer, A, batch)[0]),
            meaning="attention on SIFT-keypoint patches (1 = no preference)",

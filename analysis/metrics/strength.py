@@ -83,3 +83,12 @@ def mean_attention_distance(A_pp: Tensor, grid: tuple[int, int], patch_size: int
     dist = pixel_distance(*grid, patch_size).to(A_pp.device, A_pp.dtype)
     row = A_pp.sum(-1).clamp_min(torch.finfo(A_pp.dtype).tiny)
     return ((A_pp * dist).sum(-1) / row).mean(-1)
+
+
+def peak_attention(A: Tensor, num_prefix: int) -> Tensor:
+    """The largest attention weight of each head outside the prefix->prefix block R1 (CLS
+    self-attention, often near 1, would dominate): A [..., N, N] post-softmax -> [...]. The
+    Explorer's shared colour scales (per layer of an image, or over the run) are maxima of it."""
+    outside_r1 = A.clone()
+    outside_r1[..., :num_prefix, :num_prefix] = 0
+    return outside_r1.amax(dim=(-2, -1))

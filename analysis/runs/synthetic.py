@@ -179,11 +179,13 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
     noise = rng.normal(0, 1, (2, n_images, LH, 2)) * spread[None, None, :, None]
     semantic = rng.lognormal(0.15 * (1 - depth), 0.2, (n_images, LH))       # ~1 = uniform over keypoints
     cls_semantic = rng.lognormal(0.3 * depth, 0.3, (n_images, LH))
+    peak = np.clip((1 - ent) * rng.uniform(0.6, 1.0, ent.shape) + 0.05, 1 / N, 1)  # local heads are peaked
     cls_xy = centres[0][None] + noise[0]
     patch_xy = centres[1][None] + noise[1]
 
     arrays = {"prob": prob, "prob_drop": prob_drop, "jsd": jsd, "cls_dist": cls_dist, "patch_dist": patch_dist,
               "emb_dist": emb_dist, "strength": strength, "strength_entropy": ent, "mean_distance_px": mean_dist,
+              "peak_attention": peak,
               "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic,
               **pattern_labels(rng, depth[0], n_images)}
     for m in registry.metrics("image_head", value="scalar"):  # metrics without a generator here: noise

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from analysis.errors import CacheError, InputError
+from analysis.metrics.strength import peak_attention
 from analysis.runs.store import Run, open_run, run_fingerprint
 from analysis.models.adapter import ViT, load_vit
 
@@ -263,13 +264,10 @@ class ModelService:
         def compute(vit, image, label):
             every = vit.capture_attention(image[None])[0]  # [L, H, N, N]
             A = every[int(layer), int(head)]
-            T = vit.num_prefix_tokens
-            outside_r1 = every.clone()
-            outside_r1[:, :, :T, :T] = 0
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "num_prefix_tokens": vit.num_prefix_tokens, "grid": list(vit.grid),
                     "patch_size": vit.patch_size, "img_size": list(vit.img_size),
-                    "layer_max": outside_r1.amax(dim=(1, 2, 3)).tolist(),
+                    "layer_max": peak_attention(every, vit.num_prefix_tokens).amax(dim=1).tolist(),
                     "attention": encode_array(A.cpu().numpy())}
 
         return self._query("attn", run_dir, image_id, (int(layer), int(head)), fingerprint, compute,
