@@ -240,7 +240,7 @@ def save_result(result, vit, images, labels=None, *, out=None, q: float = 0.01) 
     stages = sorted({m.stage for m in registry.metrics("image_head", names=arrays) if m.stage})
     manifest = {"created": build.now_iso(), "source": "notebook",
                 "model": {**build.model_facts(build.BuildConfig(out=str(run_dir), model=vit.name), vit),
-                          "weights": None, "in_memory": True},
+                          "in_memory": True},
                 "dataset": {"name": "notebook", "kind": "in-memory", "n_images": n, "n_analysed": n, "n_skipped": 0,
                             "class_names": vit.class_names},
                 "params": {"q": q, "seed": 0, "overview_metric": metric, **({"stages": stages} if stages else {})},

@@ -176,6 +176,22 @@ def test_in_memory_result_becomes_a_run_with_its_numbers(result):
     assert f"HeadScope run {run.name}" in run._repr_html_() and "in-memory result" in run._repr_html_()
 
 
+def test_analyse_batch_arrays_become_a_run_with_pattern_labels(result, tmp_path):
+    from analysis import analyse_batch
+    from analysis.metrics.patterns import consistency
+    from analysis.notebook import save_result
+
+    vit, x, labels = result["vit"], result["x"], result["labels"]
+    arrays = analyse_batch(vit, x, labels, semantic=False)  # every metric plus probs and patch bits
+    run = save_result(arrays, vit, x, labels, out=tmp_path / "batch")
+    for name in ("prob_drop", "strength_entropy", "diagonal", "vertical"):
+        np.testing.assert_allclose(run.dense(name), arrays[name], rtol=1e-6, atol=1e-9)
+    assert (run.dense("pattern") == arrays["pattern"]).all()
+    np.testing.assert_allclose(run.summary("consistency"), consistency(arrays["patch_bits"]), rtol=1e-6)
+    np.testing.assert_allclose(run.images.prob, arrays["probs"][np.arange(len(x)), labels.numpy()], rtol=1e-6)
+    assert "pattern" in run.metrics and "semantic_concentration" not in run.metrics
+
+
 def test_bad_results_and_folders_are_refused(result, tmp_path):
     from analysis.errors import LabelError
     from analysis.notebook import save_result
@@ -270,8 +286,9 @@ def test_explorer_draws_the_in_memory_run_with_its_model(result):
     shown = np.fmax(*(np.nan_to_num(F.untyped(t["z"]), nan=-1) for t in d4["data"][:2]))
     assert d_msg is None and np.allclose(shown[shown >= 0], A[shown >= 0], atol=1e-3)  # float16 transport
     text = _texts(out)
-    assert "Traceback" not in text and "query failed" not in text
-    assert run.lacks("pattern") is not None and "layout" in _texts(out["view_d1"])  # the view's own "not in this run"
+    assert "Traceback" not in text and "query failed" not in text and "needs" not in text
+    assert "computed now" in _texts(out["view_saliency"])  # patch maps: online, on the kernel's model
+    assert "This run has no cls pattern layout" in _texts(out["view_d1"])  # the view's own "not in this run"
 
 
 def test_online_views_elsewhere_say_they_need_the_model(result):
