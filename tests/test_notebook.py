@@ -291,12 +291,25 @@ def test_explorer_draws_the_in_memory_run_with_its_model(result):
     assert "This run has no cls pattern layout" in _texts(out["view_d1"])  # the view's own "not in this run"
 
 
-def test_online_views_elsewhere_say_they_need_the_model(result):
+def test_online_views_elsewhere_say_they_need_the_model(result, tmp_path):
+    import shutil
+
     from analysis.errors import ModelLoadError
+    from analysis.runs import store
     from analysis.serving.service import ModelService
 
     with pytest.raises(ModelLoadError, match="in-memory model"):  # never a silently re-initialised model
         ModelService(device="cpu").partial_pruning(result["run"].path, 0, 0, 0)
+    service = ModelService(device="cpu")  # attached: answers; the run replaced at its path: no longer
+    copy = Path(shutil.copytree(result["run"].path, tmp_path / "copy"))
+    service.attach(copy, result["vit"], result["x"])
+    assert service.partial_pruning(copy, 1, 0, 2)["rows"][1]["prob_drop"] == pytest.approx(
+        float(result["df"].query("image == 1 and layer == 0 and head == 2").prob_drop.iloc[0]), rel=1e-5, abs=1e-8)
+    manifest = store.open_run(copy).manifest
+    store.write_json(copy / "manifest.json", {**manifest, "created": "later"})
+    assert not service.attached(copy)
+    with pytest.raises(ModelLoadError, match="in-memory model"):
+        service.partial_pruning(copy, 1, 0, 2)
 
 
 def test_head_figures_of_an_in_memory_run_use_its_tensors(result):

@@ -137,7 +137,7 @@ class ModelService:
         self._models: OrderedDict[str, ViT] = OrderedDict()
         self._model_locks: dict[str, threading.Lock] = {}  # model key -> held while it loads or computes
         self._runs: dict[Path, tuple[str, Run]] = {}        # path -> (fingerprint, opened run)
-        self._attached: dict[Path, tuple[ViT, torch.Tensor]] = {}  # path -> in-memory (model, images)
+        self._attached: dict[Path, tuple] = {}              # path -> (fingerprint, in-memory model, images)
         self._lock = threading.Lock()                       # the dicts above only: never held long
 
     def run(self, run_dir: str | Path, fingerprint: str | None = None) -> Run:
@@ -163,22 +163,30 @@ class ModelService:
         return cached
 
     def attach(self, run_dir: str | Path, vit: ViT, images: torch.Tensor) -> None:
-        """Answer the queries of the run in ``run_dir`` with this loaded model and these preprocessed
+        """Answer the queries of the run now in ``run_dir`` with this loaded model and these preprocessed
         images [n, 3, H, W] (rows in the order of the run's images) instead of re-loading them from
-        the manifest and the image files: a notebook's in-memory result (analysis.notebook.save_result)."""
+        the manifest and the image files: a notebook's in-memory result (analysis.notebook.save_result).
+        Bound to the run's identity: a run replaced at that path is served from its own manifest again."""
+        path = Path(run_dir).absolute()
         with self._lock:
-            self._attached[Path(run_dir).absolute()] = (vit, images)
+            self._attached[path] = (run_fingerprint(path), vit, images)
+
+    def _attachment(self, run_dir: str | Path) -> tuple[ViT, torch.Tensor] | None:
+        path = Path(run_dir).absolute()
+        found = self._attached.get(path)
+        return found[1:] if found is not None and found[0] == run_fingerprint(path) else None
 
     def attached(self, run_dir: str | Path) -> bool:
-        return Path(run_dir).absolute() in self._attached
+        return self._attachment(run_dir) is not None
 
     def _model(self, run: Run) -> tuple[ViT, threading.Lock]:
         """The run's model (its attached one, else loaded once per model, even across runs) and its compute lock."""
-        attached = self._attached.get(run.path.absolute())
-        key = json.dumps(run.model, sort_keys=True, default=str) if attached is None else str(run.path.absolute())
+        attached = self._attachment(run.path)
+        if attached is not None:
+            with self._lock:
+                return attached[0], self._model_locks.setdefault(str(run.path.absolute()), threading.Lock())
+        key = json.dumps(run.model, sort_keys=True, default=str)
         with self._lock:
-            if attached is not None:
-                return attached[0], self._model_locks.setdefault(key, threading.Lock())
             lock = self._model_locks.setdefault(key, threading.Lock())
             vit = self._models.get(key)
             if vit is not None:
@@ -211,7 +219,7 @@ class ModelService:
                              f"(ids {images.image_id.min()}-{images.image_id.max()}).")
         row = images.iloc[rows[0]]
         label = int(row.label) if row.label is not None and int(row.label) >= 0 else None
-        attached = self._attached.get(run.path.absolute())
+        attached = self._attachment(run.path)
         if attached is not None:
             return attached[1][rows[0]], label
         return (vit or self._model(run)[0]).preprocess([open_image(row.path)])[0], label
