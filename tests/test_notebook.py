@@ -242,22 +242,25 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
     values[("sel", "data")] = parse_selection(sel_query, run.name)
     initial = {c["output"] for c in _callback.GLOBAL_CALLBACK_LIST if not c["prevent_initial_call"]}
     outputs = {}
-    context_value.set(AttributeDict(triggered_inputs=[], updated_props={}))
-    for _round in range(2):
-        for key, entry in list(_callback.GLOBAL_CALLBACK_MAP.items()):
-            fn = getattr(entry.get("callback"), "__wrapped__", None)  # None: a clientside callback
-            if fn is None or key not in initial or fn.__module__ not in (
-                    "app.pages.explorer", "app.panels.saliency", "app.panels.head_sets"):
-                continue
-            specs = entry["inputs"] + entry["state"]
-            if any(s["id"] not in ids and s["id"] != "sel" for s in specs):
-                continue  # fed by another page's components
-            out = fn(*[values.get((s["id"], s["property"])) for s in specs])
-            outputs[fn.__name__] = out
-            targets = [t.rpartition(".") for t in key.strip(".").split("...")]
-            for (i, _, prop), v in zip(targets, out if len(targets) > 1 else [out]):
-                if i != "sel" and v is not no_update and not isinstance(v, Patch):
-                    values[(i, prop)] = v
+    token = context_value.set(AttributeDict(triggered_inputs=[], updated_props={}))  # "on load": nothing triggered
+    try:
+        for _round in range(2):
+            for key, entry in list(_callback.GLOBAL_CALLBACK_MAP.items()):
+                fn = getattr(entry.get("callback"), "__wrapped__", None)  # None: a clientside callback
+                if fn is None or key not in initial or fn.__module__ not in (
+                        "app.pages.explorer", "app.panels.saliency", "app.panels.head_sets"):
+                    continue
+                specs = entry["inputs"] + entry["state"]
+                if any(s["id"] not in ids and s["id"] != "sel" for s in specs):
+                    continue  # fed by another page's components
+                out = fn(*[values.get((s["id"], s["property"])) for s in specs])
+                outputs[fn.__name__] = out
+                targets = [t.rpartition(".") for t in key.strip(".").split("...")]
+                for (i, _, prop), v in zip(targets, out if len(targets) > 1 else [out]):
+                    if i != "sel" and v is not no_update and not isinstance(v, Patch):
+                        values[(i, prop)] = v
+    finally:
+        context_value.reset(token)
     return outputs
 
 
@@ -286,7 +289,7 @@ def test_explorer_draws_the_in_memory_run_with_its_model(result):
     shown = np.fmax(*(np.nan_to_num(F.untyped(t["z"]), nan=-1) for t in d4["data"][:2]))
     assert d_msg is None and np.allclose(shown[shown >= 0], A[shown >= 0], atol=1e-3)  # float16 transport
     text = _texts(out)
-    assert "Traceback" not in text and "query failed" not in text and "needs" not in text
+    assert "Traceback" not in text and "query failed" not in text and "in-memory model" not in text
     assert "computed now" in _texts(out["view_saliency"])  # patch maps: online, on the kernel's model
     assert "This run has no cls pattern layout" in _texts(out["view_d1"])  # the view's own "not in this run"
 
