@@ -5,18 +5,29 @@
     figs = head_figures(run, 0, 4, image_id=12)   # Plotly figures from the app's own builders
     explorer(run)                                 # the dashboard in the output cell (Dash jupyter mode)
 
+    df = head_importance(vit, images, labels)     # an in-memory result ...
+    explorer(df, vit=vit, images=images, labels=labels)  # ... written as a run (save_result), then served
+
 ``ViT`` and ``Run`` objects render as HTML tables in Jupyter. The figures come from
 ``app.figures`` (the builders the dashboard draws with), so a notebook and the app show the same.
+An in-memory result becomes a run through the build's one writer (``analysis.runs.tables.write_run``)
+and is served like any built run; its online views use the kernel's model and image tensors.
 """
 from __future__ import annotations
 
 import html
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from analysis.errors import InputError
+import numpy as np
+import pandas as pd
+
+from analysis.errors import InputError, LabelError
 from analysis.runs.store import Run, open_run
 
-__all__ = ["open_run", "head_figures", "explorer", "vit_html", "run_html"]
+__all__ = ["open_run", "save_result", "head_figures", "explorer", "vit_html", "run_html"]
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> str:
@@ -55,7 +66,8 @@ def run_html(run: Run) -> str:
              if model.get("num_classes") else "none (backbone run: emb_dist)"),
             ("images", f"{len(run.images)} analysed of {ds.get('name')} ({ds.get('kind')}), "
                        f"{len(run.skipped)} skipped"),
-            ("parameters", f"q={params.get('q')}, seed={params.get('seed')}, built {mf.get('created')}"),
+            ("parameters", f"q={params.get('q')}, seed={params.get('seed')}, built {mf.get('created')}"
+                           + (" from a notebook's in-memory result" if mf.get("source") == "notebook" else "")),
             ("metrics", ", ".join(run.metrics))]
     metric = _main_metric(run)
     if metric:
@@ -128,12 +140,12 @@ def _online_figures(run, index, vit, image_id, pos, layer, head, metric) -> dict
     from app import data, figures as F
     from analysis import partial_pruning
     from analysis.metrics import registry
-    from analysis.datasets import open_image
     from analysis.models.pruning import MODE_LABELS
+    from analysis.serving import transport
 
-    row = index.images.iloc[pos]
-    x = vit.preprocess([open_image(row.path)])
-    label = int(row.label) if vit.has_head and int(row.label) >= 0 else None
+    image, label = transport._service().image(run.path, image_id, run, vit)  # an attached run's own tensor
+    label = label if vit.has_head else None
+    x = image[None]
     pp = partial_pruning(vit, x[0], label, layer, head)
     metric = metric if metric in pp.columns and pp[metric].notna().any() else "emb_dist"
     out = {"pruning": F.pruning_modes(MODE_LABELS, pp[metric].tolist(), registry.get_metric(metric).title,
@@ -150,16 +162,240 @@ def _online_figures(run, index, vit, image_id, pos, layer, head, metric) -> dict
     return out
 
 
-def explorer(run=None, mode: str = "inline", port: int = 8050, height: int = 1000, cache_dir=None):
-    """Serve the HeadScope dashboard for ``run`` (a Run, a run directory, or a run name under
-    ``cache_dir``) from this kernel, shown ``mode`` = "inline" (in the output cell), "tab" (a new
-    browser tab), "external" (a link) or "jupyterlab" (Dash's jupyter modes). Returns the Dash app.
-    Outside a notebook Dash serves in the foreground until Ctrl-C."""
+def explorer(run=None, mode: str = "inline", port: int = 8050, height: int = 1000, cache_dir=None, *,
+             vit=None, images=None, labels=None, out=None):
+    """Serve the HeadScope dashboard for ``run`` from this kernel, shown ``mode`` = "inline" (in the
+    output cell), "tab" (a new browser tab), "external" (a link) or "jupyterlab" (Dash's jupyter
+    modes). ``run``: a Run, a run directory, a run name under ``cache_dir``, or an in-memory result
+    (what ``save_result`` takes, with ``vit``, ``images`` and ``labels``; written to ``out``, default
+    a temporary folder). Returns the Dash app. Outside a notebook Dash serves in the foreground
+    until Ctrl-C."""
     from app import create_app
 
+    if _is_result(run):
+        if vit is None or images is None:
+            raise InputError("An in-memory result needs its model and images: explorer(result, vit=vit, "
+                             "images=images, labels=labels).")
+        run = save_result(run, vit, images, labels, out=out)
     target = str(run.path) if isinstance(run, Run) else (str(run) if run is not None else None)
     if target is not None and Path(target).is_dir():
         _as_run(target)  # a clear CacheError now rather than an empty dashboard
     app = create_app(cache_dir=cache_dir, run=target)
     app.run(jupyter_mode=mode, jupyter_height=height, port=port)
     return app
+
+
+# ---- an in-memory result as a run ----------------------------------------------------------------
+KEYS = ("image", "layer", "head")  # the long format of head_importance / attention_strength
+
+
+def _is_result(obj) -> bool:
+    return isinstance(obj, (pd.DataFrame, Mapping)) or (
+        isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(o, (pd.DataFrame, Mapping)) for o in obj))
+
+
+def save_result(result, vit, images, labels=None, *, out=None, q: float = 0.01) -> Run:
+    """Write an in-memory result as a HeadScope run and open it.
+
+    result: a DataFrame in the long format of ``head_importance`` / ``attention_strength`` (columns
+    image, layer, head and registered image_head metrics; "image" = row of ``images``), a dict of
+    arrays {metric: [n, L, H(, K)]} such as ``analyse_batch``'s (its "probs", "patch_bits" and
+    "patch_maps" are used too), or a list of these. Columns take the registry's meaning: rename the
+    columns of ``head_importance(..., ablation="mean")`` to mean_prob, mean_prob_drop, ...
+    vit: the model; images: the preprocessed float tensor [n, 3, H, W] the result was computed on;
+    labels: [n] class indices (-1 = unknown) or None. out: the run folder (a new temporary one by
+    default; an earlier notebook run there is replaced, any other content refused); q: the top
+    fraction the pattern metrics used, if given.
+
+    The tables and manifest are written by ``analysis.runs.tables.write_run`` (the build's writer);
+    the manifest says ``source: "notebook"`` and ``model.in_memory``. What the build would add and
+    the result lacks is simply not in the run (the views say so); the images table's prediction
+    comes from one unpruned forward (or the result's "probs"), the image overview from the build's
+    layout of the overview metric, the images and thumbnails from the de-normalised tensors. The
+    model and the tensors are attached to this process's online service, so the online views use
+    exactly them; served anywhere else, the online views say they need the model.
+    """
+    import torch
+
+    from analysis.metrics import registry
+    from analysis.metrics.engine import ENGINE_ARRAYS
+    from analysis.runs import build, store
+    from analysis.serving import transport
+
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise InputError(f"images must be the preprocessed float tensor [n, 3, H, W] the result was computed on "
+                         f"(vit.preprocess(pil_images)); got {getattr(images, 'shape', type(images).__name__)}.")
+    images = vit.check_images(images).cpu()
+    n, L, H = len(images), vit.depth, vit.num_heads
+    arrays, engine = _result_arrays(result, n, L, H, set(ENGINE_ARRAYS))
+    labels = _labels(vit, labels, n)
+    probs = engine.get("probs")
+    if probs is None and vit.has_head:
+        with torch.inference_mode():
+            probs = torch.cat([vit(images[s:s + 64]).double().softmax(-1).float().cpu()
+                               for s in range(0, n, 64)]).numpy()
+    metric, overview = _overview(vit, labels, arrays)
+    run_dir = _notebook_folder(out)  # written from here on: every check above has passed
+    frame = _images_frame(vit, images, labels, probs, overview, run_dir)
+    stages = sorted({m.stage for m in registry.metrics("image_head", names=arrays) if m.stage})
+    manifest = {"created": build.now_iso(), "source": "notebook",
+                "model": {**build.model_facts(build.BuildConfig(out=str(run_dir), model=vit.name), vit),
+                          "in_memory": True},
+                "dataset": {"name": "notebook", "kind": "in-memory", "n_images": n, "n_analysed": n, "n_skipped": 0,
+                            "class_names": vit.class_names},
+                "params": {"q": q, "seed": 0, "overview_metric": metric, **({"stages": stages} if stages else {})},
+                "versions": build.library_versions(), "timings": {}}
+    store.write_run(run_dir, manifest, frame, arrays, L=L, H=H, stages=stages,
+                    inputs={k: engine[k] for k in ("patch_bits",) if k in engine}, patch_maps=engine.get("patch_maps"))
+    transport.attach(run_dir, vit, images)
+    return open_run(run_dir)
+
+
+def _result_arrays(result, n: int, L: int, H: int, engine_names: set) -> tuple[dict, dict]:
+    """The result as ({metric: dense [n, L, H(, K)]}, {engine array: value}); InputError for
+    unknown columns, a metric given twice, or rows outside the images and heads."""
+    from analysis.metrics import registry
+
+    known = {m.name: m for m in registry.metrics("image_head")}
+    arrays, engine = {}, {}
+    for part in (result if isinstance(result, (list, tuple)) else [result]):
+        if isinstance(part, pd.DataFrame):
+            given = _frame_arrays(part, n, L, H, known)
+        elif isinstance(part, Mapping):
+            given = {}
+            for name, a in part.items():
+                if name in engine_names:
+                    engine[name] = np.asarray(a)
+                elif name in known:
+                    given[name] = np.asarray(a)
+                    if given[name].shape[:3] != (n, L, H):
+                        raise InputError(f"Result array {name!r} has shape {given[name].shape}; it must be [n={n}, "
+                                         f"L={L}, H={H}, ...] for these images and this model.")
+                else:
+                    raise InputError(f"Result array {name!r} is not a registered image_head metric (they are "
+                                     f"{', '.join(known)}) nor an engine array ({', '.join(sorted(engine_names))}).")
+        else:
+            raise InputError(f"A result is a DataFrame (head_importance, attention_strength) or a dict of arrays "
+                             f"(analyse_batch), not {type(part).__name__}.")
+        twice = sorted(set(given) & set(arrays))
+        if twice:
+            raise InputError(f"The result gives {', '.join(twice)} twice; pass each metric once.")
+        arrays.update(given)
+    if not arrays:
+        raise InputError("The result has no metric to show; give head_importance's DataFrame or analyse_batch's arrays.")
+    return arrays, engine
+
+
+def _frame_arrays(df: pd.DataFrame, n: int, L: int, H: int, known: dict) -> dict:
+    """A long DataFrame (image, layer, head, metrics...) -> {metric: [n, L, H(, K)]} (NaN / "" where a row is missing)."""
+    missing = [k for k in KEYS if k not in df.columns]
+    if missing:
+        raise InputError(f"The result DataFrame lacks the columns {', '.join(missing)} (the long format of "
+                         "head_importance: image, layer, head, metrics...).")
+    unknown = [c for c in df.columns if c not in KEYS and c not in known]
+    if unknown:
+        raise InputError(f"The result DataFrame has columns that are not registered image_head metrics: "
+                         f"{', '.join(map(str, unknown))} (registered: {', '.join(known)}). Drop or rename them.")
+    idx = [df[k].to_numpy(np.int64) for k in KEYS]
+    for (k, limit), i in zip(zip(KEYS, (n, L, H)), idx):
+        if len(i) and (i.min() < 0 or i.max() >= limit):
+            raise InputError(f"The result DataFrame's {k} column runs {i.min()}-{i.max()}; these images and this "
+                             f"model have {k}s 0-{limit - 1}.")
+    if pd.Index(zip(*idx)).has_duplicates:
+        raise InputError("The result DataFrame has more than one row for some (image, layer, head); pass one frame "
+                         "per method.")
+    out = {}
+    for name in (c for c in df.columns if c not in KEYS):
+        m = known[name]
+        if m.value == "vector":
+            rows = [np.asarray(v, np.float32) for v in df[name]]
+            a = np.full((n, L, H, max((len(r) for r in rows), default=0)), np.nan, np.float32)
+            if rows:
+                a[tuple(idx)] = np.stack(rows)
+        elif m.value == "category":
+            a = np.full((n, L, H), "", object)
+            a[tuple(idx)] = [v if isinstance(v, str) else "" for v in df[name]]
+        else:
+            a = np.full((n, L, H), np.nan)
+            a[tuple(idx)] = pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64)
+        out[name] = a
+    return out
+
+
+def _notebook_folder(out) -> Path:
+    """The run folder to write: a new temporary one, or ``out`` when empty or an earlier notebook run."""
+    import json
+
+    from analysis.runs.store import run_name_problem
+
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="headscope-")) / "notebook"
+    out = Path(out).expanduser().absolute()
+    if problem := run_name_problem(out.name):
+        raise InputError(f"{problem} (the run folder's name is the run's name in the dashboard)")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / "manifest.json").read_text()).get("source") == "notebook"
+        except (OSError, ValueError, AttributeError):
+            earlier = False
+        if not earlier:
+            raise InputError(f"{out} is not empty and holds no notebook result; give a new or empty folder.")
+        for sub in ("images", "thumbs"):  # the earlier result's files (its tables are rewritten)
+            shutil.rmtree(out / sub, ignore_errors=True)
+    return out
+
+
+def _labels(vit, labels, n: int) -> np.ndarray:
+    """[n] int64 class indices, -1 = unknown; LabelError outside the model's classes."""
+    if labels is None:
+        return np.full(n, -1, np.int64)
+    out = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, np.int64).reshape(-1)
+    if len(out) != n:
+        raise InputError(f"Got {len(out)} labels for {n} images.")
+    bad = np.flatnonzero((out < -1) | ((out >= vit.num_classes) if vit.has_head else False))
+    if len(bad):
+        raise LabelError(f"Labels outside the model's {vit.num_classes} classes (-1 = unknown) at rows "
+                         f"{bad[:10].tolist()}: {out[bad[:10]].tolist()}.")
+    return out
+
+
+def _overview(vit, labels: np.ndarray, arrays: dict) -> tuple[str | None, np.ndarray]:
+    """The image overview as the build lays it out (t-SNE of the overview metric over heads), or NaN
+    [n, 2] when the result has no importance metric."""
+    from analysis.runs.build import overview_metric
+    from analysis.runs.layouts import tsne_2d
+
+    from analysis.metrics import registry
+
+    first = overview_metric(vit.has_head, labels)
+    candidates = [first] + [m.name for m in registry.metrics("image_head", importance=True)]
+    metric = next((m for m in candidates if m in arrays and np.isfinite(arrays[m]).any()), None)
+    if metric is None:
+        return None, np.full((len(labels), 2), np.nan, np.float32)
+    return metric, tsne_2d(np.nan_to_num(arrays[metric].reshape(len(labels), -1)), seed=0, n_jobs=1)
+
+
+def _images_frame(vit, images, labels: np.ndarray, probs, overview: np.ndarray, run_dir: Path) -> pd.DataFrame:
+    """IMAGE_COLUMNS rows; writes images/ID.png (the de-normalised input) and thumbs/ID.png."""
+    from PIL import Image
+
+    from analysis.runs.build import prediction_columns, thumb_side
+
+    mean = np.asarray(vit.data_config.get("mean", (0, 0, 0)), np.float32).reshape(3, 1, 1)
+    std = np.asarray(vit.data_config.get("std", (1, 1, 1)), np.float32).reshape(3, 1, 1)
+    side = thumb_side(vit)
+    paths = []
+    for sub in ("images", "thumbs"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(images.numpy()):
+        rgb = (np.clip(x * std + mean, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        im = Image.fromarray(rgb)
+        im.save(run_dir / "images" / f"{i}.png")
+        im.resize((side, round(side * im.height / im.width)), Image.BICUBIC).save(run_dir / "thumbs" / f"{i}.png")
+        paths.append(str(run_dir / "images" / f"{i}.png"))
+    names = vit.class_names or []
+    return pd.DataFrame({
+        "image_id": np.arange(len(images)), "path": paths, "label": labels,
+        "label_name": [names[c] if 0 <= c < len(names) else "" for c in labels],
+        **prediction_columns(None if probs is None else np.asarray(probs, np.float32), labels),
+        "overview_x": overview[:, 0], "overview_y": overview[:, 1]})

@@ -396,6 +396,11 @@ def batch_plan(n_images: int, batch_size: int, shard: tuple[int, int] | None = N
     return batches[bounds[k - 1]:bounds[k]]
 
 
+def thumb_side(vit, thumb_px: int | None = None) -> int:
+    """Thumbnail width in px: ``thumb_px``, else the model's input size clamped to 112-224."""
+    return thumb_px or int(min(max(vit.img_size[0], 112), 224))
+
+
 def thumbnail_transform(vit, thumb_px: int | None):
     """PIL -> the image as the model sees it (resize/crop, no normalisation) at thumb_px px."""
     from PIL import Image
@@ -405,7 +410,7 @@ def thumbnail_transform(vit, thumb_px: int | None):
         if "ToTensor" in type(t).__name__:
             break
         steps.append(t)
-    side = thumb_px or int(min(max(vit.img_size[0], 112), 224))
+    side = thumb_side(vit, thumb_px)
 
     def apply(im):
         for t in steps:
@@ -574,25 +579,25 @@ def overview_metric(has_head: bool, labels: np.ndarray) -> str:
     return "prob" if np.all(labels >= 0) else "jsd"
 
 
+def prediction_columns(probs: np.ndarray | None, labels: np.ndarray) -> dict:
+    """The images table's pred, prob (P(true), NaN where the label is unknown), top5_classes and
+    top5_probs from the unpruned output probabilities [n, C] (None for a backbone: -1 / NaN / empty)."""
+    n = len(labels)
+    if probs is None:
+        return {"pred": np.full(n, -1), "prob": np.full(n, np.nan),
+                "top5_classes": [np.zeros(0, np.int32)] * n, "top5_probs": [np.zeros(0, np.float32)] * n}
+    k = min(5, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return {"pred": top[:, 0], "prob": np.where(labels >= 0, probs[np.arange(n), np.clip(labels, 0, None)], np.nan),
+            "top5_classes": list(top), "top5_probs": list(np.take_along_axis(probs, top, axis=1))}
+
+
 def images_table(ctx: BuildContext, arrays: dict, overview_xy: np.ndarray) -> pd.DataFrame:
     items = [ctx.image_set.items[i] for i in arrays["index"]]
     labels = np.array([it.label for it in items], np.int64)
-    n = len(items)
-    probs = arrays.get("probs")
-    if probs is not None:
-        k = min(5, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        pred = top[:, 0]
-        prob = np.where(labels >= 0, probs[np.arange(n), np.clip(labels, 0, None)], np.nan)
-        top_p = np.take_along_axis(probs, top, axis=1)
-        top5c, top5p = list(top), list(top_p)
-    else:
-        pred, prob = np.full(n, -1), np.full(n, np.nan)
-        top5c, top5p = [np.zeros(0, np.int32)] * n, [np.zeros(0, np.float32)] * n
     return pd.DataFrame({
         "image_id": arrays["index"], "path": [printable(it.ref) for it in items], "label": labels,
-        "label_name": [printable(it.label_name) for it in items], "pred": pred, "prob": prob,
-        "top5_classes": top5c, "top5_probs": top5p,
+        "label_name": [printable(it.label_name) for it in items], **prediction_columns(arrays.get("probs"), labels),
         "overview_x": overview_xy[:, 0], "overview_y": overview_xy[:, 1],
     })
 

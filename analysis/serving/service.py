@@ -21,14 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.errors import CacheError, InputError
+from analysis.errors import CacheError, InputError, ModelLoadError
 from analysis.metrics.strength import peak_attention
 from analysis.runs.store import Run, open_run, run_fingerprint
 from analysis.models.adapter import ViT, load_vit
 
 
 def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
-    """Re-load the model a run was built with (manifest["model"])."""
+    """Re-load the model a run was built with (manifest["model"]). A run written from a notebook's
+    in-memory model (``in_memory``; analysis.notebook.save_result) names no weights to reload:
+    ModelLoadError saying so, never a silently re-initialised model."""
+    if model.get("in_memory"):
+        raise ModelLoadError(
+            f"This run was written from a notebook's in-memory model ({model.get('name')}); no weights to reload "
+            "were saved with it, so its online views need that model: serve the run from the notebook that holds "
+            "it with analysis.notebook.explorer(result, vit=vit, images=images), or build a run from saved "
+            "weights with `headscope build`. Precomputed views keep working.")
     sized = model.get("weights") or model.get("pretrained") or model.get("family") == "hf"  # loaded from files
     return load_vit(model["name"], weights=model.get("weights"), pretrained=bool(model.get("pretrained")),
                     img_size=model.get("img_size") if sized else None,
@@ -130,6 +138,7 @@ class ModelService:
         self._models: OrderedDict[str, ViT] = OrderedDict()
         self._model_locks: dict[str, threading.Lock] = {}  # model key -> held while it loads or computes
         self._runs: dict[Path, tuple[str, Run]] = {}        # path -> (fingerprint, opened run)
+        self._attached: dict[Path, tuple] = {}              # path -> (fingerprint, in-memory model, images)
         self._lock = threading.Lock()                       # the dicts above only: never held long
 
     def run(self, run_dir: str | Path, fingerprint: str | None = None) -> Run:
@@ -154,8 +163,29 @@ class ModelService:
                 self._runs[path] = cached
         return cached
 
+    def attach(self, run_dir: str | Path, vit: ViT, images: torch.Tensor) -> None:
+        """Answer the queries of the run now in ``run_dir`` with this loaded model and these preprocessed
+        images [n, 3, H, W] (rows in the order of the run's images) instead of re-loading them from
+        the manifest and the image files: a notebook's in-memory result (analysis.notebook.save_result).
+        Bound to the run's identity: a run replaced at that path is served from its own manifest again."""
+        path = Path(run_dir).absolute()
+        with self._lock:
+            self._attached[path] = (run_fingerprint(path), vit, images)
+
+    def _attachment(self, run_dir: str | Path) -> tuple[ViT, torch.Tensor] | None:
+        path = Path(run_dir).absolute()
+        found = self._attached.get(path)
+        return found[1:] if found is not None and found[0] == run_fingerprint(path) else None
+
+    def attached(self, run_dir: str | Path) -> bool:
+        return self._attachment(run_dir) is not None
+
     def _model(self, run: Run) -> tuple[ViT, threading.Lock]:
-        """The run's model (loaded once per model, even across runs) and its compute lock."""
+        """The run's model (its attached one, else loaded once per model, even across runs) and its compute lock."""
+        attached = self._attachment(run.path)
+        if attached is not None:
+            with self._lock:
+                return attached[0], self._model_locks.setdefault(str(run.path.absolute()), threading.Lock())
         key = json.dumps(run.model, sort_keys=True, default=str)
         with self._lock:
             lock = self._model_locks.setdefault(key, threading.Lock())
@@ -179,17 +209,20 @@ class ModelService:
 
     def image(self, run_dir, image_id: int, run: Run | None = None, vit: ViT | None = None
               ) -> tuple[torch.Tensor, int | None]:
-        """Preprocessed image [3, H, W] and its label (None when unknown)."""
+        """Preprocessed image [3, H, W] (an attached run's own tensor) and its label (None when unknown)."""
         from analysis.datasets import open_image
 
         run = run or self.run(run_dir)
         images = run.images
-        row = images[images.image_id == int(image_id)]
-        if row.empty:
+        rows = np.flatnonzero(images.image_id.to_numpy() == int(image_id))
+        if not len(rows):
             raise InputError(f"Image {image_id} is not in run {run.name} "
                              f"(ids {images.image_id.min()}-{images.image_id.max()}).")
-        row = row.iloc[0]
+        row = images.iloc[rows[0]]
         label = int(row.label) if row.label is not None and int(row.label) >= 0 else None
+        attached = self._attachment(run.path)
+        if attached is not None:
+            return attached[1][rows[0]], label
         return (vit or self._model(run)[0]).preprocess([open_image(row.path)])[0], label
 
     def _check_head(self, vit: ViT, layer: int, head: int) -> None:

@@ -1,6 +1,7 @@
 """Transport for online work: the app calls these; they run in-process or on the worker.
 
-In-process (default, no Redis): ``analysis.serving.service.ModelService`` in this process.
+In-process (default, no Redis): ``analysis.serving.service.ModelService`` in this process; so
+are the runs whose model lives in this process's memory (``attach``: a notebook's result).
 Worker: set ``HEADSCOPE_BROKER_URL`` (e.g. redis://:PASSWORD@localhost:6379/0) and the calls go to
 the Celery worker (``worker/``), which runs the same ModelService code.
 This module holds the app process's one result cache, keyed on the run's identity (its manifest
@@ -197,8 +198,15 @@ def status() -> dict:
 
 
 # ---- the public calls -----------------------------------------------------------------------
+def attach(run_dir, vit, images) -> None:
+    """Serve the run in ``run_dir`` with this process's in-memory model and preprocessed images
+    [n, 3, H, W] (a notebook's result, analysis.notebook.save_result): its queries run in this
+    process even with a worker configured, since the worker cannot reach the model."""
+    _service().attach(run_dir, vit, images)
+
+
 def _compute(name: str, run_dir: Path, fingerprint: str | None, args: list) -> dict:
-    if broker_url():
+    if broker_url() and not _service().attached(run_dir):
         return _remote(name, [str(run_dir), *args, fingerprint])
     try:
         return getattr(_service(), name)(str(run_dir), *args, fingerprint=fingerprint)
