@@ -143,6 +143,12 @@ def _head_or_image_head(v):
         _int(x)
 
 
+def _overlay_traces(v):
+    """D1's selection layer (at most 3 small traces; drawn in the browser, never run on the server)."""
+    if not (isinstance(v, list) and len(v) <= 3 and all(isinstance(t, dict) for t in v)):
+        raise Invalid("expected a list of at most 3 traces")
+
+
 def _numbers(v):
     """A number or a short list of numbers (D5's bar edges)."""
     for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
@@ -243,6 +249,7 @@ RULES = {
     ("d1-kind", "value"): _opt(_choice("cls", "patch")),
     ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
     ("d1-key", "data"): _opt(_str(512)),
+    ("d1-selection", "data"): _opt(_overlay_traces),
     # the head-set panels (app/panels/head_sets.py)
     ("k-heads", "data"): _opt(_state),
     ("hs-view", "value"): _opt(_choice("b23", "set", "pairs")),

@@ -462,11 +462,16 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
                     "colorscale": [[0, "rgba(255,255,255,0)"], [0.05, "#f3f3f3"], [1, "#6b6b6b"]],
                     "contours": {"coloring": "fill", "showlines": style == "contours"},
                     "line": {"width": 0.5, "color": "#999", "smoothing": 1.3}, "name": "density"})
+    L = LH // H
+    if style == "contours":  # no points to carry it: the layer colour bar of the overlay's heads, alone
+        out.append({"type": "scatter", "mode": "markers", "x": [None], "y": [None], "hoverinfo": "skip",
+                    "showlegend": False, "name": "layer",
+                    "marker": {"color": [0], "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
+                               "showscale": True, "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}}})
     if style in ("points", "both"):
         ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
         idx = np.arange(n * LH)
         cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)[ok]  # image id, layer, head
-        L = LH // H
         hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}"
         marker = {"size": 3, "color": typed(cd[:, 1], "i4"), "colorscale": LAYER_SCALE, "opacity": 0.55,
                   "cmin": 0, "cmax": max(L - 1, 1), "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}}
@@ -488,37 +493,33 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
     return out
 
 
-def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None,
-                    colorbar: bool = True) -> list[dict]:
-    """D1's selection layer, always three traces (so a selection can patch them in place):
-    the selected head over all images or the selected set (orange), the selected image's heads
-    emphasised (large, coloured by layer, black outline; customdata = [layer, head]) and a ring
-    around the selected head; unused slots are empty."""
-    blank = {"type": "scatter", "mode": "markers", "x": [], "y": [], "hoverinfo": "skip"}
-    data = [dict(blank, name="selected head, all images"), dict(blank, name="heads of the image"),
-            dict(blank, name="selected")]
+def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None) -> list[dict]:
+    """D1's selection layer, drawn by assets/d1_overlay.js as a plot of its own over the background
+    (which then never redraws for a selection): the selected head over all images or the selected
+    set (orange), the selected image's heads emphasised (large, coloured by layer, black outline) and
+    a ring around the selected head. It takes no mouse events: hover and clicks reach the background
+    points beneath (customdata [image id, layer, head])."""
+    data = []
     if head_all_images is not None:
-        data[0] = {"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
-                   "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
-                   "name": head_label or "selected head, all images",
-                   "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}, "hoverinfo": "skip"}
+        data.append({"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
+                     "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
+                     "name": head_label or "selected head, all images",
+                     "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}})
     if xy_image is not None:
         idx = np.arange(L * H)
-        marker = {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
-                  "size": 10, "line": {"width": 1.2, "color": "#111"}}
-        if colorbar:
-            marker["colorbar"] = {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}
-        data[1] = {"type": "scatter", "mode": "markers", "x": xy_image[:, 0].tolist(), "y": xy_image[:, 1].tolist(),
-                   "customdata": np.stack([idx // H, idx % H], 1).tolist(), "name": "heads of the image",
-                   "marker": marker, "hovertemplate": "selected image · layer %{customdata[0]} head %{customdata[1]}<extra></extra>"}
+        data.append({"type": "scatter", "mode": "markers", "x": xy_image[:, 0].tolist(), "y": xy_image[:, 1].tolist(),
+                     "name": "heads of the image", "marker": {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE,
+                                                             "cmin": 0, "cmax": max(L - 1, 1), "size": 10,
+                                                             "line": {"width": 1.2, "color": "#111"}}})
         if selected is not None:
             i = selected[0] * H + selected[1]
-            data[2] = selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1]))
-    return [dict(t, showlegend=False) for t in data]  # D1's legend, when shown, names the patterns only
+            data.append(selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1])))
+    return [dict(t, showlegend=False, hoverinfo="skip") for t in data]
 
 
-def pattern_layout(background: list[dict], overlay: list[dict], kind: str, uirevision=None) -> dict:
-    """D1: background (cached per run/kind/style) + overlay (per selection)."""
+def pattern_layout(background: list[dict], kind: str, uirevision=None) -> dict:
+    """D1's background figure (cached per run/kind/style/colouring); the selection is drawn over it
+    by assets/d1_overlay.js (``pattern_overlay``)."""
     title = "CLS attention vectors" if kind == "cls" else "patch attention latents"
     lay = layout(None, xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""), uirevision=uirevision,
@@ -527,7 +528,7 @@ def pattern_layout(background: list[dict], overlay: list[dict], kind: str, uirev
                                "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 10, "color": "#666"}}])
     if any(t.get("legendgroup") == "patterns" for t in background):  # coloured by pattern: its legend only
         lay.update(showlegend=True, legend={"orientation": "h", "y": 0, "yanchor": "top", "font": {"size": 10}})
-    return {"data": background + overlay, "layout": lay}
+    return {"data": background, "layout": lay}
 
 
 def _scale_stops(scale: list[str]) -> list[list]:

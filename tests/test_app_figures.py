@@ -214,9 +214,13 @@ def test_pattern_layout_background_and_overlay():
     n = 5
     xy = np.random.rand(n, L * H, 2)
     ids = np.arange(50, 50 + n)
-    kinds = {"points": ["scattergl"], "contours": ["histogram2dcontour"], "both": ["histogram2dcontour", "scattergl"]}
+    kinds = {"points": ["scattergl"], "contours": ["histogram2dcontour", "scatter"],
+             "both": ["histogram2dcontour", "scattergl"]}
     for style, types in kinds.items():
         assert [t["type"] for t in F.pattern_background(xy, style, H, ids)] == types
+    # contours alone: the layer colour bar on a point-less trace (the overlay's heads are coloured by layer)
+    bar = F.pattern_background(xy, "contours", H, ids)[1]
+    assert bar["x"] == [None] and bar["marker"]["showscale"] and bar["marker"]["cmax"] == L - 1
     (pts,) = F.pattern_background(xy, "points", H, ids)
     assert F.untyped(pts["x"]).shape == (n * L * H,)
     cd = F.untyped(pts["customdata"]).reshape(-1, 3)
@@ -225,14 +229,18 @@ def test_pattern_layout_background_and_overlay():
     assert cd[i].tolist() == [52, 1, 2] and F.untyped(pts["marker"]["color"])[i] == 1
     assert F.untyped(pts["x"])[i] == pytest.approx(xy[2, H + 2, 0])
     assert "image %{customdata[0]}" in pts["hovertemplate"]
-    overlay = F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4], colorbar=False)
-    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "both", H, ids), overlay, "cls"))
-    assert [t["type"] for t in fig["data"]] == ["histogram2dcontour", "scattergl", "scatter", "scatter", "scatter"]
-    assert fig["data"][3]["customdata"][H + 1] == [1, 1] and fig["data"][3]["marker"]["size"] > 3
-    assert "colorbar" not in fig["data"][3]["marker"]  # the background's layer colour bar is the one
-    assert fig["data"][4]["x"] == [pytest.approx(xy[2, H + 1, 0])]
-    empty = F.pattern_overlay(None, L, H)
-    assert len(empty) == 3 and all(t["x"] == [] for t in empty)
+    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "both", H, ids), "cls"))
+    assert [t["type"] for t in fig["data"]] == ["histogram2dcontour", "scattergl"]
+    # the selection layer: the head over all images, the image's heads (by layer), the ring; no events
+    overlay = roundtrip({"data": F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4]),
+                         "layout": {}})["data"]
+    assert [t["type"] for t in overlay] == ["scatter"] * 3
+    assert F.untyped(overlay[0]["x"]).tolist() == pytest.approx(xy[:, 4, 0].tolist())
+    assert overlay[1]["x"][H + 1] == pytest.approx(xy[2, H + 1, 0]) and overlay[1]["marker"]["color"][H + 1] == 1
+    assert "colorbar" not in overlay[1]["marker"] and overlay[1]["marker"]["size"] > 3
+    assert overlay[2]["x"] == [pytest.approx(xy[2, H + 1, 0])]
+    assert all(t["hoverinfo"] == "skip" for t in overlay)
+    assert F.pattern_overlay(None, L, H) == []
 
 
 def attention(N=10, T=1, seed=0):

@@ -152,7 +152,11 @@ def layout(**query):
     ], className="q-row")
     view_d = card("D", "Attention pattern", [
         dbc.Row([
-            dbc.Col([html.Div(id="d1-msg"), graph("d1-graph", HEIGHT["d1"]), dcc.Store(id="d1-key")], className="d1-col"),
+            dbc.Col([html.Div(id="d1-msg"),
+                     html.Div([graph("d1-graph", HEIGHT["d1"]), html.Div(html.Div(className="d1-overlay-plot"),
+                                                                        id="d1-overlay")], className="d1-stack"),
+                     dcc.Store(id="d1-key"), dcc.Store(id="d1-selection"), dcc.Store(id="d1-drawn")],
+                    className="d1-col"),
             dbc.Col([loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]),
                      saliency.panel()], className="d2-col"),
             dbc.Col(loading([
@@ -680,21 +684,26 @@ def view_c(_ki, _kh, _ks, prop, scope, sel):
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
-@callback(Output("d1-graph", "figure"), Output("d1-key", "data"), Output("d1-msg", "children"),
+@callback(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
+          Output("d1-msg", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
           Input("d1-color", "value"), State("sel", "data"), State("d1-key", "data"))
 def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
-    """Background (all heads of all images, by layer) is cached per run/kind/style and sent only when
-    it changes; a new selection only patches the three overlay traces."""
+    """The background (all heads of all images, by layer or pattern) is cached per run/kind/style/
+    colouring and sent only when that changes; a selection change sends only the selection layer
+    (``d1-selection``), which assets/d1_overlay.js draws over the background without redrawing it."""
     index, err = load(sel)
     if index is None:
-        return F.empty(err or "No run"), None, None
+        return F.empty(err or "No run"), [], None, None
     kind = sel.get("d1") if sel.get("d1") in ("cls", "patch") else "cls"
     style = sel.get("d1s") if sel.get("d1s") in F.D1_STYLES else "points"
     if kind not in index.layouts:
         other = "patch" if kind == "cls" else "cls"
         hint = f" Try the {other} layout." if other in index.layouts else ""
-        return F.empty(index.missing.get(kind, "No layout.") + hint), None, message(index.missing.get(kind))
+        return F.empty(index.missing.get(kind, "No layout.") + hint), [], None, message(index.missing.get(kind))
+    by_pattern = color == "pattern" and style != "contours"
+    if by_pattern and not index.has("pattern"):
+        return no_update, no_update, no_update, message(index.run.lacks("pattern"))
     pos, head = _selection(index, sel)
     xy = index.layouts[kind]
     members = _set_positions(index, sel)
@@ -703,20 +712,17 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         rows = slice(None) if members is None else members
         head_xy = xy[rows, head[0] * index.H + head[1]]
         head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"the set ({len(members)})")
-    overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label,
-                                colorbar=style == "contours")
-    by_pattern = color == "pattern" and style != "contours"
-    if by_pattern and not index.has("pattern"):
-        return no_update, no_update, message(index.run.lacks("pattern"))
+    overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label)
     key = f"{index.name}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}"
+    if drawn == key:
+        return no_update, overlay, no_update, None
     background = index.memo(("d1", kind, style, by_pattern), lambda: F.pattern_background(
         xy, style, index.H, index.image_ids, patterns=index.values("pattern") if by_pattern else None))
-    if drawn == key:
-        p = Patch()
-        for i, trace in enumerate(overlay):
-            p["data"][len(background) + i] = trace
-        return p, no_update, None
-    return F.pattern_layout(background, overlay, kind, uirevision=key), key, None
+    return F.pattern_layout(background, kind, uirevision=key), overlay, key, None
+
+
+clientside_callback("function(traces) { return window.dash_clientside.d1.draw(traces); }",
+                    Output("d1-drawn", "data"), Input("d1-selection", "data"))
 
 
 # ---- D2-D5: one head's attention (online) -----------------------------------------------------
