@@ -181,8 +181,24 @@ def explorer(run=None, mode: str = "inline", port: int = 8050, height: int = 100
     if target is not None and Path(target).is_dir():
         _as_run(target)  # a clear CacheError now rather than an empty dashboard
     app = create_app(cache_dir=cache_dir, run=target)
+    _close_jupyter_server(port)
     app.run(jupyter_mode=mode, jupyter_height=height, port=port)
     return app
+
+
+def _close_jupyter_server(port: int) -> None:
+    """Stop *and close* the server an earlier call left on ``port``: Dash's jupyter mode only
+    shuts it down, and its socket stays bound until garbage collection, so serving again on the
+    same port (re-running the cell) failed with "Address already in use" now and then."""
+    try:
+        from dash._jupyter import jupyter_dash
+    except ImportError:  # another Dash layout: nothing of ours to close
+        return
+    servers = getattr(jupyter_dash, "_servers", {})
+    for key in [k for k in servers if k[1] == port]:
+        old = servers.pop(key)
+        old.shutdown()
+        old.server_close()
 
 
 # ---- an in-memory result as a run ----------------------------------------------------------------

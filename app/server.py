@@ -7,8 +7,10 @@ state is pushed to the browser history (dcc.Location refresh=False), so Back/For
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
@@ -224,6 +226,11 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     # earlier create_app in this process (tests) so the new app gets exactly one copy.
     _callback.GLOBAL_CALLBACK_LIST.clear()
     _callback.GLOBAL_CALLBACK_MAP.clear()
+    # Dash executes the page modules again for each app, but not what they import: the panels
+    # (app/panels/*) are re-executed here so that a second app (tests, a notebook's second
+    # explorer()) gets their callbacks too.
+    for name in sorted(m for m in sys.modules if m.startswith("app.panels.")):
+        importlib.reload(sys.modules[name])
     app = dash.Dash(
         "app", use_pages=True, pages_folder="pages", assets_folder=str(ROOT / "assets"),
         title="HeadScope", update_title=None, suppress_callback_exceptions=False, compress=True,

@@ -286,6 +286,18 @@ def _payload(app, output, values, state_values=()):
             "changedPropIds": [f"{spec['inputs'][0]['id']}.{spec['inputs'][0]['property']}"]}
 
 
+def test_a_second_app_in_the_process_has_every_callback(client, syn):
+    """A notebook's second explorer() (or a later test) builds another app: the panels' callbacks
+    (app/panels/*, imported by the Explorer page, not executed again by Dash) must be there too."""
+    from app.server import create_app
+
+    first, _ = client
+    second = create_app(cache_dir=syn.parent, run="syn")
+    assert second.server.test_client().get("/").status_code == 200
+    assert set(second.callback_map) == set(first.callback_map)
+    assert any("sal-map" in k for k in second.callback_map) and any("hs-pairs-graph" in k for k in second.callback_map)
+
+
 def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
     app, c = client
     post = lambda body: c.post("/_dash-update-component", json=body)
