@@ -280,6 +280,7 @@ RULES = {
     ("thr-current", "data"): _opt(_number()),
     ("d1-color", "value"): _opt(_choice("layer", "pattern")),
     ("band-scope", "value"): _opt(_choice("set", "class", "wrong")),
+    ("d-panel", "value"): _opt(_choice("pattern", "saliency")),
     # D6, the saliency panel (app/panels/saliency.py)
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),

@@ -87,7 +87,10 @@ def query(dash_duo):
 
 
 def into_view(dash_duo, el):
-    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'});", el)
+    """Scroll ``el`` to the middle of the window at once: Bootstrap makes the page scroll smoothly, and
+    a pointer moved during that animation clicks where the element was, not where it is."""
+    dash_duo.driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'center', inline: 'center', behavior: 'instant'});", el)
     return el
 
 
@@ -191,7 +194,6 @@ def test_selecting_a_head_updates_b2_b3_c2_c3_d2_to_d5(dash_duo, app):
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="clicking a D5 bar does not reach the threshold callback after the Explorer rewrite (issue 12, open)")
 def test_moving_the_threshold_changes_the_d3_segments(dash_duo, app):
     visit(dash_duo, app, "/?run=tiny&image=3&layer=1&head=1")
     until(lambda: (segments(dash_duo) or 0) > 0, timeout=TIMEOUT, msg="segments in D3")
@@ -428,7 +430,6 @@ def settle(dash_duo, timeout=TIMEOUT):
     time.sleep(0.2)
 
 
-@pytest.mark.xfail(strict=False, reason="the scale toggle does not reach the URL state after the saliency-panel merge (issue 12 open)")
 def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, real_app, real):
     run = real[1]
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=11&head=0")
@@ -485,7 +486,6 @@ def drag(dash_duo, element, dx, dy):
         .move_by_offset(dx // 2, dy // 2).pause(0.1).move_by_offset(dx - dx // 2, dy - dy // 2).pause(0.2).release().perform()
 
 
-@pytest.mark.xfail(strict=False, reason="the bins radio does not reach the view state after the Explorer rewrite (issue 12, open)")
 def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, real_app, real):
     run = real[1]
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=5&head=2")
@@ -513,7 +513,6 @@ def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, re
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="C3 does not show the box-selected set after the band-scope control was added (issues 12/15 open)")
 def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)
@@ -552,7 +551,7 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     mean = np.nanmean(index.values(metric)[pos], 0)
     got = js(dash_duo, "b1-graph", "Array.from(gd.data[2].y)")
     np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-6)
-    wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"selected set ({len(ids)})"],
+    wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"the set ({len(ids)})"],
             "C3 shows the set")
     wait_js(dash_duo, "d1-graph", "gd.data.map(t => t.name).join('|')", lambda n: f"the set ({len(ids)})" in n, "D1 highlights the set")
     assert js(dash_duo, "d1-graph", "gd._fullData.find(t => (t.name || '').includes('the set'))._length") == len(ids)
@@ -568,7 +567,6 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="the D1 toggle does not reach the URL state after the last merges (issue 12 open)")
 def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, real_app, real):
     run = real[1]
     start = (f"/?run={run}&image=3&layer=4&head=2&mode=3&metric=jsd&thr=q5&d1=patch&d1s=both&color=prob"
@@ -607,7 +605,6 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="a click on another image's head in the WebGL D1 does not arrive as clickData in headless chromium (issue 12, open)")
 def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)
@@ -633,7 +630,6 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="the saliency panel under D2 makes the page 1988 px tall at 1920x1080 (issue 12/14 open)")
 def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_duo, real_app, real, tmp_path):
     run = real[1]
     index = real_index(real)

@@ -40,6 +40,8 @@ Q_STEP = 0.05
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
+# the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
+D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
 
@@ -153,20 +155,26 @@ def layout(**query):
     view_d = card("D", "Attention pattern", [
         dbc.Row([
             dbc.Col([html.Div(id="d1-msg"), graph("d1-graph", HEIGHT["d1"]), dcc.Store(id="d1-key")], className="d1-col"),
-            dbc.Col([loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]),
-                     saliency.panel()], className="d2-col"),
-            dbc.Col(loading([
-                html.Div(id="d-msg"),
-                html.Div([html.Span("D3 · two-axis view ", className="sub-title"),
-                          html.Span(id="d3-count", className="d3-count")]),
-                graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
-                dbc.Row([
-                    dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
-                             graph("d4-graph", HEIGHT["d4"])], width=6),
-                    dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
-                             graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
-                ], className="g-1"),
-            ], "d-loading"), className="d3-col"),
+            dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), className="d2-col"),
+            dbc.Col([
+                # D3-D5 or the saliency panel D6 in one place: the four views keep one 1920x1080 screen
+                html.Div([dbc.RadioItems(id="d-panel", options=[{"label": v, "value": k} for k, v in D_PANELS.items()],
+                                         value="pattern", inline=True, className="small toggle d-panel"),
+                          html.Span([html.Span("D3 · two-axis view ", className="sub-title"),
+                                     html.Span(id="d3-count", className="d3-count")], id="d3-title")],
+                         className="d-switch"),
+                html.Div(loading([
+                    html.Div(id="d-msg"),
+                    graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
+                    dbc.Row([
+                        dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
+                                 graph("d4-graph", HEIGHT["d4"])], width=6),
+                        dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
+                                 graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
+                    ], className="g-1"),
+                ], "d-loading"), id="d-pattern"),
+                html.Div(saliency.panel(), id="d-saliency", style={"display": "none"}),
+            ], className="d3-col"),
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
@@ -177,6 +185,18 @@ def layout(**query):
         html.Div([view_a, view_b, view_c, view_d], className="explorer-grid"),
         *keys, dcc.Store(id="ctl-sync"),
     ], className="explorer", id="explorer-root")
+
+
+clientside_callback(
+    """
+    function(panel) {
+        const hide = {display: 'none'}, sal = panel === 'saliency';
+        return [sal ? hide : {}, sal ? {} : hide, sal ? hide : {}];
+    }
+    """,
+    Output("d-pattern", "style"), Output("d-saliency", "style"), Output("d3-title", "style"), Input("d-panel", "value"),
+    prevent_initial_call=True,
+)
 
 
 # ---- state: controls <-> sel, sel -> the parts views listen to -----------------------------------
