@@ -143,6 +143,14 @@ def _head_or_image_head(v):
         _int(x)
 
 
+def _held_click(v):
+    """The Explorer's held head click: {graph: b1/c1/d1-graph, points: [{customdata, curveNumber, pointNumber}]}."""
+    if not isinstance(v, dict) or set(v) != {"graph", "points"}:
+        raise Invalid("expected {graph, points}")
+    _choice("b1-graph", "c1-graph", "d1-graph")(v["graph"])
+    _points(_opt(_head_or_image_head))(v)
+
+
 def _numbers(v):
     """A number or a short list of numbers (D5's bar edges)."""
     for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
@@ -262,6 +270,7 @@ RULES = {
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
     ("d1-graph", "clickData"): _points(_opt(_head_or_image_head)),
+    ("head-click", "data"): _opt(_held_click),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("d5-graph", "clickData"): _points(_numbers),

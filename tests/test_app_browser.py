@@ -99,6 +99,17 @@ def click(dash_duo, selector):
     ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).click().perform()
 
 
+def double_click_changes_nothing(dash_duo, selector):
+    """Double-click ``selector`` (a graph's point or its drag area) as a user resetting the zoom; the
+    view state (the URL) must not change."""
+    state = query(dash_duo)
+    el = into_view(dash_duo, dash_duo.wait_for_element(selector, timeout=TIMEOUT))
+    ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).double_click().perform()
+    time.sleep(1.5)  # longer than a held click (plotly's double-click delay, 300 ms)
+    until(dash_duo._wait_for_callbacks, timeout=TIMEOUT, poll=0.1)
+    assert query(dash_duo) == state
+
+
 def no_console_errors(dash_duo):
     errors = [e for e in dash_duo.get_logs() if e.get("level") == "SEVERE"]
     assert errors == [], errors
@@ -441,6 +452,8 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     assert top[0] == top[1] > 0
     dash_duo.wait_for_element("#d2-images .d2-scale .d2-bar", timeout=TIMEOUT)
     bar_text = dash_duo.find_element("#d2-images .d2-ticks").text
+    # a double-click on a head in B1 resets the zoom only (issue 12): the selection stays
+    double_click_changes_nothing(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")
     # another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
     click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")  # layer 11 head 3
     until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
@@ -617,9 +630,14 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
     image = int(index.image_ids[target])
     hi = 4 * index.H + 5
     xy = index.layouts["cls"][target, hi]
-    dash_duo.driver.execute_script(  # zoom in on it, then click it as a user does
-        "const gd = document.querySelector('#d1-graph .js-plotly-plot');"
-        f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    zoom = ("const gd = document.querySelector('#d1-graph .js-plotly-plot');"
+            f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    # zoomed in on it, a double-click resets the zoom and selects nothing (issue 12)
+    dash_duo.driver.execute_script(zoom)
+    time.sleep(1)
+    double_click_changes_nothing(dash_duo, "#d1-graph .nsewdrag")
+    wait_js(dash_duo, "d1-graph", "gd.layout.xaxis.autorange", lambda a: a is True, "the double-click reset the zoom")
+    dash_duo.driver.execute_script(zoom)  # zoom in on it again, then click it as a user does
     time.sleep(1)
     plot = into_view(dash_duo, dash_duo.find_element("#d1-graph .nsewdrag"))
     ActionChains(dash_duo.driver).move_to_element(plot).pause(0.6).click().perform()

@@ -183,7 +183,7 @@ def layout(**query):
         html.Div(id="run-alert"),
         top,
         html.Div([view_a, view_b, view_c, view_d], className="explorer-grid"),
-        *keys, dcc.Store(id="ctl-sync"),
+        *keys, dcc.Store(id="ctl-sync"), dcc.Store(id="head-click"),
     ], className="explorer", id="explorer-root")
 
 
@@ -560,24 +560,50 @@ def view_b1(_ki, _kh, _km, _ks, _khs, scope, overlay, sel):
                              **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
+# A click on a head in B1, C1 or D1 is held for plotly's double-click delay and dropped when it was
+# the start of a double-click, which resets the zoom and nothing else (plotly holds legend clicks the
+# same way); assets/explorer.js remembers each graph's last two mousedowns.
+clientside_callback(
+    """
+    function(b1, c1, d1) {
+        const C = window.dash_clientside, id = C.callback_context.triggered_id;
+        const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
+        if (!click || !click.points || !click.points.length) { return C.no_update; }
+        const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
+        const p = click.points[0];
+        const held = {graph: id, points: [{customdata: p.customdata === undefined ? null : p.customdata,
+                                           curveNumber: p.curveNumber, pointNumber: p.pointNumber}]};
+        return new Promise(resolve => setTimeout(() => {
+            const d = window.hsDown;
+            const double = d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay;
+            resolve(double ? C.no_update : held);
+        }, delay));
+    }
+    """,
+    Output("head-click", "data"),
+    Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
+    prevent_initial_call=True,
+)
+
+
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
-          Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-          State("sel", "data"), prevent_initial_call=True)
-def select_head(b1, c1, d1, sel):
-    """A click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
+          Input("head-click", "data"), State("sel", "data"), prevent_initial_call=True)
+def select_head(click, sel):
+    """A (held) click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
     selects that head of that image, and the note under the header says so."""
-    click = {"b1-graph": b1, "c1-graph": c1, "d1-graph": d1}.get(ctx.triggered_id)
     if not click or not click.get("points"):
         return no_update, no_update
+    graph = click.get("graph")
     pt = click["points"][0]
     cd = pt.get("customdata")
-    if ctx.triggered_id == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
+    if graph == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
         cd = _d1_background_point(sel, pt)
     p = Patch()
     if isinstance(cd, list) and len(cd) == 2:
         p["layer"], p["head"] = int(cd[0]), int(cd[1])
         return p, None
-    if ctx.triggered_id == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
+    if graph == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
         image, layer, head = (int(v) for v in cd)
         p["image"], p["layer"], p["head"] = image, layer, head
         note = None
