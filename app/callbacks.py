@@ -149,6 +149,14 @@ def _overlay_traces(v):
         raise Invalid("expected a list of at most 3 traces")
 
 
+def _held_click(v):
+    """The Explorer's held head click: {graph: b1/c1/d1-graph, points: [{customdata, curveNumber, pointNumber}]}."""
+    if not isinstance(v, dict) or set(v) != {"graph", "points"}:
+        raise Invalid("expected {graph, points}")
+    _choice("b1-graph", "c1-graph", "d1-graph")(v["graph"])
+    _points(_opt(_head_or_image_head))(v)
+
+
 def _numbers(v):
     """A number or a short list of numbers (D5's bar edges)."""
     for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
@@ -269,6 +277,7 @@ RULES = {
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
     ("d1-graph", "clickData"): _points(_opt(_head_or_image_head)),
+    ("head-click", "data"): _opt(_held_click),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("d5-graph", "clickData"): _points(_numbers),
@@ -287,6 +296,7 @@ RULES = {
     ("thr-current", "data"): _opt(_number()),
     ("d1-color", "value"): _opt(_choice("layer", "pattern")),
     ("band-scope", "value"): _opt(_choice("set", "class", "wrong")),
+    ("d-panel", "value"): _opt(_choice("pattern", "saliency")),
     # D6, the saliency panel (app/panels/saliency.py)
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 import numpy as np
 import plotly.colors as pc
@@ -662,6 +663,9 @@ def histogram_bins(v: np.ndarray, bins: int, binning: str) -> np.ndarray:
     return np.linspace(0.0, hi, bins + 1)
 
 
+D5_FILL = 0.78  # the fraction of D5's height the tallest bar reaches
+
+
 def attention_histogram(A: np.ndarray, threshold: float, label: str, bins: int = 40, binning: str = "log") -> dict:
     """D5: histogram of the head's N*N attention values, log-scaled counts, with a draggable
     threshold line (an editable shape: dragging it sends relayoutData ``shapes[0].x0``).
@@ -690,8 +694,12 @@ def attention_histogram(A: np.ndarray, threshold: float, label: str, bins: int =
                      tickvals=decades.tolist(), ticktext=[f"1e{int(d)}" for d in decades])
     else:
         xaxis = axis("attention value (drag the line)", range=[0.0, float(xe[-1])])
+    # log counts from 0.8 (a bar of 1 shows) up; the top ~fifth stays clear of the plot toolbar,
+    # which covers the top right corner while the pointer is over the plot
+    lo, top = math.log10(0.8), math.log10(max(int(hist.max()), 1))
     lay = layout(None, shapes=shapes, annotations=ann, bargap=0, xaxis=xaxis,
-                 yaxis=axis("count", type="log", dtick=1), margin={"l": 55, "r": 10, "t": 6, "b": 40},
+                 yaxis=axis("count", type="log", dtick=1, range=[lo, lo + (top - lo) / D5_FILL]),
+                 margin={"l": 55, "r": 10, "t": 6, "b": 40},
                  meta={"binning": binning})
     return {"data": data, "layout": lay}
 

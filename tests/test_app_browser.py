@@ -87,13 +87,27 @@ def query(dash_duo):
 
 
 def into_view(dash_duo, el):
-    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'});", el)
+    """Scroll ``el`` to the middle of the window at once: Bootstrap makes the page scroll smoothly, and
+    a pointer moved during that animation clicks where the element was, not where it is."""
+    dash_duo.driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'center', inline: 'center', behavior: 'instant'});", el)
     return el
 
 
 def click(dash_duo, selector):
     el = into_view(dash_duo, dash_duo.wait_for_element(selector, timeout=TIMEOUT))
     ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).click().perform()
+
+
+def double_click_changes_nothing(dash_duo, selector):
+    """Double-click ``selector`` (a graph's point or its drag area) as a user resetting the zoom; the
+    view state (the URL) must not change."""
+    state = query(dash_duo)
+    el = into_view(dash_duo, dash_duo.wait_for_element(selector, timeout=TIMEOUT))
+    ActionChains(dash_duo.driver).move_to_element(el).pause(0.3).double_click().perform()
+    time.sleep(1.5)  # longer than a held click (plotly's double-click delay, 300 ms)
+    until(dash_duo._wait_for_callbacks, timeout=TIMEOUT, poll=0.1)
+    assert query(dash_duo) == state
 
 
 def no_console_errors(dash_duo):
@@ -145,7 +159,7 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     visit(dash_duo, app, "/")
     dash_duo.wait_for_element("#a-graph .scatterlayer .trace .point", timeout=TIMEOUT)
     wait_js(dash_duo, "b1-graph", "gd.data.length", lambda n: n == 3, "mean and band only")
-    wait_js(dash_duo, "d1-graph", "gd.data[2] ? gd.data[2].x.length : -1", lambda n: n == 0, "no overlay yet")
+    wait_js(dash_duo, "d1-overlay", "gd.data.length", lambda n: n == 0, "no selection layer yet")
     # hovering an image shows its thumbnail, label, prediction and probability
     point = dash_duo.find_element("#a-graph .scatterlayer .trace:nth-of-type(3) .point")
     ActionChains(dash_duo.driver).move_to_element(point).pause(0.5).perform()
@@ -158,7 +172,9 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     wait_js(dash_duo, "b1-graph", "gd.data.length", lambda n: n == 4, "the image's curve on top")
     assert js(dash_duo, "b1-graph", "gd.data[3].name").startswith(f"image {image}")
     wait_js(dash_duo, "c1-graph", "gd.layout.title.text", lambda t: t and t.startswith(f"image {image}"), "C1 is the image")
-    wait_js(dash_duo, "d1-graph", "gd.data[2].x.length", lambda n: n == 12, "the image's 6x2 heads in D1")
+    heads = "(gd.data.find(t => t.name === 'heads of the image') || {x: []}).x.length"
+    wait_js(dash_duo, "d1-overlay", heads, lambda n: n == 12, "the image's 6x2 heads in D1's selection layer")
+    assert js(dash_duo, "d1-graph", "gd.data.length") == 1  # the background was not redrawn with them
     no_console_errors(dash_duo)
 
 
@@ -191,7 +207,6 @@ def test_selecting_a_head_updates_b2_b3_c2_c3_d2_to_d5(dash_duo, app):
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="clicking a D5 bar does not reach the threshold callback after the Explorer rewrite (issue 12, open)")
 def test_moving_the_threshold_changes_the_d3_segments(dash_duo, app):
     visit(dash_duo, app, "/?run=tiny&image=3&layer=1&head=1")
     until(lambda: (segments(dash_duo) or 0) > 0, timeout=TIMEOUT, msg="segments in D3")
@@ -428,7 +443,6 @@ def settle(dash_duo, timeout=TIMEOUT):
     time.sleep(0.2)
 
 
-@pytest.mark.xfail(strict=False, reason="the scale toggle does not reach the URL state after the saliency-panel merge (issue 12 open)")
 def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, real_app, real):
     run = real[1]
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=11&head=0")
@@ -440,6 +454,8 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     assert top[0] == top[1] > 0
     dash_duo.wait_for_element("#d2-images .d2-scale .d2-bar", timeout=TIMEOUT)
     bar_text = dash_duo.find_element("#d2-images .d2-ticks").text
+    # a double-click on a head in B1 resets the zoom only (issue 12): the selection stays
+    double_click_changes_nothing(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")
     # another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
     click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")  # layer 11 head 3
     until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
@@ -485,7 +501,6 @@ def drag(dash_duo, element, dx, dy):
         .move_by_offset(dx // 2, dy // 2).pause(0.1).move_by_offset(dx - dx // 2, dy - dy // 2).pause(0.2).release().perform()
 
 
-@pytest.mark.xfail(strict=False, reason="the bins radio does not reach the view state after the Explorer rewrite (issue 12, open)")
 def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, real_app, real):
     run = real[1]
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=5&head=2")
@@ -513,7 +528,6 @@ def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, re
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="C3 does not show the box-selected set after the band-scope control was added (issues 12/15 open)")
 def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)
@@ -552,10 +566,10 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     mean = np.nanmean(index.values(metric)[pos], 0)
     got = js(dash_duo, "b1-graph", "Array.from(gd.data[2].y)")
     np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-6)
-    wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"selected set ({len(ids)})"],
+    wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"the set ({len(ids)})"],
             "C3 shows the set")
-    wait_js(dash_duo, "d1-graph", "gd.data.map(t => t.name).join('|')", lambda n: f"the set ({len(ids)})" in n, "D1 highlights the set")
-    assert js(dash_duo, "d1-graph", "gd._fullData.find(t => (t.name || '').includes('the set'))._length") == len(ids)
+    wait_js(dash_duo, "d1-overlay", "gd.data.map(t => t.name).join('|')", lambda n: f"the set ({len(ids)})" in n, "D1 highlights the set")
+    assert js(dash_duo, "d1-overlay", "gd._fullData.find(t => (t.name || '').includes('the set'))._length") == len(ids)
     dash_duo.wait_for_contains_text("#sel-summary", f"set of {len(ids)} images", timeout=TIMEOUT)
     # a double-click resets the zoom only: the set, the image and the head stay
     state = query(dash_duo)
@@ -568,7 +582,6 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="the D1 toggle does not reach the URL state after the last merges (issue 12 open)")
 def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, real_app, real):
     run = real[1]
     start = (f"/?run={run}&image=3&layer=4&head=2&mode=3&metric=jsd&thr=q5&d1=patch&d1s=both&color=prob"
@@ -607,22 +620,33 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="a click on another image's head in the WebGL D1 does not arrive as clickData in headless chromium (issue 12, open)")
 def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=2&head=1")
-    wait_js(dash_duo, "d1-graph", "gd.data.length", lambda n: n == 4, "background + 3 overlay traces", timeout=120)
-    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "scattergl"
+    wait_js(dash_duo, "d1-overlay", "gd.data.length", lambda n: n == 3, "the selection layer's 3 traces", timeout=120)
+    assert js(dash_duo, "d1-graph", "gd.data.length") == 1 and js(dash_duo, "d1-graph", "gd.data[0].type") == "scattergl"
     assert js(dash_duo, "d1-graph", "gd._fullData[0]._length") == index.n * index.L * index.H
     # pick a head of another image through plotly's own click on the webgl point
     target = next(p for p in range(index.n) if int(index.image_ids[p]) != 3)
     image = int(index.image_ids[target])
     hi = 4 * index.H + 5
     xy = index.layouts["cls"][target, hi]
-    dash_duo.driver.execute_script(  # zoom in on it, then click it as a user does
-        "const gd = document.querySelector('#d1-graph .js-plotly-plot');"
-        f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    zoom = ("const gd = document.querySelector('#d1-graph .js-plotly-plot');"
+            f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    # zoomed in on it, a double-click resets the zoom and selects nothing (issue 12)
+    dash_duo.driver.execute_script(zoom)
+    time.sleep(1)
+    # the selection layer follows the zoom: the same plot area and axis ranges as the background
+    same = ("const bg = document.querySelector('#d1-graph .js-plotly-plot'), b = bg._fullLayout, o = gd._fullLayout;"
+            "const rb = bg.getBoundingClientRect(), ro = gd.getBoundingClientRect();"
+            "return [rb.left + b._size.l - ro.left - o._size.l, rb.top + b._size.t - ro.top - o._size.t, b._size.w - o._size.w,"
+            " b._size.h - o._size.h, ...b.xaxis.range.map((v, i) => v - o.xaxis.range[i]), ...b.yaxis.range.map((v, i) => v - o.yaxis.range[i])]")
+    wait_js(dash_duo, "d1-overlay", f"(() => {{ {same} }})()", lambda d: d and max(map(abs, d)) < 1e-6,
+            "the selection layer lies on the zoomed background")
+    double_click_changes_nothing(dash_duo, "#d1-graph .nsewdrag")
+    wait_js(dash_duo, "d1-graph", "gd.layout.xaxis.autorange", lambda a: a is True, "the double-click reset the zoom")
+    dash_duo.driver.execute_script(zoom)  # zoom in on it again, then click it as a user does
     time.sleep(1)
     plot = into_view(dash_duo, dash_duo.find_element("#d1-graph .nsewdrag"))
     ActionChains(dash_duo.driver).move_to_element(plot).pause(0.6).click().perform()
@@ -633,7 +657,6 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
     no_console_errors(dash_duo)
 
 
-@pytest.mark.xfail(strict=False, reason="the saliency panel under D2 makes the page 1988 px tall at 1920x1080 (issue 12/14 open)")
 def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_duo, real_app, real, tmp_path):
     run = real[1]
     index = real_index(real)

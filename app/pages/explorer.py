@@ -40,6 +40,8 @@ Q_STEP = 0.05
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
+# the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
+D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
 
@@ -157,20 +159,26 @@ def layout(**query):
                                                                         id="d1-overlay")], className="d1-stack"),
                      dcc.Store(id="d1-key"), dcc.Store(id="d1-selection"), dcc.Store(id="d1-drawn")],
                     className="d1-col"),
-            dbc.Col([loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]),
-                     saliency.panel()], className="d2-col"),
-            dbc.Col(loading([
-                html.Div(id="d-msg"),
-                html.Div([html.Span("D3 · two-axis view ", className="sub-title"),
-                          html.Span(id="d3-count", className="d3-count")]),
-                graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
-                dbc.Row([
-                    dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
-                             graph("d4-graph", HEIGHT["d4"])], width=6),
-                    dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
-                             graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
-                ], className="g-1"),
-            ], "d-loading"), className="d3-col"),
+            dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), className="d2-col"),
+            dbc.Col([
+                # D3-D5 or the saliency panel D6 in one place: the four views keep one 1920x1080 screen
+                html.Div([dbc.RadioItems(id="d-panel", options=[{"label": v, "value": k} for k, v in D_PANELS.items()],
+                                         value="pattern", inline=True, className="small toggle d-panel"),
+                          html.Span([html.Span("D3 · two-axis view ", className="sub-title"),
+                                     html.Span(id="d3-count", className="d3-count")], id="d3-title")],
+                         className="d-switch"),
+                html.Div(loading([
+                    html.Div(id="d-msg"),
+                    graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
+                    dbc.Row([
+                        dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
+                                 graph("d4-graph", HEIGHT["d4"])], width=6),
+                        dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
+                                 graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
+                    ], className="g-1"),
+                ], "d-loading"), id="d-pattern"),
+                html.Div(saliency.panel(), id="d-saliency", style={"display": "none"}),
+            ], className="d3-col"),
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
@@ -179,8 +187,20 @@ def layout(**query):
         html.Div(id="run-alert"),
         top,
         html.Div([view_a, view_b, view_c, view_d], className="explorer-grid"),
-        *keys, dcc.Store(id="ctl-sync"),
+        *keys, dcc.Store(id="ctl-sync"), dcc.Store(id="head-click"),
     ], className="explorer", id="explorer-root")
+
+
+clientside_callback(
+    """
+    function(panel) {
+        const hide = {display: 'none'}, sal = panel === 'saliency';
+        return [sal ? hide : {}, sal ? {} : hide, sal ? hide : {}];
+    }
+    """,
+    Output("d-pattern", "style"), Output("d-saliency", "style"), Output("d3-title", "style"), Input("d-panel", "value"),
+    prevent_initial_call=True,
+)
 
 
 # ---- state: controls <-> sel, sel -> the parts views listen to -----------------------------------
@@ -544,24 +564,50 @@ def view_b1(_ki, _kh, _km, _ks, _khs, scope, overlay, sel):
                              **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
+# A click on a head in B1, C1 or D1 is held for plotly's double-click delay and dropped when it was
+# the start of a double-click, which resets the zoom and nothing else (plotly holds legend clicks the
+# same way); assets/explorer.js remembers each graph's last two mousedowns.
+clientside_callback(
+    """
+    function(b1, c1, d1) {
+        const C = window.dash_clientside, id = C.callback_context.triggered_id;
+        const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
+        if (!click || !click.points || !click.points.length) { return C.no_update; }
+        const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
+        const p = click.points[0];
+        const held = {graph: id, points: [{customdata: p.customdata === undefined ? null : p.customdata,
+                                           curveNumber: p.curveNumber, pointNumber: p.pointNumber}]};
+        return new Promise(resolve => setTimeout(() => {
+            const d = window.hsDown;
+            const double = d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay;
+            resolve(double ? C.no_update : held);
+        }, delay));
+    }
+    """,
+    Output("head-click", "data"),
+    Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
+    prevent_initial_call=True,
+)
+
+
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
-          Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-          State("sel", "data"), prevent_initial_call=True)
-def select_head(b1, c1, d1, sel):
-    """A click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
+          Input("head-click", "data"), State("sel", "data"), prevent_initial_call=True)
+def select_head(click, sel):
+    """A (held) click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
     selects that head of that image, and the note under the header says so."""
-    click = {"b1-graph": b1, "c1-graph": c1, "d1-graph": d1}.get(ctx.triggered_id)
     if not click or not click.get("points"):
         return no_update, no_update
+    graph = click.get("graph")
     pt = click["points"][0]
     cd = pt.get("customdata")
-    if ctx.triggered_id == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
+    if graph == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
         cd = _d1_background_point(sel, pt)
     p = Patch()
     if isinstance(cd, list) and len(cd) == 2:
         p["layer"], p["head"] = int(cd[0]), int(cd[1])
         return p, None
-    if ctx.triggered_id == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
+    if graph == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
         image, layer, head = (int(v) for v in cd)
         p["image"], p["layer"], p["head"] = image, layer, head
         note = None

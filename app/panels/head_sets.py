@@ -165,14 +165,15 @@ def _heads(sel: dict) -> list[list[int]]:
           Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"), Input("hs-set", "value"),
           Input("hs-shift", "data"), Input("hs-pairs-graph", "clickData"), State("sel", "data"),
           prevent_initial_call=True)
-def edit_set(_pin, _clear, typed, shift, pair_click, sel):
+def edit_set(pin, _clear, typed, shift, pair_click, sel):
     """Every change of the head set: pin / shift-click toggle a head, the chip box's × removes one,
-    "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set."""
+    "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set.
+    (Dash also calls it when the page's inputs appear, with n_clicks 0: that pins nothing.)"""
     trig = ctx.triggered_id
     heads = _heads(sel)
     view = no_update
     toggle = None
-    if trig == "hs-pin" and sel.get("layer") is not None and sel.get("head") is not None:
+    if trig == "hs-pin" and pin and sel.get("layer") is not None and sel.get("head") is not None:
         toggle, view = [int(sel["layer"]), int(sel["head"])], "set"
     elif trig == "hs-shift" and shift:
         toggle, view = [int(v) for v in shift["cd"]], "set"
