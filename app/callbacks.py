@@ -289,7 +289,7 @@ RULES = {
     ("set-clear", "n_clicks"): _clicks,
     ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
     ("fig-format", "value"): _opt(_choice("png", "svg")),
-    ("scale", "value"): _opt(_choice("layer", "image")),
+    ("scale", "value"): _opt(_choice("layer", "image", "run")),
     ("bins", "value"): _opt(_choice("log", "linear")),
     ("thr-kind", "value"): _opt(_choice("q", "a")),
     ("thr-abs", "value"): _opt(_number(0, 1)),
@@ -301,7 +301,8 @@ RULES = {
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
-    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")},
+    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale",
+                                                                  "run")},
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }
 

@@ -41,6 +41,9 @@ GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph",
           "d3-graph", "d4-graph", "d5-graph")
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
 # the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
+# the parts of the view state that views listen to (k-<part> stores, set by the clientside callback
+# below only when their part changes): a view recomputes only when what it depends on changed
+PARTS = ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale", "run")
 D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
@@ -137,7 +140,8 @@ def layout(**query):
                                                 {"label": "by pattern", "value": "pattern"}],
                        value="layer", inline=True, className="small toggle"),
         dbc.RadioItems(id="scale", options=[{"label": "scale: this layer", "value": "layer"},
-                                            {"label": "all layers", "value": "image"}],
+                                            {"label": "all layers", "value": "image"},
+                                            {"label": "layer over the run", "value": "run"}],
                        value="layer", inline=True, className="small toggle",
                        ),
     ]
@@ -182,7 +186,7 @@ def layout(**query):
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
-    keys = [dcc.Store(id=f"k-{k}") for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")]
+    keys = [dcc.Store(id=f"k-{k}") for k in PARTS]
     return html.Div([
         html.Div(id="run-alert"),
         top,
@@ -276,6 +280,7 @@ clientside_callback(
                                : {color: s.color || null},
             {set: s.set || null},
             {scale: s.scale || null},
+            {run: r},
         ];
         // the page's stores are new after each visit of the page: compare with what they hold now
         const root = document.getElementById('explorer-root');
@@ -285,7 +290,7 @@ clientside_callback(
         return parts.map((p, i) => JSON.stringify(p) === JSON.stringify(held[i]) ? C.no_update : p);
     }
     """,
-    *[Output(f"k-{k}", "data") for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale")],
+    *[Output(f"k-{k}", "data") for k in PARTS],
     Input("sel", "data"),
 )
 
@@ -356,7 +361,7 @@ def _title(metric: str) -> str:
 
 
 # ---- selection summary, metric options, export format ----------------------------------------------
-@callback(Output("metric", "options"), Output("metric", "placeholder"), Input("k-image", "data"), State("sel", "data"))
+@callback(Output("metric", "options"), Output("metric", "placeholder"), Input("k-run", "data"), State("sel", "data"))
 def metric_options(_k, sel):
     """B1's choice: the importance metrics this run has values for (backbone runs have no prob / jsd);
     the default as placeholder."""
@@ -369,7 +374,7 @@ def metric_options(_k, sel):
     return data.metric_options(index.importance), registry.get_metric(default).option
 
 
-@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("k-image", "data"),
+@callback(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("k-run", "data"),
           State("sel", "data"), State("c1-metric", "value"))
 def c1_metric_options(_k, sel, current):
     """C1's y axis: any scalar head property of the run (strength entropy by default, as in the
@@ -776,14 +781,27 @@ def _attention(index, pos, head) -> dict:
     return data.attention(index.name, int(index.image_ids[pos]), *head)
 
 
-def _vmax(att: dict, layer: int, scale: str | None) -> float:
-    """The shared colour scale's top: the largest attention value of this image in the head's layer
-    (all its heads, outside the CLS->CLS block, whose cells clip) or, with scale "image", in every
-    layer; the matrix's own max if unknown."""
+SCALE_NAMES = {"layer": "this layer of this image", "image": "all layers of this image",
+               "run": "this layer over the run's images"}
+
+
+def _vmax(index: data.RunIndex, att: dict, layer: int, scale: str | None) -> tuple[float, str]:
+    """(top, what it is the max of) of the shared colour scale of D2-D4: the largest attention value
+    outside the CLS->CLS block R1 (whose cells clip) of all heads of the head's layer in this image
+    ("layer", the default), of every layer of this image ("image"), or of the head's layer over all
+    the run's images ("run": the run's ``peak_attention``, so images compare too); the matrix's own
+    max when unknown."""
     maxes = att.get("layer_max")
+    if scale == "run" and index.has("peak_attention"):
+        peaks = index.values("peak_attention")[:, layer * index.H:(layer + 1) * index.H]
+        if np.isfinite(peaks).any():
+            return float(np.nanmax(peaks)), SCALE_NAMES["run"]
     if not maxes:
-        return float(att["attention"].max())
-    return float(max(maxes)) if scale == "image" else float(maxes[layer])
+        return float(att["attention"].max()), "this matrix"
+    if scale == "image":
+        return float(max(maxes)), SCALE_NAMES["image"]
+    return float(maxes[layer]), SCALE_NAMES["layer"] + (" (this run has no peak_attention: rebuild it for the run scale)"
+                                                       if scale == "run" else "")
 
 
 def _threshold(A: np.ndarray, sel: dict) -> tuple[float, str]:
@@ -814,13 +832,12 @@ def view_d3_d5(_ki, _kh, _kt, _ks, sel):
     except (OnlineError, HeadScopeError) as err:
         return F.empty("Attention unavailable."), F.empty(""), F.empty(""), "", message(str(err), "danger"), None
     A, T = att["attention"], int(att["num_prefix_tokens"])
-    vmax = _vmax(att, head[0], sel.get("scale"))
+    vmax, scale_name = _vmax(index, att, head[0], sel.get("scale"))
     thr, label = _threshold(A, sel)
     d3, drawn, above, n_cls = F.two_axis(A, T, thr, att["grid"], vmax=vmax)
     count = (f"all {n_cls:,} CLS-related pairs + {drawn:,} patch→patch segments"
              + (f" (the strongest {drawn:,} of {above:,}: capped)" if drawn < above else "")
-             + f" · {label} · colour 0–{vmax:.3g}: max of {'this layer' if sel.get('scale') != 'image' else 'all layers'}"
-             " of this image, CLS→CLS clips · hover a token for D2")
+             + f" · {label} · colour 0–{vmax:.3g}: max of {scale_name}, CLS→CLS clips · hover a token for D2")
     d5 = F.attention_histogram(A, thr, label, binning="linear" if sel.get("bins") == "linear" else "log")
     if _triggered() == "k-thr":
         d4 = Patch()
@@ -867,7 +884,7 @@ def view_d2(_ki, _kh, _ks, hover, sel):
     except (OnlineError, HeadScopeError) as err:
         return None, message(str(err), "danger")
     A, T, grid = att["attention"], int(att["num_prefix_tokens"]), tuple(att["grid"])
-    vmax = _vmax(att, head[0], sel.get("scale"))
+    vmax, _ = _vmax(index, att, head[0], sel.get("scale"))
     names = F.token_names(A.shape[0], T, grid)
     source, target = 0, 0  # the last hovered token stays picked when the head changes
     cd = (hover or {}).get("points", [{}])[0].get("customdata")
