@@ -132,3 +132,18 @@ def test_heads_page_ranks_the_change_between_zero_and_mean_ablation(index):
     for (l, h, a, b, d, ra, rb), i in zip(rows, want):
         assert a == pytest.approx(z[i]) and b == pytest.approx(m[i]) and d == pytest.approx(shift[i])
         assert ra == 1 + int((z > z[i]).sum()) and rb == 1 + int((m > m[i]).sum())
+
+
+def test_api_head_set_refuses_bad_sets_with_the_fix(tmp_path, monkeypatch):
+    """/api/head_set: over 64 heads, a head outside the model, an empty set -> 400 naming the problem
+    (tests/test_head_sets.py covers the Python API and the other /api cases)."""
+    from analysis.runs.synthetic import make_run as make_model_run
+    from app.server import create_app
+
+    monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
+    make_model_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)  # 6 layers x 2 heads
+    client = create_app(tmp_path, "tiny").server.test_client()
+    many = ",".join(f"{i % 6}:{i % 2}" for i in range(65))
+    for heads, text in ((many, "at most 64"), ("-1:0", "does not exist"), ("6:0", "layers 0-5"), ("", "empty")):
+        r = client.get(f"/api/head_set?run=tiny&image=1&heads={heads}")
+        assert r.status_code == 400 and text in r.json["error"], (heads, r.json)
