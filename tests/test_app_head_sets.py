@@ -104,3 +104,46 @@ def test_b1_extras_only_for_metrics_the_run_has(index):
     assert [(k, n) for k, n, _ in back] == [("mean", "zero ablation")]
     assert np.allclose(back[0][2], index.summary("jsd")[0], equal_nan=True)
     assert b1_extras(index, "jsd", None, ["taylor"], None) == {"overlays": [], "pinned": []}
+
+
+def test_a_pair_cell_click_names_its_two_heads():
+    """Dash's Graph drops a heatmap point's customdata: the cell's axis labels name the heads."""
+    from app.panels.head_sets import _pair_cell
+
+    assert _pair_cell({"x": "L8H3", "y": "L9H3", "z": -0.4}) == [[9, 3], [8, 3]]
+    assert _pair_cell({"x": "alone", "y": "L0H11"}) == [[0, 11], [0, 11]]  # the margin strip: that head alone
+    assert _pair_cell({"customdata": [1, 2, 3, 0], "x": "L8H3", "y": "L9H3"}) == [[1, 2], [3, 0]]
+    for bad in ({"x": "L8H3"}, {"x": "L8H3", "y": "layer 9"}, {"x": "L8", "y": "L9H3"}, {}):
+        assert _pair_cell(bad) is None, bad
+
+
+def test_heads_page_ranks_the_change_between_zero_and_mean_ablation(index):
+    from app import create_app
+
+    create_app(index.path.parent, "syn")  # the pages register with an app
+    from app.pages.heads import shift_rows
+
+    zero, rows = shift_rows(index, n=5)
+    assert zero == "prob_drop"
+    z, m = np.nanmean(index.values("prob_drop"), 0), np.nanmean(index.values("mean_prob_drop"), 0)
+    shift = index.summary("ablation_shift")[0]
+    want = np.argsort(-np.abs(shift), kind="stable")[:5]
+    assert [(l, h) for l, h, *_ in rows] == [(int(i) // H, int(i) % H) for i in want]
+    for (l, h, a, b, d, ra, rb), i in zip(rows, want):
+        assert a == pytest.approx(z[i]) and b == pytest.approx(m[i]) and d == pytest.approx(shift[i])
+        assert ra == 1 + int((z > z[i]).sum()) and rb == 1 + int((m > m[i]).sum())
+
+
+def test_api_head_set_refuses_bad_sets_with_the_fix(tmp_path, monkeypatch):
+    """/api/head_set: over 64 heads, a head outside the model, an empty set -> 400 naming the problem
+    (tests/test_head_sets.py covers the Python API and the other /api cases)."""
+    from analysis.runs.synthetic import make_run as make_model_run
+    from app.server import create_app
+
+    monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
+    make_model_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)  # 6 layers x 2 heads
+    client = create_app(tmp_path, "tiny").server.test_client()
+    many = ",".join(f"{i % 6}:{i % 2}" for i in range(65))
+    for heads, text in ((many, "at most 64"), ("-1:0", "does not exist"), ("6:0", "layers 0-5"), ("", "empty")):
+        r = client.get(f"/api/head_set?run=tiny&image=1&heads={heads}")
+        assert r.status_code == 400 and text in r.json["error"], (heads, r.json)

@@ -15,6 +15,7 @@ from test_app_browser import (ROOT, TIMEOUT, cache, click, into_view, js, no_con
 
 from dash.testing.wait import until  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from app import create_app  # noqa: E402
@@ -108,9 +109,12 @@ def test_real_head_set_and_pair_interactions(dash_duo, real, tmp_path):
     # a click on a cell (row 1, column 2) makes that pair the set
     xy = js(dash_duo, "hs-pairs-graph", "[gd._fullLayout.xaxis.l2p(2), gd._fullLayout.yaxis.l2p(1)]")
     drag = into_view(dash_duo, dash_duo.find_element("#hs-pairs-graph .nsewdrag[data-subplot='xy']"))
-    w, h = drag.size["width"], drag.size["height"]
-    ActionChains(dash_duo.driver).move_to_element_with_offset(drag, int(xy[0] - w / 2), int(xy[1] - h / 2)) \
-        .pause(0.5).click().perform()
+    left, top = dash_duo.driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top]",
+                                               drag)
+    # viewport coordinates: chromedriver's offset from an SVG rect's centre misses the cell
+    move = ActionBuilder(dash_duo.driver)
+    move.pointer_action.move_to_location(int(left + xy[0]), int(top + xy[1])).pause(0.5).click()
+    move.perform()
     pair = sorted([heads[1], heads[2]])
     until(lambda: shown_heads(dash_duo) == pair, timeout=TIMEOUT, msg="the clicked pair is the set")
     wait_js(dash_duo, "hs-pairs-graph", "gd.layout.shapes.length", lambda n: n == 2, "the pair outlined")

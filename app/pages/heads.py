@@ -33,6 +33,11 @@ def layout(**_query):
         html.P(["Mean and standard deviation over all images of the run (head_summary). Click a cell to select "
                 "the head, then open the ", dcc.Link("Explorer", href="/", id="heads-explorer-link"), "."],
                className="text-muted small"),
+        dbc.Row([
+            dbc.Col([html.H5("Zero vs mean ablation", className="mt-3"), html.Div(id="heads-shift")], lg=6),
+            dbc.Col([html.H5("Taylor estimate vs exact pruning", className="mt-3"), html.Div(id="heads-agreement")],
+                    lg=6),
+        ]),
         html.H5("Pattern labels", className="mt-3"),
         html.Div(id="heads-patterns"),
         dbc.Row([
@@ -118,6 +123,63 @@ def heads_select(click):
     p = Patch()
     p["layer"], p["head"] = int(pt["y"]), int(pt["x"])
     return p
+
+
+# ---- zero vs mean ablation; Taylor agreement (issue 13) ----------------------------------------
+
+def shift_rows(index: data.RunIndex, n: int = 10) -> tuple[str, list[tuple]]:
+    """(metric, rows): the n heads whose run-mean importance changes most (|ablation_shift|) between
+    zero and mean ablation: (layer, head, zero mean, mean-ablated mean, shift, zero rank, mean rank)."""
+    zero = "prob_drop" if {"prob_drop", "mean_prob_drop"} <= set(index.importance) else "emb_dist"
+    z, m = index.summary(zero)[0], index.summary(f"mean_{zero}")[0]
+    shift = index.summary("ablation_shift")[0]
+    rank = lambda v: np.argsort(np.argsort(-np.where(np.isfinite(v), v, -np.inf), kind="stable"), kind="stable") + 1
+    rz, rm = rank(z), rank(m)
+    order = np.argsort(-np.where(np.isfinite(shift), np.abs(shift), -np.inf), kind="stable")[:n]
+    return zero, [(int(i) // index.H, int(i) % index.H, z[i], m[i], shift[i], int(rz[i]), int(rm[i]))
+                  for i in order if np.isfinite(shift[i])]
+
+
+@callback(Output("heads-shift", "children"), Output("heads-agreement", "children"), Input("sel", "data"))
+def heads_ablation_and_taylor(sel):
+    index, err = load(sel)
+    if index is None:
+        return message(err, "danger"), None
+    if "ablation_shift" in index.run_level:
+        zero, rows = index.memo("shift-rows", lambda: shift_rows(index))
+        head = ("rank", "head", f"{zero} zero", f"{zero} mean-abl.", "shift", "rank zero", "rank mean")
+        body = [html.Tr([html.Td(r + 1), html.Td(f"L{l}H{h}"), html.Td(f"{a:.4g}"), html.Td(f"{b:.4g}"),
+                         html.Td(f"{d:+.4g}"), html.Td(ra), html.Td(rb)]) for r, (l, h, a, b, d, ra, rb) in enumerate(rows)]
+        shift = [html.P(f"Heads whose importance changes most between zero and mean ablation: |run mean of "
+                        f"mean_{zero} - {zero}| (ablation_shift), largest first. Positive: the head matters more "
+                        "than zeroing says; negative: zeroing overstates it. Ranks: by the run mean under each.",
+                        className="small text-muted mb-1"),
+                 dbc.Table([html.Thead(html.Tr([html.Th(c) for c in head])), html.Tbody(body)], size="sm",
+                           hover=True, striped=True, id="heads-shift-table")]
+    else:
+        shift = message("This run has no mean-ablated metrics: build it with the mean-ablation stage "
+                        "(scripts/build_cache.py --mean-ablation).", "info")
+    agreement = index.manifest.get("taylor_agreement") or {}
+    if agreement:
+        head = ("Taylor metric (approx.)", "images", "per image: median", "q25", "q75", "of the run means")
+        body = [html.Tr([html.Td(name), html.Td(a.get("images")), *(html.Td(_rho(a.get(k))) for k in
+                         ("per_image_median", "per_image_q25", "per_image_q75", "run_means"))])
+                for name, a in agreement.items()]
+        taylor = [html.P("Agreement of the approximate Taylor metrics with the exact prob_drop: Spearman's rank "
+                         "correlation over the L*H heads, per image (median and quartiles over images) and of the "
+                         "run means (SPEC).", className="small text-muted mb-1"),
+                  dbc.Table([html.Thead(html.Tr([html.Th(c) for c in head])), html.Tbody(body)], size="sm",
+                            striped=True, id="heads-agreement-table")]
+    elif "taylor_prob_drop" in index.importance:
+        taylor = message("This run has the Taylor metrics but not the exact prob_drop (a Taylor-only build): no "
+                         "agreement to show.", "info")
+    else:
+        taylor = message("This run has no Taylor metrics: build it with the Taylor stage to compare.", "info")
+    return shift, taylor
+
+
+def _rho(v) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
 # ---- pattern labels: modal label, its share, consistency (sortable) ---------------------------

@@ -14,9 +14,11 @@ The bottom of view B shows one of three panels (B2/B3, the set, the pairs): no e
 """
 from __future__ import annotations
 
+import re
+
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update, set_props
+from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
 from analysis.metrics import registry
@@ -168,7 +170,10 @@ def _heads(sel: dict) -> list[list[int]]:
 def edit_set(pin, _clear, typed, shift, pair_click, sel):
     """Every change of the head set: pin / shift-click toggle a head, the chip box's × removes one,
     "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set.
-    (Dash also calls it when the page's inputs appear, with n_clicks 0: that pins nothing.)"""
+    A call that names several inputs as changed is no edit: Dash makes it when the page renders and
+    show_set fills the chip box (prevent_initial_call does not stop it), listing every input."""
+    if len(ctx.triggered_prop_ids) != 1:
+        return no_update, no_update
     trig = ctx.triggered_id
     heads = _heads(sel)
     view = no_update
@@ -182,10 +187,9 @@ def edit_set(pin, _clear, typed, shift, pair_click, sel):
     elif trig == "hs-set":
         heads = [[int(p) for p in v.split(":")] for v in typed or []]
     elif trig == "hs-pairs-graph" and pair_click and pair_click.get("points"):
-        cd = pair_click["points"][0].get("customdata")
-        if not (isinstance(cd, list) and len(cd) == 4):
+        heads = _pair_cell(pair_click["points"][0])
+        if heads is None:
             return no_update, no_update
-        heads = [[int(cd[0]), int(cd[1])], [int(cd[2]), int(cd[3])]]
     if toggle is not None:
         heads = [h for h in heads if h != toggle] if toggle in heads else heads + [toggle]
     new = sorted({tuple(h) for h in heads})[:MAX_SET_HEADS]
@@ -194,6 +198,23 @@ def edit_set(pin, _clear, typed, shift, pair_click, sel):
     p = Patch()
     p["heads"] = [list(h) for h in new] or None
     return p, view
+
+
+_HEAD_NAME = re.compile(r"L(\d{1,4})H(\d{1,4})")
+
+
+def _pair_cell(point: dict) -> list[list[int]] | None:
+    """The heads of a clicked pair-heatmap cell: its customdata [a_layer, a_head, b_layer, b_head],
+    or, as Dash's Graph drops a heatmap point's customdata and pointNumber from clickData, its
+    axis labels (y: the row's head "L3H2", x: the column's, or "alone" on the margin strip)."""
+    cd = point.get("customdata")
+    if isinstance(cd, list) and len(cd) == 4:
+        return [[int(cd[0]), int(cd[1])], [int(cd[2]), int(cd[3])]]
+    row = _HEAD_NAME.fullmatch(str(point.get("y", "")))
+    col = _HEAD_NAME.fullmatch(str(point.get("x", ""))) or (row if point.get("x") == "alone" else None)
+    if row is None or col is None:
+        return None
+    return [[int(v) for v in row.groups()], [int(v) for v in col.groups()]]
 
 
 def _fmt(v) -> str:
@@ -209,37 +230,56 @@ def _table(index, results: list[tuple[str, str, dict]]):
     return html.Table([html.Thead(head), html.Tbody(rows)], className="table table-sm mb-0 hs-values")
 
 
+@_deferred(Output("hs-set", "options"), Output("hs-set", "value"), Output("hs-pin", "children"),
+          Input("k-heads", "data"), Input("k-head", "data"), State("sel", "data"))
+def show_set(_khs, _kh, sel):
+    """The chip box and the pin button follow the set (cheap, so it never lags behind an edit).
+    Options and value come in one response: the dropdown drops values missing from its options,
+    and that drop would reach edit_set as a user's edit."""
+    index, _ = load(sel)
+    if index is None:
+        return [], [], "pin head"
+    heads = _heads(sel)
+    options = index.memo("hs-options", lambda: [{"label": f"L{l}H{h}", "value": _key(l, h)}
+                                                for l in range(index.L) for h in range(index.H)])
+    one = _one(index, sel)
+    pin = "pin head" if one is None else ("unpin" if one in heads else "pin") + f" L{one[0]}H{one[1]}"
+    return options, [_key(*h) for h in heads], pin
+
+
+def _one(index, sel) -> list[int] | None:
+    """The selected head [layer, head], None when none (or not of this run) is selected."""
+    if index.head_index(sel.get("layer"), sel.get("head")) is None:
+        return None
+    return [int(sel["layer"]), int(sel["head"])]
+
+
 @_deferred(Output("hs-table", "children"), Output("hs-top5", "figure"), Output("hs-msg", "children"),
-          Output("hs-set", "options"), Output("hs-pin", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-heads", "data"), State("sel", "data"))
 def view_set(_ki, _kh, _khs, sel):
     """The set's metrics and top-5 on the selected image next to the selected head's alone."""
     index, err = load(sel)
     if index is None:
-        return None, F.empty(err or "No run"), None, [], "pin head"
+        return None, F.empty(err or "No run"), None
     heads = _heads(sel)
-    set_props("hs-set", {"value": [_key(*h) for h in heads]})
-    options = [{"label": f"L{l}H{h}", "value": _key(l, h)} for l in range(index.L) for h in range(index.H)]
-    head = index.head_index(sel.get("layer"), sel.get("head"))
-    one = None if head is None else [int(sel["layer"]), int(sel["head"])]
-    pin = "pin head" if one is None else ("unpin" if one in heads else "pin") + f" L{one[0]}H{one[1]}"
+    one = _one(index, sel)
     pos = index.pos(sel.get("image"))
     if not heads:
-        return None, F.empty("Pin heads (button above, or shift-click in B1)\nto prune them together."), None, options, pin
+        return None, F.empty("Pin heads (button above, or shift-click in B1)\nto prune them together."), None
     if pos is None:
-        return None, F.empty("Select an image in A."), None, options, pin
+        return None, F.empty("Select an image in A."), None
     image = int(index.image_ids[pos])
     try:
         results = [("set", f"set of {len(heads)}", data.head_set(index.name, image, heads))]
         if one is not None:
             results.insert(0, ("one", f"L{one[0]}H{one[1]} alone", data.head_set(index.name, image, [one])))
     except (OnlineError, HeadScopeError) as err:
-        return None, F.empty("Head set unavailable."), message(str(err), "danger"), options, pin
+        return None, F.empty("Head set unavailable."), message(str(err), "danger")
     label = index.images["label"].iat[pos]
     panels = [(title, [index.class_name(c) for c in r["top5_classes"]], r["top5_probs"])
               for _, title, r in results if r.get("top5_classes")]
     top = F.top5_pair(panels, index.class_name(label)) if panels else F.empty("No classifier head: no top-5.")
-    return _table(index, results), top, None, options, pin
+    return _table(index, results), top, None
 
 
 def top_heads(index: data.RunIndex, metric: str, pos: int, k: int) -> list[tuple[int, int]]:
