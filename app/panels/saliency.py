@@ -109,23 +109,30 @@ def pick_source(click, sel):
     return {"points": [{"customdata": [0, int(out["num_prefix_tokens"]) + patch]}]}
 
 
-@callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"),
+def _slider_step(steps: list[int]) -> int:
+    """The slider's step: the curves' spacing when even (keys and drags land on computed n), else 1."""
+    gaps = set(np.diff(steps).tolist())
+    return gaps.pop() if len(gaps) == 1 else 1
+
+
+@callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"), Output("sal-n", "step"),
           Input("k-image", "data"), Input("sal-n", "value"), State("sel", "data"))
 def view_deletion(_ki, n, sel):
-    """Deletion curves of the image's maps, the slider's n marked."""
+    """Deletion curves of the image's maps, the computed n nearest the slider's marked."""
     _, index, problem = _maps(sel or {})
     if problem:
-        return F.empty(problem), no_update, no_update
+        return F.empty(problem), no_update, no_update, no_update
     try:
         image_id = int(index.image_ids[index.pos(sel["image"])])
         out = transport.deletion_curves(config.run_dir(index.name), image_id)
     except (OnlineError, HeadScopeError) as err:
-        return F.empty(str(err)), no_update, no_update
+        return F.empty(str(err)), no_update, no_update, no_update
     steps = [int(v) for v in out["n"]]
+    nearest = None if n is None else min(steps, key=lambda s: abs(s - float(n)))
     fig = F.deletion_curves(steps, out["curves"], DELETION_TITLES.get(out["metric"], out["metric"]),
-                            selected_n=n if n in steps else None)
+                            selected_n=nearest)
     if ctx.triggered_id == "sal-n":
-        return fig, no_update, no_update
+        return fig, no_update, no_update, no_update
     label_every = max(1, len(steps) // 6)
     marks = {s: (str(s) if i % label_every == 0 or s == steps[-1] else "") for i, s in enumerate(steps)}
-    return fig, max(steps), marks
+    return fig, max(steps), marks, _slider_step(steps)
