@@ -172,3 +172,38 @@ def test_c1_shows_the_head_saliency_alignment(dash_duo, real, target):
     assert ys[layer * index.H + head] == pytest.approx(spearman(cls_row, maps["occlusion"]), abs=0.02)
     wait_js(dash_duo, "c3-graph", "gd.layout.xaxis.title.text", lambda t: t == title, "C3 follows")
     no_console_errors(dash_duo)
+
+
+def test_screenshot_saliency_panel_on_the_photos_run(dash_duo, tmp_path):
+    """The panel on the default backbone's photos run (HEADSCOPE_PHOTOS_RUN=/work/runs/photos, built
+    with --patch-maps): three maps, and the note that says why gradient rollout is missing.
+    HEADSCOPE_SCREENSHOT=1 writes assets/screenshot_saliency.png."""
+    import os
+    from pathlib import Path
+
+    from analysis.runs import store
+
+    photos = os.environ.get("HEADSCOPE_PHOTOS_RUN")
+    if not photos:
+        pytest.skip("set HEADSCOPE_PHOTOS_RUN to a photos run built with --patch-maps")
+    path = Path(photos)
+    r = store.open_run(path)
+    image = int(r.images.image_id[r.images.path == "skimage:chelsea"].iloc[0]) if \
+        (r.images.path == "skimage:chelsea").any() else int(r.images.image_id.iloc[0])
+    visit(dash_duo, create_app(path.parent, path.name), f"/?run={path.name}&image={image}&layer=11&head=0")
+    show_saliency(dash_duo)
+    wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and t.startswith("occlusion"),
+            "occlusion drawn", timeout=180)
+    assert js(dash_duo, "sal-graph", "gd.data[0].colorbar.title.text") == "cosine distance"
+    options = {o.get_attribute("value") for o in Select(dash_duo.find_element("#sal-map")).options} - {""}
+    assert options == {"occlusion", "token_drop", "rollout"}
+    dash_duo.wait_for_contains_text("#sal-msg", "gradient rollout", timeout=TIMEOUT)
+    wait_js(dash_duo, "sal-deletion", "gd.data.length", lambda n: n == 3, "deletion curves", timeout=180)
+    assert js(dash_duo, "sal-deletion", "gd.layout.yaxis.title.text") == "embedding distance to the unpruned"
+    settle(dash_duo)
+    panel = into_view(dash_duo, dash_duo.find_element("#saliency-panel"))
+    out = tmp_path / "screenshot_saliency.png"
+    assert panel.screenshot(str(out))
+    no_console_errors(dash_duo)
+    if os.environ.get("HEADSCOPE_SCREENSHOT"):
+        shutil.copy(out, Path(__file__).resolve().parent.parent / "assets" / "screenshot_saliency.png")

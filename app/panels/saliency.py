@@ -19,12 +19,26 @@ from analysis.serving import transport
 from analysis.serving.transport import OnlineError
 
 from app import config, figures as F
-from app.views import graph, load, loading, message
+from app.views import graph, load, message
 
 MAP_TITLES = {"occlusion": "occlusion", "token_drop": "token drop", "rollout": "attention rollout",
               "grad_rollout": "gradient rollout"}
 DELETION_TITLES = {"prob": "P(true class)", "emb_dist": "embedding distance to the unpruned"}
 HEIGHT = {"map": 300, "agree": 210, "deletion": 230}
+
+
+COMPUTING_MAPS = ("Computing this image's patch maps online: occlusion and token drop run the model once per "
+                  "patch (a 224 px ViT-S: 256 forwards each, about 30 s on one busy CPU core). Runs built with "
+                  "--patch-maps show them at once.")
+COMPUTING_DELETION = "Computing the deletion curves online: 17 forwards per map."
+
+
+def _computing(children, text: str):
+    """dcc.Loading whose spinner says what is being computed and why it takes a while (shown over
+    the previous figures, which stay visible)."""
+    return dcc.Loading(children, delay_show=300, overlay_style={"visibility": "visible", "opacity": 0.4},
+                       custom_spinner=html.Div([dbc.Spinner(size="sm", color="secondary"), html.Span(text)],
+                                               className="sal-computing small d-flex gap-2 align-items-start p-2"))
 
 
 def panel():
@@ -34,10 +48,10 @@ def panel():
                   dbc.Select(id="sal-map", size="sm", value="occlusion", className="sal-map",
                              options=[{"label": MAP_TITLES[m], "value": m} for m in MAPS])],
                  className="d-flex align-items-center gap-2"),
-        loading([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
-                 graph("sal-agree", HEIGHT["agree"])]),
+        _computing([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
+                    graph("sal-agree", HEIGHT["agree"])], COMPUTING_MAPS),
         html.Div("deletion curves: remove the top-n patches of each map", className="sub-title"),
-        loading([graph("sal-deletion", HEIGHT["deletion"])]),
+        _computing([graph("sal-deletion", HEIGHT["deletion"])], COMPUTING_DELETION),
         html.Div(dcc.Slider(id="sal-n", min=0, max=1, step=None, value=0, marks={0: "0"}, updatemode="mouseup"),
                  className="sal-n"),
     ], className="saliency-panel", id="saliency-panel")
@@ -84,7 +98,7 @@ def view_saliency(_ki, chosen, hover, sel):
         patch = _source_patch(hover, T)
         fig = F.saliency_map(np.zeros(out["grid"]), "", "", selected_patch=patch)
         p["layout"]["shapes"] = fig["layout"]["shapes"]
-        return no_update, no_update, p, no_update, None
+        return no_update, no_update, p, no_update, no_update
     maps = _arrays(out)
     name = chosen if chosen in maps else next(iter(maps))
     options = [{"label": MAP_TITLES[m], "value": m} for m in maps]
@@ -95,7 +109,21 @@ def view_saliency(_ki, chosen, hover, sel):
     title = f"{MAP_TITLES[name]} ({out['units'][name]})" + ("" if out["precomputed"] else " · computed now")
     fig = F.saliency_map(maps[name], title, out["units"][name], others=maps, image_uri=F.masked_image(image),
                          selected_patch=_source_patch(hover, T))
-    return options, name, fig, F.map_agreement(out["agreement"]), None
+    return options, name, fig, F.map_agreement(out["agreement"]), _absent_note(out, maps)
+
+
+def _absent_note(out: dict, maps: dict) -> html.Div | None:
+    """Why a map of MAPS is not in the menu (a backbone has no class logit for grad_rollout, a model
+    without a prefix token no CLS row to roll out), and what the ablation maps measure instead."""
+    notes = []
+    if out.get("target") is None:
+        notes.append("This run's model is a backbone without a classifier head: "
+                     + ("gradient rollout (it needs the gradient of a class logit) is not available, and " if
+                        "grad_rollout" not in maps else "")
+                     + "occlusion and token drop show the cosine distance of the pooled embedding, not a P(y) drop.")
+    if int(out["num_prefix_tokens"]) == 0:
+        notes.append("The model has no CLS/prefix token: the rollouts (which read the CLS row) are not available.")
+    return html.Div(" ".join(notes), className="small text-muted sal-note") if notes else None
 
 
 @callback(Output("d3-graph", "hoverData"), Input("sal-graph", "clickData"), State("sel", "data"),
