@@ -222,3 +222,48 @@ def pytest_setup_options():
                 "--disable-dev-shm-usage", "--window-size=1680,1200", "--hide-scrollbars"):
         options.add_argument(arg)
     return options
+
+
+# ---- a run of the REAL default model, shared by the browser test modules ----------------------
+def build_real_run(cache) -> str | None:
+    """A small run of the embedded default (the real DINOv2 ViT-S/14 + probe on 30 Fashion-MNIST
+    images) in ``cache``/real: a copy of HEADSCOPE_REAL_RUN when that names a built run (faster
+    reruns), else built here; None when the default is not installed."""
+    import shutil
+
+    if embedded_default_missing():
+        return None
+    prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")
+    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
+        shutil.copytree(prebuilt, Path(cache) / "real", dirs_exist_ok=True)
+        return "real"
+    proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
+                           "--out", str(Path(cache) / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "real"
+
+
+@pytest.fixture(scope="session")
+def real_default(tmp_path_factory):
+    """(cache dir, run) of a run made by the real build of the real default model: cache/default when
+    it opens, else a small one (see build_real_run); None when the embedded default is not installed."""
+    from analysis.errors import HeadScopeError
+    from analysis.runs import store
+
+    try:
+        store.open_run(ROOT / "cache" / "default")
+        return ROOT / "cache", "default"
+    except HeadScopeError:
+        pass
+    cache = tmp_path_factory.mktemp("real-cache")
+    run = build_real_run(cache)
+    return None if run is None else (cache, run)
+
+
+@pytest.fixture(scope="session")
+def real(real_default):
+    """(cache dir, run name) of the real default run (see real_default); skips without the default model."""
+    if real_default is None:
+        pytest.skip("the embedded default model is not installed here")
+    return real_default

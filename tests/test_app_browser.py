@@ -6,7 +6,8 @@ safetensors and real PNG images, so the online views (B2/B3, D2-D5) compute for 
 and ``unfinished`` has not finished building.
 
 test_every_page_on_a_real_default_run and test_screenshot_explorer use a run the real build made of
-the real default model: cache/default when it exists, else a 30-image default run built once here;
+the real default model (conftest's real_default / real fixtures: cache/default when it exists, else a
+copy of HEADSCOPE_REAL_RUN, else a 30-image default run built once);
 HEADSCOPE_SCREENSHOT=1 makes the screenshot test write assets/screenshot_explorer.png.
 """
 import json
@@ -20,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from conftest import embedded_default_missing, make_synthetic_run as make_run
+from conftest import make_synthetic_run as make_run
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("selenium")  # a test-only third-party package
@@ -282,40 +283,6 @@ def test_failures_are_reported_in_the_page_and_the_rest_keeps_working(dash_duo, 
     no_console_errors(dash_duo)
 
 
-def build_real_run(cache) -> str | None:
-    """A small run of the embedded default (the real DINOv2 ViT-S/14 + probe on 30 Fashion-MNIST
-    images) in the test cache, unless cache/default exists; None when the default is not installed."""
-    import subprocess
-
-    if embedded_default_missing():
-        return None
-    prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")  # a run built by this same command earlier (faster reruns)
-    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
-        shutil.copytree(prebuilt, cache / "real", dirs_exist_ok=True)
-        return "real"
-    proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
-                           "--out", str(cache / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return "real"
-
-
-@pytest.fixture(scope="module")
-def real_default(cache):
-    """(cache dir, run) of a run made by the real build of the real default model: cache/default when
-    it opens, else a small one built here; None when the embedded default is not installed."""
-    from analysis.errors import HeadScopeError
-    from analysis.runs import store
-
-    try:
-        store.open_run(ROOT / "cache" / "default")
-        return ROOT / "cache", "default"
-    except HeadScopeError:
-        pass
-    run = build_real_run(cache)
-    return None if run is None else (cache, run)
-
-
 def _target(cache_dir, run):
     """(image, layer, head): the 4th image and its most important head by prob_drop (or the first metric)."""
     from app import config, data
@@ -413,14 +380,6 @@ def test_screenshot_explorer(dash_duo, cache, real_default, tmp_path):
 
 
 # ---- the Explorer on a run of the REAL default model (issue 12) ---------------------------------
-@pytest.fixture(scope="module")
-def real(real_default):
-    """(cache dir, run name) of the real default run (see real_default)."""
-    if real_default is None:
-        pytest.skip("the embedded default model is not installed here")
-    return real_default
-
-
 @pytest.fixture
 def real_app(real):
     return create_app(*real)

@@ -19,12 +19,26 @@ from analysis.serving import transport
 from analysis.serving.transport import OnlineError
 
 from app import config, figures as F
-from app.views import graph, load, loading, message
+from app.views import graph, load, message
 
 MAP_TITLES = {"occlusion": "occlusion", "token_drop": "token drop", "rollout": "attention rollout",
               "grad_rollout": "gradient rollout"}
 DELETION_TITLES = {"prob": "P(true class)", "emb_dist": "embedding distance to the unpruned"}
 HEIGHT = {"map": 300, "agree": 210, "deletion": 230}
+
+
+COMPUTING_MAPS = ("Computing this image's patch maps online: occlusion and token drop run the model once per "
+                  "patch (a 224 px ViT-S: 256 forwards each, about 30 s on one busy CPU core). Runs built with "
+                  "--patch-maps show them at once.")
+COMPUTING_DELETION = "Computing the deletion curves online: 17 forwards per map."
+
+
+def _computing(children, text: str):
+    """dcc.Loading whose spinner says what is being computed and why it takes a while (shown over
+    the previous figures, which stay visible)."""
+    return dcc.Loading(children, delay_show=300, overlay_style={"visibility": "visible", "opacity": 0.4},
+                       custom_spinner=html.Div([dbc.Spinner(size="sm", color="secondary"), html.Span(text)],
+                                               className="sal-computing small d-flex gap-2 align-items-start p-2"))
 
 
 def panel():
@@ -34,10 +48,10 @@ def panel():
                   dbc.Select(id="sal-map", size="sm", value="occlusion", className="sal-map",
                              options=[{"label": MAP_TITLES[m], "value": m} for m in MAPS])],
                  className="d-flex align-items-center gap-2"),
-        loading([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
-                 graph("sal-agree", HEIGHT["agree"])]),
+        _computing([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
+                    graph("sal-agree", HEIGHT["agree"])], COMPUTING_MAPS),
         html.Div("deletion curves: remove the top-n patches of each map", className="sub-title"),
-        loading([graph("sal-deletion", HEIGHT["deletion"])]),
+        _computing([graph("sal-deletion", HEIGHT["deletion"])], COMPUTING_DELETION),
         html.Div(dcc.Slider(id="sal-n", min=0, max=1, step=None, value=0, marks={0: "0"}, updatemode="mouseup"),
                  className="sal-n"),
     ], className="saliency-panel", id="saliency-panel")
@@ -84,7 +98,7 @@ def view_saliency(_ki, chosen, hover, sel):
         patch = _source_patch(hover, T)
         fig = F.saliency_map(np.zeros(out["grid"]), "", "", selected_patch=patch)
         p["layout"]["shapes"] = fig["layout"]["shapes"]
-        return no_update, no_update, p, no_update, None
+        return no_update, no_update, p, no_update, no_update
     maps = _arrays(out)
     name = chosen if chosen in maps else next(iter(maps))
     options = [{"label": MAP_TITLES[m], "value": m} for m in maps]
@@ -95,7 +109,21 @@ def view_saliency(_ki, chosen, hover, sel):
     title = f"{MAP_TITLES[name]} ({out['units'][name]})" + ("" if out["precomputed"] else " · computed now")
     fig = F.saliency_map(maps[name], title, out["units"][name], others=maps, image_uri=F.masked_image(image),
                          selected_patch=_source_patch(hover, T))
-    return options, name, fig, F.map_agreement(out["agreement"]), None
+    return options, name, fig, F.map_agreement(out["agreement"]), _absent_note(out, maps)
+
+
+def _absent_note(out: dict, maps: dict) -> html.Div | None:
+    """Why a map of MAPS is not in the menu (a backbone has no class logit for grad_rollout, a model
+    without a prefix token no CLS row to roll out), and what the ablation maps measure instead."""
+    notes = []
+    if out.get("target") is None:
+        notes.append("This run's model is a backbone without a classifier head: "
+                     + ("gradient rollout (it needs the gradient of a class logit) is not available, and " if
+                        "grad_rollout" not in maps else "")
+                     + "occlusion and token drop show the cosine distance of the pooled embedding, not a P(y) drop.")
+    if int(out["num_prefix_tokens"]) == 0:
+        notes.append("The model has no CLS/prefix token: the rollouts (which read the CLS row) are not available.")
+    return html.Div(" ".join(notes), className="small text-muted sal-note") if notes else None
 
 
 @callback(Output("d3-graph", "hoverData"), Input("sal-graph", "clickData"), State("sel", "data"),
@@ -109,23 +137,30 @@ def pick_source(click, sel):
     return {"points": [{"customdata": [0, int(out["num_prefix_tokens"]) + patch]}]}
 
 
-@callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"),
+def _slider_step(steps: list[int]) -> int:
+    """The slider's step: the curves' spacing when even (keys and drags land on computed n), else 1."""
+    gaps = set(np.diff(steps).tolist())
+    return gaps.pop() if len(gaps) == 1 else 1
+
+
+@callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"), Output("sal-n", "step"),
           Input("k-image", "data"), Input("sal-n", "value"), State("sel", "data"))
 def view_deletion(_ki, n, sel):
-    """Deletion curves of the image's maps, the slider's n marked."""
+    """Deletion curves of the image's maps, the computed n nearest the slider's marked."""
     _, index, problem = _maps(sel or {})
     if problem:
-        return F.empty(problem), no_update, no_update
+        return F.empty(problem), no_update, no_update, no_update
     try:
         image_id = int(index.image_ids[index.pos(sel["image"])])
         out = transport.deletion_curves(config.run_dir(index.name), image_id)
     except (OnlineError, HeadScopeError) as err:
-        return F.empty(str(err)), no_update, no_update
+        return F.empty(str(err)), no_update, no_update, no_update
     steps = [int(v) for v in out["n"]]
+    nearest = None if n is None else min(steps, key=lambda s: abs(s - float(n)))
     fig = F.deletion_curves(steps, out["curves"], DELETION_TITLES.get(out["metric"], out["metric"]),
-                            selected_n=n if n in steps else None)
+                            selected_n=nearest)
     if ctx.triggered_id == "sal-n":
-        return fig, no_update, no_update
+        return fig, no_update, no_update, no_update
     label_every = max(1, len(steps) // 6)
     marks = {s: (str(s) if i % label_every == 0 or s == steps[-1] else "") for i, s in enumerate(steps)}
-    return fig, max(steps), marks
+    return fig, max(steps), marks, _slider_step(steps)
