@@ -239,6 +239,7 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
 
     walk(ex.layout(run=run.name))
     ids = {i for i, _ in values}
+    values[("d-panel", "value")] = "saliency"  # the saliency panel shown: its callbacks compute
     values[("sel", "data")] = parse_selection(sel_query, run.name)
     initial = {c["output"] for c in _callback.GLOBAL_CALLBACK_LIST if not c["prevent_initial_call"]}
     outputs = {}

@@ -86,9 +86,13 @@ def _arrays(out: dict) -> dict[str, np.ndarray]:
 
 @callback(Output("sal-map", "options"), Output("sal-map", "value"), Output("sal-graph", "figure"),
           Output("sal-agree", "figure"), Output("sal-msg", "children"),
-          Input("k-image", "data"), Input("sal-map", "value"), Input("d3-graph", "hoverData"), State("sel", "data"))
-def view_saliency(_ki, chosen, hover, sel):
-    """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement."""
+          Input("k-image", "data"), Input("sal-map", "value"), Input("d3-graph", "hoverData"), Input("d-panel", "value"),
+          State("sel", "data"))
+def view_saliency(_ki, chosen, hover, panel, sel):
+    """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement;
+    only while the panel shows (``d-panel``): the maps of a new image may cost the model seconds."""
+    if panel != "saliency":
+        return (no_update,) * 5
     out, index, problem = _maps(sel or {})
     if out is None:
         return no_update, no_update, F.empty(problem or ""), F.empty(""), None
@@ -144,9 +148,12 @@ def _slider_step(steps: list[int]) -> int:
 
 
 @callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"), Output("sal-n", "step"),
-          Input("k-image", "data"), Input("sal-n", "value"), State("sel", "data"))
-def view_deletion(_ki, n, sel):
-    """Deletion curves of the image's maps, the computed n nearest the slider's marked."""
+          Input("k-image", "data"), Input("sal-n", "value"), Input("d-panel", "value"), State("sel", "data"))
+def view_deletion(_ki, n, panel, sel):
+    """Deletion curves of the image's maps, the computed n nearest the slider's marked (while the
+    panel shows)."""
+    if panel != "saliency":
+        return (no_update,) * 4
     _, index, problem = _maps(sel or {})
     if problem:
         return F.empty(problem), no_update, no_update, no_update
