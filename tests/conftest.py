@@ -246,16 +246,17 @@ def build_real_run(cache) -> str | None:
 
 @pytest.fixture(scope="session")
 def real_default(tmp_path_factory):
-    """(cache dir, run) of a run made by the real build of the real default model: cache/default when
-    it opens, else a small one (see build_real_run); None when the embedded default is not installed."""
+    """(cache dir, run) of a run made by the real build of the real default model: a copy of
+    HEADSCOPE_REAL_RUN when set, else cache/default when it opens, else a small one (see build_real_run); None when the embedded default is not installed."""
     from analysis.errors import HeadScopeError
     from analysis.runs import store
 
-    try:
-        store.open_run(ROOT / "cache" / "default")
-        return ROOT / "cache", "default"
-    except HeadScopeError:
-        pass
+    if not os.environ.get("HEADSCOPE_REAL_RUN"):  # a run named on purpose comes first
+        try:
+            store.open_run(ROOT / "cache" / "default")
+            return ROOT / "cache", "default"
+        except HeadScopeError:
+            pass
     cache = tmp_path_factory.mktemp("real-cache")
     run = build_real_run(cache)
     return None if run is None else (cache, run)
