@@ -16,7 +16,7 @@ from dash.testing.wait import until  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
 from app import create_app  # noqa: E402
-from test_app_browser import TIMEOUT, click, js, no_console_errors, settle, visit, wait_js  # noqa: E402
+from test_app_browser import TIMEOUT, click, into_view, js, no_console_errors, settle, visit, wait_js  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_heads_page_pattern_table_is_sortable_and_matches_the_run(dash_duo, real
     # sort by share: a click on its header's sort arrow
     share_col = [i for i, h in enumerate(header) if "share" in h][0]
     arrows = dash_duo.find_elements("#heads-pattern-table .column-header--sort")
-    arrows[share_col].click()
+    into_view(dash_duo, arrows[share_col]).click()
     until(lambda: rows() != first, timeout=TIMEOUT, msg="table re-sorted")
     shares = [float(r[3]) for r in rows()]
     assert shares == sorted(shares) or shares == sorted(shares, reverse=True)
