@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from test_app_browser import (ROOT, TIMEOUT, cache, click, into_view, js, no_console_errors, query,  # noqa: F401
-                              real, real_default, real_index, record_server_errors, settle, visit, wait_js)
+from test_app_browser import (ROOT, TIMEOUT, click, into_view, js, no_console_errors, query, real_index,
+                              record_server_errors, settle, visit, wait_js)
 
 from dash.testing.wait import until  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -126,7 +126,6 @@ def test_real_head_set_and_pair_interactions(dash_duo, real, tmp_path):
     dash_duo.driver.get(url)
     dash_duo.wait_for_element("#hs-set-panel", timeout=TIMEOUT)
     until(lambda: dash_duo.find_element("#hs-set-panel").is_displayed(), timeout=TIMEOUT, msg="the set panel shows")
-    chips = lambda: sorted(e.text for e in dash_duo.find_elements("#hs-set .dash-dropdown-value-item, #hs-set .dash-dropdown-value span"))
     until(lambda: all(f"L{l}H{h}" in dash_duo.find_element("#hs-set").text for l, h in pair), timeout=TIMEOUT,
           msg="the chips of the reloaded set")
     assert shown_heads(dash_duo) == pair

@@ -5,7 +5,6 @@ one; see conftest.real_default). Expected values come from the run's tables thro
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("selenium")
@@ -126,7 +125,7 @@ def test_help_draws_the_pattern_examples(dash_duo, real):
 def test_band_scope_restricts_b1_band_and_c3_to_the_class_or_the_mispredicted(dash_duo, real, tables):
     from app import config, data
 
-    images, hm, H = tables["images"], tables["heads"], tables["H"]
+    images, hm = tables["images"], tables["heads"]
     config.configure(*real)
     index = data.get_index(real[1])
     image, layer, head = int(images.image_id.iloc[3]), 2, 1
