@@ -1,36 +1,69 @@
-"""Screenshot of the saliency panel on the photos run (assets/screenshot_saliency.png), served on a free port
-(no dash_duo fixed ports): python scripts/screenshot_saliency.py (needs /work/runs/photos built with --patch-maps)."""
-import threading, time, sys
-sys.path.insert(0, "tests"); sys.path.insert(0, ".")
-from conftest import free_port, pytest_setup_options
-from pathlib import Path
-from app import create_app
-from selenium import webdriver
-from werkzeug.serving import make_server
+"""Screenshot of the Explorer's saliency panel D6 (assets/screenshot_saliency.png) in headless chromium.
 
-app = create_app(Path("/work/runs"), "photos")
-port = free_port()
-srv = make_server("127.0.0.1", port, app.server, threaded=True)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-d = webdriver.Chrome(options=pytest_setup_options())
-d.get(f"http://127.0.0.1:{port}/?run=photos&image=22&layer=11&head=0")
-js = lambda e: d.execute_script(e)
-t0 = time.time()
-while time.time() - t0 < 240:
-    ok = js("const g = document.querySelector('#sal-graph .js-plotly-plot'), h = document.querySelector('#sal-deletion .js-plotly-plot');"
-            "return !!(g && g.data && g.data.length && g.layout.title && h && h.data && h.data.length === 3);")
-    if ok:
-        break
-    time.sleep(1)
-print("drawn", ok, round(time.time() - t0, 1), "s;", js("return document.querySelector('#sal-msg').innerText"))
-time.sleep(2)
-el = d.find_element("css selector", "#saliency-panel")
-# the panel is a narrow column at 1680 px: widen it on its own (over its neighbours) for the picture
-d.execute_script("arguments[0].style.cssText += 'position:relative; z-index:1000; background:white; width:600px; padding:6px;';"
-                 "window.dispatchEvent(new Event('resize')); setTimeout(() => arguments[0].querySelectorAll('.js-plotly-plot').forEach(g => Plotly.Plots.resize(g)), 1500);", el)
-time.sleep(4)
-d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
-time.sleep(1)
-el.screenshot("assets/screenshot_saliency.png")
-print([l for l in d.get_log("browser") if l["level"] == "SEVERE"])
-d.quit(); srv.shutdown()
+    python scripts/screenshot_saliency.py --cache /path/to/runs --run photos [--image 22] [--out assets/screenshot_saliency.png]
+
+The run is best built with --patch-maps (e.g. the default backbone on the photos:
+``python scripts/build_cache.py --model default-backbone --dataset photos --patch-maps --out RUNS/photos``),
+otherwise the maps are computed online first. The app is served on a free port in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", required=True, help="folder holding the run")
+    ap.add_argument("--run", required=True, help="run name under --cache")
+    ap.add_argument("--image", type=int, default=22, help="image id (default 22)")
+    ap.add_argument("--out", default="assets/screenshot_saliency.png", help="PNG to write")
+    args = ap.parse_args(argv)
+
+    from selenium import webdriver
+    from werkzeug.serving import make_server
+
+    from app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = make_server("127.0.0.1", port, create_app(Path(args.cache), args.run).server, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1920,1080", "--hide-scrollbars"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/?run={args.run}&image={args.image}&layer=11&head=0")
+        for _ in range(120):  # the switch over D3 shows D6 in D3-D5's place
+            switch = driver.find_elements("css selector", "#d-panel input[value=saliency]")
+            if switch:
+                driver.execute_script("arguments[0].click();", switch[0])
+                break
+            time.sleep(0.5)
+        drawn = ("const g = document.querySelector('#sal-graph .js-plotly-plot'), "
+                 "h = document.querySelector('#sal-deletion .js-plotly-plot');"
+                 "return !!(g && g.data && g.data.length && h && h.data && h.data.length);")
+        t0 = time.time()
+        while not driver.execute_script(drawn):
+            if time.time() - t0 > 600:
+                raise SystemExit("the saliency panel was not drawn within 10 minutes")
+            time.sleep(1)
+        time.sleep(2)
+        panel = driver.find_element("css selector", "#saliency-panel")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center', behavior: 'instant'});", panel)
+        time.sleep(1)
+        panel.screenshot(args.out)
+        print(f"wrote {args.out} (drawn after {time.time() - t0:.0f} s)")
+    finally:
+        driver.quit()
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
