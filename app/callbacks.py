@@ -76,7 +76,7 @@ def _number(lo=-math.inf, hi=math.inf):
     return check
 
 
-def _state(v, keys=None):
+def _state(v):
     """The view state (app.server STATE_KEYS) or a part of it (the Explorer's k-* stores)."""
     from .server import INT_KEYS, MAX_HEADS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
 
@@ -135,14 +135,6 @@ def _ints(*lengths):
     return check
 
 
-def _head_or_image_head(v):
-    """D1's customdata: [layer, head] or [image id, layer, head]."""
-    if not (isinstance(v, list) and len(v) in (2, 3)):
-        raise Invalid("expected customdata [layer, head] or [image, layer, head]")
-    for x in v:
-        _int(x)
-
-
 def _overlay_traces(v):
     """D1's selection layer (at most 3 small traces; drawn in the browser, never run on the server)."""
     if not (isinstance(v, list) and len(v) <= 3 and all(isinstance(t, dict) for t in v)):
@@ -154,7 +146,7 @@ def _held_click(v):
     if not isinstance(v, dict) or set(v) != {"graph", "points"}:
         raise Invalid("expected {graph, points}")
     _choice("b1-graph", "c1-graph", "d1-graph")(v["graph"])
-    _points(_opt(_head_or_image_head))(v)
+    _points(_opt(_ints(2, 3)))(v)
 
 
 def _numbers(v):
@@ -276,7 +268,7 @@ RULES = {
     ("a-graph", "selectedData"): _points(_image_id, nonempty=False),
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
-    ("d1-graph", "clickData"): _points(_opt(_head_or_image_head)),
+    ("d1-graph", "clickData"): _points(_opt(_ints(2, 3))),
     ("head-click", "data"): _opt(_held_click),
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
