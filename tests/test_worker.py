@@ -63,6 +63,18 @@ def in_process(monkeypatch, name, *args):
         return getattr(online, name)(*args)
 
 
+def assert_rows_close(got: list[dict], want: list[dict]) -> None:
+    """Partial-pruning rows agree: same keys, same integers and labels, floats to float32 rounding
+    (the worker and the test process may split a matmul over different thread counts)."""
+    assert [r.keys() for r in got] == [r.keys() for r in want]
+    for g, w in zip(got, want):
+        for key in g:
+            if isinstance(g[key], float) or (isinstance(g[key], list) and isinstance(g[key][0], float)):
+                np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-7, err_msg=key)
+            else:
+                assert g[key] == w[key], key
+
+
 def test_worker_gives_the_in_process_numbers(via_worker, tiny_run, monkeypatch):
     assert online.status()["ok"] and online.status()["mode"] == "worker"
     remote = online.partial_pruning(tiny_run, 1, 2, 1)
@@ -168,7 +180,8 @@ def test_a_run_replaced_in_place_is_never_answered_from_the_old_one(via_worker, 
     shutil.copytree(b, swap)
     new = online.attention(swap, 0, 0, 0)["attention"], online.partial_pruning(swap, 0, 0, 0)
     np.testing.assert_array_equal(new[0], in_process(monkeypatch, "attention", b, 0, 0, 0)["attention"])
-    assert new[1]["rows"] == in_process(monkeypatch, "partial_pruning", b, 0, 0, 0)["rows"] != old[1]["rows"]
+    assert_rows_close(new[1]["rows"], in_process(monkeypatch, "partial_pruning", b, 0, 0, 0)["rows"])
+    assert [r["prob"] for r in new[1]["rows"]] != pytest.approx([r["prob"] for r in old[1]["rows"]], rel=1e-3)
     assert not np.array_equal(new[0], old[0])
 
 
