@@ -240,7 +240,7 @@ RULES = {
     ("c1-metric", "value"): _opt(_str(64)),
     ("curves-metric", "value"): _opt(_str(64)),
     ("heads-class-metric", "value"): _opt(_str(64)),
-    ("heads-class-correct", "value"): _opt(_flags("correct")),
+    ("heads-class-images", "value"): _opt(_choice("all", "correct", "wrong")),
     ("compare-runs", "value"): _opt(_run_names),
     ("compare-metric", "value"): _opt(_str(64)),
     ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),

@@ -564,16 +564,18 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
 def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, real_app, real):
     run = real[1]
     start = (f"/?run={run}&image=3&layer=4&head=2&mode=3&metric=jsd&thr=q5&d1=patch&d1s=both&color=prob"
-             "&scale=image&bins=linear&set=1,2,3")
+             "&scale=image&bins=linear&scope=class&set=1,2,3")
     visit(dash_duo, real_app, start)
     settle(dash_duo, 180)
     full = query(dash_duo)
     assert full == {"run": run, "image": "3", "layer": "4", "head": "2", "mode": "3", "metric": "jsd", "thr": "q5",
-                    "d1": "patch", "d1s": "both", "color": "prob", "scale": "image", "bins": "linear", "set": "1,2,3"}
+                    "d1": "patch", "d1s": "both", "color": "prob", "scale": "image", "bins": "linear", "scope": "class",
+                    "set": "1,2,3"}
     # the controls show the state the URL gave
     assert dash_duo.find_element("#d1-kind input[value=patch]").is_selected()
     assert dash_duo.find_element("#d1-style input[value=both]").is_selected()
     assert dash_duo.find_element("#bins input[value=linear]").is_selected()
+    assert dash_duo.find_element("#band-scope").get_attribute("value") == "class"
     assert js(dash_duo, "d1-graph", "gd.data[0].type") == "histogram2dcontour"
     wait_js(dash_duo, "b2-graph", "gd.data[0].marker.color[3]", lambda c: c == "#D55E00", "mode 3 chosen for B3")
     assert "JSD" in js(dash_duo, "b1-graph", "gd.layout.yaxis.title.text")

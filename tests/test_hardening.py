@@ -310,7 +310,7 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
     b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
     mode = next(k for k, v in app.callback_map.items() if [i["id"] for i in v["inputs"]] == ["b2-graph"])
     d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
-    parts += [{"heads": None}, "set", []]  # k-heads, band-scope, b1-overlay
+    parts += [{"heads": None}, []]  # k-heads, b1-overlay
     swap = lambda i, v: parts[:i] + [v] + parts[i + 1:]
     assert post(_payload(app, b1, parts, [sel])).status_code == 200  # a genuine request
     caplog.set_level(logging.INFO)
@@ -321,9 +321,9 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
         _payload(app, b1, parts[:4], [sel]),  # one input missing
         _payload(app, b1, swap(3, {"set": "1,2"}), [sel]),
         _payload(app, b1, swap(3, {"set": [1], "evil": 1}), [sel]),
-        _payload(app, b1, swap(5, "everything"), [sel]),
+        _payload(app, b1, swap(3, {"set": None, "scope": "every thing"}), [sel]),
         _payload(app, b1, swap(4, {"heads": [[0, 1, 2, 3]]}), [sel]),
-        _payload(app, b1, swap(6, ["everything"]), [sel]),
+        _payload(app, b1, swap(5, ["everything"]), [sel]),
         _payload(app, b1, parts, [{**sel, "metric": "<script>"}]),
         _payload(app, mode, [{"points": [{"customdata": "x"}]}]),
         _payload(app, mode, [{"points": []}]),

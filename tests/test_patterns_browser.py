@@ -12,6 +12,7 @@ if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.whi
     pytest.skip("browser tests need chromium and chromedriver", allow_module_level=True)
 
 from dash.testing.wait import until  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
 from app import create_app  # noqa: E402
@@ -167,14 +168,59 @@ def registry_metric(title: str):
     return next(m for m in registry.metrics() if m.title == title)
 
 
-def test_heads_class_heatmap_can_leave_out_the_mispredicted(dash_duo, real, tables):
-    images = tables["images"]
+def test_heads_class_heatmap_over_the_correct_or_the_mispredicted_images(dash_duo, real, tables):
+    images, hm = tables["images"], tables["heads"]
     visit(dash_duo, create_app(*real), f"/heads?run={real[1]}")
     wait_js(dash_duo, "heads-class-map", "gd.data.length", lambda n: bool(n), "class heatmap", timeout=TIMEOUT)
     counts = lambda df: sorted(int(v) for v in df.groupby("label").size())
     shown = lambda: sorted(int(y.split("(n=")[1].rstrip(")")) for y in js(dash_duo, "heads-class-map", "gd.data[0].y"))
     assert shown() == counts(images)
-    choose_radio(dash_duo, "heads-class-correct", "correct")
-    correct = images[images.pred == images.label]
-    until(lambda: shown() == counts(correct), timeout=TIMEOUT, msg="correct images only")
+    for choice, subset in (("correct", images[images.pred == images.label]),
+                           ("wrong", images[images.pred != images.label])):
+        assert len(subset), choice
+        choose_radio(dash_duo, "heads-class-images", choice)
+        until(lambda s=subset: shown() == counts(s), timeout=TIMEOUT, msg=f"{choice} images only")
+        metric = js(dash_duo, "heads-class-map", "gd.layout.title.text")
+        m = registry_metric(metric.split("class mean of ")[1].split(" · ")[0])
+        z = np.array(js(dash_duo, "heads-class-map", "gd.data[0].z"), dtype=float)
+        joined = hm.merge(subset[["image_id", "label"]], on="image_id")  # only the subset's images
+        want = joined.groupby(["label", "layer", "head"])[m.name].mean().unstack(["layer", "head"]).sort_index()
+        np.testing.assert_allclose(z, want.to_numpy(float), rtol=1e-5, atol=1e-7)  # the class means of exactly those images
+    no_console_errors(dash_duo)
+
+
+def test_d1_draws_only_the_mispredicted_images_and_the_url_keeps_the_scope(dash_duo, real, tables):
+    from app import config, data
+
+    images = tables["images"]
+    config.configure(*real)
+    index = data.get_index(real[1])
+    wrong = images[images.pred != images.label]
+    assert len(wrong)
+    drawn = lambda ids: int((~np.isnan(index.layouts["cls"][[index.pos(i) for i in ids]]).any(-1)).sum())
+    assert drawn(wrong.image_id) < drawn(images.image_id)
+    visit(dash_duo, create_app(*real), f"/?run={real[1]}&image={int(images.image_id.iloc[0])}&layer=3&head=2")
+    count = "gd._fullData.find(t => t.name === 'all heads')._length"
+    wait_js(dash_duo, "d1-graph", count, lambda n: n == drawn(images.image_id), "D1: every image", timeout=TIMEOUT)
+    Select(dash_duo.find_element("#band-scope")).select_by_value("wrong")
+    wait_js(dash_duo, "d1-graph", count, lambda n: n == drawn(wrong.image_id), "D1: mispredicted only",
+            timeout=TIMEOUT)
+    until(lambda: "scope=wrong" in dash_duo.driver.current_url, timeout=TIMEOUT, msg="scope in the URL")
+    dash_duo.wait_for_contains_text("#d1-msg", f"{len(wrong)} image", timeout=TIMEOUT)
+    dash_duo.driver.refresh()  # the URL alone restores the scope
+    until(lambda: dash_duo.find_element("#band-scope").get_attribute("value") == "wrong", timeout=TIMEOUT,
+          msg="scope from the URL")
+    wait_js(dash_duo, "d1-graph", count, lambda n: n == drawn(wrong.image_id), "D1 after reload",
+            timeout=TIMEOUT)
+    # a click on a point of the filtered background selects that head of that (mispredicted) image
+    image = int(wrong.image_id.iloc[-1])
+    xy = index.layouts["cls"][index.pos(image), 5 * index.H + 1]
+    dash_duo.driver.execute_script(
+        "const gd = document.querySelector('#d1-graph .js-plotly-plot');"
+        f"Plotly.relayout(gd, {{'xaxis.range': [{xy[0]} - 0.02, {xy[0]} + 0.02], 'yaxis.range': [{xy[1]} - 0.02, {xy[1]} + 0.02]}});")
+    settle(dash_duo)
+    plot = into_view(dash_duo, dash_duo.find_element("#d1-graph .nsewdrag"))
+    ActionChains(dash_duo.driver).move_to_element(plot).pause(0.6).click().perform()
+    until(lambda: f"image={image}&" in dash_duo.driver.current_url, timeout=TIMEOUT, msg="the clicked image")
+    assert "layer=5&head=1" in dash_duo.driver.current_url
     no_console_errors(dash_duo)

@@ -217,7 +217,7 @@ clientside_callback(
         const t = s.thr || 'q1', kind = t[0] === 'a' ? 'a' : 'q', v = parseFloat(t.slice(1));
         const want = {'metric': s.metric || null, 'a-color': s.color || 'class', 'd1-kind': s.d1 || 'cls',
                       'd1-style': s.d1s || 'points', 'scale': s.scale || 'layer', 'bins': s.bins || 'log',
-                      'thr-kind': kind};
+                      'thr-kind': kind, 'band-scope': s.scope || 'set'};
         if (isFinite(v) && kind === 'q' && v > 0) { want['q-slider'] = Math.max(-1, Math.min(2, Math.log10(v))); }
         if (isFinite(v) && kind === 'a') { want['thr-abs'] = v; }
         for (const [id, value] of Object.entries(want)) {
@@ -232,7 +232,7 @@ clientside_callback(
 
 clientside_callback(
     """
-    function(metric, color, d1, d1s, scale, bins, kind, logq, absv, sel, current) {
+    function(metric, color, d1, d1s, scale, bins, scope, kind, logq, absv, sel, current) {
         const C = window.dash_clientside, nu = C.no_update;
         const trig = (C.callback_context.triggered || []).map(t => t.prop_id.split('.')[0]);
         if (!trig.length) { return nu; }
@@ -244,6 +244,7 @@ clientside_callback(
         if (id === 'd1-style') { out.d1s = dflt(d1s, 'points'); }
         if (id === 'scale') { out.scale = dflt(scale, 'layer'); }
         if (id === 'bins') { out.bins = dflt(bins, 'log'); }
+        if (id === 'band-scope') { out.scope = dflt(scope, 'set'); }
         const qthr = () => 'q' + parseFloat(Math.pow(10, logq).toPrecision(3));
         const athr = () => {
             const v = (absv !== null && absv !== undefined && absv !== '') ? Number(absv) : current;
@@ -260,7 +261,8 @@ clientside_callback(
     """,
     Output("sel", "data", allow_duplicate=True),
     Input("metric", "value"), Input("a-color", "value"), Input("d1-kind", "value"), Input("d1-style", "value"),
-    Input("scale", "value"), Input("bins", "value"), Input("thr-kind", "value"), Input("q-slider", "value"),
+    Input("scale", "value"), Input("bins", "value"), Input("band-scope", "value"), Input("thr-kind", "value"),
+    Input("q-slider", "value"),
     Input("thr-abs", "value"), State("sel", "data"), State("thr-current", "data"),
     prevent_initial_call=True,
 )
@@ -278,7 +280,7 @@ clientside_callback(
             {mode: s.mode ?? null},
             s.color === 'head' ? {color: 'head', metric: s.metric || null, layer: s.layer ?? null, head: s.head ?? null}
                                : {color: s.color || null},
-            {set: s.set || null},
+            {set: s.set || null, scope: s.scope || null},
             {scale: s.scale || null},
             {run: r},
         ];
@@ -313,10 +315,11 @@ def _set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
 SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
 
 
-def _scope_positions(index: data.RunIndex, sel: dict, scope: str | None) -> tuple[np.ndarray | None, str]:
-    """(positions, name) of the images B1's band and C3's second area are restricted to: the lasso
-    set (None: no set), the selected image's class or the mispredicted images."""
-    imgs = index.images
+def _scope_positions(index: data.RunIndex, sel: dict) -> tuple[np.ndarray | None, str]:
+    """(positions, name) of the images B1's band, C3's second area and D1 are restricted to (the
+    state's ``scope``): the lasso set (None: no set), the selected image's class or the mispredicted
+    images."""
+    imgs, scope = index.images, sel.get("scope")
     if scope == "class" and sel.get("image") is not None and index.pos(sel["image"]) is not None:
         label = imgs["label"].iat[index.pos(sel["image"])]
         return np.flatnonzero((imgs["label"] == label).to_numpy()), f"class {index.class_name(label)}"
@@ -544,9 +547,8 @@ def select_image(click, selected, _go, _submit, _clear, typed_id, typed_layer, t
 
 # ---- B: head importance ----------------------------------------------------------------------
 @callback(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"),
-          Input("k-set", "data"), Input("k-heads", "data"), Input("band-scope", "value"), Input("b1-overlay", "value"),
-          State("sel", "data"))
-def view_b1(_ki, _kh, _km, _ks, _khs, scope, overlay, sel):
+          Input("k-set", "data"), Input("k-heads", "data"), Input("b1-overlay", "value"), State("sel", "data"))
+def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run")
@@ -555,7 +557,7 @@ def view_b1(_ki, _kh, _km, _ks, _khs, scope, overlay, sel):
         return F.empty(index.missing.get("metrics", "Choose a metric."))
     pos, head = _selection(index, sel)
     values = None if pos is None else index.values(metric)[pos]
-    members, name = _scope_positions(index, sel, scope)
+    members, name = _scope_positions(index, sel)
     if members is None or len(members) < 2:
         (mean, std), band = index.summary(metric), "mean over images"
         if members is not None:  # too few for a band: say how many
@@ -633,12 +635,24 @@ def _d1_background_point(sel: dict, pt: dict) -> list[int] | None:
         return None
     if pt.get("curveNumber") != (1 if style == "both" else 0):
         return None
-    shown = index.memo(("d1-shown", kind), lambda: np.flatnonzero(~np.isnan(index.layouts[kind].reshape(-1, 2)).any(1)))
+    rows, scope = _d1_rows(index, sel)
+    shown = index.memo(("d1-shown", kind, scope), lambda: np.flatnonzero(
+        ~np.isnan(index.layouts[kind][rows].reshape(-1, 2)).any(1)))
     i = int(pt["pointNumber"])
     if not 0 <= i < len(shown):
         return None
-    pos, hi = divmod(int(shown[i]), index.L * index.H)
-    return [int(index.image_ids[pos]), hi // index.H, hi % index.H]
+    k, hi = divmod(int(shown[i]), index.L * index.H)
+    return [int(index.image_ids[rows][k]), hi // index.H, hi % index.H]
+
+
+def _d1_rows(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str]:
+    """(positions, name) of the images whose heads D1's background draws: all of them, or only the
+    selected image's class or the mispredicted images when the scope says so (a lasso set only
+    restricts the selected head's points, over the whole background)."""
+    members, name = _scope_positions(index, sel)
+    if sel.get("scope") in ("class", "wrong") and members is not None and len(members):
+        return members, name
+    return np.arange(index.n), "all"
 
 
 def _pruning(index, pos, head) -> list[dict]:
@@ -692,8 +706,8 @@ def choose_mode(click):
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
           Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
-          Input("c1-metric", "value"), Input("band-scope", "value"), State("sel", "data"))
-def view_c(_ki, _kh, _ks, prop, scope, sel):
+          Input("c1-metric", "value"), State("sel", "data"))
+def view_c(_ki, _kh, _ks, prop, sel):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
     selected head's k-hop strength; C3: its C1 property over all images and over the selected set
     (a run-level metric has one value per head: C1 shows it for any image, C3 has nothing to show)."""
@@ -729,7 +743,7 @@ def view_c(_ki, _kh, _ks, prop, scope, sel):
         c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
     else:
         current = None if pos is None else float(values[pos, hi])
-        subset, name = _scope_positions(index, sel, scope)
+        subset, name = _scope_positions(index, sel)
         c3 = F.distribution(values[:, hi], current, x_title=m.title, x_range=m.range, subset=subset, subset_label=name)
     return c1, c2, c3, None
 
@@ -757,19 +771,25 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         return no_update, no_update, no_update, message(index.run.lacks("pattern"))
     pos, head = _selection(index, sel)
     xy = index.layouts[kind]
-    members = _set_positions(index, sel)
+    rows, scope = _d1_rows(index, sel)
+    members, name = _scope_positions(index, sel)
+    note = None
+    if sel.get("scope") in ("class", "wrong"):
+        note = (message(f"D1 draws the heads of the {len(rows)} image{'s' if len(rows) != 1 else ''} of {name} "
+                        f"(of {index.n}).", "info") if scope != "all" else
+                message(f"No image in {name}: D1 draws all {index.n} images.", "warning"))
     head_xy, head_label = None, None
     if head is not None:
-        rows = slice(None) if members is None else members
-        head_xy = xy[rows, head[0] * index.H + head[1]]
-        head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"the set ({len(members)})")
+        head_xy = xy[slice(None) if members is None else members, head[0] * index.H + head[1]]
+        head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"{name} ({len(members)})")
     overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label)
-    key = f"{index.name}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}"
+    key = f"{index.name}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}|{scope}"
     if drawn == key:
-        return no_update, overlay, no_update, None
-    background = index.memo(("d1", kind, style, by_pattern), lambda: F.pattern_background(
-        xy, style, index.H, index.image_ids, patterns=index.values("pattern") if by_pattern else None))
-    return F.pattern_layout(background, kind, uirevision=key), overlay, key, None
+        return no_update, overlay, no_update, note
+    background = index.memo(("d1", kind, style, by_pattern, scope), lambda: F.pattern_background(
+        xy[rows], style, index.H, index.image_ids[rows],
+        patterns=index.values("pattern")[rows] if by_pattern else None))
+    return F.pattern_layout(background, kind, uirevision=key), overlay, key, note
 
 
 clientside_callback("function(traces) { return window.dash_clientside.d1.draw(traces); }",

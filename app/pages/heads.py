@@ -46,8 +46,8 @@ def layout(**_query):
                                     dcc.Dropdown(id="heads-class-metric", clearable=False, searchable=False,
                                                  style={"minWidth": "21rem"})], size="sm", className="flex-nowrap"),
                     width="auto", className="mt-3"),
-            dbc.Col(dbc.Checklist(id="heads-class-correct", options=[{"label": "correctly predicted images only",
-                                                                     "value": "correct"}], value=[], switch=True),
+            dbc.Col(dbc.RadioItems(id="heads-class-images", options=[{"label": v, "value": k} for k, v in IMAGES.items()],
+                                   value="all", inline=True, className="small toggle"),
                     width="auto", className="mt-3"),
         ]),
         html.Div(id="heads-class-msg"),
@@ -230,14 +230,18 @@ def heads_class_metric(sel, current):
     return data.metric_options(names), current if current in names else default
 
 
-def class_view(index: data.RunIndex, metric: str, correct_only: bool):
-    """(classes, counts, mean [C, L*H], specificity [L*H], best class [L*H]) over the chosen images."""
+IMAGES = {"all": "all images", "correct": "correctly predicted", "wrong": "mispredicted"}
+
+
+def class_view(index: data.RunIndex, metric: str, images: str):
+    """(classes, counts, mean [C, L*H], specificity [L*H], best class [L*H]) over the chosen images:
+    "all", the correctly predicted ("correct") or the mispredicted ("wrong") ones."""
     from analysis.metrics.classes import class_specificity, class_statistics
 
     labels = index.images["label"].to_numpy(np.int64)
     keep = np.ones(len(labels), bool)
-    if correct_only and "pred" in index.images.columns:
-        keep = index.images["pred"].to_numpy(np.int64) == labels
+    if images in ("correct", "wrong") and "pred" in index.images.columns:
+        keep = (index.images["pred"].to_numpy(np.int64) == labels) == (images == "correct")
     values = index.values(metric)[keep]
     stats = class_statistics(values, labels[keep])
     if not len(stats.classes):
@@ -249,17 +253,20 @@ def class_view(index: data.RunIndex, metric: str, correct_only: bool):
 
 @callback(Output("heads-class-map", "figure"), Output("heads-specificity", "children"),
           Output("heads-class-msg", "children"), Input("sel", "data"), Input("heads-class-metric", "value"),
-          Input("heads-class-correct", "value"))
-def heads_class_view(sel, metric, correct):
+          Input("heads-class-images", "value"))
+def heads_class_view(sel, metric, images):
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), None, None
     if metric not in index.importance + index.properties:
         return F.empty("Choose a metric."), None, None
-    correct_only = "correct" in (correct or []) and index.has_classifier
-    stats, spec, best = index.memo(("class-view", metric, correct_only),
-                                   lambda: class_view(index, metric, correct_only))
+    if images != "all" and not index.has_classifier:
+        return F.empty(""), None, message("This run's model has no classifier: no image is correctly or wrongly "
+                                          "predicted. Choose all images.", "warning")
+    stats, spec, best = index.memo(("class-view", metric, images), lambda: class_view(index, metric, images))
     if spec is None:
+        if images != "all":
+            return F.empty(f"No {IMAGES[images]} image with a class label."), None, None
         return F.empty("No image of this run has a known class label."), None, message(
             "Class views need images with true labels (a folder of class sub-folders or a manifest with labels).",
             "warning")
@@ -273,7 +280,7 @@ def heads_class_view(sel, metric, correct):
                      "customdata": band, "colorscale": "Cividis", "reversescale": m.important == "low",
                      "colorbar": {"title": {"text": "class mean"}, "thickness": 10},
                      "hovertemplate": "%{y}<br>%{x}<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
-           "layout": F.layout(f"class mean of {m.title}", xaxis=F.axis("head (L layer H head)", type="category"),
+           "layout": F.layout(f"class mean of {m.title}" + ("" if images == "all" else f" · {IMAGES[images]} images"), xaxis=F.axis("head (L layer H head)", type="category"),
                               yaxis=F.axis("class", type="category", autorange="reversed"))}
     order = np.argsort(-np.where(np.isfinite(spec), spec, -np.inf).reshape(-1), kind="stable")[:20]
     flat_spec, flat_best = spec.reshape(-1), best.reshape(-1)
