@@ -275,6 +275,7 @@ RULES = {
     ("d5-graph", "clickData"): _points(_numbers),
     ("d5-graph", "relayoutData"): _opt(_relayout),
     ("d3-graph", "hoverData"): _points(_d3_token),
+    ("sal-hover", "data"): _points(_d3_token),  # D3's hover, while D6 shows
     # the Explorer's controls and its per-part state stores
     ("goto-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
     ("goto-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
@@ -295,6 +296,8 @@ RULES = {
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
     **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale",
                                                                   "run")},
+    # stores that follow k-* parts while a panel shows (app/panels/: a hidden panel costs no request)
+    **{(store, "data"): _opt(_state) for store in ("sal-image", "hs-set-key", "hs-pairs-key")},
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }
 

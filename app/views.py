@@ -8,7 +8,9 @@ from analysis.errors import HeadScopeError
 
 from . import data
 
-GRAPH_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover",
+# doubleClickDelay: plotly's documented default, given explicitly (the bundled plotly.js waits 500 ms),
+# since the Explorer holds a head click that long to tell it from a double-click (app/pages/explorer.py)
+GRAPH_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover", "doubleClickDelay": 300,
                 "modeBarButtonsToRemove": ["autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
                                            "hoverCompareCartesian"]}
 

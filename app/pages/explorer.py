@@ -571,38 +571,45 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
                              **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
-# A click on a head in B1, C1 or D1 is held for plotly's double-click delay and dropped when it was
-# the start of a double-click, which resets the zoom and nothing else (plotly holds legend clicks the
-# same way); assets/explorer.js remembers each graph's last two mousedowns.
+# A click on a head in B1, C1 or D1 is held until plotly's double-click delay has passed since its
+# mousedown and dropped when it was the start of a double-click, which resets the zoom and nothing
+# else (plotly holds legend clicks the same way); assets/explorer.js remembers each graph's last two
+# mousedowns. A head of B1 / C1 ([layer, head]) is set here, in the browser; a point of D1's
+# background (another image's head, known by its point number) goes to select_head on the server.
 clientside_callback(
     """
-    function(b1, c1, d1) {
-        const C = window.dash_clientside, id = C.callback_context.triggered_id;
+    function(b1, c1, d1, sel) {
+        const C = window.dash_clientside, nu = C.no_update, id = C.callback_context.triggered_id;
         const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
-        if (!click || !click.points || !click.points.length) { return C.no_update; }
+        if (!click || !click.points || !click.points.length) { return [nu, nu, nu]; }
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
-        const p = click.points[0];
-        const held = {graph: id, points: [{customdata: p.customdata === undefined ? null : p.customdata,
-                                           curveNumber: p.curveNumber, pointNumber: p.pointNumber}]};
+        const p = click.points[0], cd = p.customdata === undefined ? null : p.customdata;
+        const down = window.hsDown && window.hsDown.id === id ? window.hsDown.t : Date.now();
         return new Promise(resolve => setTimeout(() => {
             const d = window.hsDown;
-            const double = d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay;
-            resolve(double ? C.no_update : held);
-        }, delay));
+            if (d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay) { resolve([nu, nu, nu]); }
+            else if (Array.isArray(cd) && cd.length === 2) {
+                resolve([Object.assign({}, sel, {layer: cd[0], head: cd[1]}), nu, null]);
+            } else {
+                resolve([nu, {graph: id, points: [{customdata: cd, curveNumber: p.curveNumber,
+                                                   pointNumber: p.pointNumber}]}, nu]);
+            }
+        }, Math.max(0, down + delay - Date.now())));
     }
     """,
-    Output("head-click", "data"),
+    Output("sel", "data", allow_duplicate=True), Output("head-click", "data"),
+    Output("pick-note", "children", allow_duplicate=True),
     Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-    prevent_initial_call=True,
+    State("sel", "data"), prevent_initial_call=True,
 )
 
 
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
           Input("head-click", "data"), State("sel", "data"), prevent_initial_call=True)
 def select_head(click, sel):
-    """A (held) click on a head in B1, C1 or D1 selects it; a click on a head of another image in D1
-    selects that head of that image, and the note under the header says so."""
+    """A (held) click on a point of D1 selects that head of that image (another image: the note
+    under the header says so); a [layer, head] point selects the head."""
     if not click or not click.get("points"):
         return no_update, no_update
     graph = click.get("graph")

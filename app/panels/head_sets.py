@@ -72,7 +72,8 @@ def bottom(b23, query: dict) -> html.Div:
         loading([html.Div(id="hs-pairs-msg"), graph("hs-pairs-graph", HEIGHT - 28)]),
     ], id="hs-pairs-panel", style=show("pairs"))
     return html.Div([html.Div(b23, id="hs-b23", style=show("b23")), set_panel, pairs_panel,
-                     dcc.Store(id="k-heads"), dcc.Store(id="hs-shift")])
+                     dcc.Store(id="k-heads"), dcc.Store(id="hs-shift"), dcc.Store(id="hs-set-key"),
+                     dcc.Store(id="hs-pairs-key")])
 
 
 def b1_extras(index: data.RunIndex, metric: str, pos: int | None, overlay, heads) -> dict:
@@ -123,6 +124,20 @@ _clientside(
     """,
     Output("hs-shift", "data"), Input("b1-graph", "clickData"), prevent_initial_call=True,
 )
+
+# A hidden panel costs nothing: its view listens to a store (hs-set-key, hs-pairs-key) that
+# follows the parts it depends on only while the panel shows, and at once when it is shown.
+for _view, _store, _parts in (("set", "hs-set-key", ("image", "head", "heads")),
+                              ("pairs", "hs-pairs-key", ("image", "metric", "heads"))):
+    _clientside(
+        f"""
+        function(...args) {{
+            const view = args.pop();
+            return view === '{_view}' ? Object.assign({{}}, ...args) : window.dash_clientside.no_update;
+        }}
+        """,
+        Output(_store, "data"), *[Input(f"k-{part}", "data") for part in _parts], Input("hs-view", "value"),
+    )
 
 _clientside(
     """
@@ -244,6 +259,8 @@ def show_set(_khs, _kh, sel):
                                                 for l in range(index.L) for h in range(index.H)])
     one = _one(index, sel)
     pin = "pin head" if one is None else ("unpin" if one in heads else "pin") + f" L{one[0]}H{one[1]}"
+    if ctx.triggered_prop_ids == {"k-head.data": "k-head"}:  # another head, the same set: only the button
+        return no_update, no_update, pin                 # (resent values would reach edit_set as an edit)
     return options, [_key(*h) for h in heads], pin
 
 
@@ -255,9 +272,10 @@ def _one(index, sel) -> list[int] | None:
 
 
 @_deferred(Output("hs-table", "children"), Output("hs-top5", "figure"), Output("hs-msg", "children"),
-          Input("k-image", "data"), Input("k-head", "data"), Input("k-heads", "data"), State("sel", "data"))
-def view_set(_ki, _kh, _khs, sel):
-    """The set's metrics and top-5 on the selected image next to the selected head's alone."""
+          Input("hs-set-key", "data"), State("sel", "data"))
+def view_set(_key, sel):
+    """The set's metrics and top-5 on the selected image next to the selected head's alone (while
+    the set panel shows)."""
     index, err = load(sel)
     if index is None:
         return None, F.empty(err or "No run"), None
@@ -298,9 +316,8 @@ def pair_metric(index: data.RunIndex, metric: str, pos: int) -> str:
 
 
 @_deferred(Output("hs-pairs-graph", "figure"), Output("hs-pairs-msg", "children"),
-          Input("k-image", "data"), Input("k-metric", "data"), Input("k-heads", "data"), Input("hs-k", "value"),
-          Input("hs-view", "value"), State("sel", "data"))
-def view_pairs(_ki, _km, _khs, k, view, sel):
+          Input("hs-pairs-key", "data"), Input("hs-k", "value"), State("hs-view", "value"), State("sel", "data"))
+def view_pairs(_key, k, view, sel):
     """The pair-interaction heatmap of the image's top-k heads (computed while the panel shows)."""
     if view != "pairs":
         return no_update, no_update

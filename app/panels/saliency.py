@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
 from analysis.metrics.patch_maps import MAPS
@@ -54,6 +54,7 @@ def panel():
         _computing([graph("sal-deletion", HEIGHT["deletion"])], COMPUTING_DELETION),
         html.Div(dcc.Slider(id="sal-n", min=0, max=1, step=None, value=0, marks={0: "0"}, updatemode="mouseup"),
                  className="sal-n"),
+        dcc.Store(id="sal-image"), dcc.Store(id="sal-hover"),
     ], className="saliency-panel", id="saliency-panel")
 
 
@@ -84,20 +85,37 @@ def _arrays(out: dict) -> dict[str, np.ndarray]:
             for k, rows in out["maps"].items()}
 
 
+# The panel computes only while it shows (the maps of a new image may cost the model seconds), and
+# a hidden panel costs no request: sal-image follows k-image, and sal-hover D3's hover (the source
+# patch; a click on the map sets it), only while ``d-panel`` shows the panel, and at once when shown.
+clientside_callback(
+    """
+    function(image, panel) { return panel === 'saliency' ? image : window.dash_clientside.no_update; }
+    """,
+    Output("sal-image", "data"), Input("k-image", "data"), Input("d-panel", "value"),
+)
+clientside_callback(
+    """
+    function(hover, panel) { return panel === 'saliency' ? hover : window.dash_clientside.no_update; }
+    """,
+    Output("sal-hover", "data"), Input("d3-graph", "hoverData"), State("d-panel", "value"),
+    prevent_initial_call=True,
+)
+
+
 @callback(Output("sal-map", "options"), Output("sal-map", "value"), Output("sal-graph", "figure"),
           Output("sal-agree", "figure"), Output("sal-msg", "children"),
-          Input("k-image", "data"), Input("sal-map", "value"), Input("d3-graph", "hoverData"), Input("d-panel", "value"),
+          Input("sal-image", "data"), Input("sal-map", "value"), Input("sal-hover", "data"), State("d-panel", "value"),
           State("sel", "data"))
-def view_saliency(_ki, chosen, hover, panel, sel):
-    """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement;
-    only while the panel shows (``d-panel``): the maps of a new image may cost the model seconds."""
+def view_saliency(_image, chosen, hover, panel, sel):
+    """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement."""
     if panel != "saliency":
         return (no_update,) * 5
     out, index, problem = _maps(sel or {})
     if out is None:
         return no_update, no_update, F.empty(problem or ""), F.empty(""), None
     T = int(out["num_prefix_tokens"])
-    if ctx.triggered_id == "d3-graph":
+    if ctx.triggered_id == "sal-hover":
         p = Patch()
         patch = _source_patch(hover, T)
         fig = F.saliency_map(np.zeros(out["grid"]), "", "", selected_patch=patch)
@@ -148,8 +166,8 @@ def _slider_step(steps: list[int]) -> int:
 
 
 @callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"), Output("sal-n", "step"),
-          Input("k-image", "data"), Input("sal-n", "value"), Input("d-panel", "value"), State("sel", "data"))
-def view_deletion(_ki, n, panel, sel):
+          Input("sal-image", "data"), Input("sal-n", "value"), State("d-panel", "value"), State("sel", "data"))
+def view_deletion(_image, n, panel, sel):
     """Deletion curves of the image's maps, the computed n nearest the slider's marked (while the
     panel shows)."""
     if panel != "saliency":
