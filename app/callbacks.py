@@ -270,6 +270,7 @@ RULES = {
     ("c1-graph", "clickData"): _points(_head_cd),
     ("d1-graph", "clickData"): _points(_opt(_ints(2, 3))),
     ("head-click", "data"): _opt(_held_click),
+    ("head-pick", "data"): _ints(2),  # [layer, head] of a held click in B1 / C1
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("d5-graph", "clickData"): _points(_numbers),

@@ -191,7 +191,7 @@ def layout(**query):
         html.Div(id="run-alert"),
         top,
         html.Div([view_a, view_b, view_c, view_d], className="explorer-grid"),
-        *keys, dcc.Store(id="ctl-sync"), dcc.Store(id="head-click"),
+        *keys, dcc.Store(id="ctl-sync"), dcc.Store(id="head-click"), dcc.Store(id="head-pick"),
     ], className="explorer", id="explorer-root")
 
 
@@ -574,34 +574,41 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
 # A click on a head in B1, C1 or D1 is held until plotly's double-click delay has passed since its
 # mousedown and dropped when it was the start of a double-click, which resets the zoom and nothing
 # else (plotly holds legend clicks the same way); assets/explorer.js remembers each graph's last two
-# mousedowns. A head of B1 / C1 ([layer, head]) is set here, in the browser; a point of D1's
-# background (another image's head, known by its point number) goes to select_head on the server.
+# mousedowns. A head of B1 / C1 ([layer, head]: ``head-pick``) is set in the browser, on the state
+# as it is after the hold; a point of D1's background (another image's head, known by its point
+# number: ``head-click``) goes to select_head on the server.
 clientside_callback(
     """
-    function(b1, c1, d1, sel) {
+    function(b1, c1, d1) {
         const C = window.dash_clientside, nu = C.no_update, id = C.callback_context.triggered_id;
         const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
-        if (!click || !click.points || !click.points.length) { return [nu, nu, nu]; }
+        if (!click || !click.points || !click.points.length) { return [nu, nu]; }
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
         const p = click.points[0], cd = p.customdata === undefined ? null : p.customdata;
         const down = window.hsDown && window.hsDown.id === id ? window.hsDown.t : Date.now();
         return new Promise(resolve => setTimeout(() => {
             const d = window.hsDown;
-            if (d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay) { resolve([nu, nu, nu]); }
-            else if (Array.isArray(cd) && cd.length === 2) {
-                resolve([Object.assign({}, sel, {layer: cd[0], head: cd[1]}), nu, null]);
-            } else {
-                resolve([nu, {graph: id, points: [{customdata: cd, curveNumber: p.curveNumber,
-                                                   pointNumber: p.pointNumber}]}, nu]);
-            }
+            if (d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay) { resolve([nu, nu]); }
+            else if (Array.isArray(cd) && cd.length === 2) { resolve([cd, nu]); }
+            else { resolve([nu, {graph: id, points: [{customdata: cd, curveNumber: p.curveNumber,
+                                                      pointNumber: p.pointNumber}]}]); }
         }, Math.max(0, down + delay - Date.now())));
     }
     """,
-    Output("sel", "data", allow_duplicate=True), Output("head-click", "data"),
-    Output("pick-note", "children", allow_duplicate=True),
+    Output("head-pick", "data"), Output("head-click", "data"),
     Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-    State("sel", "data"), prevent_initial_call=True,
+    prevent_initial_call=True,
+)
+clientside_callback(
+    """
+    function(pick, sel) {
+        const nu = window.dash_clientside.no_update;  // Dash calls it once when the page mounts, with no pick
+        return Array.isArray(pick) ? [Object.assign({}, sel, {layer: pick[0], head: pick[1]}), null] : [nu, nu];
+    }
+    """,
+    Output("sel", "data", allow_duplicate=True), Output("pick-note", "children", allow_duplicate=True),
+    Input("head-pick", "data"), State("sel", "data"), prevent_initial_call=True,
 )
 
 
@@ -963,7 +970,7 @@ def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
     pos, head = _selection(index, sel)
     figs = []
     b2, b3, _ = view_b2_b3(None, None, None, None, sel)
-    _, c2, c3, _ = view_c(None, None, None, "strength_entropy", "set", sel)
+    _, c2, c3, _ = view_c(None, None, None, "strength_entropy", sel)
     d3, d4, _, count, _, _ = view_d3_d5(None, None, None, None, sel)
     d2, _ = view_d2(None, None, None, None, sel)
     for title, fig in (("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3),
