@@ -141,14 +141,6 @@ def _overlay_traces(v):
         raise Invalid("expected a list of at most 3 traces")
 
 
-def _held_click(v):
-    """The Explorer's held head click: {graph: b1/c1/d1-graph, points: [{customdata, curveNumber, pointNumber}]}."""
-    if not isinstance(v, dict) or set(v) != {"graph", "points"}:
-        raise Invalid("expected {graph, points}")
-    _choice("b1-graph", "c1-graph", "d1-graph")(v["graph"])
-    _points(_opt(_ints(2, 3)))(v)
-
-
 def _numbers(v):
     """A number or a short list of numbers (D5's bar edges)."""
     for x in (v if isinstance(v, list) and 0 < len(v) <= 4 else [v]):
@@ -269,8 +261,8 @@ RULES = {
     ("b1-graph", "clickData"): _points(_head_cd),
     ("c1-graph", "clickData"): _points(_head_cd),
     ("d1-graph", "clickData"): _points(_opt(_ints(2, 3))),
-    ("head-click", "data"): _opt(_held_click),
-    ("head-pick", "data"): _ints(2),  # [layer, head] of a held click in B1 / C1
+    ("head-click", "data"): _opt(_ints(3)),  # [image id, layer, head] of a held click on D1's background
+    ("head-pick", "data"): _opt(_ints(2)),  # [layer, head] of a held click in B1 / C1
     ("heads-map", "clickData"): _points(need=("x", "y")),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("d5-graph", "clickData"): _points(_numbers),

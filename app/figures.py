@@ -446,16 +446,32 @@ def pattern_family(label: str) -> str:
     return (label or "mixed").split(":")[0]
 
 
+def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, np.ndarray]]:
+    """D1's point groups: (name, flat indices into ``xy.reshape(-1, 2)``) per layer, or per basic
+    pattern family given ``patterns`` (str [n, L*H]), of the heads that have a position. One trace
+    of one colour per group: a per-point colour makes plotly convert 10^5 colours on each redraw."""
+    n, LH, _ = xy.shape
+    ok = ~np.isnan(xy.reshape(-1, 2)).any(1)
+    if patterns is None:
+        layer = (np.arange(n * LH) % LH) // H
+        return [(f"layer {l}", np.flatnonzero(ok & (layer == l))) for l in range(LH // H)]
+    families = np.array([pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1)])
+    return [(f"pattern: {f}", np.flatnonzero(ok & (families == f))) for f in PATTERN_COLOURS if (ok & (families == f)).any()]
+
+
 def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None) -> list[dict]:
     """D1's context layer (independent of the selection), as in the paper's Fig. 12:
-    ``xy`` [n, L*H, 2]. "points": every head of every image coloured by layer (cividis, with the
-    layer colour bar; customdata [image id, layer, head] for hover and click) or, given ``patterns``
-    (str [n, L*H], the registry's ``pattern`` labels), by its basic pattern (PATTERN_COLOURS, a legend
-    entry per pattern after the points trace, the full label on hover); "contours": smooth density
-    contours of all of them (histogram2dcontour); "both": contours under the points."""
+    ``xy`` [n, L*H, 2]. "points": every head of every image, one scattergl trace per layer (cividis,
+    with the layer colour bar) or, given ``patterns`` (str [n, L*H], the registry's ``pattern``
+    labels), per basic pattern (PATTERN_COLOURS, a legend entry each, the full label on hover), in
+    ``background_groups`` order; customdata [image id, layer, head] for hover and click (a plain
+    list, no smaller as a typed array, and Dash's clickData keeps only a list's).
+    "contours": smooth density contours of all of them (histogram2dcontour); "both": contours under
+    the points."""
     n, LH, _ = xy.shape
     flat = xy.reshape(-1, 2)
     ok = ~np.isnan(flat).any(1)
+    L = LH // H
     out = []
     if style in ("contours", "both"):
         out.append({"type": "histogram2dcontour", "x": typed(flat[ok, 0]), "y": typed(flat[ok, 1]),
@@ -463,34 +479,27 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
                     "colorscale": [[0, "rgba(255,255,255,0)"], [0.05, "#f3f3f3"], [1, "#6b6b6b"]],
                     "contours": {"coloring": "fill", "showlines": style == "contours"},
                     "line": {"width": 0.5, "color": "#999", "smoothing": 1.3}, "name": "density"})
-    L = LH // H
-    if style == "contours":  # no points to carry it: the layer colour bar of the overlay's heads, alone
+    if style in ("points", "both"):
+        ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
+        labels = None if patterns is None else np.asarray(patterns, dtype=object).reshape(-1)
+        hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}" + ("" if labels is None else " · %{text}")
+        colours = pc.sample_colorscale(LAYER_SCALE, [l / max(L - 1, 1) for l in range(L)])
+        for name, idx in background_groups(xy, H, patterns):
+            cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)
+            trace = {"type": "scattergl", "mode": "markers", "x": typed(flat[idx, 0]), "y": typed(flat[idx, 1]),
+                     "customdata": cd.tolist(), "name": name, "showlegend": False,
+                     "hovertemplate": hover + "<extra>click: select this head of this image</extra>"}
+            if labels is None:
+                trace["marker"] = {"size": 3, "color": colours[int(name.split()[1])], "opacity": 0.55}
+            else:
+                trace.update(marker={"size": 3, "color": PATTERN_COLOURS[name.split(": ")[1]], "opacity": 0.6},
+                             text=[v or "mixed" for v in labels[idx]], showlegend=True, legendgroup="patterns")
+            out.append(trace)
+    if patterns is None or style == "contours":  # the layer colour bar, on a point-less trace
         out.append({"type": "scatter", "mode": "markers", "x": [None], "y": [None], "hoverinfo": "skip",
                     "showlegend": False, "name": "layer",
                     "marker": {"color": [0], "colorscale": LAYER_SCALE, "cmin": 0, "cmax": max(L - 1, 1),
                                "showscale": True, "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}}})
-    if style in ("points", "both"):
-        ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
-        idx = np.arange(n * LH)
-        cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)[ok]  # image id, layer, head
-        hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}"
-        marker = {"size": 3, "color": typed(cd[:, 1], "i4"), "colorscale": LAYER_SCALE, "opacity": 0.55,
-                  "cmin": 0, "cmax": max(L - 1, 1), "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}}
-        extra = {}
-        if patterns is not None:
-            labels = np.asarray(patterns, dtype=object).reshape(-1)[ok]
-            families = [pattern_family(v) for v in labels]
-            marker = {"size": 3, "opacity": 0.6, "color": [PATTERN_COLOURS.get(f, PATTERN_COLOURS["mixed"]) for f in families]}
-            extra = {"text": [v or "mixed" for v in labels], "showlegend": False}
-            hover += " · %{text}"
-        out.append({"type": "scattergl", "mode": "markers", "x": typed(flat[ok, 0]), "y": typed(flat[ok, 1]),
-                    "customdata": typed(cd, "i4"), "name": "all heads", "marker": marker, **extra,
-                    "hovertemplate": hover + "<extra>click: select this head of this image</extra>"})
-        if patterns is not None:  # legend entries only (no points), after the points trace
-            present = set(families)
-            out += [{"type": "scatter", "mode": "markers", "x": [None], "y": [None], "name": f"pattern: {f}",
-                     "marker": {"size": 8, "color": c}, "hoverinfo": "skip", "legendgroup": "patterns"}
-                    for f, c in PATTERN_COLOURS.items() if f in present]
     return out
 
 
@@ -528,7 +537,8 @@ def pattern_layout(background: list[dict], kind: str, uirevision=None) -> dict:
                  annotations=[{"text": f"2-D layout of {title}", "xref": "paper", "yref": "paper", "x": 0, "y": 1,
                                "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 10, "color": "#666"}}])
     if any(t.get("legendgroup") == "patterns" for t in background):  # coloured by pattern: its legend only
-        lay.update(showlegend=True, legend={"orientation": "h", "y": 0, "yanchor": "top", "font": {"size": 10}})
+        lay.update(showlegend=True, legend={"orientation": "h", "y": 0, "yanchor": "top", "font": {"size": 10},
+                                            "itemsizing": "constant"})
     return {"data": background, "layout": lay}
 
 

@@ -166,6 +166,7 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     ActionChains(dash_duo.driver).move_to_element(point).pause(0.5).perform()
     dash_duo.wait_for_element("#a-tooltip img.tip-thumb", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#a-tooltip", "predicted:", timeout=TIMEOUT)
+    assert js(dash_duo, "d1-graph", "(window.hsBackground = gd.data[0]) !== undefined")
     click(dash_duo, "#a-graph .scatterlayer .trace:nth-of-type(3) .point")
     until(lambda: "image" in query(dash_duo), timeout=TIMEOUT, msg="the image is in the URL")
     image = int(query(dash_duo)["image"])
@@ -175,7 +176,7 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     wait_js(dash_duo, "c1-graph", "gd.layout.title.text", lambda t: t and t.startswith(f"image {image}"), "C1 is the image")
     heads = "(gd.data.find(t => t.name === 'heads of the image') || {x: []}).x.length"
     wait_js(dash_duo, "d1-overlay", heads, lambda n: n == 12, "the image's 6x2 heads in D1's selection layer")
-    assert js(dash_duo, "d1-graph", "gd.data.length") == 1  # the background was not redrawn with them
+    assert js(dash_duo, "d1-graph", "gd.data[0] === window.hsBackground")  # the background was not redrawn
     no_console_errors(dash_duo)
 
 
@@ -606,8 +607,10 @@ def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, re
     index = real_index(real)
     visit(dash_duo, real_app, f"/?run={run}&image=3&layer=2&head=1")
     wait_js(dash_duo, "d1-overlay", "gd.data.length", lambda n: n == 3, "the selection layer's 3 traces", timeout=120)
-    assert js(dash_duo, "d1-graph", "gd.data.length") == 1 and js(dash_duo, "d1-graph", "gd.data[0].type") == "scattergl"
-    assert js(dash_duo, "d1-graph", "gd._fullData[0]._length") == index.n * index.L * index.H
+    # one webgl trace per layer, every head of every image in its layer's
+    assert js(dash_duo, "d1-graph", "gd.data.filter(t => t.type === 'scattergl').map(t => t.name)") == \
+           [f"layer {l}" for l in range(index.L)]
+    assert js(dash_duo, "d1-graph", "gd._fullData.map(t => t._length || 0)")[:index.L] == [index.n * index.H] * index.L
     # pick a head of another image through plotly's own click on the webgl point
     target = next(p for p in range(index.n) if int(index.image_ids[p]) != 3)
     image = int(index.image_ids[target])

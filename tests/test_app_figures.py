@@ -214,23 +214,36 @@ def test_pattern_layout_background_and_overlay():
     n = 5
     xy = np.random.rand(n, L * H, 2)
     ids = np.arange(50, 50 + n)
-    kinds = {"points": ["scattergl"], "contours": ["histogram2dcontour", "scatter"],
-             "both": ["histogram2dcontour", "scattergl"]}
+    kinds = {"points": ["scattergl"] * L + ["scatter"], "contours": ["histogram2dcontour", "scatter"],
+             "both": ["histogram2dcontour"] + ["scattergl"] * L + ["scatter"]}
     for style, types in kinds.items():
         assert [t["type"] for t in F.pattern_background(xy, style, H, ids)] == types
-    # contours alone: the layer colour bar on a point-less trace (the overlay's heads are coloured by layer)
+    # the layer colour bar on a point-less trace (the points and the overlay's heads are coloured by layer)
     bar = F.pattern_background(xy, "contours", H, ids)[1]
     assert bar["x"] == [None] and bar["marker"]["showscale"] and bar["marker"]["cmax"] == L - 1
-    (pts,) = F.pattern_background(xy, "points", H, ids)
-    assert F.untyped(pts["x"]).shape == (n * L * H,)
-    cd = F.untyped(pts["customdata"]).reshape(-1, 3)
-    # every head of every image names its image id, layer and head, and is coloured by its layer
-    i = 2 * L * H + 1 * H + 2
-    assert cd[i].tolist() == [52, 1, 2] and F.untyped(pts["marker"]["color"])[i] == 1
-    assert F.untyped(pts["x"])[i] == pytest.approx(xy[2, H + 2, 0])
+    traces = F.pattern_background(xy, "points", H, ids)[:L]
+    # one trace of one colour per layer (a per-point colour costs plotly a colour conversion per point)
+    assert [t["name"] for t in traces] == [f"layer {l}" for l in range(L)]
+    assert len({t["marker"]["color"] for t in traces}) == L and all(isinstance(t["marker"]["color"], str) for t in traces)
+    assert sum(len(F.untyped(t["x"])) for t in traces) == n * L * H
+    # every head of every image names its image id, layer and head: image 2, layer 1, head 2 is the
+    # (2 * H + 2)-th point of layer 1's trace
+    pts = traces[1]
+    assert pts["customdata"][2 * H + 2] == [52, 1, 2]
+    assert F.untyped(pts["x"])[2 * H + 2] == pytest.approx(xy[2, H + 2, 0])
     assert "image %{customdata[0]}" in pts["hovertemplate"]
+    # heads without a position are left out
+    holes = xy.copy()
+    holes[0, :H] = np.nan
+    assert len(F.pattern_background(holes, "points", H, ids)[0]["customdata"]) == (n - 1) * H
+    # by pattern: one trace per family present, in PATTERN_COLOURS' order, each its legend entry
+    labels = np.array([["diagonal:self", "block"] * (L * H // 2)] * n, dtype=object)
+    by_pattern = F.pattern_background(xy, "points", H, ids, patterns=labels)
+    assert [(t["name"], t["marker"]["color"], t["showlegend"]) for t in by_pattern] == \
+           [("pattern: diagonal", F.PATTERN_COLOURS["diagonal"], True), ("pattern: block", F.PATTERN_COLOURS["block"], True)]
+    assert by_pattern[0]["text"][0] == "diagonal:self" and len(by_pattern[1]["customdata"]) == n * L * H // 2
     fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "both", H, ids), "cls"))
-    assert [t["type"] for t in fig["data"]] == ["histogram2dcontour", "scattergl"]
+    assert [t["type"] for t in fig["data"]] == kinds["both"]
     # the selection layer: the head over all images, the image's heads (by layer), the ring; no events
     overlay = roundtrip({"data": F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4]),
                          "layout": {}})["data"]

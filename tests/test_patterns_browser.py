@@ -66,9 +66,13 @@ def test_d1_coloured_by_pattern_label_shows_the_pattern_legend(dash_duo, real, t
     legend = dash_duo.find_element("#d1-graph .legend").text
     for f in families:
         assert f"pattern: {f}" in legend
-    # every point of the all-heads trace is coloured by its head's label family
-    n_points = js(dash_duo, "d1-graph", "gd.data.find(t => t.name === 'all heads').marker.color.length")
+    # every head with a position is drawn, in the trace of its label's family
+    n_points = js(dash_duo, "d1-graph", "gd._fullData.filter(t => t.name.startsWith('pattern: '))"
+                                        ".reduce((n, t) => n + t._length, 0)")
     assert n_points == int(hm[["cls_x", "cls_y"]].notna().all(axis=1).sum())
+    for f in families:
+        names = js(dash_duo, "d1-graph", f"gd.data.find(t => t.name === 'pattern: {f}').text")
+        assert {v.split(":")[0] for v in names} == {f}
     no_console_errors(dash_duo)
 
 
@@ -200,7 +204,7 @@ def test_d1_draws_only_the_mispredicted_images_and_the_url_keeps_the_scope(dash_
     drawn = lambda ids: int((~np.isnan(index.layouts["cls"][[index.pos(i) for i in ids]]).any(-1)).sum())
     assert drawn(wrong.image_id) < drawn(images.image_id)
     visit(dash_duo, create_app(*real), f"/?run={real[1]}&image={int(images.image_id.iloc[0])}&layer=3&head=2")
-    count = "gd._fullData.find(t => t.name === 'all heads')._length"
+    count = "gd._fullData.filter(t => t.type === 'scattergl').reduce((n, t) => n + t._length, 0)"
     wait_js(dash_duo, "d1-graph", count, lambda n: n == drawn(images.image_id), "D1: every image", timeout=TIMEOUT)
     Select(dash_duo.find_element("#band-scope")).select_by_value("wrong")
     wait_js(dash_duo, "d1-graph", count, lambda n: n == drawn(wrong.image_id), "D1: mispredicted only",

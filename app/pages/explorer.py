@@ -575,8 +575,8 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
 # mousedown and dropped when it was the start of a double-click, which resets the zoom and nothing
 # else (plotly holds legend clicks the same way); assets/explorer.js remembers each graph's last two
 # mousedowns. A head of B1 / C1 ([layer, head]: ``head-pick``) is set in the browser, on the state
-# as it is after the hold; a point of D1's background (another image's head, known by its point
-# number: ``head-click``) goes to select_head on the server.
+# as it is after the hold; a point of D1's background ([image id, layer, head]: ``head-click``)
+# goes to select_head on the server.
 clientside_callback(
     """
     function(b1, c1, d1) {
@@ -585,14 +585,14 @@ clientside_callback(
         if (!click || !click.points || !click.points.length) { return [nu, nu]; }
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
-        const p = click.points[0], cd = p.customdata === undefined ? null : p.customdata;
+        const cd = click.points[0].customdata;
         const down = window.hsDown && window.hsDown.id === id ? window.hsDown.t : Date.now();
         return new Promise(resolve => setTimeout(() => {
             const d = window.hsDown;
             if (d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay) { resolve([nu, nu]); }
             else if (Array.isArray(cd) && cd.length === 2) { resolve([cd, nu]); }
-            else { resolve([nu, {graph: id, points: [{customdata: cd, curveNumber: p.curveNumber,
-                                                      pointNumber: p.pointNumber}]}]); }
+            else if (Array.isArray(cd) && cd.length === 3) { resolve([nu, cd]); }
+            else { resolve([nu, nu]); }  // a contour, the colour bar: no head
         }, Math.max(0, down + delay - Date.now())));
     }
     """,
@@ -615,58 +615,19 @@ clientside_callback(
 @callback(Output("sel", "data", allow_duplicate=True), Output("pick-note", "children"),
           Input("head-click", "data"), State("sel", "data"), prevent_initial_call=True)
 def select_head(click, sel):
-    """A (held) click on a point of D1 selects that head of that image (another image: the note
-    under the header says so); a [layer, head] point selects the head."""
-    if not click or not click.get("points"):
+    """A (held) click on a point of D1's background, [image id, layer, head], selects that head of
+    that image; another image's: the note under the header says so."""
+    if not click:  # Dash's call when the page mounts
         return no_update, no_update
-    graph = click.get("graph")
-    pt = click["points"][0]
-    cd = pt.get("customdata")
-    if graph == "d1-graph" and cd is None:  # D1's background (Dash drops typed-array customdata)
-        cd = _d1_background_point(sel, pt)
+    image, layer, head = (int(v) for v in click)
     p = Patch()
-    if isinstance(cd, list) and len(cd) == 2:
-        p["layer"], p["head"] = int(cd[0]), int(cd[1])
-        return p, None
-    if graph == "d1-graph" and isinstance(cd, list) and len(cd) == 3:
-        image, layer, head = (int(v) for v in cd)
-        p["image"], p["layer"], p["head"] = image, layer, head
-        note = None
-        if image != sel.get("image"):
-            note = html.Span([html.B("D1: "), f"picked {F.head_name(layer, head)} of image {image} "
-                              f"(was image {sel.get('image')})" if sel.get("image") is not None else
-                              f"picked {F.head_name(layer, head)} of image {image}"], className="small")
-        return p, note
-    return no_update, no_update
-
-
-def _d1_background_point(sel: dict, pt: dict) -> list[int] | None:
-    """[image id, layer, head] of a clicked point of D1's all-heads trace (by its pointNumber)."""
-    index, _ = load(sel)
-    kind = sel.get("d1") if sel.get("d1") in ("cls", "patch") else "cls"
-    style = sel.get("d1s") if sel.get("d1s") in F.D1_STYLES else "points"
-    if index is None or kind not in index.layouts or style == "contours" or pt.get("pointNumber") is None:
-        return None
-    if pt.get("curveNumber") != (1 if style == "both" else 0):
-        return None
-    rows, scope = _d1_rows(index, sel)
-    shown = index.memo(("d1-shown", kind, scope), lambda: np.flatnonzero(
-        ~np.isnan(index.layouts[kind][rows].reshape(-1, 2)).any(1)))
-    i = int(pt["pointNumber"])
-    if not 0 <= i < len(shown):
-        return None
-    k, hi = divmod(int(shown[i]), index.L * index.H)
-    return [int(index.image_ids[rows][k]), hi // index.H, hi % index.H]
-
-
-def _d1_rows(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str]:
-    """(positions, name) of the images whose heads D1's background draws: all of them, or only the
-    selected image's class or the mispredicted images when the scope says so (a lasso set only
-    restricts the selected head's points, over the whole background)."""
-    members, name = _scope_positions(index, sel)
-    if sel.get("scope") in ("class", "wrong") and members is not None and len(members):
-        return members, name
-    return np.arange(index.n), "all"
+    p["image"], p["layer"], p["head"] = image, layer, head
+    note = None
+    if image != sel.get("image"):
+        note = html.Span([html.B("D1: "), f"picked {F.head_name(layer, head)} of image {image} "
+                          f"(was image {sel.get('image')})" if sel.get("image") is not None else
+                          f"picked {F.head_name(layer, head)} of image {image}"], className="small")
+    return p, note
 
 
 def _pruning(index, pos, head) -> list[dict]:
@@ -763,6 +724,16 @@ def view_c(_ki, _kh, _ks, prop, sel):
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
+def _d1_rows(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str]:
+    """(positions, name) of the images whose heads D1's background draws: all of them, or only the
+    selected image's class or the mispredicted images when the scope says so (a lasso set only
+    restricts the selected head's points, over the whole background)."""
+    members, name = _scope_positions(index, sel)
+    if sel.get("scope") in ("class", "wrong") and members is not None and len(members):
+        return members, name
+    return np.arange(index.n), "all"
+
+
 @callback(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
           Output("d1-msg", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
