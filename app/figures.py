@@ -455,7 +455,8 @@ def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, 
     if patterns is None:
         layer = (np.arange(n * LH) % LH) // H
         return [(f"layer {l}", np.flatnonzero(ok & (layer == l))) for l in range(LH // H)]
-    families = np.array([pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1)])
+    families = np.array([f if f in PATTERN_COLOURS else "mixed"
+                         for f in (pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1))])
     return [(f"pattern: {f}", np.flatnonzero(ok & (families == f))) for f in PATTERN_COLOURS if (ok & (families == f)).any()]
 
 
