@@ -76,7 +76,7 @@ def test_heads_page_pattern_table_and_class_view(indexes):
     assert [r["label"] for r in table.data] == modal.ravel().tolist()
     np.testing.assert_allclose([r["share"] for r in table.data], share.ravel(), atol=1e-4)
     assert table.sort_action == "native"
-    fig, spec_table, _ = page.heads_class_view({"run": "a"}, "prob_drop", [])
+    fig, spec_table, _ = page.heads_class_view({"run": "a"}, "prob_drop", "all")
     hm = pd.read_parquet(root / "a" / "head_metrics.parquet").merge(a.images[["image_id", "label"]], on="image_id")
     want = hm.groupby(["label", "layer", "head"]).prob_drop.mean().unstack(["layer", "head"]).to_numpy()
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), want, rtol=1e-5)
