@@ -37,6 +37,9 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
         broker_connection_retry_on_startup=True,
         broker_transport_options={"socket_connect_timeout": 2},
         redis_socket_connect_timeout=2,
+        # a lost result store: 3 reconnects (about 2 s), not Celery's 20 (about 20 s per pending result)
+        result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0,
+                                                           "interval_step": 0.5, "interval_max": 1}},
         worker_hijack_root_logger=False,
     )
     return celery
