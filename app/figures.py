@@ -446,18 +446,22 @@ def pattern_family(label: str) -> str:
     return (label or "mixed").split(":")[0]
 
 
-def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, np.ndarray]]:
-    """D1's point groups: (name, flat indices into ``xy.reshape(-1, 2)``) per layer, or per basic
-    pattern family given ``patterns`` (str [n, L*H]), of the heads that have a position. One trace
-    of one colour per group: a per-point colour makes plotly convert 10^5 colours on each redraw."""
+def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, str, np.ndarray]]:
+    """D1's point groups: (name, colour, flat indices into ``xy.reshape(-1, 2)``) per layer (cividis),
+    or per basic pattern family given ``patterns`` (str [n, L*H]; PATTERN_COLOURS), of the heads that
+    have a position. One trace of one colour per group: a per-point colour makes plotly convert
+    10^5 colours on each redraw."""
     n, LH, _ = xy.shape
     ok = ~np.isnan(xy.reshape(-1, 2)).any(1)
     if patterns is None:
+        L = LH // H
         layer = (np.arange(n * LH) % LH) // H
-        return [(f"layer {l}", np.flatnonzero(ok & (layer == l))) for l in range(LH // H)]
+        colours = pc.sample_colorscale(LAYER_SCALE, [l / max(L - 1, 1) for l in range(L)])
+        return [(f"layer {l}", colours[l], np.flatnonzero(ok & (layer == l))) for l in range(L)]
     families = np.array([f if f in PATTERN_COLOURS else "mixed"
                          for f in (pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1))])
-    return [(f"pattern: {f}", np.flatnonzero(ok & (families == f))) for f in PATTERN_COLOURS if (ok & (families == f)).any()]
+    groups = [(f"pattern: {f}", c, np.flatnonzero(ok & (families == f))) for f, c in PATTERN_COLOURS.items()]
+    return [g for g in groups if len(g[2])]
 
 
 def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None) -> list[dict]:
@@ -484,17 +488,14 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
         ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
         labels = None if patterns is None else np.asarray(patterns, dtype=object).reshape(-1)
         hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}" + ("" if labels is None else " · %{text}")
-        colours = pc.sample_colorscale(LAYER_SCALE, [l / max(L - 1, 1) for l in range(L)])
-        for name, idx in background_groups(xy, H, patterns):
+        for name, colour, idx in background_groups(xy, H, patterns):
             cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)
             trace = {"type": "scattergl", "mode": "markers", "x": typed(flat[idx, 0]), "y": typed(flat[idx, 1]),
                      "customdata": cd.tolist(), "name": name, "showlegend": False,
+                     "marker": {"size": 3, "color": colour, "opacity": 0.55 if labels is None else 0.6},
                      "hovertemplate": hover + "<extra>click: select this head of this image</extra>"}
-            if labels is None:
-                trace["marker"] = {"size": 3, "color": colours[int(name.split()[1])], "opacity": 0.55}
-            else:
-                trace.update(marker={"size": 3, "color": PATTERN_COLOURS[name.split(": ")[1]], "opacity": 0.6},
-                             text=[v or "mixed" for v in labels[idx]], showlegend=True, legendgroup="patterns")
+            if labels is not None:
+                trace.update(text=[v or "mixed" for v in labels[idx]], showlegend=True, legendgroup="patterns")
             out.append(trace)
     if patterns is None or style == "contours":  # the layer colour bar, on a point-less trace
         out.append({"type": "scatter", "mode": "markers", "x": [None], "y": [None], "hoverinfo": "skip",

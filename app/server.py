@@ -31,7 +31,8 @@ KEYS = ("run", "image", "layer", "head")
 # The Explorer's view state beyond the selection (the pages validate the values against the run):
 # metric, thr ("q1" = top 1 %, "a0.05" = value >= 0.05), mode (pruning mode for B3), d1 / d1s (D1's
 # layout and style), color (A's colour), scale (D3/D4's shared colour scale), bins (D5), scope (the
-# images B1's band, C3 and D1 are restricted to: "class" or "wrong"), set (image ids), heads (the head set pruned at once: "layer:head,...", at most MAX_HEADS).
+# images B1's band, C3 and D1 are restricted to: "class" or "wrong"), set (image ids), heads (the
+# head set pruned at once: "layer:head,...", at most MAX_HEADS).
 INT_KEYS = ("image", "layer", "head", "mode")
 STR_KEYS = ("metric", "thr", "d1", "d1s", "color", "scale", "bins", "scope")
 STATE_KEYS = KEYS + ("mode",) + STR_KEYS + ("set", "heads")

@@ -315,17 +315,22 @@ def _set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
 SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
 
 
-def _scope_positions(index: data.RunIndex, sel: dict) -> tuple[np.ndarray | None, str]:
-    """(positions, name) of the images B1's band, C3's second area and D1 are restricted to (the
-    state's ``scope``): the lasso set (None: no set), the selected image's class or the mispredicted
-    images."""
+def _scope_subset(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str] | None:
+    """(positions, name) of the selected image's class or of the mispredicted images when the
+    state's ``scope`` asks for one and the run can answer it; else None."""
     imgs, scope = index.images, sel.get("scope")
     if scope == "class" and sel.get("image") is not None and index.pos(sel["image"]) is not None:
         label = imgs["label"].iat[index.pos(sel["image"])]
         return np.flatnonzero((imgs["label"] == label).to_numpy()), f"class {index.class_name(label)}"
     if scope == "wrong" and index.has_classifier:
         return np.flatnonzero((imgs["pred"] != imgs["label"]).to_numpy()), "mispredicted"
-    return _set_positions(index, sel), "the set"
+    return None
+
+
+def _scope_positions(index: data.RunIndex, sel: dict) -> tuple[np.ndarray | None, str]:
+    """(positions, name) of the images B1's band, C3's second area and D1's selected head are
+    restricted to: the scope's subset (``_scope_subset``), else the lasso set (None: no set)."""
+    return _scope_subset(index, sel) or (_set_positions(index, sel), "the set")
 
 
 def _metric(index: data.RunIndex, sel: dict) -> str | None:
@@ -724,16 +729,6 @@ def view_c(_ki, _kh, _ks, prop, sel):
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
-def _d1_rows(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str]:
-    """(positions, name) of the images whose heads D1's background draws: all of them, or only the
-    selected image's class or the mispredicted images when the scope says so (a lasso set only
-    restricts the selected head's points, over the whole background)."""
-    members, name = _scope_positions(index, sel)
-    if sel.get("scope") in ("class", "wrong") and members is not None and len(members):
-        return members, name
-    return np.arange(index.n), "all"
-
-
 @callback(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
           Output("d1-msg", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
@@ -756,13 +751,18 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         return no_update, no_update, no_update, message(index.run.lacks("pattern"))
     pos, head = _selection(index, sel)
     xy = index.layouts[kind]
-    rows, scope = _d1_rows(index, sel)
+    # the background draws only the scope's subset (class / mispredicted) when it has images; a
+    # lasso set only restricts the selected head's points, over the whole background
     members, name = _scope_positions(index, sel)
+    subset = _scope_subset(index, sel)
+    filtered = subset is not None and len(subset[0]) > 0
+    rows, scope = (members, name) if filtered else (np.arange(index.n), "all")
     note = None
-    if sel.get("scope") in ("class", "wrong"):
-        note = (message(f"D1 draws the heads of the {len(rows)} image{'s' if len(rows) != 1 else ''} of {name} "
-                        f"(of {index.n}).", "info") if scope != "all" else
-                message(f"No image in {name}: D1 draws all {index.n} images.", "warning"))
+    if filtered:
+        note = message(f"D1 draws the heads of the {len(rows)} image{'s' if len(rows) != 1 else ''} of {name} "
+                       f"(of {index.n}).", "info")
+    elif sel.get("scope") in ("class", "wrong"):
+        note = message(f"No image in {SCOPES[sel['scope']]}: D1 draws all {index.n} images.", "warning")
     head_xy, head_label = None, None
     if head is not None:
         head_xy = xy[slice(None) if members is None else members, head[0] * index.H + head[1]]

@@ -280,7 +280,8 @@ def heads_class_view(sel, metric, images):
                      "customdata": band, "colorscale": "Cividis", "reversescale": m.important == "low",
                      "colorbar": {"title": {"text": "class mean"}, "thickness": 10},
                      "hovertemplate": "%{y}<br>%{x}<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
-           "layout": F.layout(f"class mean of {m.title}" + ("" if images == "all" else f" · {IMAGES[images]} images"), xaxis=F.axis("head (L layer H head)", type="category"),
+           "layout": F.layout(f"class mean of {m.title}" + ("" if images == "all" else f" · {IMAGES[images]} images"),
+                              xaxis=F.axis("head (L layer H head)", type="category"),
                               yaxis=F.axis("class", type="category", autorange="reversed"))}
     order = np.argsort(-np.where(np.isfinite(spec), spec, -np.inf).reshape(-1), kind="stable")[:20]
     flat_spec, flat_best = spec.reshape(-1), best.reshape(-1)
