@@ -136,9 +136,16 @@ def _ints(*lengths):
 
 
 def _overlay_traces(v):
-    """D1's selection layer (at most 3 small traces; drawn in the browser, never run on the server)."""
+    """A's or D1's selection layer (at most 3 small traces; drawn in the browser, never run on the server)."""
     if not (isinstance(v, list) and len(v) <= 3 and all(isinstance(t, dict) for t in v)):
         raise Invalid("expected a list of at most 3 traces")
+
+
+def _popped(v):
+    """assets/url.js after Back/Forward: {"search": the URL's query string, "at": ms}."""
+    if not (isinstance(v, dict) and set(v) <= {"search", "at"} and isinstance(v.get("search"), str)
+            and len(v["search"]) <= 65536):
+        raise Invalid("expected {search: the query string, at: a time}")
 
 
 def _numbers(v):
@@ -225,7 +232,7 @@ RULES = {
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
     ("url", "search"): _opt(_str()),
-    ("url", "href"): _opt(_str()),
+    ("url-popped", "data"): _opt(_popped),
     ("sel", "data"): _opt(_state),
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
@@ -242,6 +249,8 @@ RULES = {
     ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
     ("d1-key", "data"): _opt(_str(512)),
     ("d1-selection", "data"): _opt(_overlay_traces),
+    ("a-key", "data"): _opt(_str(512)),
+    ("a-selection", "data"): _opt(_overlay_traces),
     # the head-set panels (app/panels/head_sets.py)
     ("k-heads", "data"): _opt(_state),
     ("hs-view", "value"): _opt(_choice("b23", "set", "pairs")),

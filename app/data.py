@@ -9,6 +9,7 @@ Which metrics exist, their labels and units come from the metric registry. Figur
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,6 +37,9 @@ class RunIndex:
     missing: dict[str, str] = field(default_factory=dict)  # view -> what the run lacks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
+    # tells this index from an earlier one of the same run (replaced in place, or another process):
+    # part of the keys of what a page has drawn (A's images, D1's background)
+    stamp: str = field(default_factory=lambda: uuid.uuid4().hex[:12], repr=False)
 
     @property
     def name(self) -> str:

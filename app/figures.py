@@ -114,15 +114,14 @@ def _points(x, y, ids, m, name, marker) -> dict:
             "customdata": np.asarray(ids)[m].tolist(), "hoverinfo": "none", "marker": marker}
 
 
-def image_overview(x, y, labels, image_ids, class_names, selected_pos=None, uirevision=None,
-                   color_by: str = "class", values=None, value_label: str | None = None, correct=None,
-                   selected_set=None) -> dict:
+def image_overview(x, y, labels, image_ids, class_names, uirevision=None, color_by: str = "class",
+                   values=None, value_label: str | None = None, correct=None) -> dict:
     """A: scatter of images (overview_x/y); customdata = image id.
     ``color_by``: "class" (one trace per class, Okabe-Ito/Safe colours and symbols), "prob" or "head"
     (continuous ``values`` [n] on cividis with a horizontal colour bar titled ``value_label``), "correct"
     (``correct`` [n] bool: two traces). The legend is NOT drawn by plotly (it would squeeze the plot):
-    ``legend_items(fig)`` lists (name, colour, symbol) for a compact HTML legend.
-    ``selected_set`` (positions) is outlined (``set_outline``); ``selected_pos`` gets a ring."""
+    ``legend_items(fig)`` lists (name, colour, symbol) for a compact HTML legend. The selection is
+    drawn over it (``overview_selection``)."""
     labels = np.asarray(labels)
     n = len(labels)
     base = {"size": 7, "opacity": 0.85, "line": {"width": 0.5, "color": "white"}}
@@ -157,10 +156,6 @@ def image_overview(x, y, labels, image_ids, class_names, selected_pos=None, uire
             data.append(_points(x, y, image_ids, m, name, dict(base, color=colour, symbol=symbol)))
             legend.append((name, colour, symbol))
         margin_b = 6
-    if selected_set is not None and len(selected_set):
-        data.append(set_outline(np.asarray(x)[selected_set], np.asarray(y)[selected_set]))
-    if selected_pos is not None:
-        data.append(selected_ring(float(x[selected_pos]), float(y[selected_pos]), "selected image"))
     lay = layout(dragmode="zoom", uirevision=uirevision, hoverdistance=8,
                  xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
@@ -173,6 +168,19 @@ def set_outline(x, y) -> dict:
     return {"type": "scatter", "mode": "markers", "x": np.asarray(x, float).tolist(), "y": np.asarray(y, float).tolist(),
             "hoverinfo": "skip", "name": "selected set",
             "marker": {"size": 11, "color": "rgba(0,0,0,0)", "line": {"color": "#222", "width": 1.5}}}
+
+
+def overview_selection(x, y, selected_pos=None, selected_set=None) -> list[dict]:
+    """A's selection layer (drawn by assets/overlay.js over the images, which then never redraw for
+    a selection): the set's outline (positions ``selected_set``) and the ring around the selected
+    image (position ``selected_pos``); it takes no mouse events."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    data = []
+    if selected_set is not None and len(selected_set):
+        data.append(set_outline(x[selected_set], y[selected_set]))
+    if selected_pos is not None:
+        data.append(selected_ring(float(x[selected_pos]), float(y[selected_pos]), "selected image"))
+    return [dict(t, showlegend=False, hoverinfo="skip") for t in data]
 
 
 def legend_items(fig: dict) -> list[tuple[str, str, str]]:
@@ -506,7 +514,7 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
 
 
 def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None) -> list[dict]:
-    """D1's selection layer, drawn by assets/d1_overlay.js as a plot of its own over the background
+    """D1's selection layer, drawn by assets/overlay.js as a plot of its own over the background
     (which then never redraws for a selection): the selected head over all images or the selected
     set (orange), the selected image's heads emphasised (large, coloured by layer, black outline) and
     a ring around the selected head. It takes no mouse events: hover and clicks reach the background
@@ -531,7 +539,7 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
 
 def pattern_layout(background: list[dict], kind: str, uirevision=None) -> dict:
     """D1's background figure (cached per run/kind/style/colouring); the selection is drawn over it
-    by assets/d1_overlay.js (``pattern_overlay``)."""
+    by assets/overlay.js (``pattern_overlay``)."""
     title = "CLS attention vectors" if kind == "cls" else "patch attention latents"
     lay = layout(None, xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""), uirevision=uirevision,

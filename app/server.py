@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, _callback, dcc, html, no_update
+from dash import Input, Output, State, _callback, dcc, html, no_update
 from flask import abort, jsonify, request, send_file
 
 from analysis.values import strict_int
@@ -68,7 +68,8 @@ def parse_selection(search: str | None, default_run: str | None) -> dict:
 
 
 def selection_query(sel: dict | None) -> str:
-    """State dict -> canonical query string ("?run=..&image=.."; "" when empty): the inverse of parse_selection."""
+    """State dict -> canonical query string ("?run=..&image=.."; "" when empty): the inverse of
+    parse_selection. The browser writes the same string (assets/url.js)."""
     pairs = []
     for k in STATE_KEYS:
         v = (sel or {}).get(k)
@@ -96,35 +97,41 @@ def _shell():
     return html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="sel", data={**dict.fromkeys(STATE_KEYS), "run": run}),
+        dcc.Store(id="url-written"), dcc.Store(id="url-popped"),
         nav,
         dbc.Container(dash.page_container, fluid=True, className="pt-1 pb-2"),
     ])
 
 
 def _register_shell_callbacks(app: dash.Dash) -> None:
-    @app.callback(Output("sel", "data"), Output("url", "search"), Input("url", "search"), Input("sel", "data"))
-    def sync_url(search, sel):
-        """One callback both ways (Dash allows a cycle inside one callback): the URL decides the state
-        when it changes (first load, links, Back/Forward); a new state is written to the URL, which
-        dcc.Location(refresh=False) pushes to the history."""
-        if dash.ctx.triggered_id == "sel":
-            q = selection_query(sel)
-            return no_update, (no_update if q == (search or "") else q)
+    @app.callback(Output("sel", "data"), Input("url", "search"), Input("url-popped", "data"), State("sel", "data"))
+    def parse_url(search, popped, sel):
+        """The URL decides the state when the page loads and on Back/Forward (``url-popped``,
+        assets/url.js): parsed and validated here."""
+        if dash.ctx.triggered_id == "url-popped" and popped:
+            search = popped.get("search")
         new = parse_selection(search, (sel or {}).get("run") or config.default_run())
-        return (no_update if new == sel else new), no_update
+        return no_update if new == sel else new
+
+    # A new state is pushed to the browser history in the browser (assets/url.js: the same string as
+    # selection_query), behind dcc.Location's back: a write through its props would run parse_url,
+    # and while a callback that writes sel runs, Dash holds every callback listening to sel (the
+    # views). Back/Forward reach parse_url through url-popped.
+    app.clientside_callback("function(sel) { return window.hsUrl.write(sel); }",
+                            Output("url-written", "data"), Input("sel", "data"))
 
     # the nav links keep the whole state
     app.clientside_callback(
         """
-        function(search, sel) {
+        function(sel) {
             const cfg = document.getElementById('_dash-config');
             const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
-            const q = search || '';
+            const q = window.hsUrl.query(sel);
             return [...PATHS.map(p => base + p + q), sel && sel.run ? 'run: ' + sel.run : 'no run'];
         }
         """.replace("PATHS", json.dumps([path.lstrip("/") for _, path in PAGES])),
         [*(Output(f"nav-{name.lower()}", "href") for name, _ in PAGES), Output("nav-run", "children")],
-        Input("url", "search"), Input("sel", "data"),
+        Input("sel", "data"),
     )
 
 

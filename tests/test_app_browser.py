@@ -255,6 +255,14 @@ def test_the_url_round_trips_a_selection(dash_duo, app):
     click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(2)")  # layer 0 head 1
     until(lambda: query(dash_duo).get("layer") == "0", timeout=TIMEOUT, msg="URL follows the selection")
     assert query(dash_duo) == {"run": "tiny", "image": "5", "layer": "0", "head": "1"}
+    # the browser writes the query string as selection_query does (assets/url.js), for every key
+    from app.server import STATE_KEYS, selection_query
+    assert dash_duo.driver.execute_script("return window.hsUrl.KEYS") == list(STATE_KEYS)
+    full = {"run": "tiny", "image": 5, "layer": 0, "head": 1, "mode": 3, "metric": "jsd", "thr": "a0.05", "d1": "patch",
+            "d1s": "both", "color": "prob", "scale": "image", "bins": "linear", "scope": "wrong", "set": [2, 9],
+            "heads": [[0, 4], [11, 5]]}
+    for state in (full, {"run": "tiny"}, {}, {**full, "set": None, "heads": []}):
+        assert dash_duo.driver.execute_script("return window.hsUrl.query(arguments[0])", state) == selection_query(state)
     url = dash_duo.driver.current_url
     # the link opens the same selection in a fresh page, and the other pages keep it
     dash_duo.wait_for_page(url, timeout=TIMEOUT)

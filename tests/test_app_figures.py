@@ -128,11 +128,16 @@ def test_typed_roundtrip():
 
 def test_image_overview_one_trace_per_class_and_ring():
     x, y = np.arange(6.0), np.arange(6.0)
-    fig = roundtrip(F.image_overview(x, y, [0, 1, 0, 2, 1, -1], np.arange(10, 16), ["a", "b", "c"], selected_pos=3))
+    fig = roundtrip(F.image_overview(x, y, [0, 1, 0, 2, 1, -1], np.arange(10, 16), ["a", "b", "c"]))
     names = [t["name"] for t in fig["data"]]
-    assert names[:4] == ["unknown", "a", "b", "c"]
+    assert names == ["unknown", "a", "b", "c"]
     assert fig["data"][1]["customdata"] == [10, 12]
-    assert fig["data"][-1]["x"] == [3.0]  # the ring around the selected image
+    # the selection layer: the set's outline, the ring around the selected image; no hover, no legend
+    layer = roundtrip({"data": F.overview_selection(x, y, 3, [1, 4])})["data"]
+    assert [t["name"] for t in layer] == ["selected set", "selected image"]
+    assert layer[0]["x"] == [1.0, 4.0] and layer[1]["x"] == [3.0]
+    assert all(t["hoverinfo"] == "skip" and t["showlegend"] is False for t in layer)
+    assert F.overview_selection(x, y) == []
     # the legend is HTML (never squeezes the plot): plotly's is off, the items travel in layout.meta
     assert fig["layout"]["showlegend"] is False
     assert [n for n, _, _ in F.legend_items(fig)] == ["unknown", "a", "b", "c"]
@@ -149,9 +154,9 @@ def test_image_overview_colour_modes():
     fig = roundtrip(F.image_overview(x, y, labels, ids, ["a", "b"], color_by="head", values=np.array([2.0, 4, 3, 5, 1])))
     assert (fig["data"][0]["marker"]["cmin"], fig["data"][0]["marker"]["cmax"]) == (1, 5)
     fig = roundtrip(F.image_overview(x, y, labels, ids, ["a", "b"], color_by="correct",
-                                     correct=np.array([True, False, True, True, False]), selected_set=[1, 4]))
-    assert [t["name"] for t in fig["data"]] == ["correct (3)", "wrong (2)", "selected set"]
-    assert fig["data"][1]["customdata"] == [101, 104] and fig["data"][2]["x"] == [1.0, 4.0]
+                                     correct=np.array([True, False, True, True, False])))
+    assert [t["name"] for t in fig["data"]] == ["correct (3)", "wrong (2)"]
+    assert fig["data"][1]["customdata"] == [101, 104]
 
 
 def test_class_colours_are_distinct_up_to_many_classes():

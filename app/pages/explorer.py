@@ -18,6 +18,7 @@ import io
 
 import dash
 import dash_bootstrap_components as dbc
+import flask
 import numpy as np
 import pandas as pd
 from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
@@ -29,7 +30,8 @@ from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
 from app.panels import head_sets, saliency
-from app.views import card, graph, graph_config, load, loading, message
+from app.server import selection_query
+from app.views import card, graph, graph_config, load, loading, message, overlaid
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
 head_sets.register()
@@ -101,8 +103,9 @@ def layout(**query):
                           options=[{"label": f"colour: {v}", "value": k} for k, v in F.COLOR_BY.items()]),
                dbc.Button("clear set", id="set-clear", size="sm", color="link", className="p-0 small", n_clicks=0)]
     view_a = card("A", "Image overview", [
-        graph("a-graph", HEIGHT["a"], clear_on_unhover=True),
+        overlaid("a", HEIGHT["a"], clear_on_unhover=True),
         html.Div(id="a-legend", className="a-legend"),
+        dcc.Store(id="a-key"), dcc.Store(id="a-selection"), dcc.Store(id="a-drawn"),
         dcc.Tooltip(id="a-tooltip", direction="right"),
     ], hint="click · lasso/box = a set", tools=a_tools, class_name="view-a")
 
@@ -159,8 +162,7 @@ def layout(**query):
     view_d = card("D", "Attention pattern", [
         dbc.Row([
             dbc.Col([html.Div(id="d1-msg"),
-                     html.Div([graph("d1-graph", HEIGHT["d1"]), html.Div(html.Div(className="d1-overlay-plot"),
-                                                                        id="d1-overlay")], className="d1-stack"),
+                     overlaid("d1", HEIGHT["d1"]),
                      dcc.Store(id="d1-key"), dcc.Store(id="d1-selection"), dcc.Store(id="d1-drawn")],
                     className="d1-col"),
             dbc.Col(loading([html.Div(id="d2-msg"), html.Div(id="d2-images", className="d2-images")]), className="d2-col"),
@@ -471,25 +473,34 @@ def _legend(fig: dict):
                       title=name) for name, col, sym in items]
 
 
-@callback(Output("a-graph", "figure"), Output("a-legend", "children"),
-          Input("k-image", "data"), Input("k-color", "data"), Input("k-set", "data"), State("sel", "data"))
-def view_a(_ki, _kc, _ks, sel):
+@callback(Output("a-graph", "figure"), Output("a-legend", "children"), Output("a-selection", "data"),
+          Output("a-key", "data"),
+          Input("k-image", "data"), Input("k-color", "data"), Input("k-set", "data"), State("sel", "data"),
+          State("a-key", "data"))
+def view_a(_ki, _kc, _ks, sel, drawn):
+    """The images (cached per run and colouring) are sent only when that changes; a new selection
+    sends only the selection layer (``a-selection``: the set's outline, the ring around the selected
+    image), which assets/overlay.js draws over the images without redrawing them."""
     index, err = load(sel)
     if index is None:
-        return F.empty(err or "No run"), None
+        return F.empty(err or "No run"), None, [], None
     if "overview" in index.missing:
-        return F.empty(index.missing["overview"]), None
-    base = index.memo(("overview", str(sel.get("color")), sel.get("metric"), sel.get("layer"), sel.get("head"))
-                      if sel.get("color") == "head" else ("overview", str(sel.get("color"))), lambda: _overview(index, sel))
+        return F.empty(index.missing["overview"]), None, [], None
+    key = (("overview", str(sel.get("color")), sel.get("metric"), sel.get("layer"), sel.get("head"))
+           if sel.get("color") == "head" else ("overview", str(sel.get("color"))))
     pos, _ = _selection(index, sel)
     members = _set_positions(index, sel)
-    extra = []
     x, y = index.images["overview_x"].to_numpy(), index.images["overview_y"].to_numpy()
-    if members is not None:
-        extra.append(F.set_outline(x[members], y[members]))
-    if pos is not None:
-        extra.append(F.selected_ring(float(x[pos]), float(y[pos]), "selected image"))
-    return {"data": base["data"] + extra, "layout": base["layout"]}, _legend(base)
+    layer = F.overview_selection(x, y, pos, members)
+    drawn_key = f"{index.name}#{index.stamp}|{'|'.join(map(str, key))}"
+    if drawn == drawn_key:
+        return no_update, no_update, layer, no_update
+    base = index.memo(key, lambda: _overview(index, sel))
+    return base, _legend(base), layer, drawn_key
+
+
+clientside_callback("function(traces) { return window.dash_clientside.overlay.draw('a', traces); }",
+                    Output("a-drawn", "data"), Input("a-selection", "data"))
 
 
 @callback(Output("a-tooltip", "show"), Output("a-tooltip", "bbox"), Output("a-tooltip", "children"),
@@ -514,23 +525,31 @@ def a_tooltip(hover, sel):
     return True, pt["bbox"], body
 
 
+# A click in A selects that image in the browser (no round trip before the views update)
+clientside_callback(
+    """
+    function(click, sel) {
+        const nu = window.dash_clientside.no_update;
+        const id = click && click.points && click.points.length ? click.points[0].customdata : null;
+        return Number.isInteger(id) && id !== (sel || {}).image ? Object.assign({}, sel, {image: id}) : nu;
+    }
+    """,
+    Output("sel", "data", allow_duplicate=True), Input("a-graph", "clickData"), State("sel", "data"),
+    prevent_initial_call=True,
+)
+
+
 @callback(Output("sel", "data", allow_duplicate=True),
-          Input("a-graph", "clickData"), Input("a-graph", "selectedData"), Input("image-go", "n_clicks"),
+          Input("a-graph", "selectedData"), Input("image-go", "n_clicks"),
           Input("image-box", "n_submit"), Input("set-clear", "n_clicks"),
           State("image-box", "value"), State("goto-layer", "value"), State("goto-head", "value"), prevent_initial_call=True)
-def select_image(click, selected, _go, _submit, _clear, typed_id, typed_layer, typed_head):
-    """A click or the id box selects an image; a lasso / box selection selects a set of images
-    (a deselection, e.g. the double-click that resets the zoom, keeps the set); "Go" also goes to
-    the typed layer / head."""
-    trig, prop = ctx.triggered_id, ctx.triggered[0]["prop_id"]
+def select_image(selected, _go, _submit, _clear, typed_id, typed_layer, typed_head):
+    """A lasso / box selection in A selects a set of images (a deselection, e.g. the double-click
+    that resets the zoom, keeps the set); the id box selects an image, and "Go" also goes to the
+    typed layer / head."""
+    trig = ctx.triggered_id
     p = Patch()
-    if trig == "a-graph" and prop.endswith("clickData") and click and click.get("points"):
-        image = click["points"][0].get("customdata")
-        if image is None:
-            return no_update
-        p["image"] = int(image)
-        return p
-    if trig == "a-graph" and prop.endswith("selectedData"):
+    if trig == "a-graph":
         ids = sorted({int(pt["customdata"]) for pt in (selected or {}).get("points", [])
                       if isinstance(pt.get("customdata"), (int, float))})
         if not ids:
@@ -736,7 +755,7 @@ def view_c(_ki, _kh, _ks, prop, sel):
 def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
     """The background (all heads of all images, by layer or pattern) is cached per run/kind/style/
     colouring and sent only when that changes; a selection change sends only the selection layer
-    (``d1-selection``), which assets/d1_overlay.js draws over the background without redrawing it."""
+    (``d1-selection``), which assets/overlay.js draws over the background without redrawing it."""
     index, err = load(sel)
     if index is None:
         return F.empty(err or "No run"), [], None, None
@@ -768,7 +787,7 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         head_xy = xy[slice(None) if members is None else members, head[0] * index.H + head[1]]
         head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"{name} ({len(members)})")
     overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label)
-    key = f"{index.name}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}|{scope}"
+    key = f"{index.name}#{index.stamp}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}|{scope}"
     if drawn == key:
         return no_update, overlay, no_update, note
     background = index.memo(("d1", kind, style, by_pattern, scope), lambda: F.pattern_background(
@@ -777,7 +796,7 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
     return F.pattern_layout(background, kind, uirevision=key), overlay, key, note
 
 
-clientside_callback("function(traces) { return window.dash_clientside.d1.draw(traces); }",
+clientside_callback("function(traces) { return window.dash_clientside.overlay.draw('d1', traces); }",
                     Output("d1-drawn", "data"), Input("d1-selection", "data"))
 
 
@@ -963,9 +982,10 @@ def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
 @callback(Output("download", "data"),
           Input("dl-heads-csv", "n_clicks"), Input("dl-heads-parquet", "n_clicks"), Input("dl-att-csv", "n_clicks"),
           Input("dl-att-parquet", "n_clicks"), Input("dl-prune-csv", "n_clicks"), Input("dl-report", "n_clicks"),
-          State("sel", "data"), State("url", "href"), prevent_initial_call=True)
-def export(_a, _b, _c, _d, _e, _f, sel, href):
-    """The data behind the views as CSV / Parquet, and the report of this head."""
+          State("sel", "data"), prevent_initial_call=True)
+def export(_a, _b, _c, _d, _e, _f, sel):
+    """The data behind the views as CSV / Parquet, and the report of this head (with the link to
+    this view: the state's URL on this server)."""
     index, _ = load(sel)
     if index is None or not ctx.triggered_id:
         return no_update
@@ -982,7 +1002,8 @@ def export(_a, _b, _c, _d, _e, _f, sel, href):
     elif what == "dl-prune-csv":
         df = pd.DataFrame(_pruning(index, pos, head))
     else:
-        return dcc.send_string(report_html(index, sel, href or ""), f"{stem}-report.html")
+        url = flask.request.host_url.rstrip("/") + dash.get_relative_path("/") + selection_query(sel)
+        return dcc.send_string(report_html(index, sel, url), f"{stem}-report.html")
     if what.endswith("parquet"):
         buf = io.BytesIO()
         df.to_parquet(buf)
