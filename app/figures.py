@@ -173,13 +173,15 @@ def set_outline(x, y) -> dict:
 def overview_selection(x, y, selected_pos=None, selected_set=None) -> list[dict]:
     """A's selection layer (drawn by assets/overlay.js over the images, which then never redraw for
     a selection): the set's outline (positions ``selected_set``) and the ring around the selected
-    image (position ``selected_pos``); it takes no mouse events."""
+    image (position ``selected_pos``), each in a plot of its own (``meta.layer``: a new image does
+    not redraw the set); it takes no mouse events."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     data = []
     if selected_set is not None and len(selected_set):
-        data.append(set_outline(x[selected_set], y[selected_set]))
+        data.append(dict(set_outline(x[selected_set], y[selected_set]), meta={"layer": "set"}))
     if selected_pos is not None:
-        data.append(selected_ring(float(x[selected_pos]), float(y[selected_pos]), "selected image"))
+        data.append(dict(selected_ring(float(x[selected_pos]), float(y[selected_pos]), "selected image"),
+                         meta={"layer": "image"}))
     return [dict(t, showlegend=False, hoverinfo="skip") for t in data]
 
 
@@ -517,23 +519,24 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
     """D1's selection layer, drawn by assets/overlay.js as a plot of its own over the background
     (which then never redraws for a selection): the selected head over all images or the selected
     set (orange), the selected image's heads emphasised (large, coloured by layer, black outline) and
-    a ring around the selected head. It takes no mouse events: hover and clicks reach the background
-    points beneath (customdata [image id, layer, head])."""
+    a ring around the selected head. The head's points and the image's are plots of their own
+    (``meta.layer``): a new image does not redraw the head's points. It takes no mouse events: hover
+    and clicks reach the background points beneath (customdata [image id, layer, head])."""
     data = []
     if head_all_images is not None:
         data.append({"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
                      "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
-                     "name": head_label or "selected head, all images",
+                     "name": head_label or "selected head, all images", "meta": {"layer": "head"},
                      "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}})
     if xy_image is not None:
         idx = np.arange(L * H)
         data.append({"type": "scatter", "mode": "markers", "x": xy_image[:, 0].tolist(), "y": xy_image[:, 1].tolist(),
-                     "name": "heads of the image", "marker": {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE,
-                                                             "cmin": 0, "cmax": max(L - 1, 1), "size": 10,
-                                                             "line": {"width": 1.2, "color": "#111"}}})
+                     "name": "heads of the image", "meta": {"layer": "image"},
+                     "marker": {"color": (idx // H).tolist(), "colorscale": LAYER_SCALE,
+                                "cmin": 0, "cmax": max(L - 1, 1), "size": 10, "line": {"width": 1.2, "color": "#111"}}})
         if selected is not None:
             i = selected[0] * H + selected[1]
-            data.append(selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1])))
+            data.append(dict(selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1])), meta={"layer": "image"}))
     return [dict(t, showlegend=False, hoverinfo="skip") for t in data]
 
 

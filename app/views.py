@@ -53,8 +53,7 @@ def graph(id_: str, height: int, **kw) -> dcc.Graph:
 def overlaid(view: str, height: int, **kw) -> html.Div:
     """dcc.Graph ``<view>-graph`` with a selection layer over it (``<view>-overlay``), which
     assets/overlay.js draws (``dash_clientside.overlay.draw(view, traces)``)."""
-    return html.Div([graph(f"{view}-graph", height, **kw), html.Div(html.Div(className="overlay-plot"),
-                                                                   id=f"{view}-overlay", className="overlay")],
+    return html.Div([graph(f"{view}-graph", height, **kw), html.Div(id=f"{view}-overlay", className="overlay")],
                     className="overlay-stack")
 
 

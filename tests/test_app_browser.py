@@ -63,11 +63,18 @@ def visit(dash_duo, app, path="/"):
     dash_duo.wait_for_element("#sel-summary, .runs-table, .help-page, #heads-map", timeout=TIMEOUT)
 
 
+# A selection layer ('a-overlay', 'd1-overlay': assets/overlay.js) is one plot per group of traces:
+# as ``gd`` its traces together, with the first plot's layout and position
+LAYER = ("const plots = [...document.querySelectorAll('#ID .js-plotly-plot')].filter(p => p.data);"
+         "const gd = plots.length ? {data: plots.flatMap(p => p.data), _fullData: plots.flatMap(p => p._fullData),"
+         " _fullLayout: plots[0]._fullLayout, getBoundingClientRect: () => plots[0].getBoundingClientRect()} : null;")
+
+
 def js(dash_duo, graph_id, expr):
-    """Evaluate ``expr`` with ``gd`` = the plotly graph div of dcc.Graph ``graph_id``."""
-    return dash_duo.driver.execute_script(
-        f"const gd = document.querySelector('#{graph_id} .js-plotly-plot');"
-        f"if (!gd || !gd.data) return null; return ({expr});")
+    """Evaluate ``expr`` with ``gd`` = the plotly graph div of dcc.Graph ``graph_id`` (or a selection layer)."""
+    find = (LAYER.replace("ID", graph_id) if graph_id.endswith("-overlay")
+            else f"const gd = document.querySelector('#{graph_id} .js-plotly-plot');")
+    return dash_duo.driver.execute_script(f"{find} if (!gd || !gd.data) return null; return ({expr});")
 
 
 def wait_js(dash_duo, graph_id, expr, check, msg, timeout=TIMEOUT):
@@ -167,6 +174,7 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     dash_duo.wait_for_element("#a-tooltip img.tip-thumb", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#a-tooltip", "predicted:", timeout=TIMEOUT)
     assert js(dash_duo, "d1-graph", "(window.hsBackground = gd.data[0]) !== undefined")
+    assert js(dash_duo, "a-graph", "(window.hsImages = gd.data[0]) !== undefined")
     click(dash_duo, "#a-graph .scatterlayer .trace:nth-of-type(3) .point")
     until(lambda: "image" in query(dash_duo), timeout=TIMEOUT, msg="the image is in the URL")
     image = int(query(dash_duo)["image"])
@@ -177,6 +185,14 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     heads = "(gd.data.find(t => t.name === 'heads of the image') || {x: []}).x.length"
     wait_js(dash_duo, "d1-overlay", heads, lambda n: n == 12, "the image's 6x2 heads in D1's selection layer")
     assert js(dash_duo, "d1-graph", "gd.data[0] === window.hsBackground")  # the background was not redrawn
+    # A: the ring is drawn in A's selection layer, over the images where the image lies; A's images
+    # were not redrawn
+    wait_js(dash_duo, "a-overlay", "gd.data.map(t => t.name).join('|')", lambda n: n == "selected image", "A's ring")
+    assert js(dash_duo, "a-graph", "gd.data[0] === window.hsImages")
+    ring = js(dash_duo, "a-overlay", "[gd.data[0].x[0], gd.data[0].y[0]]")
+    at = js(dash_duo, "a-graph", f"(() => {{ const t = gd.data.find(t => t.customdata.includes({image}));"
+                                 f" const i = t.customdata.indexOf({image}); return [t.x[i], t.y[i]]; }})()")
+    assert ring == pytest.approx(at)
     no_console_errors(dash_duo)
 
 
@@ -557,6 +573,8 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     wait_js(dash_duo, "c3-graph", "gd.data.map(t => t.name)", lambda n: n == ["all images", f"the set ({len(ids)})"],
             "C3 shows the set")
     wait_js(dash_duo, "d1-overlay", "gd.data.map(t => t.name).join('|')", lambda n: f"the set ({len(ids)})" in n, "D1 highlights the set")
+    wait_js(dash_duo, "a-overlay", "(gd.data.find(t => t.name === 'selected set') || {x: []}).x.length",
+            lambda n: n == len(ids), "A outlines the set in its selection layer")
     assert js(dash_duo, "d1-overlay", "gd._fullData.find(t => (t.name || '').includes('the set'))._length") == len(ids)
     dash_duo.wait_for_contains_text("#sel-summary", f"set of {len(ids)} images", timeout=TIMEOUT)
     # a double-click resets the zoom only: the set, the image and the head stay
