@@ -153,6 +153,26 @@ def _register_thumbnails(app: dash.Dash) -> None:
         return send_file(path, mimetype="image/png", max_age=3600)
 
 
+def _register_warm(app: dash.Dash) -> None:
+    @app.server.get(app.config.routes_pathname_prefix + "api/warm")
+    def warm():
+        """GET api/warm?run=&image=&layer=&head=: compute the head's partial pruning and attention on
+        the image into the online cache and answer {"warmed": bool} (no payload). The Explorer asks
+        while it holds a head click (assets/explorer.js), so the views find the results computed."""
+        from analysis.serving import transport as online
+
+        name = request.args.get("run", "")
+        if config.name_problem(name) or not config.run_dir(name).is_dir():
+            return jsonify(warmed=False, error="unknown run"), 400
+        args = [request.args.get(k) for k in ("image", "layer", "head")]
+        try:
+            for query in (online.partial_pruning, online.attention):
+                query(config.run_dir(name), *args)
+        except online.OnlineError as err:  # the views say it when they ask
+            return jsonify(warmed=False, error=str(err))
+        return jsonify(warmed=True)
+
+
 def _register_api(server) -> None:
     """GET /healthz {"status": "ok", "online": online.status()} and the online queries as JSON:
     /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list)."""
@@ -247,6 +267,7 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     app.layout = _shell
     _register_shell_callbacks(app)
     _register_thumbnails(app)
+    _register_warm(app)
     _register_api(app.server)
     app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
     callbacks.guard(app)  # after the login: an unauthenticated request is refused before it is parsed

@@ -147,3 +147,32 @@ def test_api_head_set_refuses_bad_sets_with_the_fix(tmp_path, monkeypatch):
     for heads, text in ((many, "at most 64"), ("-1:0", "does not exist"), ("6:0", "layers 0-5"), ("", "empty")):
         r = client.get(f"/api/head_set?run=tiny&image=1&heads={heads}")
         assert r.status_code == 400 and text in r.json["error"], (heads, r.json)
+
+
+def test_api_warm_fills_the_online_cache_the_views_read(tmp_path, monkeypatch):
+    """api/warm (asked while a head click is held) computes the head's partial pruning and attention
+    into the online cache: the views' own queries are then answered from it, with the same numbers
+    as a fresh computation; bad input is refused with a message, never computed."""
+    from analysis.runs.synthetic import make_run as make_model_run
+    from analysis.serving import transport
+    from analysis.serving.service import ResultCache
+    from app.server import create_app
+
+    monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
+    make_model_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)
+    client = create_app(tmp_path, "tiny").server.test_client()
+    monkeypatch.setattr(transport, "results", ResultCache())
+    calls = []
+    real = transport._compute
+    monkeypatch.setattr(transport, "_compute", lambda name, *a: calls.append(name) or real(name, *a))
+    r = client.get("/api/warm?run=tiny&image=1&layer=2&head=1")
+    assert r.status_code == 200 and r.json == {"warmed": True}
+    assert sorted(calls) == ["attention", "partial_pruning"]
+    warmed = transport.partial_pruning(tmp_path / "tiny", 1, 2, 1)
+    transport.attention(tmp_path / "tiny", 1, 2, 1)
+    assert len(calls) == 2  # both answered from the cache
+    monkeypatch.setattr(transport, "results", ResultCache())
+    assert transport.partial_pruning(tmp_path / "tiny", 1, 2, 1)["rows"] == warmed["rows"]
+    r = client.get("/api/warm?run=tiny&image=77&layer=0&head=0")
+    assert r.json["warmed"] is False and "77" in r.json["error"]
+    assert client.get("/api/warm?run=../x&image=1&layer=0&head=0").status_code == 400

@@ -222,11 +222,15 @@ clientside_callback(
                       'thr-kind': kind, 'band-scope': s.scope || 'set'};
         if (isFinite(v) && kind === 'q' && v > 0) { want['q-slider'] = Math.max(-1, Math.min(2, Math.log10(v))); }
         if (isFinite(v) && kind === 'a') { want['thr-abs'] = v; }
+        // only what changed since the last call on this page (each set_props re-renders the page)
+        const root = document.getElementById('explorer-root');
+        const last = root && root === C.hs_ctl_el ? C.hs_ctl : {};
         for (const [id, value] of Object.entries(want)) {
-            const el = document.getElementById(id);
-            if (el) { C.set_props(id, {value: value}); }
+            if (last[id] !== value && document.getElementById(id)) { C.set_props(id, {value: value}); }
         }
-        return JSON.stringify(want);
+        C.hs_ctl = want;
+        C.hs_ctl_el = root;
+        return C.no_update;
     }
     """,
     Output("ctl-sync", "data"), Input("sel", "data"),
@@ -600,16 +604,18 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
 # else (plotly holds legend clicks the same way); assets/explorer.js remembers each graph's last two
 # mousedowns. A head of B1 / C1 ([layer, head]: ``head-pick``) is set in the browser, on the state
 # as it is after the hold; a point of D1's background ([image id, layer, head]: ``head-click``)
-# goes to select_head on the server.
+# goes to select_head on the server. During the hold the server computes the head's online
+# results (assets/explorer.js hsWarm).
 clientside_callback(
     """
-    function(b1, c1, d1) {
+    function(b1, c1, d1, sel) {
         const C = window.dash_clientside, nu = C.no_update, id = C.callback_context.triggered_id;
         const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
         if (!click || !click.points || !click.points.length) { return [nu, nu]; }
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
         const cd = click.points[0].customdata;
+        if (Array.isArray(cd) && (cd.length === 2 || cd.length === 3)) { window.hsWarm(sel, cd); }
         const down = window.hsDown && window.hsDown.id === id ? window.hsDown.t : Date.now();
         return new Promise(resolve => setTimeout(() => {
             const d = window.hsDown;
@@ -622,7 +628,7 @@ clientside_callback(
     """,
     Output("head-pick", "data"), Output("head-click", "data"),
     Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
-    prevent_initial_call=True,
+    State("sel", "data"), prevent_initial_call=True,
 )
 clientside_callback(
     """
