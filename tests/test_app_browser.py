@@ -709,6 +709,10 @@ def test_real_exports_data_and_a_self_contained_report(real):
     html_text = explorer.report_html(index, sel, "http://x/?run=real&image=3&layer=11&head=0")
     assert html_text.count("<h3>") == 7 and "http://x/?run=real&image=3&layer=11&head=0" in html_text
     assert "data:image/jpeg;base64," in html_text and "<script src=" not in html_text  # plotly.js inlined
+    import dash
+
+    with dash.get_app().server.test_request_context("/", base_url="http://host:8050"):  # the report's link
+        assert explorer.view_url({**sel, "thr": "q5"}) == f"http://host:8050/?run={real[1]}&image=3&layer=11&head=0&thr=q5"
     table = explorer._head_table(index, sel)
     assert len(table) == index.L * index.H and set(table["image_id"]) == {3}
     att = explorer._attention_table(index, index.pos(3), (11, 0))

@@ -985,6 +985,11 @@ def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
             f"<h3>D2 · image and attention masks</h3>{imgs}{''.join(figs)}</body></html>")
 
 
+def view_url(sel: dict) -> str:
+    """The link that opens the Explorer in state ``sel`` on this server (inside a request)."""
+    return flask.request.host_url.rstrip("/") + dash.get_relative_path("/") + selection_query(sel)
+
+
 @callback(Output("download", "data"),
           Input("dl-heads-csv", "n_clicks"), Input("dl-heads-parquet", "n_clicks"), Input("dl-att-csv", "n_clicks"),
           Input("dl-att-parquet", "n_clicks"), Input("dl-prune-csv", "n_clicks"), Input("dl-report", "n_clicks"),
@@ -1008,8 +1013,7 @@ def export(_a, _b, _c, _d, _e, _f, sel):
     elif what == "dl-prune-csv":
         df = pd.DataFrame(_pruning(index, pos, head))
     else:
-        url = flask.request.host_url.rstrip("/") + dash.get_relative_path("/") + selection_query(sel)
-        return dcc.send_string(report_html(index, sel, url), f"{stem}-report.html")
+        return dcc.send_string(report_html(index, sel, view_url(sel)), f"{stem}-report.html")
     if what.endswith("parquet"):
         buf = io.BytesIO()
         df.to_parquet(buf)
