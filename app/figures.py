@@ -237,9 +237,11 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
          "hoverinfo": "skip", "name": "mean + std"},
         {"type": "scatter", "x": x.tolist(), "y": lower.tolist(), "mode": "lines", "line": {"width": 0},
          "fill": "tonexty", "fillcolor": "rgba(0,114,178,0.15)", "hoverinfo": "skip", "name": "mean - std"},
-        {"type": "scatter", "x": x.tolist(), "y": mean.tolist(), "mode": "lines+markers", "name": band_label,
-         "customdata": cd, "line": {"color": MEAN_BLUE, "width": 1.2 if faded else 2},
-         "marker": {"size": 4 if faded else 5, "color": MEAN_BLUE}, "opacity": 0.6 if faded else 1,
+        # under an image's curve the mean is a plain faded line (markers on both curves double the
+        # points plotly styles one by one on every redraw); it still hovers and clicks
+        {"type": "scatter", "x": x.tolist(), "y": mean.tolist(), "mode": "lines" if faded else "lines+markers",
+         "name": band_label, "customdata": cd, "line": {"color": MEAN_BLUE, "width": 1.2 if faded else 2},
+         "marker": {"size": 5, "color": MEAN_BLUE}, "opacity": 0.6 if faded else 1,
          "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>mean %{y:.4f}<extra></extra>"},
     ]
     if faded:

@@ -168,10 +168,11 @@ def test_class_colours_are_distinct_up_to_many_classes():
 def test_head_importance_band_and_selected_curve():
     mean, std = np.linspace(0, 1, L * H), np.full(L * H, 0.1)
     fig = roundtrip(F.head_importance(L, H, "P(true)", mean, std))
-    assert len(fig["data"]) == 3
+    assert len(fig["data"]) == 3 and fig["data"][2]["mode"] == "lines+markers"
     assert fig["data"][0]["y"][0] == pytest.approx(0.1) and fig["data"][1]["fill"] == "tonexty"
     fig = roundtrip(F.head_importance(L, H, "P(true)", mean, std, image_values=mean * 2, selected=(1, 2)))
     assert len(fig["data"]) == 4 and fig["data"][3]["y"][-1] == pytest.approx(2)
+    assert [t["mode"] for t in fig["data"][2:]] == ["lines", "lines+markers"]  # the mean fades to a line
     assert fig["data"][2]["customdata"][5] == [1, 2]
     boundaries = [s for s in fig["layout"]["shapes"] if s["type"] == "line" and s.get("line", {}).get("dash") is None]
     assert sorted(s["x0"] for s in boundaries) == [H - 0.5, 2 * H - 0.5, 3 * H - 0.5]
