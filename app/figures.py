@@ -521,12 +521,13 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
     """D1's selection layer, drawn by assets/overlay.js as a plot of its own over the background
     (which then never redraws for a selection): the selected head over all images or the selected
     set (orange), the selected image's heads emphasised (large, coloured by layer, black outline) and
-    a ring around the selected head. The head's points and the image's are plots of their own
-    (``meta.layer``): a new image does not redraw the head's points. It takes no mouse events: hover
+    a ring around the selected head. The head's points, the image's and the ring are plots of their
+    own (``meta.layer``): a new image does not redraw the head's points, a new head of the same image
+    not the image's. It takes no mouse events: hover
     and clicks reach the background points beneath (customdata [image id, layer, head])."""
     data = []
     if head_all_images is not None:
-        data.append({"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
+        data.append({"type": "scattergl" if len(head_all_images) > 500 else "scatter", "mode": "markers",
                      "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
                      "name": head_label or "selected head, all images", "meta": {"layer": "head"},
                      "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}})
@@ -538,7 +539,7 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
                                 "cmin": 0, "cmax": max(L - 1, 1), "size": 10, "line": {"width": 1.2, "color": "#111"}}})
         if selected is not None:
             i = selected[0] * H + selected[1]
-            data.append(dict(selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1])), meta={"layer": "image"}))
+            data.append(dict(selected_ring(float(xy_image[i, 0]), float(xy_image[i, 1])), meta={"layer": "ring"}))
     return [dict(t, showlegend=False, hoverinfo="skip") for t in data]
 
 

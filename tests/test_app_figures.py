@@ -259,6 +259,7 @@ def test_pattern_layout_background_and_overlay():
     assert "colorbar" not in overlay[1]["marker"] and overlay[1]["marker"]["size"] > 3
     assert overlay[2]["x"] == [pytest.approx(xy[2, H + 1, 0])]
     assert all(t["hoverinfo"] == "skip" for t in overlay)
+    assert [t["meta"]["layer"] for t in overlay] == ["head", "image", "ring"]  # one plot each (assets/overlay.js)
     assert F.pattern_overlay(None, L, H) == []
 
 
