@@ -527,7 +527,7 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
     and clicks reach the background points beneath (customdata [image id, layer, head])."""
     data = []
     if head_all_images is not None:
-        data.append({"type": "scattergl" if len(head_all_images) > 500 else "scatter", "mode": "markers",
+        data.append({"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
                      "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
                      "name": head_label or "selected head, all images", "meta": {"layer": "head"},
                      "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}})
