@@ -124,9 +124,7 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
     app.clientside_callback(
         """
         function(sel) {
-            const cfg = document.getElementById('_dash-config');
-            const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
-            const q = window.hsUrl.query(sel);
+            const base = window.hsUrl.base(), q = window.hsUrl.query(sel);
             return [...PATHS.map(p => base + p + q), sel && sel.run ? 'run: ' + sel.run : 'no run'];
         }
         """.replace("PATHS", json.dumps([path.lstrip("/") for _, path in PAGES])),
@@ -153,29 +151,9 @@ def _register_thumbnails(app: dash.Dash) -> None:
         return send_file(path, mimetype="image/png", max_age=3600)
 
 
-def _register_warm(app: dash.Dash) -> None:
-    @app.server.get(app.config.routes_pathname_prefix + "api/warm")
-    def warm():
-        """GET api/warm?run=&image=&layer=&head=: compute the head's partial pruning and attention on
-        the image into the online cache and answer {"warmed": bool} (no payload). The Explorer asks
-        while it holds a head click (assets/explorer.js), so the views find the results computed."""
-        from analysis.serving import transport as online
-
-        name = request.args.get("run", "")
-        if config.name_problem(name) or not config.run_dir(name).is_dir():
-            return jsonify(warmed=False, error="unknown run"), 400
-        args = [request.args.get(k) for k in ("image", "layer", "head")]
-        try:
-            for query in (online.partial_pruning, online.attention):
-                query(config.run_dir(name), *args)
-        except online.OnlineError as err:  # the views say it when they ask
-            return jsonify(warmed=False, error=str(err))
-        return jsonify(warmed=True)
-
-
 def _register_api(server) -> None:
     """GET /healthz {"status": "ok", "online": online.status()} and the online queries as JSON:
-    /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list)."""
+    /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list), /api/warm?..."""
     from analysis.serving import transport as online  # imports torch: only once the app is built
 
     @server.get("/healthz")
@@ -186,7 +164,7 @@ def _register_api(server) -> None:
     @server.get("/api/<query>")
     def api(query: str):
         """One online query as JSON; errors as {"error": message} with status 400."""
-        queries = ("partial_pruning", "attention", "head_set", "pair_interactions")
+        queries = ("partial_pruning", "attention", "head_set", "pair_interactions", "warm")
         if query not in queries:
             return jsonify(error=f"Unknown query {query!r}: use {', '.join(queries)}."), 404
         name = request.args.get("run", "")
@@ -199,6 +177,8 @@ def _register_api(server) -> None:
             return _head_set_query(query, name)
         try:
             args = [request.args[k] for k in ("image", "layer", "head")]
+            if query == "warm":
+                return _warm(config.run_dir(name), args)
             out = getattr(online, query)(config.run_dir(name), *args)
         except KeyError as err:
             return jsonify(error=f"Missing parameter {err.args[0]!r}: give image, layer and head."), 400
@@ -207,6 +187,20 @@ def _register_api(server) -> None:
         if query == "attention":
             out["attention"] = out["attention"].astype(float).tolist()
         return jsonify(out)
+
+
+def _warm(run_dir: Path, args: list):
+    """/api/warm?run=&image=&layer=&head=: the head's partial pruning and attention on the image,
+    computed into the online cache; answers only {"warmed": bool}. The Explorer asks while it holds
+    a head click (assets/explorer.js), so the views find the results computed."""
+    from analysis.serving import transport as online
+
+    try:
+        for query in (online.partial_pruning, online.attention):
+            query(run_dir, *args)
+    except online.OnlineError as err:  # the views say it when they ask
+        return jsonify(warmed=False, error=str(err))
+    return jsonify(warmed=True)
 
 
 def parse_heads(text: str) -> list[list]:
@@ -267,7 +261,6 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     app.layout = _shell
     _register_shell_callbacks(app)
     _register_thumbnails(app)
-    _register_warm(app)
     _register_api(app.server)
     app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
     callbacks.guard(app)  # after the login: an unauthenticated request is refused before it is parsed

@@ -9,12 +9,10 @@ window.addEventListener('mousedown', e => {
 }, true);
 
 // While a head click is held, the server computes what the views will ask for once it is let
-// through: the head's partial pruning and attention on the image (api/warm, app/server.py). A
+// through: the head's partial pruning and attention on the image (/api/warm, app/server.py). A
 // dropped click (a double-click) costs only that computation, which stays in the online cache.
 window.hsWarm = function (sel, pick) {
     const s = sel || {}, [image, layer, head] = pick.length === 3 ? pick : [s.image, pick[0], pick[1]];
     if (!s.run || image === null || image === undefined) { return; }
-    const cfg = document.getElementById('_dash-config');
-    const base = (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
-    fetch(base + 'api/warm?' + new URLSearchParams({run: s.run, image, layer, head})).catch(() => {});
+    fetch(window.hsUrl.base() + 'api/warm?' + new URLSearchParams({run: s.run, image, layer, head})).catch(() => {});
 };

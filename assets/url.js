@@ -19,6 +19,11 @@
     return pairs.length ? '?' + pairs.join('&') : '';
   }
 
+  function base() {  // the app's path prefix as the browser sees it ('/' unless served under a prefix)
+    const cfg = document.getElementById('_dash-config');
+    return (cfg && JSON.parse(cfg.textContent).requests_pathname_prefix) || '/';
+  }
+
   function write(sel) {
     const q = query(sel), loc = window.location;
     if (sel && q !== loc.search) { window.history.pushState({}, '', loc.pathname + q + loc.hash); }
@@ -31,5 +36,5 @@
     }
   });
 
-  window.hsUrl = {KEYS, query, write};
+  window.hsUrl = {KEYS, base, query, write};
 })();
