@@ -10,6 +10,15 @@ req=requirements.txt
 [ "${1:-}" = "--test" ] && req=requirements-test.txt
 stamp=".venv/.installed-$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)-$(basename $req .txt)"
 if [ ! -f "$stamp" ] || [ ! -x .venv/bin/headscope ]; then
+  if ! ls -d .venv/lib/python*/site-packages/torch >/dev/null 2>&1; then
+    # torch's CUDA build and its libraries take about 6 GB in the venv, plus room to unpack them
+    free_gb=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+    if [ "$free_gb" -lt 8 ]; then
+      echo "setup_env: only $free_gb GB free on the disk of $(pwd); the environment needs about 8 GB" \
+           "(torch and its CUDA libraries). Free some space and run this again." >&2
+      exit 1
+    fi
+  fi
   echo "Installing Python packages from $req into .venv (first run takes a few minutes)..."
   .venv/bin/pip install -q -r "$req"
   .venv/bin/pip install -q --no-deps -r requirements-data.txt
