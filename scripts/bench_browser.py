@@ -7,9 +7,10 @@ Starts the app of this checkout (and, with --baseline-root, the same app from an
 e.g. the code before a change) on the run, drives it with selenium like a user (clicks, a key on
 the threshold slider, a toggle, a hover) and times each interaction in the page: from the time stamp
 of the user's DOM event (mousedown, keydown or mousemove; not the webdriver's round trips before it)
-to the first animation frame after Dash has no callback pending and no request
-in flight (checked for 5 frames in a row). Prints p50 / p95 over the repetitions per interaction,
-and the ratio to the baseline when one is given. A benchmark, not a test: it asserts nothing.
+to the first animation frame after Dash has no callback pending, no request in flight and plotly
+no figure left to draw (checked for 5 frames in a row). The two apps take turns, one repetition
+each. Prints p50 / p95 over the repetitions per interaction, and the ratio to the baseline when one
+is given. A benchmark, not a test: it asserts nothing.
 """
 from __future__ import annotations
 
@@ -26,17 +27,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# In the page: count requests in flight; t0 = the time stamp of the user's event (the first
-# mousedown / keydown / mousemove after INSTALL, as the interaction says: the webdriver's own
-# round trips before the event are not the app's latency); resolve once Dash is idle for 5 frames.
+# In the page: count requests in flight and plotly draws under way (Plotly.react / newPlot until
+# their promise settles: dcc.Graph draws a new figure after Dash has applied it, so a Dash with no
+# callback pending can still be drawing for hundreds of ms); t0 = the time stamp of the user's event
+# (the first mousedown / keydown / mousemove after INSTALL, as the interaction says: the webdriver's
+# own round trips before the event are not the app's latency); resolve once nothing is pending for
+# 5 frames, with the first of those frames as the end.
 INSTALL = """
 if (!window.__hsBench) {
-  window.__hsBench = {inflight: 0};
+  window.__hsBench = {inflight: 0, drawing: 0};
   const orig = window.fetch;
   window.fetch = function(...a) {
     window.__hsBench.inflight++;
     return orig.apply(this, a).finally(() => { window.__hsBench.inflight--; });
   };
+}
+if (window.Plotly && !window.Plotly.__hsBench) {
+  window.Plotly.__hsBench = true;
+  for (const name of ['react', 'newPlot']) {
+    const draw = window.Plotly[name];
+    window.Plotly[name] = function(...a) {
+      const B = window.__hsBench;
+      B.drawing++;
+      let out;
+      try { out = draw.apply(this, a); } catch (e) { B.drawing--; throw e; }
+      Promise.resolve(out).finally(() => { B.drawing--; });
+      return out;
+    };
+  }
 }
 window.__hsBench.t0 = performance.now();  // until the event arrives
 window.__hsBench.seen = false;
@@ -58,14 +76,14 @@ function busy() {
   const cbs = s ? Object.assign({}, s.callbacks) : {};
   delete cbs.stored; delete cbs.completed;
   const pending = Object.values(cbs).reduce((n, v) => n + (v ? v.length : 0), 0);
-  return pending > 0 || B.inflight > 0;
+  return pending > 0 || B.inflight > 0 || B.drawing > 0;
 }
-let quiet = 0, last = performance.now(), frames = 0;
+let quiet = 0, end = performance.now(), frames = 0;
 function tick() {
   frames++;
-  if (busy()) { quiet = 0; last = performance.now(); }
-  else { quiet++; }
-  if (quiet >= 5 && frames > 6) { done(last - B.t0); return; }
+  if (busy()) { quiet = 0; }
+  else if (++quiet === 1) { end = performance.now(); }
+  if (quiet >= 5 && frames > 6) { done(end - B.t0); return; }
   if (performance.now() - B.t0 > 30000) { done(-1); return; }
   requestAnimationFrame(tick);
 }
@@ -165,41 +183,63 @@ def interactions(driver, rng: random.Random):
     }
 
 
-def bench(code_root: Path, cache: Path, run: str, reps: int, image: int, layer: int, head: int,
-          size=(1920, 1080)) -> dict[str, list[float]]:
-    port = free_port()
-    proc = start_app(code_root, cache, run, port)
-    driver = browser(*size)
-    try:
-        driver.get(f"http://127.0.0.1:{port}/?run={run}&image={image}&layer={layer}&head={head}")
+class Session:
+    """The app of one checkout on the run, and a chromium on the reference selection."""
+
+    def __init__(self, code_root: Path, cache: Path, run: str, image: int, layer: int, head: int,
+                 size=(1920, 1080)):
+        self.url_path = f"/?run={run}&image={image}&layer={layer}&head={head}"
+        port = free_port()
+        self.proc = start_app(code_root, cache, run, port)
+        self.base = f"http://127.0.0.1:{port}"
+        self.driver = browser(*size)
+        self.reset()
         for _ in range(240):  # the first online query loads the model
-            if driver.execute_script("return document.querySelectorAll('#d2-images img').length") >= 3:
+            if self.driver.execute_script("return document.querySelectorAll('#d2-images img').length") >= 3:
                 break
             time.sleep(0.5)
-        settle(driver)
-        rng = random.Random(0)
-        acts = interactions(driver, rng)
-        out = {}
-        for name, (act, event) in acts.items():
-            times = []
-            for _ in range(reps + 2):  # the first two warm the caches of this interaction
-                try:
-                    times.append(timed(driver, act, event))
-                except Exception as err:  # a stale element after a redraw: retry once
-                    time.sleep(0.3)
-                    try:
-                        times.append(timed(driver, act, event))
-                    except Exception:
-                        print(f"  {name}: {type(err).__name__}", file=sys.stderr)
-            out[name] = [t for t in times[2:] if t >= 0]
-            # back to the reference selection for the next interaction
-            driver.get(f"http://127.0.0.1:{port}/?run={run}&image={image}&layer={layer}&head={head}")
-            settle(driver)
-        return out
-    finally:
-        driver.quit()
-        proc.terminate()
-        proc.wait(10)
+        settle(self.driver)
+        self.acts = interactions(self.driver, random.Random(0))
+
+    def reset(self) -> None:
+        """Back to the reference selection (before each interaction's repetitions)."""
+        self.driver.get(self.base + self.url_path)
+        settle(self.driver)
+
+    def time(self, name: str) -> float | None:
+        act, event = self.acts[name]
+        try:
+            return timed(self.driver, act, event)
+        except Exception as err:  # a stale element after a redraw: retry once
+            time.sleep(0.3)
+            try:
+                return timed(self.driver, act, event)
+            except Exception:
+                print(f"  {name}: {type(err).__name__}", file=sys.stderr)
+                return None
+
+    def close(self) -> None:
+        self.driver.quit()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def bench(sessions: dict[str, Session], reps: int) -> dict[str, dict[str, list[float]]]:
+    """name of session -> interaction -> ms per repetition. The sessions take turns, one repetition
+    each, so that a slower spell of the machine falls on all of them alike."""
+    out = {label: {} for label in sessions}
+    for name in next(iter(sessions.values())).acts:
+        for s in sessions.values():
+            s.reset()
+        times = {label: [] for label in sessions}
+        for rep in range(reps + 2):  # the first two warm the caches of this interaction
+            for label, s in sessions.items():
+                t = s.time(name)
+                if rep >= 2 and t is not None and t >= 0:
+                    times[label].append(t)
+        for label in sessions:
+            out[label][name] = times[label]
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -222,9 +262,15 @@ def main(argv=None) -> None:
     if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
         sys.exit("bench_browser needs chromium and chromedriver")
     print(f"run {args.run} of {args.cache}: {args.reps} repetitions, image {args.image}, layer {args.layer} head {args.head}")
-    results = {"this": bench(ROOT, args.cache, args.run, args.reps, args.image, args.layer, args.head)}
-    if args.baseline_root:
-        results["baseline"] = bench(args.baseline_root, args.cache, args.run, args.reps, args.image, args.layer, args.head)
+    roots = {"this": ROOT, **({"baseline": args.baseline_root} if args.baseline_root else {})}
+    sessions = {}
+    try:
+        for label, root in roots.items():
+            sessions[label] = Session(root, args.cache, args.run, args.image, args.layer, args.head)
+        results = bench(sessions, args.reps)
+    finally:
+        for s in sessions.values():
+            s.close()
     print(f"{'interaction':24s} {'n':>3s} {'p50 ms':>8s} {'p95 ms':>8s}" +
           (f" {'base p50':>9s} {'base p95':>9s} {'p95 ratio':>9s}" if "baseline" in results else ""))
     for name, times in results["this"].items():

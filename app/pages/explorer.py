@@ -408,8 +408,10 @@ def figure_format(fmt):
     return [dict(graph_config(g, fmt), **({"edits": {"shapePosition": True}} if g == "d5-graph" else {})) for g in GRAPHS]
 
 
-@callback(Output("sel-summary", "children"), Output("run-alert", "children"), Input("sel", "data"))
-def selection_summary(sel):
+@callback(Output("sel-summary", "children"), Output("run-alert", "children"),
+          Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"), State("sel", "data"))
+def selection_summary(_image, _head, _set, sel):
+    """The header: the run, the image, the head and the set (not redrawn for a threshold, a metric...)."""
     index, err = load(sel)
     if index is None:
         return None, message(err, "danger")
