@@ -225,6 +225,10 @@ def _flags(*options):
     return check
 
 
+# The parts of the Explorer's state its views listen to: sel is split into the stores k-<part>
+# (app/pages/explorer.py), so that a view is redrawn only when a part it reads changes.
+STATE_PARTS = ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale", "run")
+
 RULES = {
     # Dash's page router (use_pages)
     ("_pages_location", "pathname"): _opt(_str()),
@@ -296,8 +300,7 @@ RULES = {
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
-    **{(f"k-{k}", "data"): _opt(_state) for k in ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale",
-                                                                  "run")},
+    **{(f"k-{k}", "data"): _opt(_state) for k in STATE_PARTS},
     # stores that follow k-* parts while a panel shows (app/panels/: a hidden panel costs no request)
     **{(store, "data"): _opt(_state) for store in ("sal-image", "hs-set-key", "hs-pairs-key")},
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},

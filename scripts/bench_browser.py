@@ -141,6 +141,10 @@ def settle(driver) -> None:
     driver.execute_async_script(WAIT)
 
 
+class NotOnThisRun(LookupError):
+    """The view an interaction needs is not drawn on this run (B2's bars on a run without a model)."""
+
+
 def interactions(driver, rng: random.Random):
     """name -> (a function doing one user action that changes the state, the DOM event it starts with)."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -152,6 +156,8 @@ def interactions(driver, rng: random.Random):
     def click_one(selector):
         def act():
             els = points(selector)
+            if not els:
+                raise NotOnThisRun(selector)
             el = els[rng.randrange(len(els))]
             ActionChains(driver).move_to_element(el).pause(0.05).click().perform()
         return act
@@ -169,6 +175,8 @@ def interactions(driver, rng: random.Random):
 
     def hover_token():
         toks = points("#d3-graph .scatterlayer .trace:nth-last-of-type(2) .point")
+        if not toks:
+            raise NotOnThisRun("D3 tokens")
         state["hover"] = (state["hover"] + 7) % max(len(toks) - 1, 1) + 1
         ActionChains(driver).move_to_element(toks[state["hover"]]).pause(0.05).perform()
 
@@ -210,6 +218,8 @@ class Session:
         act, event = self.acts[name]
         try:
             return timed(self.driver, act, event)
+        except NotOnThisRun:
+            raise
         except Exception as err:  # a stale element after a redraw: retry once
             time.sleep(0.3)
             try:
@@ -232,11 +242,14 @@ def bench(sessions: dict[str, Session], reps: int) -> dict[str, dict[str, list[f
         for s in sessions.values():
             s.reset()
         times = {label: [] for label in sessions}
-        for rep in range(reps + 2):  # the first two warm the caches of this interaction
-            for label, s in sessions.items():
-                t = s.time(name)
-                if rep >= 2 and t is not None and t >= 0:
-                    times[label].append(t)
+        try:
+            for rep in range(reps + 2):  # the first two warm the caches of this interaction
+                for label, s in sessions.items():
+                    t = s.time(name)
+                    if rep >= 2 and t is not None and t >= 0:
+                        times[label].append(t)
+        except NotOnThisRun as missing:
+            print(f"  {name}: not on this run (no {missing})", file=sys.stderr)
         for label in sessions:
             out[label][name] = times[label]
     return out

@@ -30,6 +30,7 @@ from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
 from app.panels import head_sets, saliency
+from app.callbacks import STATE_PARTS
 from app.server import selection_query
 from app.views import card, graph, graph_config, load, loading, message, overlaid
 
@@ -45,7 +46,6 @@ GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph",
 # the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
 # the parts of the view state that views listen to (k-<part> stores, set by the clientside callback
 # below only when their part changes): a view recomputes only when what it depends on changed
-PARTS = ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale", "run")
 D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
@@ -188,7 +188,7 @@ def layout(**query):
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
-    keys = [dcc.Store(id=f"k-{k}") for k in PARTS]
+    keys = [dcc.Store(id=f"k-{k}") for k in STATE_PARTS]
     return html.Div([
         html.Div(id="run-alert"),
         top,
@@ -298,7 +298,7 @@ clientside_callback(
         return parts.map((p, i) => JSON.stringify(p) === JSON.stringify(held[i]) ? C.no_update : p);
     }
     """,
-    *[Output(f"k-{k}", "data") for k in PARTS],
+    *[Output(f"k-{k}", "data") for k in STATE_PARTS],
     Input("sel", "data"),
 )
 
