@@ -13,8 +13,8 @@ if [ ! -f "$stamp" ] || [ ! -x .venv/bin/headscope ]; then
   if ! ls -d .venv/lib/python*/site-packages/torch >/dev/null 2>&1; then
     # torch's CUDA build and its libraries take about 6 GB in the venv, plus room to unpack them
     free_gb=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
-    if [ "$free_gb" -lt 8 ]; then
-      echo "setup_env: only $free_gb GB free on the disk of $(pwd); the environment needs about 8 GB" \
+    if [ "$free_gb" -lt 7 ]; then
+      echo "setup_env: only $free_gb GB free on the disk of $(pwd); the environment needs about 7 GB" \
            "(torch and its CUDA libraries). Free some space and run this again." >&2
       exit 1
     fi

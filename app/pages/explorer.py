@@ -29,8 +29,8 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
-from app.panels import head_sets, saliency
 from app.callbacks import STATE_PARTS
+from app.panels import head_sets, saliency
 from app.server import selection_query
 from app.views import card, graph, graph_config, load, loading, message, overlaid
 
@@ -42,11 +42,9 @@ DEFAULT_THR = "q1"  # top 1 % (the paper's default)
 Q_STEP = 0.05
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
-# graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
 # the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
-# the parts of the view state that views listen to (k-<part> stores, set by the clientside callback
-# below only when their part changes): a view recomputes only when what it depends on changed
 D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
+# graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
 
