@@ -151,6 +151,7 @@ def _remote(name: str, args: list) -> dict:
     if not _worker_answers(url):
         raise _not_answering(url)
     limit = _timeout("HEADSCOPE_QUERY_TIMEOUT", 15.0)
+    result = None
     try:
         result = _celery(url).send_task(f"headscope.{name}", args=args, expires=limit)
         # Poll the result's state (one Redis GET each): result.get(timeout=...) can overrun its timeout.
@@ -168,9 +169,11 @@ def _remote(name: str, args: list) -> dict:
                 next_ping = now + POLL
             time.sleep(WAIT)
         payload = result.get(timeout=POLL)
-    except OnlineError:
+    except OnlineError:  # a timeout or a worker that stopped answering: Redis is up
+        _abandon(result, unsubscribe=True)
         raise
     except Exception as err:  # task killed (time limit, worker lost), broker lost mid-query, ...
+        _abandon(result, unsubscribe=False)
         raise OnlineError(f"The {name.replace('_', ' ')} query failed on the model worker: "
                           f"{type(err).__name__}: {err}") from None
     try:
@@ -180,6 +183,20 @@ def _remote(name: str, args: list) -> dict:
     if not payload.get("ok"):
         raise OnlineError(payload.get("error") or f"The {name} query failed on the model worker.")
     return payload["result"]
+
+
+def _abandon(result, unsubscribe: bool) -> None:
+    """Stop waiting for a result nobody will read. Celery unsubscribes from it in the result's
+    ``__del__``, which may run much later (at exit, say), when Redis is gone, and then retries
+    until it gives up with a traceback: unsubscribe now while Redis is up, or not at all."""
+    if result is None:
+        return
+    if unsubscribe:
+        try:
+            result.backend.remove_pending_result(result)
+        except Exception:
+            pass
+    result.backend = None
 
 
 def status() -> dict:
