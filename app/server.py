@@ -151,9 +151,11 @@ def _register_thumbnails(app: dash.Dash) -> None:
         return send_file(path, mimetype="image/png", max_age=3600)
 
 
-def _register_api(server) -> None:
+def _register_api(server, prefix: str = "/") -> None:
     """GET /healthz {"status": "ok", "online": online.status()} and the online queries as JSON:
-    /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list), /api/warm?..."""
+    /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list), /api/warm?...
+    The queries answer under the app's routes prefix too (DASH_URL_BASE_PATHNAME=/x/: /x/api/...),
+    where the page asks for them, beside the thumbnails."""
     from analysis.serving import transport as online  # imports torch: only once the app is built
 
     @server.get("/healthz")
@@ -161,7 +163,6 @@ def _register_api(server) -> None:
         """The app is up (precomputed views work); "online" says whether online queries can run."""
         return jsonify(status="ok", online=online.status())
 
-    @server.get("/api/<query>")
     def api(query: str):
         """One online query as JSON; errors as {"error": message} with status 400."""
         queries = ("partial_pruning", "attention", "head_set", "pair_interactions", "warm")
@@ -187,6 +188,9 @@ def _register_api(server) -> None:
         if query == "attention":
             out["attention"] = out["attention"].astype(float).tolist()
         return jsonify(out)
+
+    for base in dict.fromkeys(("/", prefix)):
+        server.add_url_rule(base + "api/<query>", "api" if base == "/" else "api_prefixed", api)
 
 
 def _warm(run_dir: Path, args: list):
@@ -261,7 +265,7 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     app.layout = _shell
     _register_shell_callbacks(app)
     _register_thumbnails(app)
-    _register_api(app.server)
+    _register_api(app.server, app.config.routes_pathname_prefix)
     app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
     callbacks.guard(app)  # after the login: an unauthenticated request is refused before it is parsed
     threading.Thread(target=_warm_up, name="headscope-warm-up", daemon=True).start()

@@ -1,6 +1,7 @@
 """The Explorer's head-set panels without a browser: figure builders, the URL form of the set,
 the set editing logic and the top-k choice (app/panels/head_sets.py)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -176,3 +177,27 @@ def test_api_warm_fills_the_online_cache_the_views_read(tmp_path, monkeypatch):
     r = client.get("/api/warm?run=tiny&image=77&layer=0&head=0")
     assert r.json["warmed"] is False and "77" in r.json["error"]
     assert client.get("/api/warm?run=../x&image=1&layer=0&head=0").status_code == 400
+
+
+def test_an_app_served_under_a_path_prefix_answers_its_api_where_the_page_asks(tmp_path, monkeypatch):
+    """DASH_URL_BASE_PATHNAME=/x/: the page's requests prefix is /x/, and the page asks for
+    /x/api/warm (assets/explorer.js: hsUrl.base() + 'api/warm'): the queries answer there as at
+    /api/, beside /x/thumbs/; an unknown query is still refused with the list of queries."""
+    from analysis.runs.synthetic import make_run as make_model_run
+    from app.server import create_app
+
+    monkeypatch.delenv("HEADSCOPE_BROKER_URL", raising=False)
+    monkeypatch.setenv("DASH_URL_BASE_PATHNAME", "/x/")
+    make_model_run(tmp_path / "tiny", n_images=3, model="test_vit", img_size=32)
+    client = create_app(tmp_path, "tiny").server.test_client()
+    page = client.get("/x/")
+    dash_config = re.search(r'<script id="_dash-config" type="application/json">(.*?)</script>', page.text)
+    assert page.status_code == 200 and json.loads(dash_config.group(1))["requests_pathname_prefix"] == "/x/"
+    assert client.get("/x/thumbs/tiny/1.png").status_code == 200
+    for base in ("/x/", "/"):
+        r = client.get(base + "api/warm?run=tiny&image=1&layer=2&head=1")
+        assert r.status_code == 200 and r.json == {"warmed": True}, (base, r.data[:200])
+        r = client.get(base + "api/attention?run=tiny&image=1&layer=2&head=1")
+        assert r.status_code == 200 and len(r.json["attention"]) == len(r.json["attention"][0])
+    r = client.get("/x/api/nothing?run=tiny")
+    assert r.status_code == 404 and "warm" in r.json["error"]
