@@ -9,8 +9,11 @@ from analysis.errors import HeadScopeError
 from . import data
 
 # doubleClickDelay: plotly's documented default, given explicitly (the bundled plotly.js waits 500 ms),
-# since the Explorer holds a head click that long to tell it from a double-click (app/pages/explorer.py)
+# since the Explorer holds a head click on a zoomed graph that long to tell it from a double-click
+# (app/pages/explorer.py); doubleClick "reset": back to the figure's own view (assets/explorer.js),
+# without plotly's further autorange on a second double-click.
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover", "doubleClickDelay": 300,
+                "doubleClick": "reset",
                 "modeBarButtonsToRemove": ["autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
                                            "hoverCompareCartesian"]}
 

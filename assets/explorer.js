@@ -1,12 +1,66 @@
-// The Explorer holds a click on a head in B1, C1 or D1 for plotly's double-click delay and drops it
-// when a second mousedown on the same graph follows within that delay (a double-click resets the
-// zoom only; app/pages/explorer.py): remember each graph's last two mousedowns (capture phase).
+// The Explorer holds a click on a head in B1, C1 or D1 of a zoomed graph for plotly's double-click
+// delay and drops it when a second mousedown on the same graph follows within that delay (a
+// double-click resets the zoom only; app/pages/explorer.py): remember each graph's last two
+// mousedowns (capture phase, before plotly sees them) and whether the graph was zoomed at each.
 window.addEventListener('mousedown', e => {
     const graph = e.target.closest && e.target.closest('.dash-graph');
     if (!graph || !graph.id) { return; }
-    const last = window.hsDown && window.hsDown.id === graph.id ? window.hsDown.t : -Infinity;
-    window.hsDown = {id: graph.id, t: Date.now(), prev: last};
+    const same = window.hsDown && window.hsDown.id === graph.id ? window.hsDown : {t: -Infinity, zoomed: false};
+    const zoomed = window.hsDoubleClickMatters(graph.querySelector('.js-plotly-plot'));
+    window.hsDown = {id: graph.id, t: Date.now(), zoomed, prev: same.t, prevZoomed: same.zoomed};
 }, true);
+
+// The view a figure was drawn with, axis by axis ({range, autorange} as the figure gives them), kept
+// on its graph div (gd._hsOwnView) when dcc.Graph draws it: a graph whose axes are not as its
+// figure drew them is zoomed or panned. dcc.Graph draws a figure again after a zoom, with the zoom
+// written into its layout, so a figure's view is read the first time its data is seen (OWN_VIEWS,
+// keyed by the data array, which a zoom leaves as it is). It is also where a double-click goes back
+// to (GRAPH_CONFIG doubleClick: 'reset', app/views.py): plotly resets an axis to its
+// _rangeInitial0/1, which it saves only when a graph is first plotted with data (dcc.Graph's first,
+// empty figure), else it autoranges.
+const OWN_VIEWS = new WeakMap();
+(function keepOwnViews() {
+    if (!window.Plotly || !window.Plotly.react) { setTimeout(keepOwnViews, 50); return; }
+    const react = window.Plotly.react;
+    window.Plotly.react = function (gd, figure, ...rest) {
+        const el = typeof gd === 'string' ? document.getElementById(gd) : gd, layout = figure && figure.layout;
+        const key = figure && Array.isArray(figure.data) ? figure.data : null;
+        if (key && !OWN_VIEWS.has(key)) {
+            const view = {};
+            for (const k of Object.keys(layout || {}).filter(k => /^[xy]axis\d*$/.test(k))) {
+                const ax = layout[k] || {}, range = Array.isArray(ax.range) && !ax.autorange ? ax.range.slice() : null;
+                view[k] = {range, autorange: range ? false : (ax.autorange === 'reversed' ? 'reversed' : true)};
+            }
+            OWN_VIEWS.set(key, view);
+        }
+        const own = key ? OWN_VIEWS.get(key) : {};
+        const out = react.call(this, gd, figure, ...rest);
+        Promise.resolve(out).then(() => {
+            if (!el || !el._fullLayout || !key) { return; }
+            el._hsOwnView = own;
+            for (const [k, v] of Object.entries(own)) {
+                const ax = el._fullLayout[k];
+                if (ax && v && v.range) { [ax._rangeInitial0, ax._rangeInitial1, ax._autorangeInitial] = [...v.range, false]; }
+            }
+        }, () => {});
+        return out;
+    };
+})();
+
+// Would a double-click on plotly graph ``gd`` change its view, i.e. is an axis zoomed or panned away
+// from the figure's own view? Only then is a click held (app/pages/explorer.py). A selection drag
+// mode (lasso, box) may have a selection that a double-click clears: held too.
+window.hsDoubleClickMatters = function (gd) {
+    const fl = gd && gd._fullLayout, own = gd && gd._hsOwnView;
+    if (!fl || !own || fl.dragmode === 'lasso' || fl.dragmode === 'select') { return true; }
+    return Object.keys(fl).filter(k => /^[xy]axis\d*$/.test(k)).some(k => {
+        const ax = fl[k], mine = own[k] || {range: null, autorange: true};
+        if (ax.fixedrange) { return false; }
+        if (!mine.range) { return ax.autorange !== mine.autorange; }
+        const tol = 1e-9 * Math.abs(mine.range[1] - mine.range[0]);
+        return ax.autorange !== false || mine.range.some((v, i) => !(Math.abs(ax.range[i] - v) <= tol));
+    });
+};
 
 // While a head click is held, the server computes what the views will ask for once it is let
 // through: the head's partial pruning and attention on the image (/api/warm, app/server.py). A

@@ -460,10 +460,21 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     assert top[0] == top[1] > 0
     dash_duo.wait_for_element("#d2-images .d2-scale .d2-bar", timeout=TIMEOUT)
     bar_text = dash_duo.find_element("#d2-images .d2-ticks").text
-    # a double-click on a head in B1 resets the zoom only (issue 12): the selection stays
-    double_click_changes_nothing(dash_duo, "b1-graph", "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")
-    # another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
-    click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)")  # layer 11 head 3
+    # zoomed in, a double-click on a head in B1 resets the zoom only (issue 12): the selection stays
+    point = "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)"  # layer 11 head 3
+    initial = js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range")
+
+    def zoomed_in():
+        dash_duo.driver.execute_script("const gd = document.querySelector('#b1-graph .js-plotly-plot');"
+                                       f"Plotly.relayout(gd, {{'xaxis.range': [{initial[0] + 1}, {initial[1] - 1}]}});")
+        wait_js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range", lambda r: r[0] == initial[0] + 1, "zoomed in")
+
+    double_click_changes_nothing(dash_duo, "b1-graph", point, prepare=zoomed_in)
+    wait_js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range", lambda r: r == initial, "back to B1's own range")
+    # not zoomed, a double-click changes no view: it is taken at once, as a click on the head.
+    # Another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
+    ActionChains(dash_duo.driver).move_to_element(into_view(dash_duo, dash_duo.find_element(point))) \
+        .pause(0.3).double_click().perform()
     until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
     settle(dash_duo)
     wait_js(dash_duo, "d4-graph", "gd.data.map(t => t.zmax)", lambda z: z == top, "same scale for head 3")

@@ -599,31 +599,33 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
                              **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
-# A click on a head in B1, C1 or D1 is held until plotly's double-click delay has passed since its
-# mousedown and dropped when it was the start of a double-click, which resets the zoom and nothing
-# else (plotly holds legend clicks the same way); assets/explorer.js remembers each graph's last two
-# mousedowns. A head of B1 / C1 ([layer, head]: ``head-pick``) is set in the browser, on the state
-# as it is after the hold; a point of D1's background ([image id, layer, head]: ``head-click``)
-# goes to select_head on the server. During the hold the server computes the head's online
-# results (assets/explorer.js hsWarm).
+# A click on a head in B1, C1 or D1 on a zoomed (or panned) graph is held until plotly's
+# double-click delay has passed since its mousedown and dropped when it was the start of a
+# double-click, which resets the zoom and nothing else (plotly holds legend clicks the same way);
+# assets/explorer.js remembers each graph's last two mousedowns. On a graph that is not zoomed a
+# double-click resets nothing (hsDoubleClickMatters), so a click there is taken at once, and a
+# double-click selects the head as a click does. A head of B1 / C1 ([layer, head]: ``head-pick``)
+# is set in the browser, on the state as it is after the hold; a point of D1's background
+# ([image id, layer, head]: ``head-click``) goes to select_head on the server. During a hold the
+# server computes the head's online results (assets/explorer.js hsWarm).
 clientside_callback(
     """
     function(b1, c1, d1, sel) {
         const C = window.dash_clientside, nu = C.no_update, id = C.callback_context.triggered_id;
         const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
         if (!click || !click.points || !click.points.length) { return [nu, nu]; }
+        const cd = click.points[0].customdata, head = Array.isArray(cd) && (cd.length === 2 || cd.length === 3);
+        const picked = () => !head ? [nu, nu] : cd.length === 2 ? [cd, nu] : [nu, cd];  // else a contour...
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
-        const cd = click.points[0].customdata;
-        if (Array.isArray(cd) && (cd.length === 2 || cd.length === 3)) { window.hsWarm(sel, cd); }
-        const down = window.hsDown && window.hsDown.id === id ? window.hsDown.t : Date.now();
-        return new Promise(resolve => setTimeout(() => {
-            const d = window.hsDown;
-            if (d && d.id === id && d.t - d.prev < delay && Date.now() - d.t < 2 * delay) { resolve([nu, nu]); }
-            else if (Array.isArray(cd) && cd.length === 2) { resolve([cd, nu]); }
-            else if (Array.isArray(cd) && cd.length === 3) { resolve([nu, cd]); }
-            else { resolve([nu, nu]); }  // a contour, the colour bar: no head
-        }, Math.max(0, down + delay - Date.now())));
+        const ours = e => e && e.id === id && Date.now() - e.t < 5000;  // this click's mousedown, or the next
+        const twice = e => ours(e) && e.t - e.prev < delay;  // a mousedown soon after another: a double-click
+        const d = ours(window.hsDown) ? window.hsDown : {t: Date.now(), zoomed: window.hsDoubleClickMatters(gd), prev: -Infinity};
+        if (twice(d)) { return d.prevZoomed ? [nu, nu] : picked(); }  // it reset a zoom; else it is a click
+        if (!d.zoomed) { return picked(); }
+        if (head) { window.hsWarm(sel, cd); }
+        return new Promise(resolve => setTimeout(() => resolve(twice(window.hsDown) ? [nu, nu] : picked()),
+                                                 Math.max(0, d.t + delay - Date.now())));
     }
     """,
     Output("head-pick", "data"), Output("head-click", "data"),
