@@ -98,12 +98,12 @@ def free_port() -> int:
 
 
 def start_app(code_root: Path, cache: Path, run: str, port: int) -> subprocess.Popen:
-    """The app of ``code_root`` on ``cache``/``run`` in a subprocess (imports that checkout's code)."""
-    code = (f"from app import create_app; "  # PYTHONPATH and cwd put that checkout first
-            f"create_app({str(cache)!r}, {run!r}).run(port={port}, debug=False)")
+    """The app of ``code_root`` on ``cache``/``run`` in a subprocess, served as the README serves it
+    (``python -m app``: werkzeug, threaded, one torch thread per online query; PYTHONPATH and cwd
+    put that checkout's code first)."""
+    cmd = [sys.executable, "-m", "app", "--cache-dir", str(cache), "--run", run, "--port", str(port)]
     env = dict(os.environ, PYTHONPATH=str(code_root))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=code_root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=code_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import urllib.request
 
     for _ in range(240):

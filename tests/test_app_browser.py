@@ -467,15 +467,21 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     def zoomed_in():
         dash_duo.driver.execute_script("const gd = document.querySelector('#b1-graph .js-plotly-plot');"
                                        f"Plotly.relayout(gd, {{'xaxis.range': [{initial[0] + 1}, {initial[1] - 1}]}});")
-        wait_js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range", lambda r: r[0] == initial[0] + 1, "zoomed in")
+        wait_js(dash_duo, "b1-graph", "[gd._fullLayout.xaxis.range[0], window.hsDoubleClickMatters(gd)]",
+                lambda r: r == [initial[0] + 1, True], "zoomed in, and the Explorer sees it")
 
     double_click_changes_nothing(dash_duo, "b1-graph", point, prepare=zoomed_in)
     wait_js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range", lambda r: r == initial, "back to B1's own range")
-    # not zoomed, a double-click changes no view: it is taken at once, as a click on the head.
+    # not zoomed, a double-click changes no view: it is taken at once, as a click on the head, whose
+    # mousedown asks the server to compute the head's online results (/api/warm).
     # Another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
+    dash_duo.driver.execute_script("window.hsAsked = []; const f = window.fetch; window.fetch = function(u, ...a) {"
+                                   " window.hsAsked.push(String(u)); return f.call(this, u, ...a); };")
     ActionChains(dash_duo.driver).move_to_element(into_view(dash_duo, dash_duo.find_element(point))) \
         .pause(0.3).double_click().perform()
     until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
+    warm = [u for u in dash_duo.driver.execute_script("return window.hsAsked") if "api/warm" in u]
+    assert warm and all(f"run={run}&image=3&layer=11&head=3" in u for u in warm), warm
     settle(dash_duo)
     wait_js(dash_duo, "d4-graph", "gd.data.map(t => t.zmax)", lambda z: z == top, "same scale for head 3")
     assert dash_duo.find_element("#d2-images .d2-ticks").text == bar_text

@@ -604,31 +604,34 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
 # double-click, which resets the zoom and nothing else (plotly holds legend clicks the same way);
 # assets/explorer.js remembers each graph's last two mousedowns. On a graph that is not zoomed a
 # double-click resets nothing (hsDoubleClickMatters), so a click there is taken at once, and a
-# double-click selects the head as a click does. A head of B1 / C1 ([layer, head]: ``head-pick``)
-# is set in the browser, on the state as it is after the hold; a point of D1's background
-# ([image id, layer, head]: ``head-click``) goes to select_head on the server. During a hold the
-# server computes the head's online results (assets/explorer.js hsWarm).
+# double-click selects the head as a click does. A head of B1 / C1 ([layer, head]) is set in the
+# browser: at once into ``sel``; after a hold through ``head-pick``, on the state as it is then. A
+# point of D1's background ([image id, layer, head]: ``head-click``) goes to select_head on the
+# server. During a hold the server computes the head's online results (assets/explorer.js hsWarm).
 clientside_callback(
     """
     function(b1, c1, d1, sel) {
         const C = window.dash_clientside, nu = C.no_update, id = C.callback_context.triggered_id;
-        const click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
-        if (!click || !click.points || !click.points.length) { return [nu, nu]; }
+        const none = [nu, nu, nu, nu], click = {'b1-graph': b1, 'c1-graph': c1, 'd1-graph': d1}[id];
+        if (!click || !click.points || !click.points.length) { return none; }
         const cd = click.points[0].customdata, head = Array.isArray(cd) && (cd.length === 2 || cd.length === 3);
-        const picked = () => !head ? [nu, nu] : cd.length === 2 ? [cd, nu] : [nu, cd];  // else a contour...
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         const delay = (gd && gd._context && gd._context.doubleClickDelay) || 300;
         const ours = e => e && e.id === id && Date.now() - e.t < 5000;  // this click's mousedown, or the next
         const twice = e => ours(e) && e.t - e.prev < delay;  // a mousedown soon after another: a double-click
         const d = ours(window.hsDown) ? window.hsDown : {t: Date.now(), zoomed: window.hsDoubleClickMatters(gd), prev: -Infinity};
-        if (twice(d)) { return d.prevZoomed ? [nu, nu] : picked(); }  // it reset a zoom; else it is a click
-        if (!d.zoomed) { return picked(); }
-        if (head) { window.hsWarm(sel, cd); }
-        return new Promise(resolve => setTimeout(() => resolve(twice(window.hsDown) ? [nu, nu] : picked()),
+        if (!head || (twice(d) && d.prevZoomed)) { return none; }  // a contour, the colour bar; a zoom reset
+        if (!d.zoomed || twice(d)) {  // not zoomed: taken at once (a double-click there is a click)
+            return cd.length === 2 ? [nu, nu, Object.assign({}, sel, {layer: cd[0], head: cd[1]}), null] : [nu, cd, nu, nu];
+        }
+        window.hsWarm(sel, cd);
+        const held = cd.length === 2 ? [cd, nu, nu, nu] : [nu, cd, nu, nu];
+        return new Promise(resolve => setTimeout(() => resolve(twice(window.hsDown) ? none : held),
                                                  Math.max(0, d.t + delay - Date.now())));
     }
     """,
     Output("head-pick", "data"), Output("head-click", "data"),
+    Output("sel", "data", allow_duplicate=True), Output("pick-note", "children", allow_duplicate=True),
     Input("b1-graph", "clickData"), Input("c1-graph", "clickData"), Input("d1-graph", "clickData"),
     State("sel", "data"), prevent_initial_call=True,
 )
