@@ -234,11 +234,13 @@ class Session:
         self.proc.wait(10)
 
 
-def bench(sessions: dict[str, Session], reps: int) -> dict[str, dict[str, list[float]]]:
+def bench(sessions: dict[str, Session], reps: int, only: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     """name of session -> interaction -> ms per repetition. The sessions take turns, one repetition
     each, so that a slower spell of the machine falls on all of them alike."""
     out = {label: {} for label in sessions}
     for name in next(iter(sessions.values())).acts:
+        if only and not any(text in name for text in only):
+            continue
         for s in sessions.values():
             s.reset()
         times = {label: [] for label in sessions}
@@ -271,6 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layer", type=int, default=11)
     ap.add_argument("--head", type=int, default=0)
     ap.add_argument("--baseline-root", type=Path, help="another checkout to time the same way (e.g. before a change)")
+    ap.add_argument("--only", action="append", metavar="TEXT",
+                    help="time only the interactions whose name contains TEXT (repeatable), e.g. --only threshold")
     args = ap.parse_args(argv)
     if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
         sys.exit("bench_browser needs chromium and chromedriver")
@@ -280,7 +284,7 @@ def main(argv=None) -> None:
     try:
         for label, root in roots.items():
             sessions[label] = Session(root, args.cache, args.run, args.image, args.layer, args.head)
-        results = bench(sessions, args.reps)
+        results = bench(sessions, args.reps, args.only)
     finally:
         for s in sessions.values():
             s.close()
