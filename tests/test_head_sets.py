@@ -68,7 +68,7 @@ def test_set_metrics_equal_a_full_forward_with_the_set_pruned(variant):
         np.testing.assert_allclose(row.top5_probs, p.topk(5).values.numpy(), rtol=1e-4)
     single = set_pruning(vit, image[0], label, SETS[1])
     assert single["heads"] == [[0, 1, "R1+R2+R3"], [2, 0, "R1"]]
-    assert single["emb_dist"] == pytest.approx(df.iloc[1].emb_dist, rel=1e-6)
+    assert single["emb_dist"] == pytest.approx(df.iloc[1].emb_dist, abs=3e-6, rel=1e-4)  # 1 - cos in float32
     assert (df.emb_dist > 1e-6).all()
 
 
