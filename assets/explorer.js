@@ -2,8 +2,9 @@
 // delay and drops it when a second mousedown on the same graph follows within that delay (a
 // double-click resets the zoom only; app/pages/explorer.py): remember each graph's last two
 // mousedowns (capture phase, before plotly sees them) and whether the graph was zoomed at each.
-// A mousedown on a head's point (plotly's hover data) of those graphs also asks the server to compute
-// the head's online results (hsWarm) while the click goes through Dash, before the views ask.
+// A mousedown on a head's point (plotly's hover data) of those graphs, or on an image in A, also asks
+// the server to compute that head's (image's) online results (hsWarm) while the click goes through
+// Dash, before the views ask.
 window.addEventListener('mousedown', e => {
     const graph = e.target.closest && e.target.closest('.dash-graph');
     if (!graph || !graph.id) { return; }
@@ -11,11 +12,12 @@ window.addEventListener('mousedown', e => {
     const same = window.hsDown && window.hsDown.id === graph.id ? window.hsDown : {t: -Infinity, zoomed: false};
     const zoomed = window.hsDoubleClickMatters(gd);
     window.hsDown = {id: graph.id, t: Date.now(), zoomed, prev: same.t, prevZoomed: same.zoomed};
-    const hover = ['b1-graph', 'c1-graph', 'd1-graph'].includes(graph.id) && gd && gd._hoverdata && gd._hoverdata[0];
-    const cd = hover && hover.customdata;
+    const hover = ['a-graph', 'b1-graph', 'c1-graph', 'd1-graph'].includes(graph.id) && gd && gd._hoverdata && gd._hoverdata[0];
+    const cd = hover && hover.customdata, url = new URLSearchParams(window.location.search);
     if (Array.isArray(cd) && (cd.length === 2 || cd.length === 3)) {
-        const url = new URLSearchParams(window.location.search);
         window.hsWarm({run: url.get('run'), image: url.get('image')}, cd);
+    } else if (graph.id === 'a-graph' && Number.isInteger(cd) && url.get('layer') !== null && url.get('head') !== null) {
+        window.hsWarm({run: url.get('run'), image: cd}, [url.get('layer'), url.get('head')]);  // an image: the head as it is
     }
 }, true);
 

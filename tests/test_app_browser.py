@@ -563,6 +563,48 @@ def test_real_d5_threshold_line_drags_and_bins_resolve_small_values(dash_duo, re
     no_console_errors(dash_duo)
 
 
+def test_real_a_view_being_recomputed_is_dimmed_with_a_spinner(dash_duo, real_app, real):
+    """The views' loading indicator (app/views.py loading, CSS on Dash's data-dash-is-loading):
+    Dash marks D3 while a new threshold recomputes it, and a marked view is dimmed with a spinner
+    after 150 ms (D6: with its note saying what is computed), unmarked it is as before."""
+    run = real[1]
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=5&head=2")
+    wait_js(dash_duo, "d3-graph", "gd.data.length", lambda n: n > 0, "D3 drawn", timeout=180)
+    settle(dash_duo)
+    dash_duo.driver.execute_script("""
+        window.hsMarked = [];
+        new MutationObserver(ms => ms.forEach(m => window.hsMarked.push(m.target.getAttribute('data-dash-is-loading'))))
+            .observe(document.getElementById('d3-graph'), {attributes: true, attributeFilter: ['data-dash-is-loading']});""")
+    dash_duo.wait_for_element("#q-slider [role=slider]").send_keys(Keys.ARROW_RIGHT)
+    until(lambda: query(dash_duo).get("thr") not in (None, "q1"), timeout=TIMEOUT, msg="new threshold")
+    settle(dash_duo)
+    marked = dash_duo.driver.execute_script("return window.hsMarked")
+    assert "true" in marked and marked[-1] is None, marked  # marked while recomputed, unmarked after
+
+    def look(graph_id, wait=0.4):
+        time.sleep(wait)
+        return dash_duo.driver.execute_script("""
+            const g = document.getElementById(arguments[0]), view = g.closest('.view-loading');
+            const note = view.querySelector(':scope > .view-loading-note');
+            return [getComputedStyle(g).opacity, getComputedStyle(g, '::after').content,
+                    getComputedStyle(g, '::after').opacity, note ? getComputedStyle(note).display : null];""", graph_id)
+
+    mark = "document.getElementById(arguments[0]).setAttribute('data-dash-is-loading', 'true')"
+    unmark = "document.getElementById(arguments[0]).removeAttribute('data-dash-is-loading')"
+    assert look("b2-graph", 0)[:2] == ["1", "none"]
+    dash_duo.driver.execute_script(mark, "b2-graph")
+    assert look("b2-graph")[:3] == ["0.5", '""', "1"]  # dimmed, with its spinner
+    assert look("b3-graph", 0)[:2] == ["1", "none"]  # the other view of B as it was
+    dash_duo.driver.execute_script(unmark, "b2-graph")
+    assert look("b2-graph", 0)[:2] == ["1", "none"]
+    dash_duo.driver.execute_script(mark, "sal-graph")  # D6 (hidden behind its switch): its note, no spinner
+    _, content, _, note = look("sal-graph")
+    assert (content, note) == ("none", "flex")
+    dash_duo.driver.execute_script(unmark, "sal-graph")
+    assert look("sal-graph", 0)[3] == "none"
+    no_console_errors(dash_duo)
+
+
 def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)

@@ -1,7 +1,5 @@
 """The saliency panel's pieces without a browser: what it says while maps compute online, the
 deletion slider's step, and the note that says which maps a model cannot have."""
-from dash import dcc
-
 from app.panels import saliency
 
 
@@ -14,12 +12,13 @@ def _text(component) -> str:
 
 
 def test_the_panel_says_what_it_computes_while_it_computes():
-    loadings = [c for c in _flatten(saliency.panel()) if isinstance(c, dcc.Loading)]
-    ids = [[getattr(g, "id", None) for g in _flatten(l.children)] for l in loadings]
+    views = [c for c in _flatten(saliency.panel()) if "view-loading" in (getattr(c, "className", None) or "").split()]
+    ids = [[getattr(g, "id", None) for g in _flatten(v.children)] for v in views]
     assert any("sal-graph" in i for i in ids) and any("sal-deletion" in i for i in ids)
-    spinners = [_text(l.custom_spinner) for l in loadings]
-    assert any("once per patch" in t and "--patch-maps" in t for t in spinners), spinners
-    assert any("deletion curves" in t for t in spinners), spinners
+    notes = [_text(n) for v in views for n in _flatten(v.children)
+             if "view-loading-note" in (getattr(n, "className", None) or "")]
+    assert any("once per patch" in t and "--patch-maps" in t for t in notes), notes
+    assert any("deletion curves" in t for t in notes), notes
 
 
 def _flatten(children):

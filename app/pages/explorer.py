@@ -180,7 +180,7 @@ def layout(**query):
                         dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
                                  graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
                     ], className="g-1"),
-                ], "d-loading"), id="d-pattern"),
+                ]), id="d-pattern"),
                 html.Div(saliency.panel(), id="d-saliency", style={"display": "none"}),
             ], className="d3-col"),
         ], className="g-1"),

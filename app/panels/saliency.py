@@ -19,7 +19,7 @@ from analysis.serving import transport
 from analysis.serving.transport import OnlineError
 
 from app import config, figures as F
-from app.views import graph, load, message
+from app.views import graph, load, loading, message
 
 MAP_TITLES = {"occlusion": "occlusion", "token_drop": "token drop", "rollout": "attention rollout",
               "grad_rollout": "gradient rollout"}
@@ -34,11 +34,9 @@ COMPUTING_DELETION = "Computing the deletion curves online: 17 forwards per map.
 
 
 def _computing(children, text: str):
-    """dcc.Loading whose spinner says what is being computed and why it takes a while (shown over
-    the previous figures, which stay visible)."""
-    return dcc.Loading(children, delay_show=300, overlay_style={"visibility": "visible", "opacity": 0.4},
-                       custom_spinner=html.Div([dbc.Spinner(size="sm", color="secondary"), html.Span(text)],
-                                               className="sal-computing small d-flex gap-2 align-items-start p-2"))
+    """``children`` with a note saying what is being computed and why it takes a while, shown with
+    a spinner over them (which stay visible) while they recompute (app/views.py loading)."""
+    return loading(children, note=[dbc.Spinner(size="sm", color="secondary"), html.Span(text)])
 
 
 def panel():
