@@ -612,6 +612,16 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     wait_js(dash_duo, "a-graph", "gd.data.length", lambda n: (n or 0) > 1, "A drawn", timeout=120)
     dash_duo.wait_for_element("#a-legend .a-chip", timeout=TIMEOUT)
     assert js(dash_duo, "a-graph", "gd._fullLayout.showlegend") is False  # the legend is HTML, it cannot squeeze
+    # a click on an image: its mousedown asks the server for the head's online results on that image
+    settle(dash_duo)
+    dash_duo.driver.execute_script("window.hsAsked = []; const f = window.fetch; window.fetch = function(u, ...a) {"
+                                   " window.hsAsked.push(String(u)); return f.call(this, u, ...a); };")
+    points = dash_duo.find_elements("#a-graph .scatterlayer .trace .point")
+    ActionChains(dash_duo.driver).move_to_element(points[len(points) // 2]).pause(0.3).click().perform()
+    until(lambda: query(dash_duo).get("image") != "3", timeout=TIMEOUT, msg="another image selected")
+    image = query(dash_duo)["image"]
+    warm = [u for u in dash_duo.driver.execute_script("return window.hsAsked") if "api/warm" in u]
+    assert warm and all(f"run={run}&image={image}&layer=2&head=1" in u for u in warm), warm
     # colour by correct / wrong, by P(true label), by the head's metric
     from selenium.webdriver.support.ui import Select
 
