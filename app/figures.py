@@ -406,7 +406,7 @@ def strength_bars(strength, title: str | None = None) -> dict:
     data = [{"type": "bar", "x": list(range(len(s))), "y": s.tolist(), "marker": {"color": MEAN_BLUE},
              "hovertemplate": "hop %{x}: %{y:.4g}<extra></extra>"}]
     lay = layout(title, xaxis=axis("hop distance k (patches)", tickmode="linear", dtick=1 if len(s) <= 16 else 2),
-                 yaxis=axis("attention per patch", exponentformat="power"),
+                 yaxis=axis("attention / patch", exponentformat="power"),
                  margin={"l": 60, "r": 10, "t": 28 if title else 10, "b": 40}, bargap=0.15)
     return {"data": data, "layout": lay}
 

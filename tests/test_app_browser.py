@@ -776,6 +776,9 @@ def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_
             "return ['a-graph', 'b1-graph', 'c1-graph', 'd3-graph'].map(id => document.getElementById(id).offsetWidth)")
         if size[0] == 1920:
             assert doc[0] <= 1080 and doc[1] <= 1920, doc  # no page scroll
+            line = dash_duo.driver.execute_script(
+                "const s = document.querySelector('#sel-summary .sel-text'); return [s.getClientRects().length, s.title];")
+            assert line[0] == 1 and f"layer {hi // index.H} head {hi % index.H}" in line[1], line  # one line, whole on hover
         else:
             assert doc[1] <= 1280, doc  # no horizontal scroll; a vertical stack of readable views
             assert min(widths) >= 480, widths

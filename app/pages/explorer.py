@@ -422,17 +422,20 @@ def selection_summary(_image, _head, _set, sel):
     model = index.manifest.get("model", {})
     parts = [html.Span(f"{index.name}", className="badge bg-secondary me-2"),
              html.Span(f"{model.get('name', '?')} · {index.n} images · {index.L} layers × {index.H} heads",
-                       className="text-muted small me-3")]
+                       className="text-muted small me-3 sel-run")]
+    # one line that never wraps (the four views keep one 1920x1080 screen): the image and the head
+    # first, the rest cut with an ellipsis where the line is too short (the whole text on hover)
+    head_part = [html.B(F.head_name(*head))] if head is not None else []
     if pos is None:
-        parts.append(html.Span("No image selected: views show all images. Click an image in A.", className="small"))
+        text = [*head_part, (" · " if head_part else "") + "No image selected: views show all images. Click an image in A."]
     else:
         row = index.images.iloc[pos]
-        parts += [html.Img(src=thumb_url(index.name, row.image_id), className="sel-thumb me-2"),
-                  html.Span([html.B(f"image {int(row.image_id)}"), f" · label {index.class_name(row.label)}"
-                             f" · predicted {index.class_name(row.pred)}"
-                             + (f" · P(true label) = {float(row.prob):.3f}" if row.prob == row.prob else "")], className="small")]
-    if head is not None:
-        parts.append(html.Span([" · ", html.B(F.head_name(*head))], className="small"))
+        parts.append(html.Img(src=thumb_url(index.name, row.image_id), className="sel-thumb me-2"))
+        text = [html.B(f"image {int(row.image_id)}"), *([" · ", *head_part] if head_part else []),
+                f" · label {index.class_name(row.label)} · predicted {index.class_name(row.pred)}"
+                + (f" · P(true label) = {float(row.prob):.3f}" if row.prob == row.prob else "")]
+    parts.append(html.Span(text, className="small sel-text",
+                           title="".join(t if isinstance(t, str) else t.children for t in text)))
     members = _set_positions(index, sel)
     if members is not None:
         parts.append(html.Span(f" · set of {len(members)} images (B1 band, C3, D1)", className="small set-badge ms-2"))

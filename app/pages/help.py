@@ -39,6 +39,7 @@ updates all the others; the selection is kept in the page address, so you can sh
 | **D3** Two-axis view | source tokens on top, target tokens below, a segment per attention value above the threshold |
 | **D4** Heatmap | the attention matrix; the CLS row and column are drawn wider |
 | **D5** Histogram | all $N^2$ attention values and the top-$q$ threshold used by D3 and D4 |
+| **D6** Saliency (switch over D3) | which patches matter for the prediction: occlusion, token drop, attention rollout and gradient rollout maps over the image, how much they agree (Spearman), and their deletion curves; computed online while shown, at once for runs built with `--patch-maps` |
 
 Colours: blue = attention that involves the CLS token, orange = patch-to-patch attention, darker =
 stronger. Layers use the cividis scale (dark blue = first layer, yellow = last) in every view.
