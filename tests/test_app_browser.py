@@ -786,6 +786,18 @@ def test_real_layout_fits_1920x1080_and_stacks_at_1280x800_and_screenshots(dash_
         assert dash_duo.driver.save_screenshot(str(out))
         if os.environ.get("HEADSCOPE_SCREENSHOT"):
             shutil.copy(out, ROOT / "assets" / name)
+    # D6 in D3-D5's place keeps the screen: map | agreement side by side, the deletion curves beside
+    dash_duo.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 1920, "height": 1080, "deviceScaleFactor": 1, "mobile": False})
+    dash_duo.driver.execute_script("arguments[0].click();", dash_duo.find_element("#d-panel input[value=saliency]"))
+    for g in ("sal-graph", "sal-agree", "sal-deletion"):
+        wait_js(dash_duo, g, "gd.data.length", lambda n: bool(n), f"{g} drawn", timeout=240)
+    settle(dash_duo)
+    time.sleep(1)
+    doc = dash_duo.driver.execute_script("return document.documentElement.scrollHeight")
+    tops = dash_duo.driver.execute_script(
+        "return ['sal-graph', 'sal-agree'].map(id => Math.round(document.getElementById(id).getBoundingClientRect().top))")
+    assert doc <= 1080 and abs(tops[0] - tops[1]) < 40, (doc, tops)
     no_console_errors(dash_duo)
 
 
