@@ -464,7 +464,9 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     point = "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(70)"  # layer 11 head 3
     initial = js(dash_duo, "b1-graph", "gd._fullLayout.xaxis.range")
 
-    def zoomed_in():
+    def zoomed_in():  # also after a reload of the page (double_click_changes_nothing): once B1 is drawn
+        wait_js(dash_duo, "b1-graph", "window.Plotly && gd._fullLayout && gd.data.length", lambda n: (n or 0) >= 4,
+                "B1 drawn", timeout=180)
         dash_duo.driver.execute_script("const gd = document.querySelector('#b1-graph .js-plotly-plot');"
                                        f"Plotly.relayout(gd, {{'xaxis.range': [{initial[0] + 1}, {initial[1] - 1}]}});")
         wait_js(dash_duo, "b1-graph", "[gd._fullLayout.xaxis.range[0], window.hsDoubleClickMatters(gd)]",
