@@ -289,12 +289,16 @@ def pruning_modes(mode_labels, values, metric_label: str, selected_mode: int = 1
     return {"data": data, "layout": lay}
 
 
+# B3's probabilities in or beside their bars at a readable size (plotly shrinks a text to fit in its bar)
+BAR_TEXT = {"textfont": {"size": 10}, "constraintext": "none"}
+
+
 def top5(class_names, probs, true_label_name: str | None, caption: str) -> dict:
     """B3: the top-5 classes and probabilities (highest on top); the true label in bold."""
     names = [f"<b>{n}</b>" if n == true_label_name else n for n in class_names]
     data = [{"type": "bar", "orientation": "h", "y": names[::-1], "x": [float(p) for p in probs][::-1],
              "marker": {"color": [ACCENT if n == true_label_name else MEAN_BLUE for n in class_names][::-1]},
-             "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto",
+             "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto", **BAR_TEXT,
              "hovertemplate": "%{y}: %{x:.4f}<extra></extra>"}]
     lay = layout(caption, xaxis=axis("probability", range=[0, 1]), yaxis=axis(None, automargin=True),
                  margin={"l": 10, "r": 10, "t": 28, "b": 40})
@@ -313,7 +317,7 @@ def top5_pair(panels, true_label_name: str | None) -> dict:
         data.append({"type": "bar", "orientation": "h", "y": shown[::-1], "x": [float(p) for p in probs][::-1],
                      "xaxis": xa, "yaxis": ya, "name": caption,
                      "marker": {"color": [ACCENT if c == true_label_name else MEAN_BLUE for c in names][::-1]},
-                     "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto",
+                     "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto", **BAR_TEXT,
                      "hovertemplate": "%{y}: %{x:.4f}<extra></extra>"})
         lo, hi = i / n + 0.02, (i + 1) / n - 0.02
         lay["xaxis" if i == 0 else f"xaxis{i + 1}"] = axis(None, range=[0, 1], domain=[lo + 0.12, hi], anchor=ya)
@@ -392,7 +396,7 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
                               + " %{y:.4g}<extra></extra>"}]
     if selected is not None:
         i = selected[0] * H + selected[1]
-        data.append(selected_ring(float(x[i]), float(ent[i])))
+        data.append({**selected_ring(float(x[i]), float(ent[i])), "cliponaxis": False})  # whole at y = 1
     y_axis = axis(y_title, range=_padded(y_range)) if y_range else axis(y_title)
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),
                  yaxis=y_axis,
