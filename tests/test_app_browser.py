@@ -444,6 +444,17 @@ def api_attention(dash_duo, run, image, layer, head):
     return np.asarray(r.json()["attention"], dtype=np.float32)
 
 
+def record_warm_asks(dash_duo):
+    """From now on, record the page's requests (warm_asks reads the /api/warm ones)."""
+    dash_duo.driver.execute_script("window.hsAsked = []; const f = window.fetch; window.fetch = function(u, ...a) {"
+                                   " window.hsAsked.push(String(u)); return f.call(this, u, ...a); };")
+
+
+def warm_asks(dash_duo) -> list[str]:
+    """The /api/warm URLs the page asked since record_warm_asks."""
+    return [u for u in dash_duo.driver.execute_script("return window.hsAsked") if "api/warm" in u]
+
+
 def settle(dash_duo, timeout=TIMEOUT):
     until(dash_duo._wait_for_callbacks, timeout=timeout, poll=0.1)
     time.sleep(0.2)
@@ -477,12 +488,11 @@ def test_real_d3_d4_d2_compare_heads_on_one_scale_and_always_draw_cls(dash_duo, 
     # not zoomed, a double-click changes no view: it is taken at once, as a click on the head, whose
     # mousedown asks the server to compute the head's online results (/api/warm).
     # Another head of the same layer and image: the same colour scale (D3's bars, D4's zmax, D2's bar)
-    dash_duo.driver.execute_script("window.hsAsked = []; const f = window.fetch; window.fetch = function(u, ...a) {"
-                                   " window.hsAsked.push(String(u)); return f.call(this, u, ...a); };")
+    record_warm_asks(dash_duo)
     ActionChains(dash_duo.driver).move_to_element(into_view(dash_duo, dash_duo.find_element(point))) \
         .pause(0.3).double_click().perform()
     until(lambda: query(dash_duo).get("head") == "3", timeout=TIMEOUT, msg="head 3 selected")
-    warm = [u for u in dash_duo.driver.execute_script("return window.hsAsked") if "api/warm" in u]
+    warm = warm_asks(dash_duo)
     assert warm and all(f"run={run}&image=3&layer=11&head=3" in u for u in warm), warm
     settle(dash_duo)
     wait_js(dash_duo, "d4-graph", "gd.data.map(t => t.zmax)", lambda z: z == top, "same scale for head 3")
@@ -616,13 +626,12 @@ def test_real_a_colours_and_a_box_selected_set_drives_b1_c3_d1(dash_duo, real_ap
     assert js(dash_duo, "a-graph", "gd._fullLayout.showlegend") is False  # the legend is HTML, it cannot squeeze
     # a click on an image: its mousedown asks the server for the head's online results on that image
     settle(dash_duo)
-    dash_duo.driver.execute_script("window.hsAsked = []; const f = window.fetch; window.fetch = function(u, ...a) {"
-                                   " window.hsAsked.push(String(u)); return f.call(this, u, ...a); };")
+    record_warm_asks(dash_duo)
     points = dash_duo.find_elements("#a-graph .scatterlayer .trace .point")
     ActionChains(dash_duo.driver).move_to_element(points[len(points) // 2]).pause(0.3).click().perform()
     until(lambda: query(dash_duo).get("image") != "3", timeout=TIMEOUT, msg="another image selected")
     image = query(dash_duo)["image"]
-    warm = [u for u in dash_duo.driver.execute_script("return window.hsAsked") if "api/warm" in u]
+    warm = warm_asks(dash_duo)
     assert warm and all(f"run={run}&image={image}&layer=2&head=1" in u for u in warm), warm
     # colour by correct / wrong, by P(true label), by the head's metric
     from selenium.webdriver.support.ui import Select
