@@ -3,7 +3,8 @@
 One shell around the pages (app/pages/*.py): a navbar, the shared selection store ``sel``
 (the view state: STATE_KEYS) and its mirror in the URL query string, so any view can be shared
 as a link (``/?run=default&image=12&layer=0&head=4&metric=jsd&thr=a0.05``). Every change of the
-state is pushed to the browser history (dcc.Location refresh=False), so Back/Forward step through it.
+state is pushed to the browser history (assets/url.js), so Back/Forward step through it; within a
+page they change the state only (the page is not rendered anew).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@
 
 Starts the app of this checkout (and, with --baseline-root, the same app from another checkout,
 e.g. the code before a change) on the run, drives it with selenium like a user (clicks, a key on
-the threshold slider, a toggle, a hover) and times each interaction in the page: from the time stamp
-of the user's DOM event (mousedown, keydown or mousemove; not the webdriver's round trips before it)
+the threshold slider, a toggle, a hover, Back) and times each interaction in the page: from the time stamp
+of the user's DOM event (mousedown, keydown, mousemove or popstate; not the webdriver's round trips before it)
 to the first animation frame after Dash has no callback pending, no request in flight and plotly
 no figure left to draw (checked for 5 frames in a row). The two apps take turns, one repetition
 each. Prints p50 / p95 over the repetitions per interaction, and the ratio to the baseline when one
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # In the page: count requests in flight and plotly draws under way (Plotly.react / newPlot until
 # their promise settles: dcc.Graph draws a new figure after Dash has applied it, so a Dash with no
 # callback pending can still be drawing for hundreds of ms); t0 = the time stamp of the user's event
-# (the first mousedown / keydown / mousemove after INSTALL, as the interaction says: the webdriver's
-# own round trips before the event are not the app's latency); resolve once nothing is pending for
+# (the first mousedown / keydown / mousemove / popstate after INSTALL, as the interaction says: the webdriver's
+# own round trips before the event are not the app's latency; popstate for Back); resolve once nothing is pending for
 # 5 frames, with the first of those frames as the end.
 INSTALL = """
 if (!window.__hsBench) {
@@ -60,8 +60,8 @@ window.__hsBench.t0 = performance.now();  // until the event arrives
 window.__hsBench.seen = false;
 if (!window.__hsBench.listening) {
   window.__hsBench.listening = true;
-  for (const type of ['mousedown', 'keydown', 'mousemove']) {
-    document.addEventListener(type, (e) => {
+  for (const type of ['mousedown', 'keydown', 'mousemove', 'popstate']) {
+    window.addEventListener(type, (e) => {
       const B = window.__hsBench;
       if (!B.seen && type === B.event) { B.t0 = e.timeStamp; B.seen = true; }
     }, true);
@@ -130,7 +130,7 @@ def browser(width: int, height: int):
 
 
 def timed(driver, action, event: str = "mousedown") -> float:
-    """ms from the user's ``event`` (mousedown, keydown, mousemove) to the last repaint (see WAIT)."""
+    """ms from the user's ``event`` (mousedown, keydown, mousemove, popstate) to the last repaint (see WAIT)."""
     driver.execute_script(INSTALL + f"window.__hsBench.event = {event!r};")
     action()
     return float(driver.execute_async_script(WAIT))
@@ -146,7 +146,8 @@ class NotOnThisRun(LookupError):
 
 
 def interactions(driver, rng: random.Random):
-    """name -> (a function doing one user action that changes the state, the DOM event it starts with)."""
+    """name -> (a function doing one user action that changes the state, the DOM event it starts with,
+    an untimed action before it or None)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
@@ -180,14 +181,16 @@ def interactions(driver, rng: random.Random):
         state["hover"] = (state["hover"] + 7) % max(len(toks) - 1, 1) + 1
         ActionChains(driver).move_to_element(toks[state["hover"]]).pause(0.05).perform()
 
+    b1_head = click_one("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")
     return {
-        "click an image in A": (click_one("#a-graph .scatterlayer .trace .point"), "mousedown"),
-        "click a head in B1": (click_one("#b1-graph .scatterlayer .trace:nth-of-type(4) .point"), "mousedown"),
-        "click a head in C1": (click_one("#c1-graph .scatterlayer .trace:nth-of-type(1) .point"), "mousedown"),
-        "click a bar in B2": (click_one("#b2-graph .barlayer .point"), "mousedown"),
-        "change the threshold": (threshold, "keydown"),
-        "toggle D1": (toggle_d1, "mousedown"),
-        "hover a D3 token": (hover_token, "mousemove"),
+        "click an image in A": (click_one("#a-graph .scatterlayer .trace .point"), "mousedown", None),
+        "click a head in B1": (b1_head, "mousedown", None),
+        "click a head in C1": (click_one("#c1-graph .scatterlayer .trace:nth-of-type(1) .point"), "mousedown", None),
+        "click a bar in B2": (click_one("#b2-graph .barlayer .point"), "mousedown", None),
+        "change the threshold": (threshold, "keydown", None),
+        "toggle D1": (toggle_d1, "mousedown", None),
+        "hover a D3 token": (hover_token, "mousemove", None),
+        "Back after a head in B1": (driver.back, "popstate", b1_head),
     }
 
 
@@ -215,7 +218,10 @@ class Session:
         settle(self.driver)
 
     def time(self, name: str) -> float | None:
-        act, event = self.acts[name]
+        act, event, before = self.acts[name]
+        if before:
+            before()
+            settle(self.driver)
         try:
             return timed(self.driver, act, event)
         except NotOnThisRun:

@@ -701,14 +701,26 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     assert js(dash_duo, "d1-graph", "gd.data[0].type") == "histogram2dcontour"
     wait_js(dash_duo, "b2-graph", "gd.data[0].marker.color[3]", lambda c: c == "#D55E00", "mode 3 chosen for B3")
     assert "JSD" in js(dash_duo, "b1-graph", "gd.layout.yaxis.title.text")
-    # three selections, then Back twice and Forward once
+    # a head from C1, Back to the URL the page was loaded with, Forward
     click(dash_duo, "#c1-graph .scatterlayer .trace .point:nth-of-type(8)")  # layer 1 head 1
     until(lambda: query(dash_duo).get("layer") == "1", timeout=TIMEOUT, msg="head from C1")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
     settle(dash_duo)
+    dash_duo.driver.back()
+    until(lambda: query(dash_duo) == full, timeout=TIMEOUT, msg="Back to the URL loaded")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 4 head 2", timeout=TIMEOUT)
+    settle(dash_duo)
+    dash_duo.driver.forward()
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    settle(dash_duo)
+    # then the D1 toggle, Back twice and Forward once
     click(dash_duo, "#d1-kind input[value=cls]")
     until(lambda: "d1" not in query(dash_duo), timeout=TIMEOUT, msg="d1 toggle in the URL")
     settle(dash_duo)
     before_back = (query(dash_duo), dash_duo.driver.execute_script("return window.history.length"))
+    # Back within the page steps the state only: dash's page router (listening to the URL's search)
+    # must not render the page anew, which raced the controls' sync and left D1's toggle behind
+    dash_duo.driver.execute_script("document.getElementById('explorer-root').hsMark = 1;")
     dash_duo.driver.back()
     try:
         until(lambda: query(dash_duo).get("d1") == "patch" and query(dash_duo).get("layer") == "1", timeout=TIMEOUT,
@@ -717,6 +729,9 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
         raise AssertionError(f"{err}: before Back {before_back}, after {query(dash_duo)}") from err
     until(lambda: dash_duo.find_element("#d1-kind input[value=patch]").is_selected(), timeout=TIMEOUT, msg="control follows")
     dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    settle(dash_duo)
+    assert dash_duo.driver.execute_script("return document.getElementById('explorer-root').hsMark") == 1, \
+        "Back rendered the page anew"
     dash_duo.driver.back()
     until(lambda: query(dash_duo) == full, timeout=TIMEOUT, msg="Back again: the first state")
     dash_duo.wait_for_contains_text("#sel-summary", "layer 4 head 2", timeout=TIMEOUT)
@@ -724,6 +739,18 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     until(lambda: query(dash_duo).get("layer") == "1" and query(dash_duo).get("d1") == "patch", timeout=TIMEOUT,
           msg="Forward")
     dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    until(lambda: dash_duo.find_element("#d1-kind input[value=patch]").is_selected(), timeout=TIMEOUT,
+          msg="control follows Forward")
+    # to another page and Back: the Explorer is rendered again, in the state it had
+    click(dash_duo, "#nav-heads")
+    dash_duo.wait_for_element("#heads-map", timeout=TIMEOUT)
+    assert query(dash_duo) == {**full, "layer": "1", "head": "1"}
+    dash_duo.driver.back()
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 1 head 1", timeout=TIMEOUT)
+    until(lambda: dash_duo.find_element("#d1-kind input[value=patch]").is_selected(), timeout=TIMEOUT,
+          msg="control follows Back from another page")
+    settle(dash_duo)
+    assert query(dash_duo) == {**full, "layer": "1", "head": "1"}
     no_console_errors(dash_duo)
 
 
