@@ -661,7 +661,7 @@ def attention_heatmap(A: np.ndarray, T: int, threshold: float, vmax: float | Non
     patch_part[:T, :] = np.nan
     patch_part[:, :T] = np.nan
     data = []
-    for name, zz, scale, x_bar in (("CLS-related", cls_part, BLUES, 1.02), ("patch→patch", patch_part, ORANGES, 1.13)):
+    for name, zz, scale, x_bar in (("CLS-related", cls_part, BLUES, 1.0), ("patch→patch", patch_part, ORANGES, 1.24)):
         cs = threshold_colorscale(scale, threshold, vmax) if scale is ORANGES else _scale_stops(scale)
         data.append({"type": "heatmap", "x": typed(edges), "y": typed(edges), "z": typed(zz), "name": name,
                      "colorscale": cs, "zmin": 0, "zmax": vmax, "hoverongaps": False,
@@ -675,9 +675,10 @@ def attention_heatmap(A: np.ndarray, T: int, threshold: float, vmax: float | Non
     tick_tokens = [0] + list(range(T + step, N, step))
     ticks = dict(tickvals=[float(centres[t]) for t in tick_tokens], tickangle=0,
                  ticktext=["CLS" if t == 0 else str(t) for t in tick_tokens], showgrid=False, tickfont={"size": 9})
-    lay = layout(None, xaxis=axis("target token", range=[0, edges[-1]], **ticks, side="top"),
+    lay = layout(None, xaxis=axis("target token", range=[0, edges[-1]], **ticks, side="top", constrain="domain",
+                                 constraintoward="left"),
                  yaxis=axis("source token", range=[edges[-1], 0], **ticks, scaleanchor="x"),
-                 margin={"l": 50, "r": 70, "t": 40, "b": 6})
+                 margin={"l": 50, "r": 100, "t": 40, "b": 6})
     return {"data": data, "layout": lay}
 
 

@@ -176,9 +176,9 @@ def layout(**query):
                     graph("d3-graph", HEIGHT["d3"], clear_on_unhover=False),
                     dbc.Row([
                         dbc.Col([html.Div("D4 · attention (row source, column target)", className="sub-title"),
-                                 graph("d4-graph", HEIGHT["d4"])], width=6),
+                                 graph("d4-graph", HEIGHT["d4"])], className="d4-col"),
                         dbc.Col([html.Div("D5 · attention values · drag the line or click a bar", className="sub-title"),
-                                 graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], width=6),
+                                 graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], className="d5-col"),
                     ], className="g-1"),
                 ]), id="d-pattern"),
                 html.Div(saliency.panel(), id="d-saliency", style={"display": "none"}),
