@@ -5,12 +5,12 @@
 
 Starts the app of this checkout (and, with --baseline-root, the same app from another checkout,
 e.g. the code before a change) on the run, drives it with selenium like a user (clicks, a key on
-the threshold slider, a toggle, a hover, Back) and times each interaction in the page: from the time stamp
-of the user's DOM event (mousedown, keydown, mousemove or popstate; not the webdriver's round trips before it)
-to the first animation frame after Dash has no callback pending, no request in flight and plotly
-no figure left to draw (checked for 5 frames in a row). The two apps take turns, one repetition
-each. Prints p50 / p95 over the repetitions per interaction, and the ratio to the baseline when one
-is given. A benchmark, not a test: it asserts nothing.
+the threshold slider, a toggle, a hover, Back) and times each interaction in the page: from the
+time stamp of the user's DOM event (mousedown, keydown, mousemove or popstate; not the webdriver's
+round trips before it) to the first animation frame after Dash has no callback pending, no request
+in flight and plotly no figure left to draw (checked for 5 frames in a row). The two apps take
+turns, one repetition each. Prints p50 / p95 over the repetitions per interaction, and the ratio to
+the baseline when one is given. A benchmark, not a test: it asserts nothing.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # In the page: count requests in flight and plotly draws under way (Plotly.react / newPlot until
 # their promise settles: dcc.Graph draws a new figure after Dash has applied it, so a Dash with no
 # callback pending can still be drawing for hundreds of ms); t0 = the time stamp of the user's event
-# (the first mousedown / keydown / mousemove / popstate after INSTALL, as the interaction says: the webdriver's
-# own round trips before the event are not the app's latency; popstate for Back); resolve once nothing is pending for
-# 5 frames, with the first of those frames as the end.
+# (the first mousedown / keydown / mousemove / popstate after INSTALL, as the interaction says: the
+# webdriver's own round trips before the event are not the app's latency); resolve once nothing is
+# pending for 5 frames, with the first of those frames as the end.
 INSTALL = """
 if (!window.__hsBench) {
   window.__hsBench = {inflight: 0, drawing: 0};
@@ -130,7 +130,7 @@ def browser(width: int, height: int):
 
 
 def timed(driver, action, event: str = "mousedown") -> float:
-    """ms from the user's ``event`` (mousedown, keydown, mousemove, popstate) to the last repaint (see WAIT)."""
+    """ms from the user's ``event`` (mousedown, keydown, mousemove, popstate) to the last repaint (WAIT)."""
     driver.execute_script(INSTALL + f"window.__hsBench.event = {event!r};")
     action()
     return float(driver.execute_async_script(WAIT))

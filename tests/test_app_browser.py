@@ -610,6 +610,10 @@ def test_real_a_view_being_recomputed_is_dimmed_with_a_spinner(dash_duo, real_ap
     assert look("b3-graph", 0)[:2] == ["1", "none"]  # the other view of B as it was
     dash_duo.driver.execute_script(unmark, "b2-graph")
     assert look("b2-graph", 0)[:2] == ["1", "none"]
+    # "false" is not loading (dcc.Tooltip writes it when idle)
+    dash_duo.driver.execute_script(mark.replace("'true'", "'false'"), "b2-graph")
+    assert look("b2-graph")[:2] == ["1", "none"]
+    dash_duo.driver.execute_script(unmark, "b2-graph")
     dash_duo.driver.execute_script(mark, "sal-graph")  # D6 (hidden behind its switch): its note, no spinner
     _, content, _, note = look("sal-graph")
     assert (content, note) == ("none", "flex")
