@@ -661,6 +661,7 @@ def attention_heatmap(A: np.ndarray, T: int, threshold: float, vmax: float | Non
     patch_part[:T, :] = np.nan
     patch_part[:, :T] = np.nan
     data = []
+    # colour bars side by side right of the square, spaced for the Explorer's 350 px D4 column (headscope.css)
     for name, zz, scale, x_bar in (("CLS-related", cls_part, BLUES, 1.0), ("patch→patch", patch_part, ORANGES, 1.24)):
         cs = threshold_colorscale(scale, threshold, vmax) if scale is ORANGES else _scale_stops(scale)
         data.append({"type": "heatmap", "x": typed(edges), "y": typed(edges), "z": typed(zz), "name": name,

@@ -219,20 +219,19 @@ class Session:
 
     def time(self, name: str) -> float | None:
         act, event, before = self.acts[name]
-        if before:
-            before()
-            settle(self.driver)
-        try:
-            return timed(self.driver, act, event)
-        except NotOnThisRun:
-            raise
-        except Exception as err:  # a stale element after a redraw: retry once
-            time.sleep(0.3)
+        for attempt in range(2):  # a stale element after a redraw: retry once, from its untimed action
+            if before:
+                before()
+                settle(self.driver)
             try:
                 return timed(self.driver, act, event)
-            except Exception:
-                print(f"  {name}: {type(err).__name__}", file=sys.stderr)
-                return None
+            except NotOnThisRun:
+                raise
+            except Exception as err:
+                if attempt:
+                    print(f"  {name}: {type(err).__name__}", file=sys.stderr)
+                    return None
+                time.sleep(0.3)
 
     def close(self) -> None:
         self.driver.quit()
