@@ -312,6 +312,8 @@ def build(args: argparse.Namespace) -> int:
         print(f"HeadScope: {what} run {config.out} (model {config.model}, images {config.dataset}, "
               f"device {config.device}, batch {config.batch_size})", flush=True)
         ctx = B.prepare(config)
+        for line in ctx.image_set.label_mapping_lines():
+            print(line, flush=True)
         if ctx.manifest.get("status") == "complete" and not args.merge:
             print(f"Run {config.out} is already complete ({ctx.manifest['dataset'].get('n_analysed')} images); "
                   f"nothing to do. Delete it or choose another --out to rebuild; --merge redoes the layouts.")

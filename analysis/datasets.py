@@ -72,6 +72,8 @@ class ImageSet:
     class_names: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     kind: str = ""
+    # how class folders became classes when it was not by name: {"rule": text, "folders": {folder: index}}
+    label_mapping: dict | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,6 +84,21 @@ class ImageSet:
     @property
     def labels(self) -> list[int]:
         return [it.label for it in self.items]
+
+    def label_mapping_lines(self, shown: int = 20) -> list[str]:
+        """What to tell the user when class folders became classes by a rule rather than by name:
+        the rule, ``folder -> index (name)`` for the first ``shown`` folders, and how to change it."""
+        if not self.label_mapping:
+            return []
+        pairs = list(self.label_mapping["folders"].items())
+        names = self.class_names or []
+        rows = [f"  {folder} -> class {i}" + (f" ({names[i]})" if i < len(names) and names[i] != folder else "")
+                for folder, i in pairs[:shown]]
+        more = [f"  ... and {len(pairs) - shown} more (all in the run's manifest.json, dataset.label_mapping)"] \
+            if len(pairs) > shown else []
+        return [f"Class folders were mapped to classes by {self.label_mapping['rule']}, not by name:", *rows, *more,
+                "To map them otherwise, pass --labels MAP.json ({\"folder\": class index or name}) or a CSV "
+                "folder,label."]
 
     @property
     def fingerprint(self) -> str:
@@ -425,8 +442,10 @@ def _read_label_map(path: Path) -> dict[str, str]:
 
 
 def folder_labels(folders: list[str], class_names: list[str] | None,
-                  labels: str | None = None) -> tuple[list[int], list[str]]:
-    """Class folder names -> (label per folder, class names of the set).
+                  labels: str | None = None) -> tuple[list[int], list[str], str | None]:
+    """Class folder names -> (label per folder, class names of the set, the rule used when it is not
+    by name: "sorted order (--labels sorted)", "the mapping file PATH", "sorted order (the model has
+    no class names)"; None when folders matched class names or ImageNet synsets).
 
     labels None: ImageNet synset folders (n01440764, ...) map to ImageNet; otherwise each folder must
     match one of the model's class names (case- and punctuation-insensitive, or one synonym of an
@@ -438,7 +457,8 @@ def folder_labels(folders: list[str], class_names: list[str] | None,
         if class_names and len(folders) > len(class_names):
             raise LabelError(f"--labels sorted maps {len(folders)} class folders onto a model with only "
                              f"{len(class_names)} classes. Remove folders or give a mapping file.")
-        return list(range(len(folders))), list(class_names) if class_names else [printable(f) for f in folders]
+        return (list(range(len(folders))), list(class_names) if class_names else [printable(f) for f in folders],
+                "sorted order (--labels sorted)")
     if labels is not None:
         mapping = _read_label_map(Path(labels))
         lookup = _class_lookup(class_names) if class_names else {}
@@ -458,19 +478,19 @@ def folder_labels(folders: list[str], class_names: list[str] | None,
         if not class_names:
             for f, i in zip(folders, out):
                 names[i] = printable(f)
-        return out, names
+        return out, names, f"the mapping file {printable(str(labels))} (--labels)"
     synsets, descriptions = imagenet_names()
     synset_index = {s: i for i, s in enumerate(synsets)}
     if folders and all(_SYNSET.match(f) and f in synset_index for f in folders):
-        return [synset_index[f] for f in folders], descriptions
+        return [synset_index[f] for f in folders], descriptions, None
     if not class_names:
-        return list(range(len(folders))), [printable(f) for f in folders]
+        return list(range(len(folders))), [printable(f) for f in folders], "sorted order (the model has no class names)"
     lookup = _class_lookup(class_names)
     if len(class_names) == len(synsets):  # an ImageNet head: synset folders too
         lookup.update({s: i for s, i in synset_index.items()})
     matched = [lookup.get(_norm(f)) for f in folders]
     if all(m is not None for m in matched):
-        return matched, list(class_names)
+        return matched, list(class_names), None
     missing = [f for f, m in zip(folders, matched) if m is None]
     rows = "\n".join(f"  {printable(f)}/ -> closest: {'; '.join(_closest(f, class_names)) or 'none'}"
                      for f in missing[:20])
@@ -492,7 +512,7 @@ def _folder_set(root: Path, limit: int | None, seed: int, class_names: list[str]
     if not root.is_dir():
         raise InputError(f"Image folder {printable(str(root))} does not exist. Check the path.")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    labels, names = folder_labels(folders, class_names, labels)
+    labels, names, rule = folder_labels(folders, class_names, labels)
     items, skipped = [], []
 
     def add(path: Path, label: int, label_name: str) -> None:
@@ -518,7 +538,8 @@ def _folder_set(root: Path, limit: int | None, seed: int, class_names: list[str]
         raise InputError(f"No image files found in {printable(str(root))}. Put images in class sub-folders "
                          f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))}).{listed}")
     items, bad = _take_readable(items, limit, seed)
-    return ImageSet(printable(root.name), items, names or None, skipped + bad, kind="folder")
+    mapping = None if rule is None else {"rule": rule, "folders": {printable(f): i for f, i in zip(folders, labels)}}
+    return ImageSet(printable(root.name), items, names or None, skipped + bad, kind="folder", label_mapping=mapping)
 
 
 def _broken_link(path: Path) -> str:

@@ -347,6 +347,8 @@ def _notebook_folder(out) -> Path:
     if out is None:
         return Path(tempfile.mkdtemp(prefix="headscope-")) / "notebook"
     out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} is a file; give a new or empty folder for the run.")
     if problem := run_name_problem(out.name):
         raise InputError(f"{problem} (the run folder's name is the run's name in the dashboard)")
     if out.is_dir() and any(out.iterdir()):
@@ -362,17 +364,44 @@ def _notebook_folder(out) -> Path:
 
 
 def _labels(vit, labels, n: int) -> np.ndarray:
-    """[n] int64 class indices, -1 = unknown; LabelError outside the model's classes."""
+    """[n] int64 class indices, -1 = unknown. Class names are taken by the model's class names;
+    InputError for anything else that is not a whole number (floats such as 0.5, booleans, NaN),
+    LabelError outside the model's classes."""
     if labels is None:
         return np.full(n, -1, np.int64)
-    out = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, np.int64).reshape(-1)
-    if len(out) != n:
-        raise InputError(f"Got {len(out)} labels for {n} images.")
+    given = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).reshape(-1)
+    if len(given) != n:
+        raise InputError(f"labels: got {len(given)} labels for {n} images; pass one class index per image "
+                         "(-1 = unknown) or None.")
+    if given.dtype.kind in "USO":
+        return _labels_by_name(vit, given)
+    if given.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(given) | (given != np.round(given)))
+        if len(bad):
+            raise InputError(f"labels must be whole class indices (-1 = unknown); rows {bad[:10].tolist()} hold "
+                             f"{given[bad[:10]].tolist()}. Pass integers, e.g. labels.astype(int) if they are whole.")
+    elif given.dtype.kind not in "iu":
+        raise InputError(f"labels must be class indices (integers, -1 = unknown) or class names, not "
+                         f"{given.dtype} values such as {given[:3].tolist()}.")
+    out = given.astype(np.int64)
     bad = np.flatnonzero((out < -1) | ((out >= vit.num_classes) if vit.has_head else False))
     if len(bad):
         raise LabelError(f"Labels outside the model's {vit.num_classes} classes (-1 = unknown) at rows "
                          f"{bad[:10].tolist()}: {out[bad[:10]].tolist()}.")
     return out
+
+
+def _labels_by_name(vit, names: np.ndarray) -> np.ndarray:
+    """Class names -> their indices in ``vit.class_names``; InputError naming the names it lacks."""
+    classes = list(vit.class_names or [])
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({str(v) for v in names if str(v) not in index})
+    if not classes or unknown:
+        have = f"its class names are {', '.join(map(repr, classes[:8]))}{', ...' if len(classes) > 8 else ''}" \
+            if classes else "it has no class names"
+        raise InputError(f"labels: {', '.join(map(repr, unknown[:5])) or 'names'} are not class names of the model "
+                         f"({have}). Pass class indices (integers, -1 = unknown), or names from vit.class_names.")
+    return np.array([index[str(v)] for v in names], np.int64)
 
 
 def _overview(vit, labels: np.ndarray, arrays: dict) -> tuple[str | None, np.ndarray]:

@@ -285,3 +285,16 @@ def test_default_run_builds_on_the_real_model(tmp_path):
     for m in ("prob", "jsd", "cls_dist", "patch_dist", "emb_dist"):
         np.testing.assert_allclose(got[m].to_numpy(np.float64), ref[m].to_numpy(), rtol=1e-4, atol=1e-6, err_msg=m)
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_class_mapping_by_sorted_order_is_printed_and_stored(full_run, tiny, capsys):
+    """A model without class names maps the folders a, b, c in sorted order: the run's manifest
+    keeps that mapping and the build says so, with how to change it."""
+    from analysis.cli import build_main as main
+
+    assert full_run.manifest["dataset"]["label_mapping"] == {
+        "rule": "sorted order (the model has no class names)", "folders": {"a": 0, "b": 1, "c": 2}}
+    assert main(["--out", str(full_run.path), "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "mapped to classes by sorted order (the model has no class names), not by name" in out
+    assert "  a -> class 0\n  b -> class 1\n  c -> class 2\n" in out and "--labels MAP.json" in out

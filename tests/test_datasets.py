@@ -172,3 +172,17 @@ def test_unknown_name_is_a_clear_error(tmp_path):
         load_image_set("imagenet-full")
     with pytest.raises(InputError, match="No image files"):
         load_image_set(tmp_path)
+
+
+def test_class_mapping_is_recorded_only_when_not_by_name(tmp_path):
+    _png(tmp_path / "shop" / "Trouser" / "x.png")
+    _png(tmp_path / "shop" / "t-shirt_top" / "y.png")
+    assert load_image_set(tmp_path / "shop", class_names=FASHION_MNIST_CLASSES).label_mapping is None
+    by_order = load_image_set(tmp_path / "shop", class_names=FASHION_MNIST_CLASSES, labels="sorted")
+    assert by_order.label_mapping == {"rule": "sorted order (--labels sorted)", "folders": {"Trouser": 0, "t-shirt_top": 1}}
+    lines = by_order.label_mapping_lines()
+    assert lines[1:3] == ["  Trouser -> class 0 (T-shirt/top)", "  t-shirt_top -> class 1 (Trouser)"]
+    (tmp_path / "map.json").write_text('{"Trouser": "Trouser", "t-shirt_top": 0}')
+    mapped = load_image_set(tmp_path / "shop", class_names=FASHION_MNIST_CLASSES, labels=str(tmp_path / "map.json"))
+    assert mapped.label_mapping["folders"] == {"Trouser": 1, "t-shirt_top": 0}
+    assert "the mapping file" in mapped.label_mapping["rule"]

@@ -205,11 +205,30 @@ def test_bad_results_and_folders_are_refused(result, tmp_path):
         save_result(df, vit, x[:3], out=tmp_path / "c")
     with pytest.raises(LabelError, match="outside the model's 3 classes"):
         save_result(df, vit, x, labels=[0, 1, 2, 3, 0, 1], out=tmp_path / "d")
+    with pytest.raises(InputError, match=r"labels: '0', '1', 'cat' are not class names of the model \(it has no class"):
+        save_result(df, vit, x, labels=["cat", "cat", "0", "0", "1", "1"], out=tmp_path / "e")
+    with pytest.raises(InputError, match=r"whole class indices .* rows \[1\] hold \[0\.5\]"):
+        save_result(df, vit, x, labels=[0.0, 0.5, 1.0, 1.0, 2.0, 2.0], out=tmp_path / "f")
+    with pytest.raises(InputError, match="got 2 labels for 6 images"):
+        save_result(df, vit, x, labels=[0, 1], out=tmp_path / "g")
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(InputError, match="a-file is a file; give a new or empty folder"):
+        save_result(df, vit, x, out=tmp_path / "a-file")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(InputError, match="holds no notebook result"):
         save_result(df, vit, x, out=tmp_path / "mine")
     assert not (tmp_path / "a").exists() and (tmp_path / "mine" / "notes.txt").read_text() == "not a run"
+    vit.class_names = ["cat", "dog", "fox"]
+    try:
+        with pytest.raises(InputError, match=r"'cow' are not class names of the model \(its class names are 'cat'"):
+            save_result(df, vit, x, labels=["cat", "cow", "cat", "dog", "fox", "fox"], out=tmp_path / "e")
+        named = save_result(df, vit, x, labels=["cat", "dog", "fox"] * 2, out=tmp_path / "named")
+    finally:
+        vit.class_names = None
+    assert named.images.label.tolist() == [0, 1, 2, 0, 1, 2]  # class names are taken by the model's names
+    whole = save_result(df, vit, x, labels=np.array([0.0, 0, 1, 1, 2, 2]), out=tmp_path / "whole")
+    assert whole.images.label.tolist() == [0, 0, 1, 1, 2, 2]  # whole floats are class indices
     again = save_result(df, vit, x, out=result["run"].path.parent / "again")  # an earlier notebook run is replaced
     assert save_result(df[df.layer < 12], vit, x, out=again.path).metrics == again.metrics
 

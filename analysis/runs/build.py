@@ -260,7 +260,8 @@ def new_manifest(config: BuildConfig, vit, image_set) -> dict:
         "model": model_facts(config, vit),
         "dataset": {"name": image_set.name, "kind": image_set.kind, "source": config.dataset,
                     "fingerprint": image_set.fingerprint, "n_images": len(image_set.items),
-                    "class_names": image_set.class_names},
+                    "class_names": image_set.class_names,
+                    **({"label_mapping": image_set.label_mapping} if image_set.label_mapping else {})},
         "params": config.params(), "build_config": config.to_dict(), "versions": library_versions(),
     }
 
