@@ -5,7 +5,8 @@ Public API (see README):
     partial_pruning, analyse_batch, MODES; head sets: set_pruning, set_metrics, pair_interactions,
     pruning_curve(s), exact_order, taylor_order, random_order, curve_area, heads_before_drop;
     pattern labels: pattern_scores; patch attribution: patch_maps, head_saliency_alignment,
-    map_agreement, deletion_curves; notebook: save_result (an in-memory result as a run), explorer
+    map_agreement, deletion_curves; notebook: save_result (an in-memory result as a run), explorer;
+    how heads work together: direct_effects, head_paths, sink_metrics, token_norms
 
 The names are imported on first use (PEP 562), so that `import analysis.cli` (the `headscope`
 command's --help) or `analysis.errors` do not load torch.
@@ -31,6 +32,8 @@ _EXPORTS = {
     **{name: "analysis.metrics.patch_maps" for name in ("patch_maps", "head_saliency_alignment", "map_agreement",
                                                         "deletion_curves", "MAPS")},
     "save_result": "analysis.notebook", "explorer": "analysis.notebook",
+    "direct_effects": "analysis.metrics.direct", "head_paths": "analysis.metrics.paths",
+    "sink_metrics": "analysis.metrics.sinks", "token_norms": "analysis.metrics.sinks",
 }
 __all__ = list(_EXPORTS)
 

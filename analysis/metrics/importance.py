@@ -39,10 +39,11 @@ SEQUENCE_TOKENS = 1600
 @dataclass
 class Baseline:
     """The unpruned pass of a batch. xs: block inputs, L x [B, N, C]; pooled [B, D];
-    logp: log-probabilities [B, C] float64 (None for a backbone)."""
+    logp: log-probabilities [B, C] float64 (None for a backbone); logits [B, C] float32 (None for a backbone)."""
     xs: list[Tensor]
     pooled: Tensor
     logp: Tensor | None
+    logits: Tensor | None = None
 
 
 def run_baseline(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor], None] | None = None) -> Baseline:
@@ -55,7 +56,7 @@ def run_baseline(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor],
         x = vit.block(layer, x, hook)
     pooled, logits = vit.outputs(x)
     logp = None if logits is None else torch.log_softmax(logits.double(), dim=-1)
-    return Baseline(xs, pooled, logp)
+    return Baseline(xs, pooled, logp, logits)
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -81,7 +82,8 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
 
     means: [H, N, d] per-head outputs that replace head h's output at every token (mean
     ablation, SPEC "Mean ablation"); the variants' masks are then unused (pass None).
-    Returns {metric: [V, B] float64} plus "logp" [V, B, C] (classifier models).
+    Returns {metric: [V, B] float64} plus "logp" [V, B, C] (classifier models) and, with labels,
+    "logit" [V, B] float64: the label's logit of each variant (logit_drop, analysis.metrics.direct).
     """
     T = vit.num_prefix_tokens
     x = base.xs[layer]
@@ -118,6 +120,7 @@ def layer_variants(vit: ViT, base: Baseline, layer: int, variants: Sequence[tupl
                 q_true = logq.gather(2, labels[None, :, None].expand(V, B, 1)).exp()[..., 0]
                 res["prob"] = q_true
                 res["prob_drop"] = p_true[None] - q_true
+                res["logit"] = logits.double().reshape(V, B, -1).gather(2, labels[None, :, None].expand(V, B, 1))[..., 0]
             res["jsd"] = jensen_shannon_bits(base.logp[None], logq)
         for k, t in res.items():
             out.setdefault(k, []).append(t)

@@ -110,6 +110,30 @@ class ViT:
         """Residual add of z and the MLP half of block ``layer``: [..., Nq, C] -> [..., Nq, C]."""
         return self.family.finish_block(layer, x, z)
 
+    # ---- residual-stream pieces (direct effects, head-to-head paths; analysis.metrics.circuits) ----
+    def head_qkv(self, layer: int, x: Tensor, heads: Sequence[int] | None = None, parts: str = "qkv"):
+        """q, k and/or v [B, H', N, d] (one per letter of ``parts``) of block ``layer``'s heads (default
+        all), head heads[i] reading x[:, i] (x [B, H', N, C], pre-norm included)."""
+        return self.family.head_qkv(layer, x, heads, parts)
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor on q k^T before block ``layer``'s softmax."""
+        return self.family.attention_scale(layer)
+
+    def attention_context(self, layer: int, x: Tensor, n_query: int | None = None):
+        """The ctx ``project`` / ``head_writes`` need besides o, from block ``layer``'s input x [B, N, C]."""
+        return self.family.attention_context(layer, x, n_query)
+
+    def head_writes(self, layer: int, o: Tensor, ctx) -> tuple[Tensor, Tensor]:
+        """Per-head outputs o [B, H, Nq, d] -> (c [B, H, Nq, C] each head's write into the stream
+        (layer scale included), the block's bias write [C])."""
+        return self.family.head_writes(layer, o, ctx)
+
+    def frozen_readout(self, x: Tensor):
+        """The read-out with norm scales frozen on the clean final stream x [B, N, C]: an affine
+        function p [B, M, N, C] -> (pooled [B, M, D], logits [B, M, K] or None)."""
+        return self.family.frozen_readout(x)
+
     def block(self, layer: int, x: Tensor, hook: AttentionHook | None = None, n_query: int | None = None,
               head_hook: HeadHook | None = None) -> Tensor:
         """One block with the hook points. x [B, N, C] -> [B, Nq, C]. Without hooks the pattern is

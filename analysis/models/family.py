@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from analysis.errors import ModelLoadError
+
 
 class ModelFamily(ABC):
     """One architecture's implementation of the engine's operations on a built module.
@@ -65,6 +67,33 @@ class ModelFamily(ABC):
     def outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Last block's output [B, N', C] -> (pooled embedding [B, D], logits [B, classes] or None)."""
 
+    # ---- residual-stream pieces (SPEC "Beyond the paper (v3)"): direct effects, paths, EAP ----------
+    @abstractmethod
+    def head_qkv(self, layer: int, x: Tensor, heads: Sequence[int] | None = None, parts: str = "qkv") -> tuple[Tensor, ...]:
+        """Queries, keys and/or values of some heads of block ``layer``, each head from its own input:
+        x [B, H', N, C] (x[:, i] is what head heads[i] reads; heads default all H, in order; repeats
+        allowed) -> one [B, H', N, d] tensor per letter of ``parts`` (a subset of "qkv", in that order),
+        block pre-norm, projections and any q/k norm included."""
+
+    @abstractmethod
+    def attention_scale(self, layer: int) -> float:
+        """The factor on q k^T before the softmax of block ``layer``."""
+
+    @abstractmethod
+    def attention_context(self, layer: int, x: Tensor, n_query: int | None = None) -> Any:
+        """What ``project`` needs besides o, from the block input x [B, N, C] (the ctx of attention_parts)."""
+
+    @abstractmethod
+    def head_writes(self, layer: int, o: Tensor, ctx: Any) -> tuple[Tensor, Tensor]:
+        """What each head writes into the residual stream: per-head outputs o [B, H, Nq, d] (A V) ->
+        (c [B, H, Nq, C] = ls1 * (o_h W_O[h]), SPEC ``c[l,h]``; the bias write ls1 * b_O [C])."""
+
+    @abstractmethod
+    def frozen_readout(self, x: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor | None]]:
+        """The read-out after the last block with every norm's 1/sigma frozen at its value on the
+        clean stream x [B, N, C]: a function p [B, M, N, C] -> (pooled [B, M, D], logits [B, M, K]
+        or None), affine in p, equal to ``outputs(x)`` at p = x (M pieces per image)."""
+
     def fused_heads(self, layer: int, x: Tensor, n_query: int | None = None) -> tuple[Tensor, Any]:
         """(o [B, Nq, H*d], ctx) without materialising A; families override with a fused kernel."""
         A, v, ctx = self.attention_parts(layer, x, n_query)
@@ -86,3 +115,22 @@ def softmax_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """Post-softmax attention [B, H, Nq, N] from queries and keys."""
     return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
+
+def frozen_layer_norm(norm: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``norm`` (a LayerNorm or Identity) with 1/sigma frozen at its value on x [B, *S, C]: a function
+    p [B, M, *S, C] -> [B, M, *S, C] (centring, gamma and beta kept; affine in p)."""
+    if isinstance(norm, nn.Identity):
+        return lambda p: p
+    if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (x.shape[-1],):
+        raise ModelLoadError(f"The read-out uses a {type(norm).__name__}, not a LayerNorm over the embedding: "
+                             "direct effects and paths need a read-out made affine by freezing a LayerNorm's "
+                             "scale. Use a model with LayerNorm (timm vit_*, deit*, *_dinov2; HF ViT/DeiT/DINOv2).")
+    inv_sigma = (x.var(dim=-1, unbiased=False, keepdim=True) + norm.eps).rsqrt().unsqueeze(1)  # [B, 1, *S, 1]
+
+    def apply(p: Tensor) -> Tensor:
+        y = (p - p.mean(dim=-1, keepdim=True)) * inv_sigma
+        if norm.weight is not None:
+            y = y * norm.weight
+        return y + norm.bias if norm.bias is not None else y
+
+    return apply

@@ -20,13 +20,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from analysis.errors import ModelLoadError, WeightsMismatchError
-from analysis.models.family import ModelFamily, sdpa_heads, softmax_attention
+from analysis.models.family import ModelFamily, frozen_layer_norm, sdpa_heads, softmax_attention
 from analysis.models.weights import sha256_file
 
 # class name -> how its head reads the final tokens ("" = backbone, no head)
@@ -148,6 +148,56 @@ class HFViT(ModelFamily):
         else:
             pooled = seq[:, 0]
         return pooled, (self.heads[0](pooled) if self.heads else None)
+
+
+    # ---- residual-stream pieces ----------------------------------------------------------------
+    def head_qkv(self, layer: int, x: Tensor, heads: Sequence[int] | None = None, parts: str = "qkv") -> tuple[Tensor, ...]:
+        blk = self.layers[layer]
+        attn = blk.attention
+        heads = list(range(self.num_heads)) if heads is None else list(heads)
+        xn = _norm1(blk)(x)                                                     # [B, H', N, C]
+
+        def project(linear: nn.Linear) -> Tensor:
+            out = torch.einsum("bhnc,hdc->bhnd", xn, linear.weight.view(self.num_heads, self.head_dim, -1)[heads])
+            return out if linear.bias is None else out + linear.bias.view(self.num_heads, self.head_dim)[heads][:, None]
+
+        linears = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+        return tuple(project(linears[part]) for part in parts)
+
+    def attention_scale(self, layer: int) -> float:
+        return self.scale
+
+    def attention_context(self, layer: int, x: Tensor, n_query: int | None = None) -> Any:
+        return None
+
+    def head_writes(self, layer: int, o: Tensor, ctx: Any) -> tuple[Tensor, Tensor]:
+        blk = self.layers[layer]
+        out = blk.attention.o_proj
+        B, H, Nq, d = o.shape
+        C = self.embed_dim
+        c = torch.einsum("bhnd,chd->bhnc", o, out.weight.view(C, H, d))
+        ones = torch.ones(C, device=o.device, dtype=o.dtype)
+        ls1 = getattr(blk, "layer_scale1", None)
+        scale = ls1(ones) if ls1 is not None else ones                          # layer scale (ones where none)
+        bias = out.bias if out.bias is not None else torch.zeros_like(ones)
+        return c * scale, bias * scale
+
+    def frozen_readout(self, x: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor | None]]:
+        norm = frozen_layer_norm(self.base.layernorm, x)
+        T = self.num_prefix_tokens
+
+        def readout(p: Tensor) -> tuple[Tensor, Tensor | None]:
+            seq = norm(p)                                                       # [B, M, N, C]
+            if self.head == "cls+patch_mean":
+                pooled = torch.cat([seq[:, :, 0], seq[:, :, T:].mean(dim=2)], dim=-1)
+            elif self.head == "cls+dist":
+                cls, dist = seq[:, :, 0], seq[:, :, 1]
+                return (cls + dist) / 2, (self.heads[0](cls) + self.heads[1](dist)) / 2
+            else:
+                pooled = seq[:, :, 0]
+            return pooled, (self.heads[0](pooled) if self.heads else None)
+
+        return readout
 
 
 def _norm1(blk: nn.Module) -> nn.Module:

@@ -14,12 +14,13 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from analysis.errors import ModelLoadError
-from analysis.models.family import ModelFamily, sdpa_heads, softmax_attention
+from analysis.models.family import ModelFamily, frozen_layer_norm, sdpa_heads, softmax_attention
 from analysis.models.weights import _checkpoint_img_size, load_weights, read_state_dict, sha256_file
 
 
@@ -101,6 +102,71 @@ class TimmViT(ModelFamily):
         pooled = m.forward_head(x, pre_logits=True)
         logits = m.forward_head(x) if self.num_classes > 0 else None
         return pooled, logits
+
+    # ---- residual-stream pieces ----------------------------------------------------------------
+    def head_qkv(self, layer: int, x: Tensor, heads: Sequence[int] | None = None, parts: str = "qkv") -> tuple[Tensor, ...]:
+        blk = self.module.blocks[layer]
+        attn = blk.attn
+        heads = list(range(self.num_heads)) if heads is None else list(heads)
+        xn = blk.norm1(x)                                                       # [B, H', N, C]
+        weight = attn.qkv.weight.view(3, self.num_heads, self.head_dim, -1)     # [3, H, d, C]
+        bias = None if attn.qkv.bias is None else attn.qkv.bias.view(3, self.num_heads, self.head_dim)
+        post = {"q": attn.q_norm, "k": attn.k_norm, "v": lambda t: t}
+        out = []
+        for part in parts:
+            i = "qkv".index(part)
+            t = torch.einsum("bhnc,hdc->bhnd", xn, weight[i, heads])
+            out.append(post[part](t if bias is None else t + bias[i, heads][:, None]))
+        return tuple(out)
+
+    def attention_scale(self, layer: int) -> float:
+        return self.module.blocks[layer].attn.scale
+
+    def attention_context(self, layer: int, x: Tensor, n_query: int | None = None) -> Any:
+        blk = self.module.blocks[layer]
+        gate = getattr(blk.attn, "gate", None)
+        if gate is None:
+            return None
+        xq = blk.norm1(x if n_query is None else x[:, :n_query])
+        return gate(xq).sigmoid()
+
+    def head_writes(self, layer: int, o: Tensor, ctx: Any) -> tuple[Tensor, Tensor]:
+        blk = self.module.blocks[layer]
+        attn = blk.attn
+        if not isinstance(getattr(attn, "norm", None), (nn.Identity, type(None))):
+            raise ModelLoadError(f"Block {layer} normalises the concatenated head outputs (timm scale_norm), so "
+                                 "a head's write into the stream is not its own: direct effects and paths need "
+                                 "a ViT without scale_norm (e.g. vit_small_patch16_224).")
+        B, H, Nq, d = o.shape
+        if ctx is not None:  # gated attention: each head's output times its slice of the gate
+            o = o * ctx.view(B, Nq, H, d).transpose(1, 2)
+        C = self.embed_dim
+        c = torch.einsum("bhnd,chd->bhnc", o, attn.proj.weight.view(C, H, d))
+        scale = blk.ls1(torch.ones(C, device=o.device, dtype=o.dtype))       # layer scale (ones where none)
+        bias = attn.proj.bias if attn.proj.bias is not None else torch.zeros(C, device=o.device, dtype=o.dtype)
+        return c * scale, bias * scale
+
+    def frozen_readout(self, x: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor | None]]:
+        m = self.module
+        distilled = type(m).__name__ == "VisionTransformerDistilled"
+        if getattr(m, "attn_pool", None) is not None or (not distilled and m.global_pool not in ("token", "avg")):
+            pool = "attention pooling" if getattr(m, "attn_pool", None) is not None else f"global_pool={m.global_pool!r}"
+            raise ModelLoadError(f"{type(m).__name__} pools its tokens with {pool}, which is not linear: direct "
+                                 "effects and paths need 'token' or 'avg' pooling (a read-out made affine by "
+                                 "freezing the norms). Use a model with global_pool='token' or 'avg'.")
+        norm = frozen_layer_norm(m.norm, x)
+        fc_norm = None if distilled else frozen_layer_norm(m.fc_norm, m.pool(m.norm(x)))
+        classes = self.num_classes > 0
+
+        def readout(p: Tensor) -> tuple[Tensor, Tensor | None]:
+            seq = norm(p)                                                       # [B, M, N, C]
+            if distilled:  # CLS and distillation token, two heads averaged (timm's eval forward_head)
+                cls, dist = seq[:, :, 0], seq[:, :, 1]
+                return (cls + dist) / 2, ((m.head(cls) + m.head_dist(dist)) / 2 if classes else None)
+            pooled = fc_norm(m.pool(seq.flatten(0, 1)).unflatten(0, seq.shape[:2]))
+            return pooled, (m.head(pooled) if classes else None)
+
+        return readout
 
 
 # ---- recognising and loading -------------------------------------------------------------------
