@@ -3,7 +3,8 @@
 # Usage: bash scripts/install_debian.sh [--test]
 #   always: dataset-fashion-mnist (the default run's images; without it the build downloads
 #           Fashion-MNIST with torchvision, which needs internet)
-#   --test: also chromium + chromium-driver (browser tests) and redis-server (worker tests)
+#   --test: also chromium + chromium-driver (browser tests), redis-server (worker tests) and nodejs
+#           (scripts/load_test.py runs the page's clientside callbacks in Node.js)
 set -euo pipefail
 need=()
 [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || [ -n "${HEADSCOPE_FASHION_MNIST_DIR:-}" ] \
@@ -12,6 +13,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
   command -v redis-server >/dev/null || need+=(redis-server)
+  command -v node >/dev/null || need+=(nodejs)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
