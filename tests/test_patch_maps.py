@@ -74,14 +74,16 @@ def timm_embed(model, x):
         return model.norm_pre(model._pos_embed(model.patch_embed(x)))
 
 
-def ref_occlusion(model, vit, img, label):
+def ref_occlusion(model, vit, img, label, fill=None):
+    """fill: [3, H, W] the occluded patch's pixels come from (None: 0, the normalised mean colour)."""
     p, (gh, gw) = vit.patch_size, vit.grid
+    fill = torch.zeros_like(img) if fill is None else fill
     s0 = score(model, timm_features(model, img[None]), label)
     out = np.zeros((gh, gw))
     for r in range(gh):
         for c in range(gw):
             x = img.clone()
-            x[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0
+            x[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = fill[:, r * p:(r + 1) * p, c * p:(c + 1) * p]
             out[r, c] = drop(model, s0, score(model, timm_features(model, x[None]), label))
     return out
 
@@ -161,6 +163,37 @@ def test_maps_equal_plain_references(variant):
         assert np.abs(ref).max() > 1e-5
         np.testing.assert_allclose(maps["grad_rollout"], ref, atol=1e-6, rtol=1e-4)
         assert all(p.grad is None for p in model.parameters())
+
+
+def ref_blur(img, sigma: float, radius: int):
+    """The image blurred by a Gaussian of ``sigma`` px: an explicit 2-D kernel, (2 radius + 1)^2 taps,
+    the image reflected (without repeating the edge pixel) at its border."""
+    x = np.arange(-radius, radius + 1)
+    k1 = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel = np.outer(k1, k1) / np.outer(k1, k1).sum()
+    a = np.pad(img.numpy().astype(np.float64), ((0, 0), (radius, radius), (radius, radius)), mode="reflect")
+    out = np.zeros(img.shape)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out += kernel[dy, dx] * a[:, dy:dy + img.shape[1], dx:dx + img.shape[2]]
+    return torch.from_numpy(out).float()
+
+
+@pytest.mark.parametrize("variant", ["cls", "backbone"])
+def test_occlusion_baselines_equal_plain_references(variant):
+    """Black: each channel's (0 - mean) / std; blur: the image blurred with sigma = p / 2 px."""
+    model, vit = build(variant)
+    img = image_for(vit)
+    label = 1 if vit.has_head else None
+    mean, std = (torch.tensor(vit.data_config[k]).view(3, 1, 1) for k in ("mean", "std"))
+    fills = {"black": ((torch.zeros_like(img) - mean) / std),
+             "blur": ref_blur(img, vit.patch_size / 2, vit.patch_size)}
+    maps = {b: patch_maps(vit, img, label, maps=["occlusion"], occlusion_baseline=b)["occlusion"] for b in fills}
+    for b, fill in fills.items():
+        np.testing.assert_allclose(maps[b], ref_occlusion(model, vit, img, label, fill), atol=2e-6)
+    assert np.abs(maps["black"] - maps["blur"]).max() > 1e-5  # the baseline matters
+    with pytest.raises(HeadScopeError, match="Unknown occlusion baseline 'grey': use 'mean', 'black', 'blur'"):
+        patch_maps(vit, img, label, occlusion_baseline="grey")
 
 
 def test_unlabelled_classifier_explains_top1_and_patch_subset():
@@ -327,3 +360,13 @@ def test_online_query_and_transport(maps_run, tiny):
         transport.patch_maps(plain_dir, 999)
     with pytest.raises(transport.OnlineError, match="integer"):
         transport.patch_maps(plain_dir, "x")
+    # another occlusion baseline: occlusion computed now (the stored maps used the mean colour), the rest kept
+    blurred = service.patch_maps(maps_run.path, int(row.image_id), "blur")
+    assert blurred["baseline"] == "blur" and blurred["precomputed"] and not blurred["occlusion_precomputed"]
+    np.testing.assert_allclose(np.array(blurred["maps"]["occlusion"], float),
+                               patch_maps(vit, x, int(row.label), maps=["occlusion"], occlusion_baseline="blur")["occlusion"],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.array(blurred["maps"]["rollout"], float), expected["rollout"], rtol=1e-5, atol=1e-7)
+    assert set(transport.deletion_curves(plain_dir, int(row.image_id), "black")["curves"]) == set(MAPS)
+    with pytest.raises(transport.OnlineError, match="Unknown occlusion baseline 'x'"):
+        transport.patch_maps(plain_dir, int(row.image_id), "x")

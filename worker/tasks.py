@@ -78,17 +78,18 @@ def attention(run_dir: str, image_id: int, layer: int, head: int, fingerprint: s
 
 
 @app.task(name="headscope.patch_maps")
-def patch_maps(run_dir: str, image_id: int, fingerprint: str | None = None) -> dict:
-    """One image's four patch maps, their agreement and the heads' alignment (JSON lists)."""
+def patch_maps(run_dir: str, image_id: int, baseline: str = "mean", fingerprint: str | None = None) -> dict:
+    """One image's four patch maps (occlusion with ``baseline``), their agreement and the heads'
+    alignment (JSON lists)."""
     return _payload("patch maps query",
-                    lambda: service.patch_maps(run_dir_in_cache(run_dir), image_id, fingerprint))
+                    lambda: service.patch_maps(run_dir_in_cache(run_dir), image_id, baseline, fingerprint))
 
 
 @app.task(name="headscope.deletion_curves")
-def deletion_curves(run_dir: str, image_id: int, fingerprint: str | None = None) -> dict:
-    """Deletion curves of one image's patch maps."""
+def deletion_curves(run_dir: str, image_id: int, baseline: str = "mean", fingerprint: str | None = None) -> dict:
+    """Deletion curves of one image's patch maps (occlusion with ``baseline``)."""
     return _payload("deletion curves query",
-                    lambda: service.deletion_curves(run_dir_in_cache(run_dir), image_id, fingerprint))
+                    lambda: service.deletion_curves(run_dir_in_cache(run_dir), image_id, baseline, fingerprint))
 
 
 @app.task(name="headscope.build_slice", time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)),

@@ -3,7 +3,9 @@
 Four maps of one image, each a float64 array [gh, gw] over the patch grid:
 
 - ``occlusion``: P(y|x) - P(y|x'), x' = the image with patch t's p x p pixels set to 0 (the
-  normalised mean colour); the P (+1) images run batched through the model.
+  normalised mean colour, SPEC's baseline); the P (+1) images run batched through the model. Beyond
+  SPEC, ``occlusion_baseline`` may fill the patch with black pixels or with the same pixels of the
+  image blurred (OCCLUSION_BASELINES).
 - ``token_drop``: P(y|x) - P(y|x without token t), patch token t removed after the position
   embedding, every block running on N-1 tokens; the P sequences run batched.
 - ``rollout`` (Abnar & Zuidema 2020): R = B_{L-1} ... B_0, B_l = 0.5 mean_h A[l,h] + 0.5 I
@@ -25,12 +27,17 @@ import pandas as pd
 import torch
 from scipy.stats import rankdata
 from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
 
 from analysis.errors import InputError
 from analysis.metrics.importance import SEQUENCE_TOKENS, check_labels, cosine_distance
 from analysis.models.adapter import ViT
 
 MAPS = ("occlusion", "token_drop", "rollout", "grad_rollout")
+# What an occluded patch is filled with: "mean" = the normalised mean colour (0 after normalisation,
+# SPEC), "black" = pixel value 0 before normalisation, "blur" = the image blurred by a Gaussian of
+# sigma = half a patch (its features gone, its colours kept). Beyond SPEC but the default.
+OCCLUSION_BASELINES = {"mean": "mean colour", "black": "black", "blur": "blurred image"}
 CLASSIFIER_ONLY = frozenset({"grad_rollout"})
 NEEDS_PREFIX = frozenset({"rollout", "grad_rollout"})
 
@@ -148,15 +155,38 @@ def chunks(items: np.ndarray, tokens_per_item: int, progress, desc: str):
 
 # ---- the four maps (flat [P] arrays, NaN where a patch was not requested) ----------------------
 
-def occlusion(vit: ViT, image: Tensor, scorer: Scorer, patches: np.ndarray, progress=False) -> np.ndarray:
-    """P(y|x) - P(y|x with patch t's pixels set to 0), for each requested t; [P] float64."""
+def check_baseline(baseline: str) -> str:
+    if baseline not in OCCLUSION_BASELINES:
+        raise InputError(f"Unknown occlusion baseline {baseline!r}: use {', '.join(map(repr, OCCLUSION_BASELINES))}.")
+    return baseline
+
+
+def baseline_image(vit: ViT, image: Tensor, baseline: str = "mean") -> Tensor:
+    """What occlusion fills a patch with, as a preprocessed image like ``image`` [1, 3, H, W]: zeros
+    (mean), (0 - mean) / std per channel (black), or ``image`` blurred by a Gaussian of sigma = p / 2
+    px, kernel 2 * p + 1 px, reflected at the border (blur)."""
+    if check_baseline(baseline) == "mean":
+        return torch.zeros_like(image)
+    if baseline == "black":
+        mean, std = (torch.tensor(vit.data_config[k], dtype=image.dtype, device=image.device) for k in ("mean", "std"))
+        return ((0 - mean) / std).view(1, 3, 1, 1).expand_as(image).clone()
+    p = vit.patch_size
+    return gaussian_blur(image, kernel_size=[2 * p + 1] * 2, sigma=[p / 2] * 2)
+
+
+def occlusion(vit: ViT, image: Tensor, scorer: Scorer, patches: np.ndarray, progress=False,
+              baseline: str = "mean") -> np.ndarray:
+    """P(y|x) - P(y|x with patch t's pixels replaced by the baseline's, see baseline_image), for each
+    requested t; [P] float64. image: [1, 3, H, W] preprocessed."""
     gw, p = vit.grid[1], vit.patch_size
+    fill = baseline_image(vit, image, baseline)
     out = np.full(vit.num_patches, np.nan)
     for group in chunks(patches, vit.num_tokens, progress, "occlusion"):
         imgs = image.repeat(len(group), 1, 1, 1)
         for i, t in enumerate(group):
             r, c = divmod(int(t), gw)
-            imgs[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0
+            rows, cols = slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p)
+            imgs[i, :, rows, cols] = fill[0, :, rows, cols]
         out[group] = scorer.drop(*run_tokens(vit, vit.embed(imgs))).cpu().numpy()
     return out
 
@@ -213,22 +243,25 @@ def attention_and_gradient(vit: ViT, image: Tensor, target: int) -> tuple[Tensor
 
 @torch.inference_mode()
 def patch_maps(vit: ViT, image: Tensor, label: int | None = None, maps: Iterable[str] | None = None,
-               patches: Iterable[int] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+               patches: Iterable[int] | None = None, progress: bool = False,
+               occlusion_baseline: str = "mean") -> dict[str, np.ndarray]:
     """Patch attribution maps of one image (SPEC "Patch attribution").
 
     image: [3, H, W] preprocessed; label: the true class (None: a classifier's top-1 class; a
     backbone has none); maps: names from MAPS (default: all the model supports, i.e. without
     grad_rollout for a backbone); patches: flat indices r * gw + c to ablate (default all; other
-    patches are NaN in occlusion and token_drop). Returns {name: float64 [gh, gw]}.
+    patches are NaN in occlusion and token_drop); occlusion_baseline: what an occluded patch is
+    filled with (OCCLUSION_BASELINES; "mean" is SPEC's). Returns {name: float64 [gh, gw]}.
     """
     maps = check_maps(vit, maps)
     img = check_image(vit, image)
     idx = check_patches(vit, patches)
-    return compute_maps(vit, img, target_class(vit, img, label), maps, idx, progress)[0]
+    check_baseline(occlusion_baseline)
+    return compute_maps(vit, img, target_class(vit, img, label), maps, idx, progress, occlusion_baseline)[0]
 
 
 def compute_maps(vit: ViT, img: Tensor, target: int | None, maps: Sequence[str], patches: np.ndarray,
-                 progress=False) -> tuple[dict[str, np.ndarray], Tensor | None]:
+                 progress=False, occlusion_baseline: str = "mean") -> tuple[dict[str, np.ndarray], Tensor | None]:
     """The checked-input core of patch_maps: ({name: [gh, gw]}, the attention [L, H, N, N] when a
     rollout map captured it, else None). img [1, 3, H, W]; target from target_class."""
     out: dict[str, np.ndarray] = {}
@@ -237,7 +270,7 @@ def compute_maps(vit: ViT, img: Tensor, target: int | None, maps: Sequence[str],
         x0 = vit.embed(img)
         scorer = Scorer(vit, x0, target)
         if "occlusion" in maps:
-            out["occlusion"] = occlusion(vit, img, scorer, patches, progress)
+            out["occlusion"] = occlusion(vit, img, scorer, patches, progress, occlusion_baseline)
         if "token_drop" in maps:
             out["token_drop"] = token_drop(vit, x0, scorer, patches, progress)
     if "grad_rollout" in maps:

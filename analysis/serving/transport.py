@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from analysis.errors import HeadScopeError, OnlineError
+from analysis.metrics.patch_maps import OCCLUSION_BASELINES
 from analysis.runs.store import run_fingerprint
 from analysis.serving.service import ModelService, ResultCache, decode_array
 from analysis.values import strict_int
@@ -295,14 +296,21 @@ def _image_id(image_id) -> list[int]:
         raise OnlineError(f"The image must be an integer id, not {image_id!r}.") from None
 
 
-def patch_maps(run_dir, image_id: int) -> dict:
-    """The image's patch maps (SPEC "Patch attribution"): {"maps": {name: [[gh x gw]]}, "units",
-    "agreement": {name: {name: Spearman}}, "alignment": [[L x H]] (with occlusion), "target",
-    "label", "precomputed", "grid", "patch_size", "img_size", "num_prefix_tokens"}; None = NaN."""
-    return dict(_call("patch_maps", run_dir, _image_id(image_id)))
+def _baseline(baseline) -> str:
+    if baseline not in OCCLUSION_BASELINES:
+        raise OnlineError(f"Unknown occlusion baseline {baseline!r}: use {', '.join(map(repr, OCCLUSION_BASELINES))}.")
+    return baseline
 
 
-def deletion_curves(run_dir, image_id: int) -> dict:
-    """Deletion curves of the image's maps: {"metric": "prob" | "emb_dist", "n": [...],
-    "curves": {map: [value per n]}} (n = 0 is the unpruned output)."""
-    return dict(_call("deletion_curves", run_dir, _image_id(image_id)))
+def patch_maps(run_dir, image_id: int, baseline: str = "mean") -> dict:
+    """The image's patch maps (SPEC "Patch attribution"; occlusion filled with ``baseline``, one of
+    OCCLUSION_BASELINES): {"maps": {name: [[gh x gw]]}, "units", "agreement": {name: {name: Spearman}},
+    "alignment": [[L x H]] (with occlusion), "target", "label", "precomputed", "occlusion_precomputed",
+    "baseline", "grid", "patch_size", "img_size", "num_prefix_tokens"}; None = NaN."""
+    return dict(_call("patch_maps", run_dir, [*_image_id(image_id), _baseline(baseline)]))
+
+
+def deletion_curves(run_dir, image_id: int, baseline: str = "mean") -> dict:
+    """Deletion curves of the image's maps (occlusion's with ``baseline``): {"metric": "prob" |
+    "emb_dist", "n": [...], "curves": {map: [value per n]}} (n = 0 is the unpruned output)."""
+    return dict(_call("deletion_curves", run_dir, [*_image_id(image_id), _baseline(baseline)]))

@@ -14,7 +14,7 @@ import numpy as np
 from dash import Input, Output, Patch, State, callback, clientside_callback, ctx, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
-from analysis.metrics.patch_maps import MAPS
+from analysis.metrics.patch_maps import MAPS, OCCLUSION_BASELINES
 from analysis.serving import transport
 from analysis.serving.transport import OnlineError
 
@@ -44,7 +44,10 @@ def panel():
     return html.Div([
         html.Div([html.Span("D6 · which patches matter ", className="sub-title"),
                   dbc.Select(id="sal-map", size="sm", value="occlusion", className="sal-map",
-                             options=[{"label": MAP_TITLES[m], "value": m} for m in MAPS])],
+                             options=[{"label": MAP_TITLES[m], "value": m} for m in MAPS]),
+                  html.Span("occluded patch:", className="small text-muted ms-2"),
+                  dbc.Select(id="sal-baseline", size="sm", value="mean", className="sal-map",
+                             options=[{"label": label, "value": b} for b, label in OCCLUSION_BASELINES.items()])],
                  className="d-flex align-items-center gap-2"),
         _computing([html.Div(id="sal-msg"), graph("sal-graph", HEIGHT["map"], clear_on_unhover=True),
                     graph("sal-agree", HEIGHT["agree"])], COMPUTING_MAPS),
@@ -56,8 +59,8 @@ def panel():
     ], className="saliency-panel", id="saliency-panel")
 
 
-def _maps(sel: dict) -> tuple[dict | None, object, str | None]:
-    """(patch-maps payload, index, problem) of the selected image."""
+def _maps(sel: dict, baseline: str | None = "mean") -> tuple[dict | None, object, str | None]:
+    """(patch-maps payload, index, problem) of the selected image, occlusion filled with ``baseline``."""
     index, err = load(sel)
     if index is None:
         return None, None, err
@@ -65,7 +68,8 @@ def _maps(sel: dict) -> tuple[dict | None, object, str | None]:
     if pos is None:
         return None, index, "Select an image (A) to see which of its patches matter."
     try:
-        return transport.patch_maps(config.run_dir(index.name), int(index.image_ids[pos])), index, None
+        return (transport.patch_maps(config.run_dir(index.name), int(index.image_ids[pos]), baseline or "mean"),
+                index, None)
     except (OnlineError, HeadScopeError) as err:
         return None, index, str(err)
 
@@ -103,13 +107,13 @@ clientside_callback(
 
 @callback(Output("sal-map", "options"), Output("sal-map", "value"), Output("sal-graph", "figure"),
           Output("sal-agree", "figure"), Output("sal-msg", "children"),
-          Input("sal-image", "data"), Input("sal-map", "value"), Input("sal-hover", "data"), State("d-panel", "value"),
-          State("sel", "data"))
-def view_saliency(_image, chosen, hover, panel, sel):
+          Input("sal-image", "data"), Input("sal-map", "value"), Input("sal-baseline", "value"),
+          Input("sal-hover", "data"), State("d-panel", "value"), State("sel", "data"))
+def view_saliency(_image, chosen, baseline, hover, panel, sel):
     """The chosen map over the image (a D3 hover only moves the source-patch frame), the agreement."""
     if panel != "saliency":
         return (no_update,) * 5
-    out, index, problem = _maps(sel or {})
+    out, index, problem = _maps(sel or {}, baseline)
     if out is None:
         return no_update, no_update, F.empty(problem or ""), F.empty(""), None
     T = int(out["num_prefix_tokens"])
@@ -126,7 +130,10 @@ def view_saliency(_image, chosen, hover, panel, sel):
         image = index.thumbnail(index.image_ids[index.pos(sel["image"])])
     except HeadScopeError as err:
         return options, name, F.empty(str(err)), F.empty(""), message(str(err))
-    title = f"{MAP_TITLES[name]} ({out['units'][name]})" + ("" if out["precomputed"] else " · computed now")
+    precomputed = out["occlusion_precomputed"] if name == "occlusion" else out["precomputed"]
+    title = (f"{MAP_TITLES[name]}" + (f", patch filled with the {OCCLUSION_BASELINES[out['baseline']]}"
+                                      if name == "occlusion" else "")
+             + f" ({out['units'][name]})" + ("" if precomputed else " · computed now"))
     fig = F.saliency_map(maps[name], title, out["units"][name], others=maps, image_uri=F.masked_image(image),
                          selected_patch=_source_patch(hover, T))
     return options, name, fig, F.map_agreement(out["agreement"]), _absent_note(out, maps)
@@ -146,11 +153,11 @@ def _absent_note(out: dict, maps: dict) -> html.Div | None:
     return html.Div(" ".join(notes), className="small text-muted sal-note") if notes else None
 
 
-@callback(Output("d3-graph", "hoverData"), Input("sal-graph", "clickData"), State("sel", "data"),
-          prevent_initial_call=True)
-def pick_source(click, sel):
+@callback(Output("d3-graph", "hoverData"), Input("sal-graph", "clickData"), State("sal-baseline", "value"),
+          State("sel", "data"), prevent_initial_call=True)
+def pick_source(click, baseline, sel):
     """A click on a patch of the map makes that patch the source token of D2/D3."""
-    out, _, _ = _maps(sel or {})
+    out, _, _ = _maps(sel or {}, baseline)
     patch = ((click or {}).get("points") or [{}])[0].get("customdata")
     if out is None or not isinstance(patch, int) or not 0 <= patch < out["grid"][0] * out["grid"][1]:
         return no_update
@@ -164,18 +171,19 @@ def _slider_step(steps: list[int]) -> int:
 
 
 @callback(Output("sal-deletion", "figure"), Output("sal-n", "max"), Output("sal-n", "marks"), Output("sal-n", "step"),
-          Input("sal-image", "data"), Input("sal-n", "value"), State("d-panel", "value"), State("sel", "data"))
-def view_deletion(_image, n, panel, sel):
-    """Deletion curves of the image's maps, the computed n nearest the slider's marked (while the
-    panel shows)."""
+          Input("sal-image", "data"), Input("sal-n", "value"), Input("sal-baseline", "value"), State("d-panel", "value"),
+          State("sel", "data"))
+def view_deletion(_image, n, baseline, panel, sel):
+    """Deletion curves of the image's maps (occlusion's with the chosen baseline), the computed n
+    nearest the slider's marked (while the panel shows)."""
     if panel != "saliency":
         return (no_update,) * 4
-    _, index, problem = _maps(sel or {})
+    _, index, problem = _maps(sel or {}, baseline)
     if problem:
         return F.empty(problem), no_update, no_update, no_update
     try:
         image_id = int(index.image_ids[index.pos(sel["image"])])
-        out = transport.deletion_curves(config.run_dir(index.name), image_id)
+        out = transport.deletion_curves(config.run_dir(index.name), image_id, baseline or "mean")
     except (OnlineError, HeadScopeError) as err:
         return F.empty(str(err)), no_update, no_update, no_update
     steps = [int(v) for v in out["n"]]
