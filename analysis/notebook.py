@@ -15,8 +15,8 @@ and is served like any built run; its online views use the kernel's model and im
 """
 from __future__ import annotations
 
-import html
 import shutil
+import string
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,14 +26,19 @@ import pandas as pd
 
 from analysis.errors import InputError, LabelError
 from analysis.runs.store import Run, open_run
+from analysis.safe_text import join_markup, render_html
 
 __all__ = ["open_run", "save_result", "head_figures", "explorer", "vit_html", "run_html"]
 
 
+TABLE = string.Template("<div><b>$title</b><table>$rows</table></div>")
+ROW = string.Template("<tr><th style='text-align:left;padding-right:1em'>$key</th><td style='text-align:left'>$value</td></tr>")
+
+
 def _table(title: str, rows: list[tuple[str, object]]) -> str:
-    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                    f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    return f"<div><b>{html.escape(title)}</b><table>{cells}</table></div>"
+    """An HTML table of (key, value) rows under ``title``; every text escaped (safe_text.render_html:
+    class names, run names and paths come from data)."""
+    return str(render_html(TABLE, title=title, rows=join_markup(render_html(ROW, key=k, value=v) for k, v in rows)))
 
 
 def _names(names, n: int = 6) -> str:

@@ -14,10 +14,12 @@ import os
 
 from flask import jsonify, request
 
+from analysis.metrics.patch_maps import OCCLUSION_BASELINES
 from analysis.models.pruning import MODE_LABELS
 from analysis.values import strict_int
 
-from . import config
+from . import config, state
+from .state import MAX_HEADS, MAX_INDEX, MAX_URL, STATE, STATE_PARTS
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024  # default cap on a request body (HEADSCOPE_MAX_REQUEST_BYTES)
 MAX_POINTS = 1_000_000               # points in one selection / hover event
@@ -77,36 +79,16 @@ def _number(lo=-math.inf, hi=math.inf):
 
 
 def _state(v):
-    """The view state (app.server STATE_KEYS) or a part of it (the Explorer's k-* stores)."""
-    from .server import INT_KEYS, MAX_HEADS, MAX_SET, STATE_KEYS, STR_KEYS, _TOKEN
-
-    if not isinstance(v, dict) or not set(v) <= set(STATE_KEYS):
-        raise Invalid(f"expected an object with keys among {', '.join(STATE_KEYS)}")
-    if v.get("run") is not None and config.name_problem(v["run"]):
-        raise Invalid(config.name_problem(v["run"]))
-    for k in INT_KEYS:
-        _opt(_int)(v.get(k))
-    for k in STR_KEYS:
-        if v.get(k) is not None and not (isinstance(v[k], str) and _TOKEN.match(v[k])):
-            raise Invalid(f"expected {k} to be a short token")
-    ids = v.get("set")
-    if ids is not None:
-        if not isinstance(ids, list) or len(ids) > MAX_SET:
-            raise Invalid(f"expected set to be a list of at most {MAX_SET} image ids")
-        for i in ids:
-            _int(i, what="an image id")
-    heads = v.get("heads")
-    if heads is not None:
-        if not isinstance(heads, list) or len(heads) > MAX_HEADS:
-            raise Invalid(f"expected heads: a list of at most {MAX_HEADS} [layer, head]")
-        for pair in heads:
-            _ints(2)(pair)
+    """The view state (app/state.py STATE) or a part of it (the Explorer's k-* stores): the
+    declaration's own check, the one the URL parser's output passes."""
+    try:
+        state.check_state(v)
+    except state.Invalid as err:
+        raise Invalid(str(err)) from None
 
 
 def _head_keys(v):
     """The head-set chip box's value: ["layer:head", ...]."""
-    from .server import MAX_HEADS
-
     if not isinstance(v, list) or len(v) > MAX_HEADS:
         raise Invalid(f"expected a list of at most {MAX_HEADS} 'layer:head'")
     for key in v:
@@ -114,7 +96,7 @@ def _head_keys(v):
         if len(parts) != 2:
             raise Invalid("expected 'layer:head'")
         for x in parts:
-            _int(x, 0, 4096, "a layer / head")
+            _int(x, 0, MAX_INDEX, "a layer / head")
 
 
 def _shift_click(v):
@@ -142,10 +124,18 @@ def _overlay_traces(v):
 
 
 def _popped(v):
-    """assets/url.js after Back/Forward: {"search": the URL's query string, "at": ms}."""
+    """assets/url.js after Back/Forward: {"search": the URL's query string, "at": ms} (any length the
+    browser allows: the parser reads the first MAX_QUERY characters and says so)."""
     if not (isinstance(v, dict) and set(v) <= {"search", "at"} and isinstance(v.get("search"), str)
-            and len(v["search"]) <= 65536):
+            and len(v["search"]) <= MAX_URL):
         raise Invalid("expected {search: the query string, at: a time}")
+
+
+def _parsed(v):
+    """app/server.py parse_url's record of the URL it parsed: {"from": query string, "query": canonical}."""
+    if not (isinstance(v, dict) and set(v) == {"from", "query"} and all(isinstance(x, str) and len(x) <= MAX_URL
+                                                                       for x in v.values())):
+        raise Invalid("expected {from: the query string parsed, query: the canonical one}")
 
 
 def _numbers(v):
@@ -225,18 +215,15 @@ def _flags(*options):
     return check
 
 
-# The parts of the Explorer's state its views listen to: sel is split into the stores k-<part>
-# (app/pages/explorer.py), so that a view is redrawn only when a part it reads changes.
-STATE_PARTS = ("image", "head", "metric", "thr", "d1", "mode", "color", "set", "scale", "run")
-
 RULES = {
     # Dash's page router (use_pages)
-    ("_pages_location", "pathname"): _opt(_str()),
-    ("_pages_location", "search"): _opt(_str()),
+    ("_pages_location", "pathname"): _opt(_str(MAX_URL)),
+    ("_pages_location", "search"): _opt(_str(MAX_URL)),  # long queries reach the parser (app/state.py)
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
-    ("url", "search"): _opt(_str()),
+    ("url", "search"): _opt(_str(MAX_URL)),
     ("url-popped", "data"): _opt(_popped),
+    ("url-parsed", "data"): _opt(_parsed),
     ("sel", "data"): _opt(_state),
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
@@ -249,8 +236,8 @@ RULES = {
     ("compare-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
     ("compare-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
     ("q-slider", "value"): _opt(_number(-1, 2)),
-    ("d1-kind", "value"): _opt(_choice("cls", "patch")),
-    ("d1-style", "value"): _opt(_choice("points", "both", "contours")),
+    ("d1-kind", "value"): _opt(_choice(*STATE["d1"].choices)),
+    ("d1-style", "value"): _opt(_choice(*STATE["d1s"].choices)),
     ("d1-key", "data"): _opt(_str(512)),
     ("d1-selection", "data"): _opt(_overlay_traces),
     ("a-key", "data"): _opt(_str(512)),
@@ -265,7 +252,7 @@ RULES = {
     ("hs-k", "value"): _opt(_number(2, 16)),
     ("hs-pairs-graph", "clickData"): _points(_opt(_ints(4))),
     ("b1-overlay", "value"): _opt(_flags("taylor", "mean")),
-    ("image-box", "value"): _opt(_number(-(2 ** 31), 2 ** 31 - 1)),
+    ("image-box", "value"): _opt(_number()),  # select_image takes only an id the state accepts
     ("image-box", "n_submit"): _clicks,
     ("image-go", "n_clicks"): _clicks,
     ("a-graph", "clickData"): _points(_image_id),
@@ -283,21 +270,22 @@ RULES = {
     ("d3-graph", "hoverData"): _points(_d3_token),
     ("sal-hover", "data"): _points(_d3_token),  # D3's hover, while D6 shows
     # the Explorer's controls and its per-part state stores
-    ("goto-layer", "value"): _opt(lambda v: _int(v, 0, 4096, "a layer")),
-    ("goto-head", "value"): _opt(lambda v: _int(v, 0, 4096, "a head")),
+    ("goto-layer", "value"): _opt(lambda v: _int(v, 0, MAX_INDEX, "a layer")),
+    ("goto-head", "value"): _opt(lambda v: _int(v, 0, MAX_INDEX, "a head")),
     ("set-clear", "n_clicks"): _clicks,
-    ("a-color", "value"): _opt(_choice("class", "prob", "correct", "head")),
+    ("a-color", "value"): _opt(_choice(*STATE["color"].choices)),
     ("fig-format", "value"): _opt(_choice("png", "svg")),
-    ("scale", "value"): _opt(_choice("layer", "image", "run")),
-    ("bins", "value"): _opt(_choice("log", "linear")),
+    ("scale", "value"): _opt(_choice(*STATE["scale"].choices)),
+    ("bins", "value"): _opt(_choice(*STATE["bins"].choices)),
     ("thr-kind", "value"): _opt(_choice("q", "a")),
     ("thr-abs", "value"): _opt(_number(0, 1)),
     ("thr-current", "data"): _opt(_number()),
     ("d1-color", "value"): _opt(_choice("layer", "pattern")),
-    ("band-scope", "value"): _opt(_choice("set", "class", "wrong")),
+    ("band-scope", "value"): _opt(_choice(*STATE["scope"].choices)),
     ("d-panel", "value"): _opt(_choice("pattern", "saliency")),
     # D6, the saliency panel (app/panels/saliency.py)
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
+    ("sal-baseline", "value"): _opt(_choice(*OCCLUSION_BASELINES)),
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
     **{(f"k-{k}", "data"): _opt(_state) for k in STATE_PARTS},

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import plotly.colors as pc
 
+from analysis.safe_text import plotly_text
+
 FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "size": 12, "color": "#222"}
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 SAFE = pc.qualitative.Safe
@@ -88,6 +90,34 @@ def class_style(n_classes: int) -> list[tuple[str, str]]:
 
 def head_name(layer: int, head: int) -> str:
     return f"layer {layer} head {head}"
+
+
+# ---- values that cannot be drawn or ranked ---------------------------------------------------
+def unusable(values) -> np.ndarray:
+    """Bool mask of the entries of ``values`` where a finite value belongs but none is stored: ±inf
+    always, NaN only when some other entry is finite (all NaN: the metric does not apply there,
+    e.g. prob_drop of a backbone or of an unlabelled image; that is not a fault and is not counted)."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = np.isinf(v)
+    return bad | np.isnan(v) if np.isfinite(v).any() else bad
+
+
+def unusable_note(values, H: int, what: str, shown: int = 6) -> str | None:
+    """"N heads have no finite WHAT (L0H1, L2H3, ...)" for the unusable entries of per-head
+    ``values`` [L*H] (index layer * H + head); None when every head has a usable value."""
+    bad = np.flatnonzero(unusable(values))
+    if not len(bad):
+        return None
+    heads = ", ".join(f"L{i // H}H{i % H}" for i in bad[:shown]) + (", ..." if len(bad) > shown else "")
+    many = len(bad) > 1
+    return f"{len(bad)} head{'s' if many else ''} {'have' if many else 'has'} no finite {what} ({heads})"
+
+
+def finite_or_none(values) -> list:
+    """``values`` as a (nested) list with None for every non-finite entry (plotly draws a gap; JSON
+    has no inf/NaN)."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(v), v, None).tolist()
 
 
 def token_names(N: int, T: int, grid) -> list[str]:
@@ -225,6 +255,8 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
     x = np.arange(L * H)
     cd = np.stack([x // H, x % H], axis=1).tolist()
     mean, std = np.asarray(mean, float), np.asarray(std, float)
+    notes = [unusable_note(mean, H, "mean"),
+             None if image_values is None else unusable_note(image_values, H, "value on this image")]
     lo, hi = value_range
     upper, lower = mean + std, mean - std
     if hi is not None:
@@ -232,29 +264,30 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
     if lo is not None:
         lower = np.maximum(lower, lo)
     faded = image_values is not None
+    band_label, image_label = plotly_text(band_label), image_label and plotly_text(image_label)  # may name a class
     data = [
-        {"type": "scatter", "x": x.tolist(), "y": upper.tolist(), "mode": "lines", "line": {"width": 0},
+        {"type": "scatter", "x": x.tolist(), "y": finite_or_none(upper), "mode": "lines", "line": {"width": 0},
          "hoverinfo": "skip", "name": "mean + std"},
-        {"type": "scatter", "x": x.tolist(), "y": lower.tolist(), "mode": "lines", "line": {"width": 0},
+        {"type": "scatter", "x": x.tolist(), "y": finite_or_none(lower), "mode": "lines", "line": {"width": 0},
          "fill": "tonexty", "fillcolor": "rgba(0,114,178,0.15)", "hoverinfo": "skip", "name": "mean - std"},
         # under an image's curve the mean is a plain faded line (markers on both curves double the
         # points plotly styles one by one on every redraw); it still hovers and clicks
-        {"type": "scatter", "x": x.tolist(), "y": mean.tolist(), "mode": "lines" if faded else "lines+markers",
+        {"type": "scatter", "x": x.tolist(), "y": finite_or_none(mean), "mode": "lines" if faded else "lines+markers",
          "name": band_label, "customdata": cd, "line": {"color": MEAN_BLUE, "width": 1.2 if faded else 2},
          "marker": {"size": 5, "color": MEAN_BLUE}, "opacity": 0.6 if faded else 1,
          "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>mean %{y:.4f}<extra></extra>"},
     ]
     if faded:
-        data.append({"type": "scatter", "x": x.tolist(), "y": np.asarray(image_values, float).tolist(),
+        data.append({"type": "scatter", "x": x.tolist(), "y": finite_or_none(image_values),
                      "mode": "lines+markers", "name": image_label or "selected image", "customdata": cd,
                      "line": {"color": ACCENT, "width": 2}, "marker": {"size": 5, "color": ACCENT},
                      "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>image %{y:.4f}<extra></extra>"})
     for kind, name, values in overlays:
         colour, dash = OVERLAY_STYLES[kind]
-        data.append({"type": "scatter", "x": x.tolist(), "y": np.asarray(values, float).tolist(), "mode": "lines+markers",
-                     "name": name, "customdata": cd, "line": {"color": colour, "width": 1.6, "dash": dash},
+        data.append({"type": "scatter", "x": x.tolist(), "y": finite_or_none(values), "mode": "lines+markers",
+                     "name": plotly_text(name), "customdata": cd, "line": {"color": colour, "width": 1.6, "dash": dash},
                      "marker": {"size": 4, "color": colour, "symbol": "diamond"}, "meta": {"overlay": kind},
-                     "hovertemplate": f"layer %{{customdata[0]}} head %{{customdata[1]}}<br>{name} %{{y:.4f}}<extra></extra>"})
+                     "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>%{fullData.name} %{y:.4f}<extra></extra>"})
     shapes = _layer_shapes(L, H)
     for l, h in pinned:
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": l * H + h, "x1": l * H + h, "y0": 0, "y1": 1,
@@ -267,6 +300,12 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
                  legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom",
                          "font": {"size": 10}}, margin={"l": 55, "r": 10, "t": 24, "b": 40}, hoverdistance=8)
     lay["legend"]["traceorder"] = "normal"
+    note = "; ".join(n for n in notes if n)
+    if note:  # ±inf / NaN where the run's tables should hold numbers: not drawn, said so
+        lay["annotations"] = [{"text": f"n/a: {note}: not drawn (the run's tables hold ±inf or NaN there).",
+                               "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right", "yanchor": "top",
+                               "showarrow": False, "font": {"size": 10, "color": ACCENT},
+                               "bgcolor": "rgba(255,255,255,0.85)", "name": "unusable-note"}]
     for t in data[:2]:
         t["showlegend"] = False
     return {"data": data, "layout": lay}
@@ -294,8 +333,9 @@ BAR_TEXT = {"textfont": {"size": 10}, "constraintext": "none"}
 
 
 def top5(class_names, probs, true_label_name: str | None, caption: str) -> dict:
-    """B3: the top-5 classes and probabilities (highest on top); the true label in bold."""
-    names = [f"<b>{n}</b>" if n == true_label_name else n for n in class_names]
+    """B3: the top-5 classes and probabilities (highest on top); the true label in bold. Class names
+    are shown as they are (``plotly_text``: a name is never markup)."""
+    names = [f"<b>{plotly_text(n)}</b>" if n == true_label_name else plotly_text(n) for n in class_names]
     data = [{"type": "bar", "orientation": "h", "y": names[::-1], "x": [float(p) for p in probs][::-1],
              "marker": {"color": [ACCENT if n == true_label_name else MEAN_BLUE for n in class_names][::-1]},
              "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto", **BAR_TEXT,
@@ -313,16 +353,16 @@ def top5_pair(panels, true_label_name: str | None) -> dict:
     lay = layout(margin={"l": 10, "r": 10, "t": 22, "b": 30})
     for i, (caption, names, probs) in enumerate(panels):
         xa, ya = ("x", "y") if i == 0 else (f"x{i + 1}", f"y{i + 1}")
-        shown = [f"<b>{c}</b>" if c == true_label_name else c for c in names]
+        shown = [f"<b>{plotly_text(c)}</b>" if c == true_label_name else plotly_text(c) for c in names]
         data.append({"type": "bar", "orientation": "h", "y": shown[::-1], "x": [float(p) for p in probs][::-1],
-                     "xaxis": xa, "yaxis": ya, "name": caption,
+                     "xaxis": xa, "yaxis": ya, "name": plotly_text(caption),
                      "marker": {"color": [ACCENT if c == true_label_name else MEAN_BLUE for c in names][::-1]},
                      "text": [f"{p:.3f}" for p in probs][::-1], "textposition": "auto", **BAR_TEXT,
                      "hovertemplate": "%{y}: %{x:.4f}<extra></extra>"})
         lo, hi = i / n + 0.02, (i + 1) / n - 0.02
         lay["xaxis" if i == 0 else f"xaxis{i + 1}"] = axis(None, range=[0, 1], domain=[lo + 0.12, hi], anchor=ya)
         lay["yaxis" if i == 0 else f"yaxis{i + 1}"] = axis(None, anchor=xa, automargin=True, tickfont={"size": 10})
-        ann.append({"text": caption, "xref": "paper", "yref": "paper", "x": lo, "y": 1.0, "yanchor": "bottom",
+        ann.append({"text": plotly_text(caption), "xref": "paper", "yref": "paper", "x": lo, "y": 1.0, "yanchor": "bottom",
                     "xanchor": "left", "showarrow": False, "font": {"size": 11}})
     lay["annotations"] = ann
     return {"data": data, "layout": lay}
@@ -429,7 +469,7 @@ def distribution(values, current=None, bins: int = 30, title: str | None = None,
     data = []
     parts = [("all images", v_all, MEAN_BLUE, "rgba(0,114,178,0.25)")]
     if subset is not None and len(subset):
-        parts.append((f"{subset_label} ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
+        parts.append((f"{plotly_text(subset_label)} ({len(subset)})", v_all[np.asarray(subset, int)], ACCENT, "rgba(213,94,0,0.25)"))
     for name, v, colour, fill in parts:
         v = v[~np.isnan(v)]
         hist, edges = np.histogram(v, bins=bins, range=tuple(x_range))
@@ -437,7 +477,7 @@ def distribution(values, current=None, bins: int = 30, title: str | None = None,
         centres = (edges[:-1] + edges[1:]) / 2
         data.append({"type": "scatter", "x": centres.tolist(), "y": share.tolist(), "mode": "lines", "fill": "tozeroy",
                      "line": {"color": colour, "shape": "spline", "smoothing": 0.6}, "fillcolor": fill, "name": name,
-                     "hovertemplate": "%{x:.3g}: %{y:.1%} of " + name + "<extra></extra>"})
+                     "hovertemplate": "%{x:.3g}: %{y:.1%} of %{fullData.name}<extra></extra>"})
     shapes = []
     if current is not None and not np.isnan(current):
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": current, "x1": current, "y0": 0, "y1": 1,

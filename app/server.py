@@ -1,7 +1,7 @@
 """The Dash app factory: ``create_app(cache_dir=None, run=None) -> dash.Dash``.
 
 One shell around the pages (app/pages/*.py): a navbar, the shared selection store ``sel``
-(the view state: STATE_KEYS) and its mirror in the URL query string, so any view can be shared
+(the view state, declared in app/state.py) and its mirror in the URL query string, so any view can be shared
 as a link (``/?run=default&image=12&layer=0&head=4&metric=jsd&thr=a0.05``). Every change of the
 state is pushed to the browser history (assets/url.js), so Back/Forward step through it; within a
 page they change the state only (the page is not rendered anew).
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import sys
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode
 
 import dash
 import dash_bootstrap_components as dbc
@@ -23,65 +21,15 @@ from flask import abort, jsonify, request, send_file
 
 from analysis.values import strict_int
 
-from . import callbacks, config
+from . import callbacks, config, data, security, state
 from .auth import install_basic_auth
+from .state import MAX_HEADS, MAX_SET, STATE_KEYS, parse_selection, selection_query  # noqa: F401  (their old home)
+from .views import load
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-KEYS = ("run", "image", "layer", "head")
-# The Explorer's view state beyond the selection (the pages validate the values against the run):
-# metric, thr ("q1" = top 1 %, "a0.05" = value >= 0.05), mode (pruning mode for B3), d1 / d1s (D1's
-# layout and style), color (A's colour), scale (D3/D4's shared colour scale), bins (D5), scope (the
-# images B1's band, C3 and D1 are restricted to: "class" or "wrong"), set (image ids), heads (the
-# head set pruned at once: "layer:head,...", at most MAX_HEADS).
-INT_KEYS = ("image", "layer", "head", "mode")
-STR_KEYS = ("metric", "thr", "d1", "d1s", "color", "scale", "bins", "scope")
-STATE_KEYS = KEYS + ("mode",) + STR_KEYS + ("set", "heads")
-MAX_SET = 5000
-MAX_HEADS = 64  # analysis.metrics.head_sets.MAX_SET_HEADS
-_TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
 PAGES = (("Explorer", "/"), ("Heads", "/heads"), ("Curves", "/curves"), ("Compare", "/compare"), ("Runs", "/runs"),
          ("Help", "/help"))
-
-
-def parse_selection(search: str | None, default_run: str | None) -> dict:
-    """URL query string -> state dict with every STATE_KEYS key (unknown or malformed values become None)."""
-    q = {k: v[-1] for k, v in parse_qs((search or "").lstrip("?")).items()}
-    sel = {"run": q.get("run") if config.valid_name(q.get("run")) else default_run}
-    for k in INT_KEYS:
-        try:
-            sel[k] = strict_int(q[k]) if k in q else None
-        except ValueError:
-            sel[k] = None
-    for k in STR_KEYS:
-        sel[k] = q[k] if k in q and _TOKEN.match(q[k]) else None
-    try:
-        ids = sorted({int(i) for i in q.get("set", "").split(",") if i.strip()})
-        sel["set"] = ids[:MAX_SET] or None
-    except ValueError:
-        sel["set"] = None
-    try:
-        heads = sorted({(h[0], h[1]) for h in parse_heads(q.get("heads", "")) if len(h) == 2 and min(h) >= 0})
-        sel["heads"] = [list(h) for h in heads[:MAX_HEADS]] or None
-    except ValueError:
-        sel["heads"] = None
-    return sel
-
-
-def selection_query(sel: dict | None) -> str:
-    """State dict -> canonical query string ("?run=..&image=.."; "" when empty): the inverse of
-    parse_selection. The browser writes the same string (assets/url.js)."""
-    pairs = []
-    for k in STATE_KEYS:
-        v = (sel or {}).get(k)
-        if v is None or v == [] or v == "":
-            continue
-        if k == "set":
-            v = ",".join(str(int(i)) for i in v)
-        elif k == "heads":
-            v = ",".join(f"{int(l)}:{int(h)}" for l, h in v)
-        pairs.append((k, v))
-    return "?" + urlencode(pairs, safe=",:") if pairs else ""
 
 
 def _shell():
@@ -97,29 +45,43 @@ def _shell():
     ], fluid=True), color="dark", dark=True, className="py-1")
     return html.Div([
         dcc.Location(id="url", refresh=False),
-        dcc.Store(id="sel", data={**dict.fromkeys(STATE_KEYS), "run": run}),
-        dcc.Store(id="url-written"), dcc.Store(id="url-popped"),
+        dcc.Store(id="sel", data={**dict.fromkeys(state.names()), "run": run}),
+        dcc.Store(id="url-written"), dcc.Store(id="url-popped"), dcc.Store(id="url-parsed"),
+        # the view state's declaration (app/state.py) as the browser reads it: data, not a script
+        html.Div(id="hs-state-spec", hidden=True, **{"data-spec": json.dumps(state.browser_spec())}),
         nav,
-        dbc.Container(dash.page_container, fluid=True, className="pt-1 pb-2"),
+        dbc.Container([html.Div(id="state-notes", className="state-notes"), dash.page_container],
+                      fluid=True, className="pt-1 pb-2"),
     ])
 
 
 def _register_shell_callbacks(app: dash.Dash) -> None:
-    @app.callback(Output("sel", "data"), Input("url", "search"), Input("url-popped", "data"), State("sel", "data"))
+    @app.callback(Output("sel", "data"), Output("url-parsed", "data"), Output("state-notes", "children"),
+                  Input("url", "search"), Input("url-popped", "data"), State("sel", "data"))
     def parse_url(search, popped, sel):
         """The URL decides the state when the page loads and on Back/Forward (``url-popped``,
-        assets/url.js): parsed and validated here."""
+        assets/url.js): parsed (app/state.py) and judged against the run here. What was ignored is
+        said above the page, and the URL is rewritten without it (``url-parsed``: assets/url.js
+        replaces the history entry instead of adding one)."""
         if dash.ctx.triggered_id == "url-popped" and popped:
             search = popped.get("search")
-        new = parse_selection(search, (sel or {}).get("run") or config.default_run())
-        return no_update if new == sel else new
+        new, notes = state.parse_query(search, (sel or {}).get("run") or config.default_run())
+        index, _ = load(new)  # a run that cannot be opened: the page says why
+        if index is not None:
+            new, more = state.judge(new, state.run_facts(index))
+            notes += more
+        parsed = {"from": search or "", "query": selection_query(new)}
+        shown = [dbc.Alert(n, color="warning", dismissable=True, className="py-1 px-2 mb-1 small state-note")
+                 for n in notes] or None
+        return no_update if new == sel else new, parsed, shown
 
     # A new state is pushed to the browser history in the browser (assets/url.js: the same string as
     # selection_query), behind dcc.Location's back: a write through its props would run parse_url,
     # and while a callback that writes sel runs, Dash holds every callback listening to sel (the
-    # views). Back/Forward reach parse_url through url-popped.
-    app.clientside_callback("function(sel) { return window.hsUrl.write(sel); }",
-                            Output("url-written", "data"), Input("sel", "data"))
+    # views). Back/Forward reach parse_url through url-popped; the URL it parsed is replaced by the
+    # canonical one (url-parsed), so what it ignored leaves the URL without a new history entry.
+    app.clientside_callback("function(sel, parsed) { return window.hsUrl.write(sel, parsed); }",
+                            Output("url-written", "data"), Input("sel", "data"), Input("url-parsed", "data"))
 
     # the nav links keep the whole state
     app.clientside_callback(
@@ -143,11 +105,11 @@ def _register_thumbnails(app: dash.Dash) -> None:
         problem = config.name_problem(run)
         if problem:
             return jsonify(error=problem), 400
-        try:
-            path = data.get_index(run).run.thumbnail(image_id)  # through the run reader
-        except HeadScopeError:
-            abort(404)
-        if not path.is_file():
+        try:  # through the run reader: a resolved file inside the run, never a link out of it
+            path = data.get_index(run).run.thumbnail_file(image_id)
+        except HeadScopeError:  # an unknown or unreadable run: the same 404, nothing about why
+            path = None
+        if path is None:
             abort(404)
         return send_file(path, mimetype="image/png", max_age=3600)
 
@@ -268,6 +230,7 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
     _register_thumbnails(app)
     _register_api(app.server, app.config.routes_pathname_prefix)
     app.server.config["HEADSCOPE_LOGIN"] = install_basic_auth(app.server, users)
+    security.install_csp(app)  # Content-Security-Policy on every HTML response (app/security.py)
     callbacks.guard(app)  # after the login: an unauthenticated request is refused before it is parsed
     threading.Thread(target=_warm_up, name="headscope-warm-up", daemon=True).start()
     return app

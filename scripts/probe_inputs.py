@@ -255,7 +255,7 @@ def _(env):
 
 @case("--images pointing at a file says it is a file")
 def _(env):
-    from scripts.build_cache import main
+    from analysis.cli import build_main as main
 
     (env.root / "notes.txt").write_text("x")
     return _cli_refused(env, main, ["--model", "vit_tiny_patch16_224", "--weights", str(env.weights), "--images",
@@ -293,7 +293,7 @@ def _(env):
 
 @case("malicious pickle as --weights: exit 2, no traceback")
 def _(env):
-    from scripts.build_cache import main
+    from analysis.cli import build_main as main
 
     return _cli_refused(env, main, ["--model", "vit_tiny_patch16_224", "--weights", str(env.root / "evil.pth"),
                                     "--images", str(env.images), "--out", str(env.root / "o2"), "--quiet"],
@@ -365,13 +365,13 @@ def _(env):
 @case("disk full while writing the tables: message + resume hint, no temporaries")
 def _(env):
     from analysis.errors import CacheError
-    from analysis.runs import build, store
+    from analysis.runs import build, tables
 
     cfg = build.config_from_manifest(env.run, progress=False)
     cfg.out = str(env.root / "full-disk")
     ctx = build.prepare(cfg)
     build.run_image_stage(ctx)
-    real = store.os.fdopen
+    real = tables.os.fdopen
 
     class Full:
         def __init__(self, fd):
@@ -385,11 +385,11 @@ def _(env):
 
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
-    store.os.fdopen = lambda fd, *a, **k: Full(fd)
+    tables.os.fdopen = lambda fd, *a, **k: Full(fd)
     try:
         text = refused(lambda: build.merge_run(ctx), CacheError, "disk is full", "--resume")
     finally:
-        store.os.fdopen = real
+        tables.os.fdopen = real
     left = [p.name for p in Path(cfg.out).rglob(".*") if p.is_file()]
     expect(not left, f"temporaries left: {left}")
     manifest = build.merge_run(build.prepare(cfg))

@@ -286,8 +286,8 @@ def test_the_url_round_trips_a_selection(dash_duo, app):
     until(lambda: query(dash_duo).get("layer") == "0", timeout=TIMEOUT, msg="URL follows the selection")
     assert query(dash_duo) == {"run": "tiny", "image": "5", "layer": "0", "head": "1"}
     # the browser writes the query string as selection_query does (assets/url.js), for every key
-    from app.server import STATE_KEYS, selection_query
-    assert dash_duo.driver.execute_script("return window.hsUrl.KEYS") == list(STATE_KEYS)
+    from app.state import names, selection_query
+    assert dash_duo.driver.execute_script("return window.hsUrl.KEYS") == list(names())
     full = {"run": "tiny", "image": 5, "layer": 0, "head": 1, "mode": 3, "metric": "jsd", "thr": "a0.05", "d1": "patch",
             "d1s": "both", "color": "prob", "scale": "image", "bins": "linear", "scope": "wrong", "set": [2, 9],
             "heads": [[0, 4], [11, 5]]}
@@ -303,6 +303,25 @@ def test_the_url_round_trips_a_selection(dash_duo, app):
     assert query(dash_duo) == {"run": "tiny", "image": "5", "layer": "0", "head": "1"}
     dash_duo.find_element("#nav-explorer").click()
     dash_duo.wait_for_contains_text("#sel-summary", "layer 0 head 1", timeout=TIMEOUT)
+    no_console_errors(dash_duo)
+
+
+def test_a_state_key_declared_in_python_is_in_the_url_the_browser_writes(dash_duo, cache, monkeypatch):
+    """assets/url.js has no copy of the state's keys: it reads app/state.py's declaration from the page."""
+    from app import state
+
+    monkeypatch.setitem(state.STATE, "zoom", state.Key("zoom", "int", "a key this test adds", hi=9))
+    app = create_app(cache, "tiny")
+    visit(dash_duo, app, "/?zoom=3&run=tiny&image=5&layer=2&head=1")
+    dash_duo.wait_for_contains_text("#sel-summary", "layer 2 head 1", timeout=TIMEOUT)
+    # the URL loaded, rewritten in the declared order: zoom last
+    until(lambda: urlsplit(dash_duo.driver.current_url).query == "run=tiny&image=5&layer=2&head=1&zoom=3",
+          timeout=TIMEOUT, msg="the canonical URL keeps the new key")
+    wait_js(dash_duo, "b1-graph", "gd.data.length", lambda n: n == 4, "image curve")
+    click(dash_duo, "#b1-graph .scatterlayer .trace:nth-of-type(4) .point:nth-of-type(2)")  # layer 0 head 1
+    until(lambda: query(dash_duo).get("layer") == "0", timeout=TIMEOUT, msg="URL follows the selection")
+    assert urlsplit(dash_duo.driver.current_url).query == "run=tiny&image=5&layer=0&head=1&zoom=3"
+    assert dash_duo.driver.execute_script("return window.hsUrl.query({zoom: 4, run: 'tiny'})") == "?run=tiny&zoom=4"
     no_console_errors(dash_duo)
 
 
@@ -758,6 +777,38 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     no_console_errors(dash_duo)
 
 
+def test_real_invalid_url_values_are_dropped_with_a_note_and_leave_the_url(dash_duo, real_app, real):
+    """Huge integers, a 5,000-character value, a bad threshold, a head set with one bad entry, an
+    unknown metric, a 6,000-image set: no 400 from the callback guard (no SEVERE console entry), a note
+    naming each key and value, and the URL rewritten without them in place (no new history entry)."""
+    run = real[1]
+    ids = [int(i) for i in real_index(real).image_ids]
+    assert max(ids) < 5000
+    cases = [
+        (f"/?run={run}&image=999999999999999999&layer=1&head=2&set=99999999999999999999999&heads=0:99999999999",
+         {"run": run, "layer": "1", "head": "2"}, ["image=999999999999999999", "set: 1 of 1", "heads: 1 of 1"]),
+        (f"/?run={run}&image={'7' * 5000}&thr=q999&layer=1&head=1",
+         {"run": run, "layer": "1", "head": "1"}, ["image=" + "7" * 40 + "…", "thr=q999"]),
+        (f"/?run={run}&image=3&heads=0:1,1:x,2:3&metric=bogus&mode=99",
+         {"run": run, "image": "3", "heads": "0:1,2:3"}, ["heads: 1 of 3 entries ignored ('1:x')", "metric=bogus",
+                                                          "mode=99"]),
+        (f"/?run={run}&image=2&set={','.join(map(str, range(6000)))}",
+         {"run": run, "image": "2", "set": ",".join(map(str, sorted(ids)))},
+         ["set: 6000 images given, the first 5000 kept.", f"set: {5000 - len(ids)} of 5000 ids ignored"]),
+    ]
+    dash_duo.start_server(real_app)
+    for path, left, notes in cases:
+        before = dash_duo.driver.execute_script("return window.history.length")
+        dash_duo.wait_for_page(dash_duo.server_url + path, timeout=TIMEOUT)
+        dash_duo.wait_for_element("#sel-summary", timeout=TIMEOUT)
+        for note in notes:
+            dash_duo.wait_for_contains_text("#state-notes", note, timeout=TIMEOUT)
+        until(lambda: query(dash_duo) == left, timeout=TIMEOUT, msg=f"URL rewritten: {query(dash_duo)}")
+        settle(dash_duo)
+        assert dash_duo.driver.execute_script("return window.history.length") == before + 1  # replaced, not pushed
+        no_console_errors(dash_duo)
+
+
 def test_real_d1_points_by_layer_and_a_click_on_another_images_head(dash_duo, real_app, real):
     run = real[1]
     index = real_index(real)
@@ -860,7 +911,7 @@ def test_real_exports_data_and_a_self_contained_report(real):
     index = real_index(real)
     sel = {"run": real[1], "image": 3, "layer": 11, "head": 0}
     html_text = explorer.report_html(index, sel, "http://x/?run=real&image=3&layer=11&head=0")
-    assert html_text.count("<h3>") == 7 and "http://x/?run=real&image=3&layer=11&head=0" in html_text
+    assert html_text.count("<h3>") == 7 and "http://x/?run=real&amp;image=3&amp;layer=11&amp;head=0" in html_text
     assert "data:image/jpeg;base64," in html_text and "<script src=" not in html_text  # plotly.js inlined
     import dash
 

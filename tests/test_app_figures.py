@@ -97,7 +97,7 @@ def test_parse_selection():
     blank = dict.fromkeys(STATE_KEYS)
     assert parse_selection("?run=a&image=3&layer=1&head=2", "d") == {**blank, "run": "a", "image": 3, "layer": 1, "head": 2}
     assert parse_selection("", "d") == {**blank, "run": "d"}
-    assert parse_selection("?run=../x&image=oops&metric=<b>&set=1,x", "d") == {**blank, "run": "d"}
+    assert parse_selection("?run=../x&image=oops&metric=<b>&set=1,x", "d") == {**blank, "run": "d", "set": [1]}
     # the whole view state round-trips through the URL, canonically
     state = {**blank, "run": "a", "image": 3, "layer": 1, "head": 2, "mode": 4, "metric": "jsd", "thr": "a0.05",
              "d1": "patch", "d1s": "both", "color": "correct", "scale": "image", "bins": "linear", "set": [2, 5, 9]}

@@ -23,7 +23,8 @@ from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
-from analysis.runs.schema import PATCH_MAPS_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS
+from analysis.runs.schema import (HEAD_KEYS, IMAGE_COLUMNS, PATCH_MAPS_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION,
+                                  SKIPPED_COLUMNS, SUMMARY_KEYS, head_columns, summary_columns)
 
 
 class Run:
@@ -60,8 +61,73 @@ class Run:
             if missing:
                 raise CacheError(f"{name} of run {self.path.name} lacks the columns {', '.join(missing)} (it was "
                                  f"changed or written by another program). Rebuild the run with `{rebuild}`.")
+        self._check_tables()
         self._lock = threading.Lock()
         self._dense: dict[str, np.ndarray] = {}
+
+    # ---- the contract a run's tables keep (checked on open, from the Parquet schemas and the keys) ----
+    def _table_fix(self) -> str:
+        """What to do about a table that breaks the contract: rewrite the tables from the run's parts
+        when it has them (and was built by build_cache.py), else rebuild; or restore a backup."""
+        if (self.path / "parts").is_dir() and self.manifest.get("build_config"):
+            how = (f"write the tables again from the run's parts with `python scripts/build_cache.py --out {self.path} "
+                   "--resume --merge`")
+        else:
+            how = f"rebuild the run with `python scripts/build_cache.py --out {self.path}`"
+        return f"Restore the table from a backup, or {how}."
+
+    def _check_tables(self) -> None:
+        """CacheError naming the table, the column and the fix when a column of a required table has
+        the wrong type (strings where numbers belong, ...), or when the ids are not unique or out of
+        range: image_id in images, (layer, head) in head_summary. Types come from the Parquet
+        schemas; only the key columns are read."""
+        expected = {"images.parquet": IMAGE_COLUMNS, "head_metrics.parquet": head_columns(),
+                    "head_summary.parquet": summary_columns()}
+        for name, columns in expected.items():
+            for field in pq.read_schema(self.path / name):
+                want = columns.get(field.name)
+                if want is None:  # a column this HeadScope does not know (a metric registered elsewhere)
+                    continue
+                key = field.name in HEAD_KEYS or field.name in SUMMARY_KEYS or field.name == "n_images"
+                if not _type_fits(field.type, want, nullable=not key):
+                    raise CacheError(f"{name} of run {self.name}: column {field.name} holds {field.type} values where "
+                                     f"{_kind(want)} values belong (the table was changed or written by another "
+                                     f"program). {self._table_fix()}")
+        ids = self._keys("images.parquet", ["image_id"]).column(0)
+        if ids.null_count:
+            raise CacheError(f"images.parquet of run {self.name}: column image_id has {ids.null_count} empty "
+                             f"value(s). {self._table_fix()}")
+        values, counts = np.unique(ids.to_numpy(), return_counts=True)
+        if (counts > 1).any():
+            twice = ", ".join(str(int(v)) for v in values[counts > 1][:5])
+            raise CacheError(f"images.parquet of run {self.name}: column image_id repeats ids ({twice}"
+                             f"{', ...' if (counts > 1).sum() > 5 else ''}); each image must appear once. "
+                             f"{self._table_fix()}")
+        keys = self._keys("head_summary.parquet", list(SUMMARY_KEYS))
+        if keys.num_rows:
+            if any(c.null_count for c in keys.columns):
+                raise CacheError(f"head_summary.parquet of run {self.name}: columns layer / head have empty "
+                                 f"values. {self._table_fix()}")
+            layer, head = (keys.column(c).to_numpy().astype(np.int64) for c in SUMMARY_KEYS)
+            try:
+                L, H = self.L, self.H
+            except (KeyError, TypeError, ValueError):
+                raise CacheError(f"The manifest of run {self.name} lacks model.depth / model.heads. "
+                                 f"Rebuild the run with `python scripts/build_cache.py --out {self.path}`.") from None
+            if layer.min() < 0 or layer.max() >= L or head.min() < 0 or head.max() >= H:
+                raise CacheError(f"head_summary.parquet of run {self.name}: columns layer / head name heads outside "
+                                 f"the model's {L} layers x {H} heads. {self._table_fix()}")
+            if len(np.unique(layer * H + head)) != len(layer):
+                raise CacheError(f"head_summary.parquet of run {self.name}: columns layer / head repeat heads; "
+                                 f"each head must appear once. {self._table_fix()}")
+
+    def _keys(self, name: str, columns: list[str]) -> pa.Table:
+        """The key ``columns`` of table ``name``; CacheError saying "rebuild" when they cannot be read."""
+        try:
+            return pq.read_table(self.path / name, columns=columns)
+        except (OSError, pa.ArrowException) as err:
+            raise CacheError(f"{name} of run {self.name} is corrupt ({type(err).__name__}: {err}). "
+                             f"{self._table_fix()}") from None
 
     @property
     def name(self) -> str:
@@ -254,20 +320,71 @@ class Run:
         out[idx] = pd.to_numeric(hs[column], errors="coerce").to_numpy(float)
         return out.reshape(L, H)
 
+    def file(self, relative: str) -> Path | None:
+        """The run's regular file at ``relative`` (e.g. "thumbs/3.png"), resolved (links followed), or
+        None when it is missing, not a regular file, or lies outside the resolved run directory (a
+        link out of the run): what the app may send or read from a run goes through here."""
+        root = self.path.resolve()
+        try:
+            target = (root / relative).resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, a link loop
+            return None
+        return target if target.is_relative_to(root) and target.is_file() else None
+
     def thumbnail(self, image_id: int) -> Path:
-        """Path of an image's thumbnail PNG (it may be missing: check ``.is_file()``)."""
+        """Path of an image's thumbnail PNG (it may be missing: check ``.is_file()``; to send or read
+        it, use ``thumbnail_file``, which refuses links out of the run)."""
         return self.path / "thumbs" / f"{int(image_id)}.png"
 
+    def thumbnail_file(self, image_id: int) -> Path | None:
+        """The thumbnail PNG of an image as a resolved file inside the run; None when missing, not a
+        file, or a link out of the run (see ``file``)."""
+        return self.file(f"thumbs/{int(image_id)}.png")
+
     def open_thumbnail(self, image_id: int):
-        """The thumbnail as a PIL image; CacheError when the run lacks it."""
+        """The thumbnail as a PIL image; CacheError when the run lacks it (or it lies outside the run)."""
         from PIL import Image
 
         try:
-            with Image.open(self.thumbnail(image_id)) as im:
+            path = self.thumbnail_file(image_id)
+            if path is None:
+                raise FileNotFoundError
+            with Image.open(path) as im:
                 return im.convert("RGB")
         except OSError:
             raise CacheError(f"The thumbnail of image {int(image_id)} is missing from run {self.name}. "
                              "Rebuild the run to restore it.") from None
+
+
+def _kind(t: pa.DataType) -> str:
+    """What a column of type ``t`` holds, in words: "integer", "number", "text", "list of numbers", ..."""
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _kind(t.value_type)
+        return f"list of {'number' if inner == 'integer' else inner}s"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def _type_fits(found: pa.DataType, want: pa.DataType, nullable: bool = True) -> bool:
+    """Whether a column stored as ``found`` reads as the schema's ``want``: the same kind (any width;
+    integers where numbers belong), or an all-empty (null) column where ``nullable``."""
+    have, need = _kind(found), _kind(want)
+    if have == "null":
+        return nullable
+    if need == "number":
+        return have in ("number", "integer")
+    if need == "list of numbers":
+        return have == "list of numbers"
+    return have == need
 
 
 def open_run(path: str | Path) -> Run:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.errors import CacheError, InputError, ModelLoadError
+from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
 from analysis.metrics.strength import peak_attention
 from analysis.runs.store import Run, open_run, run_fingerprint
 from analysis.models.adapter import ViT, load_vit
+
+log = logging.getLogger(__name__)
 
 
 def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
@@ -61,20 +64,25 @@ def json_floats(a) -> list:
     return out.tolist()
 
 
-def patch_maps_payload(vit: ViT, image: torch.Tensor, label: int | None, stored: dict | None = None) -> dict:
+def patch_maps_payload(vit: ViT, image: torch.Tensor, label: int | None, stored: dict | None = None,
+                       baseline: str = "mean") -> dict:
     """The online patch-maps answer for one image [3, H, W]: ``stored`` maps (a run's precomputed
-    ones) or every map the model supports computed now, with units, pairwise agreement (Spearman)
-    and the heads' alignment with the occlusion map [L, H] (None without a prefix token)."""
-    from analysis.metrics.patch_maps import (check_image, head_saliency_alignment, map_agreement, map_unit,
-                                             patch_maps, target_class)
+    ones, made with the mean-colour occlusion baseline) or every map the model supports computed now,
+    with units, pairwise agreement (Spearman) and the heads' alignment with the occlusion map [L, H]
+    (None without a prefix token). Another ``baseline`` recomputes occlusion only."""
+    from analysis.metrics.patch_maps import (check_baseline, check_image, head_saliency_alignment, map_agreement,
+                                             map_unit, patch_maps, target_class)
 
     label = label if vit.has_head else None
-    maps = stored if stored else patch_maps(vit, image, label)
+    if check_baseline(baseline) != "mean" and stored:
+        stored = {**stored, **patch_maps(vit, image, label, maps=["occlusion"], occlusion_baseline=baseline)}
+    maps = stored if stored else patch_maps(vit, image, label, occlusion_baseline=baseline)
     agreement = map_agreement(maps)
     alignment = (head_saliency_alignment(vit, maps["occlusion"], image=image)
                  if vit.num_prefix_tokens > 0 else None)
     return {"label": label, "target": target_class(vit, check_image(vit, image), label),
-            "precomputed": bool(stored), "grid": list(vit.grid), "patch_size": vit.patch_size,
+            "precomputed": bool(stored), "occlusion_precomputed": bool(stored) and baseline == "mean",
+            "baseline": baseline, "grid": list(vit.grid), "patch_size": vit.patch_size,
             "img_size": list(vit.img_size), "num_prefix_tokens": vit.num_prefix_tokens,
             "maps": {k: json_floats(v) for k, v in maps.items()},
             "units": {k: map_unit(k, vit.has_head) for k in maps},
@@ -223,7 +231,16 @@ class ModelService:
         attached = self._attachment(run.path)
         if attached is not None:
             return attached[1][rows[0]], label
-        return (vit or self._model(run)[0]).preprocess([open_image(row.path)])[0], label
+        try:
+            pil = open_image(row.path)
+        except ImageReadError as err:
+            # one message whatever the cause (missing, unreadable, not an image, a link anywhere), and no
+            # path: it reaches web clients and must not tell which files exist. The log keeps the detail.
+            log.warning("image %s of run %s cannot be loaded: %s", int(image_id), run.name, err)
+            raise ImageReadError(f"Image {int(image_id)} of run {run.name} cannot be loaded from where the build "
+                                 "read it (the file is gone, moved or unreadable). Restore the run's image files "
+                                 "at their original paths, or rebuild the run.") from None
+        return (vit or self._model(run)[0]).preprocess([pil])[0], label
 
     def _check_head(self, vit: ViT, layer: int, head: int) -> None:
         if not (0 <= int(layer) < vit.depth and 0 <= int(head) < vit.num_heads):
@@ -307,24 +324,28 @@ class ModelService:
                            head=(int(layer), int(head)))
 
     # ---- patch attribution (SPEC "Patch attribution") ----------------------------------------
-    def patch_maps(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
-        """The four patch maps of one image (precomputed when the run has them, else computed now),
-        their pairwise Spearman agreement and each head's alignment with the occlusion map:
+    def patch_maps(self, run_dir, image_id: int, baseline: str = "mean", fingerprint: str | None = None) -> dict:
+        """The four patch maps of one image (precomputed when the run has them, else computed now;
+        occlusion with another ``baseline`` than the mean colour is always computed now), their
+        pairwise Spearman agreement and each head's alignment with the occlusion map:
         {"maps": {name: [[gh x gw floats]]}, "units", "agreement": {name: {name: rho}},
-        "alignment": [[L x H]], "target", "label", "precomputed", grid/patch facts}. NaN -> None."""
+        "alignment": [[L x H]], "target", "label", "precomputed", "occlusion_precomputed", "baseline",
+        grid/patch facts}. NaN -> None."""
         run = self.run(run_dir, fingerprint)
 
         def compute(vit, image, label):
-            return {"image_id": int(image_id), **patch_maps_payload(vit, image, label, run.patch_maps(int(image_id)))}
+            stored = run.patch_maps(int(image_id))
+            return {"image_id": int(image_id), **patch_maps_payload(vit, image, label, stored, baseline)}
 
-        return self._query("patch_maps", run_dir, image_id, (), fingerprint, compute)
+        return self._query("patch_maps", run_dir, image_id, (baseline,), fingerprint, compute)
 
-    def deletion_curves(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
-        """Deletion curves of the image's maps (top-n patch tokens dropped, n on the default grid):
-        {"metric": "prob" | "emb_dist", "n": [...], "curves": {map: [values]}}."""
+    def deletion_curves(self, run_dir, image_id: int, baseline: str = "mean", fingerprint: str | None = None) -> dict:
+        """Deletion curves of the image's maps (top-n patch tokens dropped, n on the default grid;
+        the occlusion map made with ``baseline``): {"metric": "prob" | "emb_dist", "n": [...],
+        "curves": {map: [values]}}."""
         from analysis.metrics.patch_maps import deletion_curves
 
-        maps = self.patch_maps(run_dir, image_id, fingerprint)["maps"]
+        maps = self.patch_maps(run_dir, image_id, baseline, fingerprint)["maps"]
 
         def compute(vit, image, label):
             arrays = {k: np.asarray(v, np.float64) for k, v in maps.items()}
@@ -333,4 +354,4 @@ class ModelService:
             return {"image_id": int(image_id), "metric": metric, "n": sorted(set(df["n"].tolist())),
                     "curves": {name: g.sort_values("n")[metric].tolist() for name, g in df.groupby("map", sort=False)}}
 
-        return self._query("deletion", run_dir, image_id, (), fingerprint, compute)
+        return self._query("deletion", run_dir, image_id, (baseline,), fingerprint, compute)

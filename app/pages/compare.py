@@ -150,6 +150,9 @@ def compare_view(runs, metric):
     present = [i for i in indexes if metric in scalar_metrics(i)]
     notes += [(i.run.lacks(metric) if metric in PATTERN_METRICS else f"Run {i.name} has no {metric} (a backbone has "
                "no prob, prob_drop or jsd)") + "; it is left out of the profiles." for i in indexes if i not in present]
+    notes += [f"Run {i.name}: {bad}: shown as n/a and left out of the profiles and rank changes (the run's tables "
+              "hold ±inf or NaN there; rebuild it to recompute them)."
+              for i in present if (bad := F.unusable_note(i.summary(metric)[0], i.H, metric))]
     profiles = profile_figure(present, m)
     a, b = indexes[0], indexes[1]
     if (a.L, a.H) != (b.L, b.H):
@@ -191,7 +194,7 @@ def difference_views(a: data.RunIndex, b: data.RunIndex, m: registry.Metric):
     """The difference heatmap (b - a, per head) and the table of the largest rank changes."""
     va, vb = a.summary(m.name)[0].astype(np.float64), b.summary(m.name)[0].astype(np.float64)
     diff = (vb - va).reshape(a.L, a.H)
-    span = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
+    span = float(np.abs(diff[np.isfinite(diff)]).max()) if np.isfinite(diff).any() else 1.0
     fig = {"data": [{"type": "heatmap", "z": np.where(np.isfinite(diff), diff, None).tolist(),
                      "x": list(range(a.H)), "y": list(range(a.L)), "colorscale": "RdBu", "reversescale": True,
                      "zmin": -span, "zmax": span, "colorbar": {"title": {"text": "difference"}, "thickness": 10},
@@ -201,7 +204,8 @@ def difference_views(a: data.RunIndex, b: data.RunIndex, m: registry.Metric):
     low = m.important == "low"
     ra, rb = head_ranks(va, low), head_ranks(vb, low)
     change = ra - rb  # positive: the head ranks higher in b
-    order = np.argsort(-np.abs(change), kind="stable")[:15]
+    both = np.isfinite(va) & np.isfinite(vb)  # a head without a finite value in either run has no rank change
+    order = [i for i in np.argsort(-np.abs(change), kind="stable") if both[i]][:15]
     rows = [html.Tr([html.Td(int(i // a.H)), html.Td(int(i % a.H)), html.Td(int(ra[i])), html.Td(int(rb[i])),
                      html.Td(f"{int(change[i]):+d}")]) for i in order]
     table = [html.P(f"Heads whose rank by {m.name} changes most from {a.name} to {b.name} (rank 1 = "

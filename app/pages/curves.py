@@ -50,8 +50,10 @@ def is_classifier(index) -> bool:
 
 def read_curves(index) -> tuple[pd.DataFrame | None, dict | None, str | None]:
     entry = index.manifest.get("pruning_curves")
-    path = index.path / (entry or {}).get("file", "pruning_curves.parquet")
-    if not entry or not path.is_file():
+    # a file of the run only (the reader refuses a name or link that leads out of it)
+    path = (index.run.file(str(entry.get("file", "pruning_curves.parquet")))
+            if entry and isinstance(entry, dict) else None)
+    if path is None:
         return None, None, (f"Run {index.name} has no pruning curves. Build it with "
                             "python scripts/build_cache.py --curves (with --taylor for the taylor order).")
     return index.memo("pruning_curves", lambda: pd.read_parquet(path)), entry, None

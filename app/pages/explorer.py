@@ -5,7 +5,7 @@ C attention strength (C1 all heads, C2 k-hop vector, C3 entropy over images) ·
 D attention pattern (D1 layout of all heads, D2 image masks, D3 two-axis view, D4 heatmap,
 D5 histogram + threshold).
 
-State: the shell's store ``sel`` holds the whole view state (app.server.STATE_KEYS) and mirrors the
+State: the shell's store ``sel`` holds the whole view state (declared in app/state.py) and mirrors the
 URL. The controls and ``sel`` are kept in step by one clientside callback; a second one splits
 ``sel`` into small ``k-*`` stores that change only when their part changes, and every view listens
 to just the parts it depends on (a threshold change redraws D3-D5 only, an image change leaves the
@@ -15,6 +15,7 @@ online service, which answers each (image, head) once (its result cache) for all
 from __future__ import annotations
 
 import io
+import string
 
 import dash
 import dash_bootstrap_components as dbc
@@ -26,19 +27,18 @@ from dash import Input, Output, Patch, State, callback, clientside_callback, ctx
 from analysis.errors import HeadScopeError
 from analysis.metrics import registry
 from analysis.models.pruning import MODE_LABELS
+from analysis.safe_text import render_html, write_csv
 from analysis.serving.transport import OnlineError
 
-from app import data, figures as F
-from app.callbacks import STATE_PARTS
+from app import data, figures as F, report
 from app.panels import head_sets, saliency
-from app.server import selection_query
+from app.state import MAX_SET, PARTS, STATE, judge, parse_threshold, run_facts, selection_query
 from app.views import card, graph, graph_config, load, loading, message, overlaid
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
 head_sets.register()
 
 Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
-DEFAULT_THR = "q1"  # top 1 % (the paper's default)
 Q_STEP = 0.05
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
@@ -46,20 +46,6 @@ GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph",
 D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
-
-
-def parse_threshold(thr: str | None) -> tuple[str, float]:
-    """"q1" -> ("q", 0.01) (top 1 %); "a0.05" -> ("a", 0.05) (value >= 0.05); bad -> the default."""
-    for text in (thr, DEFAULT_THR):
-        try:
-            kind, v = text[0], float(text[1:])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if kind == "q" and 0 < v <= 100:
-            return "q", v / 100
-        if kind == "a" and 0 <= v <= 1:
-            return "a", v
-    raise AssertionError("the default threshold parses")
 
 
 def layout(**query):
@@ -186,7 +172,7 @@ def layout(**query):
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
 
-    keys = [dcc.Store(id=f"k-{k}") for k in STATE_PARTS]
+    keys = [dcc.Store(id=f"k-{k}") for k in PARTS]
     return html.Div([
         html.Div(id="run-alert"),
         top,
@@ -213,11 +199,11 @@ clientside_callback(
 clientside_callback(
     """
     function(sel) {
-        const C = window.dash_clientside, s = sel || {};
-        const t = s.thr || 'q1', kind = t[0] === 'a' ? 'a' : 'q', v = parseFloat(t.slice(1));
-        const want = {'metric': s.metric || null, 'a-color': s.color || 'class', 'd1-kind': s.d1 || 'cls',
-                      'd1-style': s.d1s || 'points', 'scale': s.scale || 'layer', 'bins': s.bins || 'log',
-                      'thr-kind': kind, 'band-scope': s.scope || 'set'};
+        const C = window.dash_clientside, s = sel || {}, D = window.hsUrl.defaults();  // app/state.py
+        const t = s.thr || D.thr, kind = t[0] === 'a' ? 'a' : 'q', v = parseFloat(t.slice(1));
+        const want = {'metric': s.metric || null, 'a-color': s.color || D.color, 'd1-kind': s.d1 || D.d1,
+                      'd1-style': s.d1s || D.d1s, 'scale': s.scale || D.scale, 'bins': s.bins || D.bins,
+                      'thr-kind': kind, 'band-scope': s.scope || D.scope};
         if (isFinite(v) && kind === 'q' && v > 0) { want['q-slider'] = Math.max(-1, Math.min(2, Math.log10(v))); }
         if (isFinite(v) && kind === 'a') { want['thr-abs'] = v; }
         // only what changed since the last call on this page (each set_props re-renders the page)
@@ -240,25 +226,25 @@ clientside_callback(
         const C = window.dash_clientside, nu = C.no_update;
         const trig = (C.callback_context.triggered || []).map(t => t.prop_id.split('.')[0]);
         if (!trig.length) { return nu; }
-        const id = trig[0], out = Object.assign({}, sel || {});
-        const dflt = (v, d) => (v === d ? null : v);
+        const id = trig[0], out = Object.assign({}, sel || {}), D = window.hsUrl.defaults();  // app/state.py
+        const dflt = (v, k) => (v === D[k] ? null : v);
         if (id === 'metric' && metric) { out.metric = metric; }  // null: the menu before its options came
-        if (id === 'a-color') { out.color = dflt(color, 'class'); }
-        if (id === 'd1-kind') { out.d1 = dflt(d1, 'cls'); }
-        if (id === 'd1-style') { out.d1s = dflt(d1s, 'points'); }
-        if (id === 'scale') { out.scale = dflt(scale, 'layer'); }
-        if (id === 'bins') { out.bins = dflt(bins, 'log'); }
-        if (id === 'band-scope') { out.scope = dflt(scope, 'set'); }
+        if (id === 'a-color') { out.color = dflt(color, 'color'); }
+        if (id === 'd1-kind') { out.d1 = dflt(d1, 'd1'); }
+        if (id === 'd1-style') { out.d1s = dflt(d1s, 'd1s'); }
+        if (id === 'scale') { out.scale = dflt(scale, 'scale'); }
+        if (id === 'bins') { out.bins = dflt(bins, 'bins'); }
+        if (id === 'band-scope') { out.scope = dflt(scope, 'scope'); }
         const qthr = () => 'q' + parseFloat(Math.pow(10, logq).toPrecision(3));
         const athr = () => {
             const v = (absv !== null && absv !== undefined && absv !== '') ? Number(absv) : current;
             return (v === null || v === undefined || !isFinite(v)) ? null : 'a' + parseFloat(Number(v).toPrecision(4));
         };
-        const was = (sel && sel.thr) || 'q1';
+        const was = (sel && sel.thr) || D.thr;
         if (id === 'q-slider' && kind === 'q') { out.thr = qthr(); }
         if (id === 'thr-abs' && kind === 'a') { out.thr = athr() || was; }
         if (id === 'thr-kind' && kind !== was[0]) { out.thr = kind === 'q' ? qthr() : (athr() || was); }
-        if (out.thr === 'q1') { out.thr = null; }
+        if (out.thr === D.thr) { out.thr = null; }
         const norm = o => JSON.stringify(Object.keys(o).sort().map(k => [k, o[k] === undefined ? null : o[k]]));
         return norm(out) === norm(sel || {}) ? nu : out;
     }
@@ -274,20 +260,7 @@ clientside_callback(
 clientside_callback(
     """
     function(sel) {
-        const C = window.dash_clientside, s = sel || {}, r = s.run || null;
-        const parts = [
-            {run: r, image: s.image ?? null},
-            {run: r, layer: s.layer ?? null, head: s.head ?? null},
-            {run: r, metric: s.metric || null},
-            {thr: s.thr || null, bins: s.bins || null},
-            {d1: s.d1 || null, d1s: s.d1s || null},
-            {mode: s.mode ?? null},
-            s.color === 'head' ? {color: 'head', metric: s.metric || null, layer: s.layer ?? null, head: s.head ?? null}
-                               : {color: s.color || null},
-            {set: s.set || null, scope: s.scope || null},
-            {scale: s.scale || null},
-            {run: r},
-        ];
+        const C = window.dash_clientside, parts = window.hsUrl.parts(sel);  // app/state.py PARTS
         // the page's stores are new after each visit of the page: compare with what they hold now
         const root = document.getElementById('explorer-root');
         const held = C.hs_parts && root === C.hs_parts_el ? C.hs_parts : [];
@@ -296,7 +269,7 @@ clientside_callback(
         return parts.map((p, i) => JSON.stringify(p) === JSON.stringify(held[i]) ? C.no_update : p);
     }
     """,
-    *[Output(f"k-{k}", "data") for k in STATE_PARTS],
+    *[Output(f"k-{k}", "data") for k in PARTS],
     Input("sel", "data"),
 )
 
@@ -414,11 +387,7 @@ def selection_summary(_image, _head, _set, sel):
     if index is None:
         return None, message(err, "danger")
     pos, head = _selection(index, sel)
-    notes = []
-    if sel.get("image") is not None and pos is None:
-        notes.append(f"Image {sel['image']} is not in run {index.name} (ids {index.image_ids.min()}-{index.image_ids.max()}).")
-    if sel.get("layer") is not None and head is None:
-        notes.append(f"Head ({sel['layer']}, {sel['head']}) does not exist: layers 0-{index.L - 1}, heads 0-{index.H - 1}.")
+    _, notes = judge(sel, run_facts(index))  # what the run lacks (a URL's were dropped by parse_url)
     model = index.manifest.get("model", {})
     parts = [html.Span(f"{index.name}", className="badge bg-secondary me-2"),
              html.Span(f"{model.get('name', '?')} · {index.n} images · {index.L} layers × {index.H} heads",
@@ -561,16 +530,16 @@ def select_image(selected, _go, _submit, _clear, typed_id, typed_layer, typed_he
                       if isinstance(pt.get("customdata"), (int, float))})
         if not ids:
             return no_update
-        p["set"] = ids
+        p["set"] = ids[:MAX_SET]
         return p
     if trig == "set-clear":
         p["set"] = None
         return p
     if trig in ("image-go", "image-box"):
-        changed = False
-        if typed_id is not None:
+        changed = False  # a value the state does not accept (a negative id, ...) is not taken
+        if typed_id is not None and STATE["image"].accepts(typed_id):
             p["image"], changed = int(typed_id), True
-        if typed_layer is not None and typed_head is not None:
+        if STATE["layer"].accepts(typed_layer) and STATE["head"].accepts(typed_head):
             p["layer"], p["head"], changed = int(typed_layer), int(typed_head), True
         return p if changed else no_update
     return no_update
@@ -966,31 +935,28 @@ def _attention_table(index, pos, head) -> pd.DataFrame:
     return pd.DataFrame(A, index=pd.Index(names, name="source \\ target"), columns=names)
 
 
-def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
-    """A self-contained HTML page about the selected head on the selected image: its B2, C2, C3,
-    D2-D4 and the URL that reproduces the view (plotly.js inlined once)."""
-    import plotly.io as pio
+REPORT_HEADER = string.Template("<p>label $label · predicted $pred · metric $metric · $count</p>"
+                                "<p>Reproduce: $link</p><h3>D2 · image and attention masks</h3>")
 
+
+def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
+    """A self-contained HTML page about the selected head on the selected image: its B2, B3, C2,
+    C3, D2-D4 and the URL that reproduces the view (app.report: plotly.js inlined once, names
+    escaped, a CSP that runs only plotly.js and the figure loader)."""
     pos, head = _selection(index, sel)
-    figs = []
     b2, b3, _ = view_b2_b3(None, None, None, None, sel)
     _, c2, c3, _ = view_c(None, None, None, "strength_entropy", sel)
     d3, d4, _, count, _, _ = view_d3_d5(None, None, None, None, sel)
     d2, _ = view_d2(None, None, None, None, sel)
-    for title, fig in (("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3),
-                       ("C2 · k-hop strength", c2), ("C3 · strength entropy over images", c3),
-                       ("D3 · two-axis view", d3), ("D4 · attention matrix", d4)):
-        fig = dict(fig, layout=dict(fig["layout"], height=360, width=720))
-        figs.append(f"<h3>{title}</h3>" + pio.to_html(fig, include_plotlyjs=not figs, full_html=False))
-    imgs = "".join(f'<figure><img src="{t.children[0].src}" width="200"><figcaption>{t.children[1].children}</figcaption></figure>'
-                   for t in (d2 or []) if isinstance(t, html.Figure))
+    figures = [(title, dict(fig, layout=dict(fig["layout"], height=360, width=720))) for title, fig in (
+        ("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3), ("C2 · k-hop strength", c2),
+        ("C3 · strength entropy over images", c3), ("D3 · two-axis view", d3), ("D4 · attention matrix", d4))]
+    images = [(t.children[0].src, t.children[1].children) for t in (d2 or []) if isinstance(t, html.Figure)]
     row = index.images.iloc[pos]
+    header = render_html(REPORT_HEADER, label=index.class_name(row.label), pred=index.class_name(row.pred),
+                         metric=_metric(index, sel), count=count, link=report.link(url))
     title = f"HeadScope · {F.head_name(*head)} on image {int(row.image_id)} of run {index.name}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>body{{font-family:system-ui;"
-            f"max-width:1000px;margin:1rem auto}} figure{{display:inline-block;margin:4px}}</style></head><body>"
-            f"<h1>{title}</h1><p>label {index.class_name(row.label)} · predicted {index.class_name(row.pred)}"
-            f" · metric {_metric(index, sel)} · {count}</p><p>Reproduce: <a href='{url}'>{url}</a></p>"
-            f"<h3>D2 · image and attention masks</h3>{imgs}{''.join(figs)}</body></html>")
+    return report.figure_page(title, header, figures, images)
 
 
 def view_url(sel: dict) -> str:
@@ -1021,9 +987,10 @@ def export(_a, _b, _c, _d, _e, _f, sel):
     elif what == "dl-prune-csv":
         df = pd.DataFrame(_pruning(index, pos, head))
     else:
-        return dcc.send_string(report_html(index, sel, view_url(sel)), f"{stem}-report.html")
-    if what.endswith("parquet"):
+        return dcc.send_string(report_html(index, sel, view_url(sel)), f"{stem}-report.html", type="text/html")
+    if what.endswith("parquet"):  # the raw values: Parquet is data for programs, not a spreadsheet
         buf = io.BytesIO()
         df.to_parquet(buf)
         return dcc.send_bytes(buf.getvalue(), f"{stem}-{what.split('-')[1]}.parquet")
-    return dcc.send_data_frame(df.to_csv, f"{stem}-{what.split('-')[1]}.csv", index=what.startswith("dl-att"))
+    # a CSV opens in spreadsheets: text cells that would run as formulas are neutralised (safe_text)
+    return dcc.send_string(write_csv(df, index=what.startswith("dl-att")), f"{stem}-{what.split('-')[1]}.csv")

@@ -83,11 +83,14 @@ def heads_view(sel, metric):
     grid = mean.reshape(index.L, index.H)
     idx = np.arange(index.L * index.H)
     what = "mean" if m.level == "image_head" else "value"
-    fig = {"data": [{"type": "heatmap", "z": grid.tolist(), "x": list(range(index.H)), "y": list(range(index.L)),
+    cell = lambda v, fmt: "–" if v is None else ("n/a" if not np.isfinite(v) else format(v, fmt))
+    fig = {"data": [{"type": "heatmap", "z": F.finite_or_none(grid), "x": list(range(index.H)),
+                     "y": list(range(index.L)),
                      "colorscale": "Cividis", "reversescale": low,
                      "customdata": np.stack([idx // index.H, idx % index.H], 1).reshape(index.L, index.H, 2).tolist(),
+                     "text": [[cell(v, ".4g") for v in row] for row in grid],
                      "colorbar": {"title": {"text": what}, "thickness": 10},
-                     "hovertemplate": f"layer %{{y}} head %{{x}}<br>{what} %{{z:.4g}}<extra></extra>"}],
+                     "hovertemplate": f"layer %{{y}} head %{{x}}<br>{what} %{{text}}<extra></extra>"}],
            "layout": F.layout(f"{what} {m.title}",
                               xaxis=F.axis("head", dtick=1), yaxis=F.axis("layer", dtick=1, autorange="reversed"))}
     sel_head = (sel or {}).get("layer"), (sel or {}).get("head")
@@ -96,9 +99,8 @@ def heads_view(sel, metric):
                             "hoverinfo": "skip", "marker": {"symbol": "square-open", "size": 16,
                                                             "color": F.ACCENT, "line": {"width": 3}}})
     order = np.argsort(mean if low else -mean, kind="stable")
-    order = order[~np.isnan(mean[order])][:20]
+    order = order[np.isfinite(mean[order])][:20]  # ±inf / NaN never rank (a corrupt or hand-edited run)
     ent = index.summary("strength_entropy")[0] if "strength_entropy" in index.properties else None
-    cell = lambda v, fmt: "–" if v is None or not np.isfinite(v) else format(v, fmt)
     rows = [html.Tr([html.Td(r + 1), html.Td(int(i // index.H)), html.Td(int(i % index.H)),
                      html.Td(cell(mean[i], ".4g")), html.Td(cell(std[i], ".4g")),
                      html.Td("–" if ent is None else cell(ent[i], ".3f"))]) for r, i in enumerate(order)]
@@ -112,7 +114,11 @@ def heads_view(sel, metric):
     if not m.exact:
         text += " Approximate metric."
     note = html.P(text, className="small text-muted mb-1")
-    return fig, [note, table], None
+    bad = F.unusable_note(mean, index.H, f"{what} of {metric}")
+    if bad:
+        bad = message(f"{bad}: shown as n/a and left out of the ranking. The run's tables hold ±inf or NaN there "
+                      "(changed by hand or corrupt); rebuild the run to recompute them.", "warning")
+    return fig, [note, table], bad
 
 
 @callback(Output("sel", "data", allow_duplicate=True), Input("heads-map", "clickData"), prevent_initial_call=True)
@@ -271,7 +277,7 @@ def heads_class_view(sel, metric, images):
             "Class views need images with true labels (a folder of class sub-folders or a manifest with labels).",
             "warning")
     m = registry.get_metric(metric)
-    names = [f"{index.class_name(c)} (n={k})" for c, k in zip(stats.classes, stats.counts)]
+    names = [f"{F.plotly_text(index.class_name(c))} (n={k})" for c, k in zip(stats.classes, stats.counts)]  # as text
     heads = [f"L{l}H{h}" for l in range(index.L) for h in range(index.H)]
     z = stats.mean.reshape(len(stats.classes), -1)
     std = stats.std.reshape(len(stats.classes), -1)

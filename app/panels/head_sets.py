@@ -301,10 +301,10 @@ def view_set(_key, sel):
 
 
 def top_heads(index: data.RunIndex, metric: str, pos: int, k: int) -> list[tuple[int, int]]:
-    """The image's k most important heads by ``metric`` (its registry direction; NaN last)."""
+    """The image's k most important heads by ``metric`` (its registry direction; ±inf and NaN last)."""
     v = np.asarray(index.values(metric)[pos], float)
     score = -v if registry.get_metric(metric).important == "high" else v
-    order = np.argsort(np.where(np.isnan(score), np.inf, score), kind="stable")[:k]
+    order = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")[:k]
     return [(int(i) // index.H, int(i) % index.H) for i in order]
 
 
