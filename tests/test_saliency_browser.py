@@ -111,13 +111,13 @@ def test_saliency_panel_maps_agreement_hover_click_and_deletion(dash_duo, real, 
 
     baseline = Select(dash_duo.find_element("#sal-baseline"))
     baseline.select_by_value("blur")
-    wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and "blurred image" in t, "blur baseline")
+    wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and "occlusion · blurred" in t, "blur baseline")
     assert "computed now" in js(dash_duo, "sal-graph", "gd.layout.title.text")
     blurred = engine_maps(store.open_run(real[0] / run), row, maps=["occlusion"], occlusion_baseline="blur")
     np.testing.assert_allclose(np.array(js(dash_duo, "sal-graph", "gd._fullData[0].z.map(r => Array.from(r))"), float),
                                blurred["occlusion"], rtol=1e-5, atol=1e-6)
     baseline.select_by_value("mean")
-    wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and "mean colour" in t, "mean baseline")
+    wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and "occlusion · mean colour" in t, "mean baseline")
 
     # agreement: Spearman of every pair of maps
     names = js(dash_duo, "sal-agree", "gd.data[0].x")
