@@ -218,7 +218,8 @@ def make_config(args: argparse.Namespace):
     import torch
 
     from analysis.errors import CacheError
-    from analysis.runs.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out, model_ref
+    from analysis.models.adapter import model_reference
+    from analysis.runs.build import EMBEDDED_RUNS, BuildConfig, config_from_manifest, default_out
 
     if args.images:
         dataset, kind = str(Path(args.images).resolve()), "folder"
@@ -226,7 +227,7 @@ def make_config(args: argparse.Namespace):
         dataset, kind = str(Path(args.manifest).resolve()), "manifest"
     else:
         dataset, kind = args.dataset, None
-    given = {"model": model_ref(args.model) if args.model else None,
+    given = {"model": model_reference(args.model) if args.model else None,
              "weights": str(Path(args.weights).resolve()) if args.weights else None, "pretrained": args.pretrained,
              "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
@@ -366,7 +367,8 @@ def serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.torch_threads))
 
-    from analysis.runs import store
+    from analysis.paths import default_cache_dir
+    from analysis.runs.reader import list_runs
     from app import config, create_app
 
     try:
@@ -374,7 +376,7 @@ def serve(args: argparse.Namespace) -> int:
     except HeadScopeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not store.list_runs(config.cache_dir()):
+    if not list_runs(config.cache_dir()):
         print(f"Note: no runs under {config.cache_dir()}. Build one with "
               "`headscope build --out cache/default`; the dashboard will say so too.", file=sys.stderr)
     login = app.server.config["HEADSCOPE_LOGIN"]
@@ -421,10 +423,11 @@ def human_size(n: int | None) -> str:
 
 def runs(args: argparse.Namespace) -> int:
     """Print every run under the cache directory with its state; 0 even when some cannot open."""
-    from analysis.runs import store
+    from analysis.paths import default_cache_dir
+    from analysis.runs.reader import list_runs
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else store.default_cache_dir()
-    found = store.list_runs(cache_dir)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    found = list_runs(cache_dir)
     if args.json:
         print(json.dumps(found, indent=2, default=str))
         return 0

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from analysis.errors import DatasetMissingError, ImageReadError, InputError, LabelError
+from analysis.paths import default_cache_dir
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -280,8 +281,6 @@ def _find_fashion(split: str) -> tuple[Path, Path] | None:
 
 
 def _download_dir() -> Path:
-    from analysis.paths import default_cache_dir
-
     return default_cache_dir() / "datasets"
 
 

@@ -16,7 +16,6 @@ and is served like any built run; its online views use the kernel's model and im
 from __future__ import annotations
 
 import shutil
-import string
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,66 +24,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import InputError, LabelError
-from analysis.runs.store import Run, open_run
-from analysis.safe_text import join_markup, render_html
+from analysis.runs.reader import Run, open_run
+from analysis.reprs import main_metric, run_html, vit_html  # noqa: F401  (public here: see __all__)
 
 __all__ = ["open_run", "save_result", "head_figures", "explorer", "vit_html", "run_html"]
-
-
-TABLE = string.Template("<div><b>$title</b><table>$rows</table></div>")
-ROW = string.Template("<tr><th style='text-align:left;padding-right:1em'>$key</th><td style='text-align:left'>$value</td></tr>")
-
-
-def _table(title: str, rows: list[tuple[str, object]]) -> str:
-    """An HTML table of (key, value) rows under ``title``; every text escaped (safe_text.render_html:
-    class names, run names and paths come from data)."""
-    return str(render_html(TABLE, title=title, rows=join_markup(render_html(ROW, key=k, value=v) for k, v in rows)))
-
-
-def _names(names, n: int = 6) -> str:
-    if not names:
-        return "none"
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
-
-
-def vit_html(vit) -> str:
-    """The shape facts of a loaded ViT as an HTML table."""
-    h, w = vit.img_size
-    return _table(f"ViT {vit.name}", [
-        ("family", vit.family.family), ("layers x heads", f"{vit.depth} x {vit.num_heads} (head dim {vit.head_dim})"),
-        ("prefix tokens", vit.num_prefix_tokens),
-        ("patch grid", f"{vit.grid[0]} x {vit.grid[1]} of {vit.patch_size} px ({vit.num_tokens} tokens)"),
-        ("input", f"{h} x {w} px, mean {vit.data_config.get('mean')}, std {vit.data_config.get('std')}"),
-        ("classes", f"{vit.num_classes}: {_names(vit.class_names)}" if vit.has_head else "none (backbone)"),
-        ("weights sha256", (vit.weights_sha256 or "n/a")[:16])])
-
-
-def run_html(run: Run) -> str:
-    """A run's summary: model, images, parameters and its most important heads."""
-    mf, model, ds = run.manifest, run.model, run.manifest.get("dataset", {})
-    params = mf.get("params", {})
-    rows = [("model", f"{model.get('name')} ({model.get('family', 'timm-vit')}; {model.get('depth')} layers x "
-                      f"{model.get('heads')} heads, {model.get('prefix_tokens')} prefix tokens, grid "
-                      f"{model.get('grid')}, {model.get('img_size')} px)"),
-            ("classes", f"{model.get('num_classes')}: {_names(model.get('class_names'))}"
-             if model.get("num_classes") else "none (backbone run: emb_dist)"),
-            ("images", f"{len(run.images)} analysed of {ds.get('name')} ({ds.get('kind')}), "
-                       f"{len(run.skipped)} skipped"),
-            ("parameters", f"q={params.get('q')}, seed={params.get('seed')}, built {mf.get('created')}"
-                           + (" from a notebook's in-memory result" if mf.get("source") == "notebook" else "")),
-            ("metrics", ", ".join(run.metrics))]
-    metric = _main_metric(run)
-    if metric:
-        top = run.head_summary.sort_values(f"{metric}_mean", ascending=False).head(5)
-        rows.append((f"top heads by mean {metric}", ", ".join(
-            f"L{int(r.layer)}H{int(r['head'])} ({r[f'{metric}_mean']:.3g})" for _, r in top.iterrows())))
-    return _table(f"HeadScope run {run.name} ({run.path})", rows)
-
-
-def _main_metric(run: Run) -> str | None:
-    """prob_drop for a classifier run, emb_dist for a backbone run (the metrics SPEC leads with)."""
-    return next((m for m in ("prob_drop", "jsd", "emb_dist") if m in run.metrics), None)
 
 
 def _as_run(run) -> Run:
@@ -109,7 +52,7 @@ def head_figures(run, layer: int, head: int, image_id: int | None = None, metric
 
     run = _as_run(run)
     index = data.build_index(run)
-    metric = metric or _main_metric(run)
+    metric = metric or main_metric(run)
     if metric not in index.importance:
         raise InputError(f"Run {run.name} has no metric {metric!r}; it has {', '.join(index.importance)}.")
     if not (0 <= layer < index.L and 0 <= head < index.H):
@@ -143,12 +86,12 @@ def head_figures(run, layer: int, head: int, image_id: int | None = None, metric
 
 def _online_figures(run, index, vit, image_id, pos, layer, head, metric) -> dict:
     from app import data, figures as F
-    from analysis import partial_pruning
+    from analysis.metrics.importance import partial_pruning
     from analysis.metrics import registry
     from analysis.models.pruning import MODE_LABELS
     from analysis.serving import transport
 
-    image, label = transport._service().image(run.path, image_id, run, vit)  # an attached run's own tensor
+    image, label = transport.local_service().image(run.path, image_id, run, vit)  # an attached run's own tensor
     label = label if vit.has_head else None
     x = image[None]
     pp = partial_pruning(vit, x[0], label, layer, head)
@@ -240,7 +183,8 @@ def save_result(result, vit, images, labels=None, *, out=None, q: float = 0.01) 
 
     from analysis.metrics import registry
     from analysis.metrics.engine import ENGINE_ARRAYS
-    from analysis.runs import build, store
+    from analysis.runs import build
+    from analysis.runs.tables import write_run
     from analysis.serving import transport
 
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
@@ -266,7 +210,7 @@ def save_result(result, vit, images, labels=None, *, out=None, q: float = 0.01) 
                             "class_names": vit.class_names},
                 "params": {"q": q, "seed": 0, "overview_metric": metric, **({"stages": stages} if stages else {})},
                 "versions": build.library_versions(), "timings": {}}
-    store.write_run(run_dir, manifest, frame, arrays, L=L, H=H, stages=stages,
+    write_run(run_dir, manifest, frame, arrays, L=L, H=H, stages=stages,
                     inputs={k: engine[k] for k in ("patch_bits",) if k in engine}, patch_maps=engine.get("patch_maps"))
     transport.attach(run_dir, vit, images)
     return open_run(run_dir)
@@ -347,7 +291,7 @@ def _notebook_folder(out) -> Path:
     """The run folder to write: a new temporary one, or ``out`` when empty or an earlier notebook run."""
     import json
 
-    from analysis.runs.store import run_name_problem
+    from analysis.runs.reader import run_name_problem
 
     if out is None:
         return Path(tempfile.mkdtemp(prefix="headscope-")) / "notebook"
@@ -429,7 +373,8 @@ def _images_frame(vit, images, labels: np.ndarray, probs, overview: np.ndarray, 
     """IMAGE_COLUMNS rows; writes images/ID.png (the de-normalised input) and thumbs/ID.png."""
     from PIL import Image
 
-    from analysis.runs.build import prediction_columns, thumb_side
+    from analysis.runs.batches import thumb_side
+    from analysis.runs.build import prediction_columns
 
     mean = np.asarray(vit.data_config.get("mean", (0, 0, 0)), np.float32).reshape(3, 1, 1)
     std = np.asarray(vit.data_config.get("std", (1, 1, 1)), np.float32).reshape(3, 1, 1)

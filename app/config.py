@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.runs import store
+from analysis.paths import default_cache_dir
+from analysis.runs.reader import MAX_RUN_NAME, list_runs, run_name_problem, valid_run_name
 
 _settings = {"cache_dir": None, "run": None}
-MAX_NAME = store.MAX_RUN_NAME
+MAX_NAME = MAX_RUN_NAME
 
 
 def configure(cache_dir=None, run=None) -> None:
@@ -16,11 +17,11 @@ def configure(cache_dir=None, run=None) -> None:
 
 def cache_dir() -> Path:
     """--cache-dir, else $HEADSCOPE_CACHE, else <repo>/cache."""
-    return _settings["cache_dir"] or store.default_cache_dir()
+    return _settings["cache_dir"] or default_cache_dir()
 
 
-valid_name = store.valid_run_name
-name_problem = store.run_name_problem
+valid_name = valid_run_name
+name_problem = run_name_problem
 
 
 def run_dir(name: str) -> Path:
@@ -34,7 +35,7 @@ def default_run() -> str | None:
     """--run, else 'default' when it opens, else the first run that opens, else the first run."""
     if _settings["run"]:
         return _settings["run"]
-    runs = store.list_runs(cache_dir())
+    runs = list_runs(cache_dir())
     ok = [r["name"] for r in runs if not r["error"]]
     if "default" in ok:
         return "default"

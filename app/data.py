@@ -20,9 +20,10 @@ import pandas as pd
 
 from analysis.errors import CacheError
 from analysis.metrics import registry
-from analysis.runs import store
+from analysis.runs.reader import Run, open_run, run_fingerprint
 
 from . import config
+from analysis.serving import transport as online
 
 
 def metric_options(names) -> list[dict]:
@@ -32,8 +33,8 @@ def metric_options(names) -> list[dict]:
 
 @dataclass
 class RunIndex:
-    """Everything the cached views need from one run (a ``store.Run``), as arrays [image position, head]."""
-    run: store.Run
+    """Everything the cached views need from one run (a ``Run``), as arrays [image position, head]."""
+    run: Run
     missing: dict[str, str] = field(default_factory=dict)  # view -> what the run lacks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
@@ -186,7 +187,7 @@ def _summarise(values: np.ndarray, vector: bool) -> tuple[np.ndarray, np.ndarray
     return mean, std
 
 
-def build_index(run: store.Run) -> RunIndex:
+def build_index(run: Run) -> RunIndex:
     """Wrap an opened run and note what its views will lack."""
     index = RunIndex(run)
     missing = index.missing
@@ -222,13 +223,13 @@ def get_index(name: str) -> RunIndex:
         path = config.run_dir(name)
     except ValueError as err:
         raise CacheError(str(err)) from None
-    key = (str(path), store.run_fingerprint(path))  # a run replaced in place gets a new index
+    key = (str(path), run_fingerprint(path))  # a run replaced in place gets a new index
     index = _indexes.get(key)
     if index is not None:
         return index
     with _index_lock:
         if key not in _indexes:
-            _indexes[key] = build_index(store.open_run(path))
+            _indexes[key] = build_index(open_run(path))
             while len(_indexes) > MAX_RUNS:
                 _indexes.popitem(last=False)
         return _indexes[key]
@@ -238,30 +239,22 @@ def get_index(name: str) -> RunIndex:
 def attention(name: str, image_id: int, layer: int, head: int) -> dict:
     """online.attention for a run name, shared by D2-D5 (the transport's cache answers the views
     after the first; concurrent views wait for the one query), attention as float32."""
-    from analysis.serving import transport as online
-
     out = online.attention(config.run_dir(name), int(image_id), int(layer), int(head))
     out["attention"] = out["attention"].astype(np.float32)
     return out
 
 
 def partial_pruning(name: str, image_id: int, layer: int, head: int) -> dict:
-    from analysis.serving import transport as online
-
     return online.partial_pruning(config.run_dir(name), int(image_id), int(layer), int(head))
 
 
 def head_set(name: str, image_id: int, heads: list) -> dict:
     """online.head_set for a run name: the image with every head of ``heads`` [[layer, head], ...] pruned."""
-    from analysis.serving import transport as online
-
     return online.head_set(config.run_dir(name), int(image_id), [[int(l), int(h)] for l, h, *_ in heads])
 
 
 def pair_interactions(name: str, image_id: int, heads: list, metric: str) -> dict:
     """online.pair_interactions for a run name (2-16 heads, metric prob_drop or emb_dist)."""
-    from analysis.serving import transport as online
-
     return online.pair_interactions(config.run_dir(name), int(image_id), [[int(l), int(h)] for l, h in heads], metric)
 
 

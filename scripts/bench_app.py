@@ -202,9 +202,9 @@ def main(argv=None) -> int:
         oname = f"bench-online-{args.online_model}-{args.online_img_size}"
         ensure_run(cache, oname, n_images=50, n_classes=10, seed=args.seed, model=args.online_model,
                    img_size=args.online_img_size)
-        from analysis.runs import store
+        from analysis.runs.reader import open_run
 
-        mf = store.open_run(cache / oname).model
+        mf = open_run(cache / oname).model
         o = bench_online(app, oname, args.online, args.seed, mf["depth"], mf["heads"], 50)
         print(f"\nOnline views, {args.online_model} at {args.online_img_size} px (random weights; "
               f"{mf['depth']} layers x {mf['heads']} heads, grid {mf['grid']}), in-process on the CPU, "

@@ -47,7 +47,8 @@ from pathlib import Path
 import requests
 
 from analysis.errors import HeadScopeError
-from analysis.runs import store
+from analysis.paths import default_cache_dir
+from analysis.runs.reader import open_run
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_CONNECTIONS = 6  # a browser's concurrent HTTP/1.1 connections to one host
@@ -789,13 +790,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.url and not args.serve:
         ap.error("give --url of a running app or --serve")
-    cache_dir = args.cache_dir or store.default_cache_dir()
+    cache_dir = args.cache_dir or default_cache_dir()
     if args.make_run:
         from analysis.runs.synthetic import make_run
 
         make_run(cache_dir / args.run, n_images=40, model="test_vit", img_size=64)
     try:  # the run must be there (the users open it), and its size goes into the report
-        run = store.open_run(cache_dir / args.run)
+        run = open_run(cache_dir / args.run)
         facts = f"{len(run.images)} images, {int(run.model['depth'])} layers x {int(run.model['heads'])} heads"
     except HeadScopeError as err:
         where = "" if args.cache_dir else " (no --cache-dir given: looked in $HEADSCOPE_CACHE or cache/)"

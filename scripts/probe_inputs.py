@@ -229,7 +229,7 @@ def _(env):
 # ---- names and files ---------------------------------------------------------------------------------
 @case("non-UTF-8 file name analysed, reported escaped")
 def _(env):
-    from analysis.runs.store import open_run
+    from analysis.runs.reader import open_run
 
     paths = list(open_run(env.run).images.path)
     return expect(any(p.endswith("caf\\xe9.png") for p in paths), f"{len(paths)} images, e.g. {paths[-1][-40:]}")
@@ -237,7 +237,7 @@ def _(env):
 
 @case("dangling symlink listed in skipped.parquet")
 def _(env):
-    from analysis.runs.store import open_run
+    from analysis.runs.reader import open_run
 
     sk = open_run(env.run).skipped
     rows = [r for p, r in zip(sk.path, sk.reason) if p.endswith("link.png")]
@@ -326,7 +326,7 @@ def _(env):
     import pandas as pd
 
     from analysis.errors import CacheError
-    from analysis.runs.store import open_run
+    from analysis.runs.reader import open_run
 
     run = copy_run(env, "two-cols")
     pd.read_parquet(run / "images.parquet")[["image_id", "path"]].to_parquet(run / "images.parquet")
@@ -336,7 +336,7 @@ def _(env):
 @case("corrupt Parquet: CacheError saying rebuild; Runs page marks it unreadable")
 def _(env):
     from analysis.errors import CacheError
-    from analysis.runs.store import list_runs, open_run
+    from analysis.runs.reader import list_runs, open_run
 
     run = copy_run(env, "corrupt")
     (run / "head_metrics.parquet").write_bytes(b"PAR1 not really parquet PAR1")
@@ -349,14 +349,16 @@ def _(env):
 @case("run from a newer schema: upgrade HeadScope; older: rebuild")
 def _(env):
     from analysis.errors import CacheError
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
+    from analysis.runs.schema import SCHEMA_VERSION
+    from analysis.runs.tables import write_json
 
     run = copy_run(env, "newer")
     mf = json.loads((run / "manifest.json").read_text())
-    store.write_json(run / "manifest.json", {**mf, "schema_version": store.SCHEMA_VERSION + 1})
-    text = refused(lambda: store.open_run(run), CacheError, "Upgrade HeadScope")
-    store.write_json(run / "manifest.json", {**mf, "schema_version": store.SCHEMA_VERSION - 1})
-    refused(lambda: store.open_run(run), CacheError, "Rebuild")
+    write_json(run / "manifest.json", {**mf, "schema_version": SCHEMA_VERSION + 1})
+    text = refused(lambda: open_run(run), CacheError, "Upgrade HeadScope")
+    write_json(run / "manifest.json", {**mf, "schema_version": SCHEMA_VERSION - 1})
+    refused(lambda: open_run(run), CacheError, "Rebuild")
     shutil.rmtree(run)
     return text
 
@@ -414,7 +416,7 @@ def _(env):
 def _(env):
     import pandas as pd
 
-    from analysis.runs.store import open_run
+    from analysis.runs.reader import open_run
 
     out = env.root / "killed"
     proc = subprocess.Popen(env.cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -528,6 +530,100 @@ def _(env):
     return _status(env, "/api/attention?run=ref&image=0&layer=0&head=0", {200}, "attention")[:40]
 
 
+# ---- issue 23: data is never code, files stay in their run, no silent value -------------------------------
+@case("thumbnail linked to /etc/passwd: 404 naming nothing")
+def _(env):
+    run = copy_run(env, "linked")
+    (run / "thumbs" / "0.png").unlink()
+    (run / "thumbs" / "0.png").symlink_to("/etc/passwd")
+    r = env.client().get("/thumbs/linked/0.png")
+    body = r.get_data(as_text=True)
+    expect(r.status_code == 404 and "root:" not in body and "passwd" not in body, f"{r.status_code} {body[:80]}")
+    shutil.rmtree(run)
+    return f"{r.status_code}"
+
+
+@case("class name <img onerror> in the run: report escapes it, runs no payload")
+def _(env):
+    import json as _json
+
+    env.client()  # the app first: its pages register with it
+    from app import config, data
+    from app.pages import explorer
+
+    run = copy_run(env, "hostile")
+    manifest = _json.loads((run / "manifest.json").read_text())
+    manifest["model"]["class_names"] = ["<img src=x onerror=alert(1)>", "</script><script>alert(9)</script>", "c"]
+    (run / "manifest.json").write_text(_json.dumps(manifest))
+    env.client()
+    config.configure(env.cache, "hostile")
+    index = data.get_index("hostile")
+    page = explorer.report_html(index, {"run": "hostile", "image": int(index.image_ids[0]), "layer": 0, "head": 0},
+                                "http://x/")
+    expect("<img src=x" not in page and "<script>alert" not in page and "&lt;img src=x" in page, "unescaped name")
+    expect("Content-Security-Policy" in page, "no CSP in the report")
+    shutil.rmtree(run)
+    return "escaped, CSP meta tag"
+
+
+@case("app pages carry a Content-Security-Policy without unsafe-inline/eval scripts")
+def _(env):
+    csp = env.client().get("/").headers.get("Content-Security-Policy", "")
+    script_src = csp.split("script-src", 1)[-1].split(";", 1)[0]
+    expect(csp and "'unsafe-inline'" not in script_src and "'unsafe-eval'" not in script_src, csp[:120])
+    return script_src.strip()[:60] + " ..."
+
+
+@case("head_summary with +inf: not ranked, n/a noted")
+def _(env):
+    import numpy as _np
+    import pandas as _pd
+
+    env.client()  # the app first: its pages register with it
+    from app import config
+    from app.pages import heads
+
+    run = copy_run(env, "spoiled")
+    summary = _pd.read_parquet(run / "head_summary.parquet")
+    summary.loc[0, "prob_drop_mean"] = _np.inf
+    summary.to_parquet(run / "head_summary.parquet")
+    env.client()
+    config.configure(env.cache, "spoiled")
+    _, table, msg = heads.heads_view({"run": "spoiled"}, "prob_drop")
+    text = str(msg) + str(table)
+    expect("n/a" in text or "1 head" in text, text[:200])
+    shutil.rmtree(run)
+    return "noted"
+
+
+@case("a string metric column: the run refuses to open, naming table, column and fix")
+def _(env):
+    import pandas as _pd
+
+    from analysis.errors import CacheError
+    from analysis.runs.reader import open_run
+
+    run = copy_run(env, "typed")
+    hm = _pd.read_parquet(run / "head_metrics.parquet")
+    hm["jsd"] = hm["jsd"].astype(str)
+    hm.to_parquet(run / "head_metrics.parquet")
+    text = refused(lambda: open_run(run), CacheError, "head_metrics", "jsd")
+    shutil.rmtree(run)
+    return text
+
+
+for _q in ("?image=999999999999999999", "?set=99999999999999999999999", "?heads=0:99999999999", "?thr=qNaN",
+           "?image=" + "7" * 5000, "?set=1_0,%207%20,%D9%A3", "?mode=99&d1=nope"):
+    def _url_case(env, q=_q):
+        from app.state import check_state, parse_query
+
+        state, notes = parse_query(q, "ref")
+        check_state(state)  # the guard's rule accepts what the parser gives
+        expect(notes, "no note")
+        return f"{len(notes)} note(s): {notes[0][:70]}"
+    case(f"URL {_q[:40]}: parsed with a note, state passes the guard")(_url_case)
+
+
 # ---- the app: callback payloads ---------------------------------------------------------------------------
 def _callback(env, start: str, values, states=()):
     """A callback request body for the callback whose output key starts with ``start`` (or that
@@ -551,9 +647,9 @@ FORGED = {
     "selection with type-confused values": lambda env: _callback(env, "b1-graph", [{"run": "ref", "image": "0", "layer": [0], "head": {}}, "jsd"]),
     "selection with a traversal run": lambda env: _callback(env, "b1-graph", [{"run": "../ref"}, "jsd"]),
     "missing input": lambda env: _callback(env, "b1-graph", [SEL]),
-    "metric as a list": lambda env: _callback(env, "b1-graph", [SEL, ["jsd"]]),
-    "prune mode as a string": lambda env: _callback(env, "prune-mode", [{"points": [{"customdata": "x"}]}]),
-    "prune mode out of range": lambda env: _callback(env, "prune-mode", [{"points": [{"customdata": 99}]}]),
+    "metric as a list": lambda env: _callback(env, "b1-graph", [SEL, SEL, ["jsd"], SEL, SEL, []], [SEL]),
+    "prune mode as a string": lambda env: _callback(env, "b2-graph.clickData", [{"points": [{"customdata": "x"}]}]),
+    "prune mode out of range": lambda env: _callback(env, "b2-graph.clickData", [{"points": [{"customdata": 99}]}]),
     "threshold as a string": lambda env: _callback(env, "..d3-graph", [SEL, "lots"]),
     "threshold out of range": lambda env: _callback(env, "..d3-graph", [SEL, 1e9]),
     "hover data without points": lambda env: _callback(env, "..a-tooltip", [{"points": "all"}], [SEL]),
@@ -573,7 +669,7 @@ for _name, _make in FORGED.items():
 
 @case("genuine callback request still answered")
 def _(env):
-    r = env.client().post("/_dash-update-component", json=_callback(env, "b1-graph", [SEL, "jsd"]))
+    r = env.client().post("/_dash-update-component", json=_callback(env, "b1-graph", [SEL] * 5 + [[]], [SEL]))
     return expect(r.status_code == 200, f"{r.status_code}")
 
 

@@ -249,11 +249,11 @@ def real_default(tmp_path_factory):
     """(cache dir, run) of a run made by the real build of the real default model: a copy of
     HEADSCOPE_REAL_RUN when set, else cache/default when it opens, else a small one (see build_real_run); None when the embedded default is not installed."""
     from analysis.errors import HeadScopeError
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
 
     if not os.environ.get("HEADSCOPE_REAL_RUN"):  # a run named on purpose comes first
         try:
-            store.open_run(ROOT / "cache" / "default")
+            open_run(ROOT / "cache" / "default")
             return ROOT / "cache", "default"
         except HeadScopeError:
             pass

@@ -7,7 +7,9 @@ import pytest
 from plotly.io.json import to_json_plotly
 
 from analysis.metrics import registry
-from analysis.runs import store
+from analysis.runs.reader import open_run
+from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
+from analysis.runs.tables import write_table
 from app import config, data, figures as F
 from app.server import parse_selection
 from conftest import make_synthetic_run as make_run
@@ -35,25 +37,29 @@ def index(cache):
 
 
 def test_synthetic_run_is_schema_valid(cache):
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
+    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
+    from analysis.runs.tables import write_table
 
-    run = store.open_run(cache / "syn")
+    run = open_run(cache / "syn")
     assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
-    assert set(store.IMAGE_COLUMNS) <= set(run.images.columns)
-    assert set(store.HEAD_COLUMNS) <= set(run.head_metrics.columns)
+    assert set(IMAGE_COLUMNS) <= set(run.images.columns)
+    assert set(head_columns()) <= set(run.head_metrics.columns)
     # every registered metric, but consistency: it needs the build's patch bits, which a synthetic run has not
     assert run.metrics == [m.name for m in registry.metrics() if m.name != "consistency"]
     assert run.manifest["metrics"] == run.metrics
     assert (cache / "syn" / "thumbs" / "0.png").is_file()
     ent = run.head_metrics.strength_entropy
     assert ent.between(0, 1).all() and len(run.head_metrics.strength.iloc[0]) == 5
-    assert list(run.head_summary.columns) == list(store.summary_columns())  # the build's writer
+    assert list(run.head_summary.columns) == list(summary_columns())  # the build's writer
 
 
 def test_index_arrays(index, cache):
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
+    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
+    from analysis.runs.tables import write_table
 
-    hm = store.open_run(cache / "syn").head_metrics
+    hm = open_run(cache / "syn").head_metrics
     assert index.L == L and index.H == H and index.n == 24
     assert index.values("jsd").shape == (24, L * H)
     row = hm[(hm.image_id == 5) & (hm.layer == 2) & (hm["head"] == 1)].iloc[0]
@@ -69,13 +75,15 @@ def test_index_arrays(index, cache):
 def test_index_reports_missing_columns(tmp_path):
     import pandas as pd
 
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
+    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
+    from analysis.runs.tables import write_table
 
     run = make_run(tmp_path / "gaps", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
     hm = pd.read_parquet(run / "head_metrics.parquet")
     hm[["patch_x", "patch_y", "prob", "prob_drop", "jsd"]] = np.nan
-    store.write_table(run / "head_metrics.parquet", hm, store.HEAD_COLUMNS)
-    index = data.build_index(store.open_run(run))
+    write_table(run / "head_metrics.parquet", hm, head_columns())
+    index = data.build_index(open_run(run))
     assert "patch" in index.missing and "cls" not in index.missing
     assert index.importance == [m.name for m in registry.metrics("image_head", importance=True)
                                 if m.name not in ("prob", "prob_drop", "jsd")]
@@ -399,7 +407,7 @@ def test_heads_page_ranks_importance_and_head_properties(cache):
     values = [o["value"] for o in options]
     assert value == "prob_drop" and "semantic_concentration" in values and "mean_distance_px" in values
     fig, table, msg = heads.heads_view({"run": "syn", "layer": 1, "head": 2}, "semantic_concentration")
-    hm = store.open_run(cache / "syn").head_metrics
+    hm = open_run(cache / "syn").head_metrics
     expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(L, H)
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], dtype=float), expected, rtol=1e-5)
     assert msg is None and fig["data"][1]["x"] == [2] and fig["data"][1]["y"] == [1]  # selected head marked
@@ -437,7 +445,7 @@ def test_heads_page_on_a_run_from_an_older_writer(tmp_path):
     for o in options:
         fig, _, msg = heads.heads_view({"run": "older"}, o["value"])
         assert msg is None and np.isfinite(np.array(fig["data"][0]["z"], float)).all(), o["value"]
-    hm = store.open_run(run).head_metrics
+    hm = open_run(run).head_metrics
     expected = hm.groupby(["layer", "head"]).semantic_concentration.mean().to_numpy().reshape(2, 2)
     fig, _, _ = heads.heads_view({"run": "older"}, "semantic_concentration")
     np.testing.assert_allclose(np.array(fig["data"][0]["z"], float), expected, rtol=1e-5)

@@ -16,14 +16,16 @@ from PIL import Image
 
 from analysis import METRICS, attention_strength, head_importance
 from analysis.metrics import registry
-from analysis.runs import build, store
+from analysis.runs import build
+from analysis.runs.reader import list_runs, open_run
+from analysis.runs.schema import IMAGE_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS, head_columns, summary_columns
 from analysis.runs.autoencoder import PatternAutoencoder, train_autoencoder
 from analysis.datasets import open_image
 from analysis.metrics.engine import analyse_batch
 from analysis.errors import CacheError
 from analysis.runs.layouts import tsne_2d
 from analysis.metrics.patterns import pack_bits
-from analysis.serving.service import model_from_manifest
+from analysis.models.adapter import model_from_manifest
 from conftest import TINY_IMAGES as N_IMAGES, embedded_default_missing, save_tiny_vit
 
 
@@ -39,7 +41,7 @@ def full_run(tiny):
     """One uninterrupted single-process build."""
     manifest = build.build(tiny["config"]("full"))
     assert manifest["status"] == "complete"
-    return store.open_run(tiny["root"] / "full")
+    return open_run(tiny["root"] / "full")
 
 
 def tables(run_dir) -> dict[str, pd.DataFrame]:
@@ -55,8 +57,8 @@ def assert_same_tables(a, b):
 
 def test_tables_have_the_contract_columns_and_types(full_run):
     default = [m.name for m in registry.metrics() if m.stage is None]  # no optional stage asked for
-    for name, columns in (("images.parquet", store.IMAGE_COLUMNS), ("head_metrics.parquet", store.head_columns(default)),
-                          ("skipped.parquet", store.SKIPPED_COLUMNS)):
+    for name, columns in (("images.parquet", IMAGE_COLUMNS), ("head_metrics.parquet", head_columns(default)),
+                          ("skipped.parquet", SKIPPED_COLUMNS)):
         schema = pq.read_schema(full_run.path / name)
         for col, typ in columns.items():
             assert schema.field(col).type == typ, (name, col)
@@ -65,7 +67,7 @@ def test_tables_have_the_contract_columns_and_types(full_run):
     assert len(images) == N_IMAGES and images.image_id.is_unique
     assert len(hm) == N_IMAGES * L * H and len(hs) == L * H
     assert hm[["image_id", "layer", "head"]].equals(hm.sort_values(["image_id", "layer", "head"])[["image_id", "layer", "head"]])
-    assert list(hs.columns) == list(store.summary_columns(default))
+    assert list(hs.columns) == list(summary_columns(default))
     assert hs.n_images.eq(N_IMAGES).all() and all(len(s) == 4 for s in hs.strength_mean)
     assert all(len(s) == 4 for s in hm.strength)  # K = max(gh, gw) = 4
     assert all(len(c) == 3 and len(p) == 3 for c, p in zip(images.top5_classes, images.top5_probs))
@@ -79,7 +81,7 @@ def test_tables_have_the_contract_columns_and_types(full_run):
 
 def test_manifest_and_thumbnails(full_run):
     mf = full_run.manifest
-    assert mf["status"] == "complete" and mf["schema_version"] == store.SCHEMA_VERSION
+    assert mf["status"] == "complete" and mf["schema_version"] == SCHEMA_VERSION
     model = mf["model"]
     for key in ("name", "weights", "pretrained", "img_size", "num_classes", "class_names", "weights_sha256",
                 "depth", "heads", "prefix_tokens", "grid", "patch_size"):
@@ -96,7 +98,7 @@ def test_manifest_and_thumbnails(full_run):
     for image_id in full_run.images.image_id:
         with Image.open(full_run.thumbnail(image_id)) as im:
             assert im.mode == "RGB" and im.size == (112, 112)
-    assert store.list_runs(full_run.path.parent)[0]["status"] == "complete"
+    assert list_runs(full_run.path.parent)[0]["status"] == "complete"
 
 
 def test_metrics_equal_the_engine(full_run):
@@ -146,7 +148,7 @@ def test_corrupt_image_is_skipped_and_reported(full_run, tiny):
         build.build(cfg, context=ctx)
     finally:
         open(victim, "wb").write(saved)
-    run = store.open_run(cfg.out)
+    run = open_run(cfg.out)
     assert victim in set(run.skipped.path) and len(run.images) == 5 and 2 not in set(run.images.image_id)
 
 
@@ -173,7 +175,7 @@ def test_resume_after_interrupt_equals_one_build(full_run, tiny, monkeypatch):
     assert [p.name for p in (run_dir / "parts").glob("*.npz")] == ["part_000000.npz"]  # first batch kept
     assert build.finished_images(run_dir) == set(range(5))
     with pytest.raises(CacheError, match="has not finished"):
-        store.open_run(run_dir)
+        open_run(run_dir)
     assert main(["--out", str(run_dir), "--resume", "--quiet", "--threads", "1"]) == 0
     assert_same_tables(full_run.path, run_dir)
 
@@ -273,7 +275,7 @@ def test_default_run_builds_on_the_real_model(tmp_path):
                            "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Run complete: 20 images analysed" in proc.stdout and "images/s" in proc.stdout
-    run = store.open_run(out)
+    run = open_run(out)
     assert run.model["name"] == "default" and run.model["grid"] == [8, 8]
     assert run.manifest["dataset"]["name"] == "fashion" and len(run.images) == 20
     assert len(run.head_metrics) == 20 * 72 and run.images.label_name.notna().all()

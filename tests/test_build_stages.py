@@ -13,8 +13,9 @@ from analysis import head_importance, pruning_curves, random_order
 from analysis.datasets import open_image
 from analysis.errors import HeadScopeError
 from analysis.metrics.taylor import taylor_agreement
-from analysis.runs import build, store
-from analysis.serving.service import model_from_manifest
+from analysis.runs import build
+from analysis.runs.reader import open_run
+from analysis.models.adapter import model_from_manifest
 from conftest import EXTRA_STAGES as STAGES, TINY_IMAGES as N_IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ def test_curves_table_equals_the_api_and_resumes(extra_run, tiny):
 
 def test_taylor_only_run_says_so(tiny):
     manifest = build.build(tiny["config"]("taylor-only", stages=["taylor_only"], limit=5))
-    run = store.open_run(tiny["root"] / "taylor-only")
+    run = open_run(tiny["root"] / "taylor-only")
     assert manifest["importance"]["exact"] is False and "approximate" in manifest["importance"]["note"]
     assert "taylor_prob_drop" in run.metrics and "grad_score" in run.metrics
     assert not {"prob", "prob_drop", "jsd", "emb_dist"} & set(run.metrics)

@@ -17,7 +17,7 @@ if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.whi
 
 from dash.testing.wait import until  # noqa: E402
 
-from analysis.runs import store  # noqa: E402
+from analysis.runs.reader import open_run
 from app import create_app  # noqa: E402
 from test_app_browser import js, no_console_errors, record_server_errors  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_compare_two_runs_in_a_browser(dash_duo, cache):
     server_errors = record_server_errors(app)
     dash_duo.start_server(app)
     dash_duo.wait_for_page(dash_duo.server_url + "/compare?runs=a,b", timeout=TIMEOUT)
-    a, b = store.open_run(cache / "a"), store.open_run(cache / "b")
+    a, b = open_run(cache / "a"), open_run(cache / "b")
     metric = "mean_distance_px"  # the page's default
     # per-layer profiles: a band and a line per run, the line = the layer mean of the head means
     graph_ready(dash_duo, "compare-profiles", lambda d: d is not None and len(d) == 4, "two runs overlaid")

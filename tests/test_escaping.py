@@ -23,7 +23,7 @@ import pytest
 from conftest import make_synthetic_run
 
 from analysis.notebook import run_html, vit_html
-from analysis.runs import store
+from analysis.runs.reader import open_run
 from analysis.safe_text import csv_cell, plotly_text, script_json, write_csv
 from app import create_app, figures as F
 
@@ -205,7 +205,7 @@ def test_plotly_labels_show_class_names_as_text():
 
 
 def test_notebook_html_escapes_names(hostile):
-    run = store.open_run(hostile[0] / "hostile")
+    run = open_run(hostile[0] / "hostile")
     page = Tags(run_html(run))
     assert {t for t, _ in page.tags} <= {"div", "b", "table", "tr", "th", "td"}
     assert PAYLOADS[0] in "".join(page.text)

@@ -20,7 +20,10 @@ from PIL import Image
 from analysis import datasets
 from analysis.datasets import FASHION_MNIST_CLASSES, load_image_set, open_image, printable
 from analysis.errors import CacheError, ImageReadError, InputError, LabelError, ModelLoadError
-from analysis.runs import build, store, tables
+from analysis.runs import build, tables
+from analysis.runs.reader import list_runs, open_run
+from analysis.runs.schema import SCHEMA_VERSION
+from analysis.runs.tables import write_json
 from analysis.values import strict_int
 
 
@@ -220,24 +223,24 @@ def test_tables_that_break_the_contract_are_named(syn):
     images = pd.read_parquet(syn / "images.parquet")[["image_id", "path"]]
     pq.write_table(pa.Table.from_pandas(images), syn / "images.parquet")
     with pytest.raises(CacheError, match=r"images.parquet of run syn lacks the columns label, .*Rebuild"):
-        store.open_run(syn)
+        open_run(syn)
     (syn / "head_metrics.parquet").write_bytes(b"PAR1 garbage")
     make_run(syn.parent / "ok", n_images=4, layers=2, heads=2, grid=3, n_classes=3)
-    runs = {r["name"]: r for r in store.list_runs(syn.parent)}
+    runs = {r["name"]: r for r in list_runs(syn.parent)}
     assert runs["ok"]["error"] is None and "lacks the columns" in runs["syn"]["error"]
 
 
 def test_corrupt_parquet_and_schema_versions_say_what_to_do(syn):
     (syn / "head_metrics.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     with pytest.raises(CacheError, match=r"head_metrics.parquet of run syn is corrupt.*Rebuild"):
-        store.open_run(syn)
+        open_run(syn)
     mf = json.loads((syn / "manifest.json").read_text())
-    store.write_json(syn / "manifest.json", {**mf, "schema_version": store.SCHEMA_VERSION + 1})
+    write_json(syn / "manifest.json", {**mf, "schema_version": SCHEMA_VERSION + 1})
     with pytest.raises(CacheError, match="Upgrade HeadScope"):
-        store.open_run(syn)
-    store.write_json(syn / "manifest.json", {**mf, "schema_version": 0})
+        open_run(syn)
+    write_json(syn / "manifest.json", {**mf, "schema_version": 0})
     with pytest.raises(CacheError, match="Rebuild"):
-        store.open_run(syn)
+        open_run(syn)
 
 
 def test_runs_page_marks_unreadable_runs(syn):
@@ -423,7 +426,7 @@ def test_build_odd_names_full_disk_and_resume(odd_folder, monkeypatch, capsys):
     assert not stale.exists() and fresh.exists()  # a recent one may be another process's write
     manifest = build.merge_run(ctx)
     assert manifest["status"] == "complete" and _temporaries(cfg.run_dir) == []
-    run = store.open_run(cfg.run_dir)
+    run = open_run(cfg.run_dir)
     assert len(run.images) == 7 and any("\\xff\\xfe.png" in p for p in run.images.path)
     assert any("link.png" in p and "broken symbolic link" in r for p, r in zip(run.skipped.path, run.skipped.reason))
     assert not (cfg.run_dir / "stages").exists()
@@ -474,6 +477,6 @@ def test_interrupted_layouts_are_reused(odd_folder, monkeypatch):
     calls.clear()
     manifest = build.merge_run(build.prepare(cfg))
     assert len(calls) == 2 and manifest["timings"]["layout_patch"] == 0.0  # only cls and overview ran
-    a, b = store.open_run(cfg.run_dir), store.open_run(full["build_config"]["out"])
+    a, b = open_run(cfg.run_dir), open_run(full["build_config"]["out"])
     pd.testing.assert_frame_equal(a.head_metrics, b.head_metrics)
     pd.testing.assert_frame_equal(a.images.drop(columns="path"), b.images.drop(columns="path"))

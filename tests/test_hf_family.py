@@ -224,8 +224,8 @@ def test_build_cache_builds_and_reloads_an_hf_run(tmp_path):
 
     from analysis import head_importance
     from analysis.datasets import open_image
-    from analysis.runs import store
-    from analysis.serving.service import model_from_manifest
+    from analysis.runs.reader import open_run
+    from analysis.models.adapter import model_from_manifest
 
     model = make_hf("ViTForImageClassification", num_labels=2)
     model.config.id2label, model.config.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}
@@ -242,7 +242,7 @@ def test_build_cache_builds_and_reloads_an_hf_run(tmp_path):
                            str(tmp_path / "images"), "--out", str(out), "--batch-size", "3", "--threads", "1",
                            "--ae-epochs", "1", "--quiet"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = store.open_run(out)
+    run = open_run(out)
     assert run.model["name"] == str(Path(folder).resolve()) and run.model["family"] == "hf"
     assert run.model["class_names"] == ["a", "b"] and run.model["prefix_tokens"] == 1
     assert "transformers" in run.manifest["versions"] and len(run.head_metrics) == 6 * 3 * 2

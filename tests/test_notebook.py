@@ -16,7 +16,7 @@ from analysis import partial_pruning
 from analysis.datasets import open_image
 from analysis.errors import InputError
 from analysis.notebook import head_figures, open_run
-from analysis.serving.service import model_from_manifest
+from analysis.models.adapter import model_from_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 from analysis.runs.synthetic import make_run
@@ -318,7 +318,8 @@ def test_online_views_elsewhere_say_they_need_the_model(result, tmp_path):
     import shutil
 
     from analysis.errors import ModelLoadError
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
+    from analysis.runs.tables import write_json
     from analysis.serving.service import ModelService
 
     with pytest.raises(ModelLoadError, match="in-memory model"):  # never a silently re-initialised model
@@ -328,8 +329,8 @@ def test_online_views_elsewhere_say_they_need_the_model(result, tmp_path):
     service.attach(copy, result["vit"], result["x"])
     assert service.partial_pruning(copy, 1, 0, 2)["rows"][1]["prob_drop"] == pytest.approx(
         float(result["df"].query("image == 1 and layer == 0 and head == 2").prob_drop.iloc[0]), rel=1e-5, abs=1e-8)
-    manifest = store.open_run(copy).manifest
-    store.write_json(copy / "manifest.json", {**manifest, "created": "later"})
+    manifest = open_run(copy).manifest
+    write_json(copy / "manifest.json", {**manifest, "created": "later"})
     assert not service.attached(copy)
     with pytest.raises(ModelLoadError, match="in-memory model"):
         service.partial_pruning(copy, 1, 0, 2)

@@ -296,18 +296,19 @@ def test_bad_inputs():
 @pytest.fixture(scope="module")
 def maps_run(tiny):
     """A tiny run built with --patch-maps, interrupted after its first batch and resumed."""
-    from analysis.runs import build, store
+    from analysis.runs import build
+    from analysis.runs.reader import open_run
 
     cfg = tiny["config"]("maps", stages=["patch_maps"])
     build.run_image_stage(cfg, range(5))          # an interrupted build: the first batch only
     assert build.finished_images(cfg.run_dir) == set(range(5))
     build.build(tiny["config"]("maps", stages=["patch_maps"]))   # resumes the other images, merges
-    return store.open_run(cfg.run_dir)
+    return open_run(cfg.run_dir)
 
 
 def test_build_option_precomputes_maps_and_alignment(maps_run, tiny):
     from analysis.datasets import open_image
-    from analysis.serving.service import model_from_manifest
+    from analysis.models.adapter import model_from_manifest
     from analysis.cli import build_parser, make_config
 
     assert make_config(build_parser().parse_args(["--patch-maps", "--out", str(tiny["root"] / "x")])).stages == ["patch_maps"]
@@ -332,7 +333,8 @@ def test_online_query_and_transport(maps_run, tiny):
     from analysis.datasets import open_image
     from analysis.runs import build
     from analysis.serving import transport
-    from analysis.serving.service import ModelService, ResultCache, model_from_manifest
+    from analysis.models.adapter import model_from_manifest
+    from analysis.serving.service import ModelService, ResultCache
 
     plain_dir = tiny["root"] / "plain"
     build.build(tiny["config"]("plain"))

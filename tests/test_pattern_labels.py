@@ -234,11 +234,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
     from analysis.errors import CacheError
     from analysis.metrics.patterns import PATTERN_METRICS, unpack_bits
-    from analysis.runs import build, store, tables
+    from analysis.runs import build, tables
+    from analysis.runs.reader import open_run
 
     run_dir = tiny["root"] / "labels"
     build.build(tiny["config"]("labels"))
-    run = store.open_run(run_dir)
+    run = open_run(run_dir)
     grid = tuple(run.model["grid"])
     bits = build.collect_parts(run_dir, run.manifest["dataset"]["n_images"])["patch_bits"]  # image_id order
     n, L, H = len(bits), run.L, run.H
@@ -257,7 +258,7 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
     layouts = {k: run.layout(k).reshape(-1, 2) for k in ("cls", "patch")}
     tables.write_run(run_dir, {k: v for k, v in run.manifest.items() if k != "metrics"}, run.images, old,
                      L=L, H=H, layouts=layouts, skipped=run.skipped)
-    before = store.open_run(run_dir)
+    before = open_run(run_dir)
     assert "pattern" not in before.head_metrics.columns and not set(PATTERN_METRICS) & set(before.metrics)
     with pytest.raises(CacheError, match="--add-pattern-labels"):
         before.dense("pattern")
@@ -267,7 +268,7 @@ def test_build_writes_labels_and_add_pattern_labels_restores_them(tiny, capsys):
 
     assert build_cache(["--out", str(run_dir), "--add-pattern-labels"]) == 0
     assert "Added the pattern labels" in capsys.readouterr().out
-    after = store.open_run(run_dir)
+    after = open_run(run_dir)
     assert after.lacks("pattern") is None
     for m in PATTERN_METRICS:
         a, b = after.dense(m), run.dense(m)

@@ -22,9 +22,9 @@ from test_app_browser import TIMEOUT, click, into_view, js, no_console_errors, s
 @pytest.fixture(scope="module")
 def tables(real):
     """The real run's images and head_metrics tables (pandas), and its layer x head sizes."""
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
 
-    r = store.open_run(real[0] / real[1])
+    r = open_run(real[0] / real[1])
     if "pattern" not in r.head_metrics.columns:
         pytest.skip(f"run {real[1]} has no pattern labels (build --add-pattern-labels)")
     return {"images": r.images, "heads": r.head_metrics, "summary": r.head_summary, "L": r.L, "H": r.H}

@@ -13,8 +13,9 @@ from analysis.datasets import open_image
 from analysis.metrics import registry
 from analysis.metrics.engine import analyse_batch
 from analysis.metrics.registry import Metric, OnAttention, OnBatch, OnRun
-from analysis.runs import build, schema, store
-from analysis.serving.service import model_from_manifest
+from analysis.runs import build, schema
+from analysis.runs.reader import open_run
+from analysis.models.adapter import model_from_manifest
 from conftest import TINY_IMAGES as N_IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +70,7 @@ def toy_run(tiny):
     try:
         every_stage = sorted({m.stage for m in registry.metrics() if m.stage})  # optional metrics too
         build.build(tiny["config"]("toy", stages=every_stage))
-        yield store.open_run(tiny["root"] / "toy")
+        yield open_run(tiny["root"] / "toy")
     finally:
         for m in TOYS:
             registry.unregister_metric(m.name)

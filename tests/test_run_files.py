@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from analysis.errors import CacheError
-from analysis.runs import store
+from analysis.runs.reader import open_run
 from analysis.runs.synthetic import make_run
 from app import figures as F
 
@@ -75,7 +75,7 @@ def test_thumbnails_never_leave_the_run(syn, tmp_path):
         r = c.get(url)  # refused, or a path the page router answers with the app's HTML: never a file
         assert r.status_code in (400, 404) or r.mimetype == "text/html", url
         assert r.mimetype != "image/png" and "root:" not in r.get_data(as_text=True), url
-    run = store.open_run(syn)
+    run = open_run(syn)
     assert run.thumbnail_file(0) is None and run.thumbnail_file(4) is None
     assert run.thumbnail_file(5) == (thumbs / "5.png").resolve()
     with pytest.raises(CacheError, match="thumbnail of image 0 is missing"):
@@ -124,7 +124,7 @@ def test_a_string_metric_column_is_named_with_its_fix_when_the_run_opens(syn):
              pa.string())
     with pytest.raises(CacheError, match=r"head_metrics.parquet of run syn: column prob_drop holds string values "
                                          r"where number values belong .*Restore the table .*rebuild the run"):
-        store.open_run(syn)
+        open_run(syn)
     make_run(syn.parent / "ok", n_images=4, layers=2, heads=2, grid=3, n_classes=3)
     _, c = _app(syn.parent, "ok")
     for url in ("/heads", "/?run=syn", "/heads?run=syn"):
@@ -139,13 +139,13 @@ def test_a_string_metric_column_is_named_with_its_fix_when_the_run_opens(syn):
     summary = pq.read_table(syn / "head_summary.parquet").column("jsd_mean").to_pylist()
     _rewrite(syn / "head_summary.parquet", "jsd_mean", [str(v) for v in summary], pa.string())
     with pytest.raises(CacheError, match=r"head_summary.parquet of run syn: column jsd_mean holds string values"):
-        store.open_run(syn)
+        open_run(syn)
     _rewrite(syn / "head_summary.parquet", "jsd_mean", summary, pa.float64())
     labels = pq.read_table(syn / "images.parquet").column("label").to_pylist()
     _rewrite(syn / "images.parquet", "label", [float(v) for v in labels], pa.float64())
     with pytest.raises(CacheError, match=r"images.parquet of run syn: column label holds double values where "
                                          r"integer values belong"):
-        store.open_run(syn)
+        open_run(syn)
 
 
 def test_repeated_ids_are_named_when_the_run_opens(syn):
@@ -153,7 +153,7 @@ def test_repeated_ids_are_named_when_the_run_opens(syn):
     _rewrite(syn / "images.parquet", "image_id", [ids[0], ids[0], *ids[2:]])
     with pytest.raises(CacheError, match=r"images.parquet of run syn: column image_id repeats ids \(0\); each image "
                                          r"must appear once\. Restore the table"):
-        store.open_run(syn)
+        open_run(syn)
     _, c = _app(syn.parent, "syn")
     for i in (0, 1, 2):
         r = c.get(f"/thumbs/syn/{i}.png")
@@ -165,10 +165,10 @@ def test_repeated_ids_are_named_when_the_run_opens(syn):
     layers = pq.read_table(syn / "head_summary.parquet").column("layer").to_pylist()
     _rewrite(syn / "head_summary.parquet", "layer", [0] + layers[1:] if layers[0] else [1] + layers[1:])
     with pytest.raises(CacheError, match=r"head_summary.parquet of run syn: columns layer / head repeat heads"):
-        store.open_run(syn)
+        open_run(syn)
     _rewrite(syn / "head_summary.parquet", "layer", [L] + layers[1:])
     with pytest.raises(CacheError, match=r"name heads outside the model's 3 layers x 4 heads"):
-        store.open_run(syn)
+        open_run(syn)
 
 
 def test_the_fix_named_for_a_built_run_rewrites_its_tables(tiny):
@@ -182,11 +182,11 @@ def test_the_fix_named_for_a_built_run_rewrites_its_tables(tiny):
     ids = pq.read_table(cfg.run_dir / "images.parquet").column("image_id").to_pylist()
     _rewrite(cfg.run_dir / "images.parquet", "image_id", [ids[0]] * len(ids))
     with pytest.raises(CacheError, match=r"column image_id repeats ids .*--resume --merge") as err:
-        store.open_run(cfg.run_dir)
+        open_run(cfg.run_dir)
     command = str(err.value).split("`")[1].split()
     assert command[:2] == ["python", "scripts/build_cache.py"]
     assert build_main([*command[2:], "--quiet"]) == 0
-    assert store.open_run(cfg.run_dir).images.image_id.tolist() == ids
+    assert open_run(cfg.run_dir).images.image_id.tolist() == ids
 
 
 # ---- High 3: non-finite values are not ranked; shown as n/a with a count --------------------------

@@ -33,10 +33,10 @@ def target(real):
     """(run, maps {name: [gh, gw]}, image id, its images-table row, (layer, head)) of the 4th image: the
     run's stored maps when it was built with --patch-maps, else the engine's (which the panel computes
     online then)."""
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
 
     cache_dir, run = real
-    r = store.open_run(cache_dir / run)
+    r = open_run(cache_dir / run)
     row = r.images.iloc[3]
     maps = r.patch_maps(int(row.image_id))
     return run, maps if maps is not None else engine_maps(r, row), int(row.image_id), row, (11, 0)
@@ -47,7 +47,7 @@ def engine_maps(r, row, **kw) -> dict:
     to plain references)."""
     from analysis import patch_maps
     from analysis.datasets import open_image
-    from analysis.serving.service import model_from_manifest
+    from analysis.models.adapter import model_from_manifest
 
     vit = model_from_manifest(r.model)
     return patch_maps(vit, vit.preprocess([open_image(row.path)])[0], int(row.label), **kw)
@@ -107,13 +107,13 @@ def test_saliency_panel_maps_agreement_hover_click_and_deletion(dash_duo, real, 
         no_console_errors(dash_duo)
 
     # occlusion with another baseline: computed now, the title says which, the values are the engine's
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
 
     baseline = Select(dash_duo.find_element("#sal-baseline"))
     baseline.select_by_value("blur")
     wait_js(dash_duo, "sal-graph", "gd.layout.title.text", lambda t: bool(t) and "occlusion · blurred" in t, "blur baseline")
     assert "computed now" in js(dash_duo, "sal-graph", "gd.layout.title.text")
-    blurred = engine_maps(store.open_run(real[0] / run), row, maps=["occlusion"], occlusion_baseline="blur")
+    blurred = engine_maps(open_run(real[0] / run), row, maps=["occlusion"], occlusion_baseline="blur")
     np.testing.assert_allclose(np.array(js(dash_duo, "sal-graph", "gd._fullData[0].z.map(r => Array.from(r))"), float),
                                blurred["occlusion"], rtol=1e-5, atol=1e-6)
     baseline.select_by_value("mean")
@@ -207,13 +207,13 @@ def test_screenshot_saliency_panel_on_the_photos_run(dash_duo, tmp_path):
     import os
     from pathlib import Path
 
-    from analysis.runs import store
+    from analysis.runs.reader import open_run
 
     photos = os.environ.get("HEADSCOPE_PHOTOS_RUN")
     if not photos:
         pytest.skip("set HEADSCOPE_PHOTOS_RUN to a photos run built with --patch-maps")
     path = Path(photos)
-    r = store.open_run(path)
+    r = open_run(path)
     image = int(r.images.image_id[r.images.path == "skimage:chelsea"].iloc[0]) if \
         (r.images.path == "skimage:chelsea").any() else int(r.images.image_id.iloc[0])
     visit(dash_duo, create_app(path.parent, path.name), f"/?run={path.name}&image={image}&layer=11&head=0")

@@ -93,7 +93,7 @@ def test_results_are_copies_and_the_app_process_caches_once(tmp_path):
     first["attention"] = None  # a caller changing its answer does not change the cache
     again = online.attention(run, 1, 0, 1)
     assert again["attention"].shape == (5, 5)
-    assert online._service().cache is None  # in-process, the transport's cache is the only one
+    assert online.local_service().cache is None  # in-process, the transport's cache is the only one
 
 
 def test_a_run_replaced_in_place_gets_the_new_models_numbers_in_the_app(tmp_path):

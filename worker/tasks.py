@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 from analysis.errors import CacheError, HeadScopeError
-from analysis.runs.store import default_cache_dir, valid_run_name
+from analysis.paths import default_cache_dir
+from analysis.runs.reader import valid_run_name
 from analysis.serving.service import ModelService, ResultCache
 
 from .celery_app import app

@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from analysis.metrics.importance import Baseline, arrays_to_frame, check_labels, layer_variants
+from analysis.metrics.common import arrays_to_frame, check_labels
+from analysis.metrics.importance import Baseline, layer_variants
 from analysis.models.adapter import ViT
 from analysis.models.pruning import MODES, keep_mask
 

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from analysis.metrics import registry
-from analysis.metrics.importance import arrays_to_frame
-from analysis.metrics.patterns import binarize_topq, cls_vector, pack_bits
+from analysis.metrics.common import arrays_to_frame
+from analysis.metrics.patterns import cls_vector, layer_patch_bits
 from analysis.models.adapter import ViT
 
 # Arrays of a batch that are not registry metrics: probs [B, C] float32 (classifier models);
@@ -86,13 +86,6 @@ class AttentionAnalyser:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v, axis=1) for k, v in self.values.items() if v}  # L x [B, H, ...] -> [B, L, H, ...]
-
-
-def layer_patch_bits(vit: ViT, layer: int, A: Tensor, batch: Batch) -> np.ndarray:
-    """Block ``layer``'s binarised patch matrices, bit-packed: uint8 [B, H, ceil(P*P/8)] (top
-    ``batch.options["q"]``; computed once per block and batch, shared with the pattern-label hooks)."""
-    T = vit.num_prefix_tokens
-    return batch.memo(("patch_bits", layer), lambda: pack_bits(binarize_topq(A[..., T:, T:], batch.options["q"])))
 
 
 def model_kind(vit: ViT) -> str:

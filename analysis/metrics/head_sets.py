@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from analysis.errors import InputError, LabelError
-from analysis.metrics.importance import (SEQUENCE_TOKENS, check_labels, cosine_distance, jensen_shannon_bits,
-                                         run_baseline)
+from analysis.metrics.common import check_labels
+from analysis.metrics.importance import SEQUENCE_TOKENS, cosine_distance, jensen_shannon_bits, run_baseline
 from analysis.models.adapter import ViT
 from analysis.models.pruning import MODE_LABELS, MODES, keep_mask, parse_regions
 

@@ -23,7 +23,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from analysis.errors import InputError, LabelError
+from analysis.errors import InputError
+from analysis.metrics.common import check_labels
+from analysis.metrics.registry import Metric, OnBatch, register_metric
 from analysis.models.family import heads_concat
 from analysis.models.pruning import MODE_LABELS, MODES, keep_mask
 from analysis.models.adapter import ViT
@@ -141,20 +143,6 @@ def downstream(vit: ViT, layer: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tens
     return torch.cat(pooled), (None if logits[0] is None else torch.cat(logits))
 
 
-def check_labels(vit: ViT, labels, batch: int) -> Tensor | None:
-    """Labels as LongTensor [B] (None for a backbone); refuses labels outside the classes."""
-    if labels is None or not vit.has_head:
-        return None
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(vit.device)
-    if labels.numel() != batch:
-        raise InputError(f"Got {labels.numel()} labels for {batch} images.")
-    bad = ((labels < 0) | (labels >= vit.num_classes)).nonzero().flatten().tolist()
-    if bad:
-        raise LabelError(f"Labels outside the model's {vit.num_classes} classes at rows {bad[:10]}: "
-                         f"{labels[bad[:10]].tolist()}. Check the label column against the model's classes.")
-    return labels
-
-
 @torch.inference_mode()
 def importance_arrays(vit: ViT, images: Tensor, labels=None,
                       on_attention: Callable[[int, Tensor], None] | None = None, means: Tensor | None = None):
@@ -175,62 +163,6 @@ def importance_arrays(vit: ViT, images: Tensor, labels=None,
             if m in res:
                 arrays[m][:, layer, :] = res[m].T.cpu().numpy()
     return arrays, base
-
-
-def head_importance(vit: ViT, images: Tensor, labels=None, batch_size: int = 16, progress: bool = False,
-                    method: str = "exact", ablation: str = "zero") -> pd.DataFrame:
-    """Importance of every head for every image.
-
-    images: float tensor [B, 3, H, W], preprocessed; labels: LongTensor [B] (None for a backbone).
-    method="exact", ablation="zero" (default): exact leave-one-out (SPEC "Head importance"); one
-    row per (image, layer, head): image, layer, head, prob, prob_drop, jsd (bits), cls_dist,
-    patch_dist, emb_dist. prob/prob_drop/jsd are NaN for models without a head.
-    ablation="mean": the same leave-one-out with each head's output replaced by its mean over
-    these images (SPEC "Mean ablation"): columns image, layer, head, prob, prob_drop, jsd, emb_dist.
-    method="taylor": the approximate gradient importance (SPEC "Head gates"; classifiers only):
-    columns image, layer, head, taylor_prob_drop, grad_score.
-    """
-    if method not in ("exact", "taylor"):
-        raise InputError(f"Unknown method {method!r}: use 'exact' (leave-one-out) or 'taylor' (gradient estimate).")
-    if ablation not in ("zero", "mean"):
-        raise InputError(f"Unknown ablation {ablation!r}: use 'zero' (the paper's pruning) or 'mean'.")
-    if method == "taylor":
-        if ablation != "zero":
-            raise InputError("The Taylor importance estimates zero ablation (gate 0); drop ablation='mean'.")
-        from analysis.metrics.taylor import taylor_importance
-
-        return taylor_importance(vit, images, labels, batch_size=batch_size, progress=progress)
-    images = vit.check_images(images)
-    B = images.shape[0]
-    labels_t = check_labels(vit, labels, B)
-    means = None
-    if ablation == "mean":
-        from analysis.metrics.ablation import MEAN_METRICS, head_means
-
-        means = head_means(vit, images, batch_size=batch_size, progress=progress)
-    frames = []
-    starts = range(0, B, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="head importance" + (" (mean ablation)" if means is not None else ""), unit="batch")
-    for s in starts:
-        lab = None if labels_t is None else labels_t[s:s + batch_size]
-        arrays, _ = importance_arrays(vit, images[s:s + batch_size], lab, means=means)
-        if means is not None:
-            arrays = {m: arrays[m] for m in MEAN_METRICS}
-        frames.append(arrays_to_frame(arrays, offset=s))
-    return pd.concat(frames, ignore_index=True)
-
-
-def arrays_to_frame(arrays: dict[str, np.ndarray], offset: int = 0) -> pd.DataFrame:
-    """{name: [B, L, H]} -> long DataFrame with columns image, layer, head, names..."""
-    B, L, H = next(iter(arrays.values())).shape[:3]
-    img, lay, hd = np.meshgrid(np.arange(B) + offset, np.arange(L), np.arange(H), indexing="ij")
-    df = pd.DataFrame({"image": img.ravel(), "layer": lay.ravel(), "head": hd.ravel()})
-    for name, arr in arrays.items():
-        df[name] = arr.reshape(B * L * H, *arr.shape[3:]).tolist() if arr.ndim > 3 else arr.ravel()
-    return df
 
 
 @torch.inference_mode()
@@ -262,3 +194,51 @@ def partial_pruning(vit: ViT, image: Tensor, label: int | None, layer: int, head
         df["top5_classes"] = [[] for _ in MODES]
         df["top5_probs"] = [[] for _ in MODES]
     return df
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def leave_one_out_hook(vit, images, labels, batch):
+    """Exact leave-one-out (mode 1) of every head; the unpruned pass hosts the attention hooks."""
+    arrays, base = importance_arrays(vit, images, labels, on_attention=batch.take_attention_pass())
+    if base.logp is not None:
+        batch.outputs["probs"] = base.logp.exp().float().cpu().numpy()
+    return arrays
+
+
+LEAVE_ONE_OUT = OnBatch(leave_one_out_hook)
+
+
+
+register_metric(Metric("prob", "P(true) when pruned", axis="P(true)", important="low", group="importance", range=(0, 1),
+                       applies_to={"classifier"}, needs_label=True, compute=LEAVE_ONE_OUT,
+                       meaning="P(true class) with the head pruned",
+                       formula=r"the probability of the true class *with the head pruned*, $P'_y$. Low means the model "
+                               "needs this head for this image. (The paper plots this value rather than the drop because "
+                               "it reads more easily.)"))
+register_metric(Metric("prob_drop", "drop of P(true)", axis="ΔP(true)", important="high", group="importance",
+                       applies_to={"classifier"}, needs_label=True, compute=LEAVE_ONE_OUT,
+                       meaning="drop of P(true class)",
+                       formula=r"how much the true class loses: $P_y - P'_y$ (paper Eq. 3). Negative values mean the head "
+                               "was *hurting* the prediction."))
+register_metric(Metric("jsd", "JSD", unit="bits", important="high", group="importance", applies_to={"classifier"}, range=(0, 1),
+                       compute=LEAVE_ONE_OUT, meaning="change of the output (JSD)",
+                       formula=r"how much the whole output distribution changes, as the Jensen–Shannon divergence in bits "
+                               r"(0 = identical, 1 = completely different): $\mathrm{JSD}(P \,\|\, P') = \tfrac12 "
+                               r"\mathrm{KL}(P \,\|\, M) + \tfrac12 \mathrm{KL}(P' \,\|\, M)$, $M = \tfrac12 (P + P')$, "
+                               "logarithms base 2 (Eq. 4)."))
+register_metric(Metric("cls_dist", "CLS cos. distance", axis="CLS cos. dist.", important="high", group="importance",
+                       compute=LEAVE_ONE_OUT, meaning="change of the CLS output",
+                       formula=r"how much the attention block's output for the CLS token changes: $1 - \cos(z_l[0], z'_l[0])$, "
+                               r"where $z_l$ is the block's attention output (after the output projection, before the "
+                               "residual) (Eq. 5). It measures the head's effect on its own layer, before later layers can "
+                               "compensate."))
+register_metric(Metric("patch_dist", "patch cos. distance", axis="patch cos. dist.", important="high", group="importance",
+                       compute=LEAVE_ONE_OUT, meaning="change of the patch outputs",
+                       formula=r"the same cosine distance averaged over the $P$ patch tokens: "
+                               r"$\frac{1}{P}\sum_{t} \big(1 - \cos(z_l[t], z'_l[t])\big)$ (Eq. 6)."))
+register_metric(Metric("emb_dist", "embedding cos. dist.", axis="emb. cos. dist.", important="high", group="importance",
+                       compute=LEAVE_ONE_OUT, meaning="change of the embedding",
+                       formula=r"the cosine distance of the model's pooled output embedding with and without the head; the "
+                               "model-level metric of backbones (self-supervised models such as DINOv2), where prob, "
+                               "prob_drop and jsd do not exist."))

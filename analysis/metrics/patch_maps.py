@@ -30,7 +30,9 @@ from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 from analysis.errors import InputError
-from analysis.metrics.importance import SEQUENCE_TOKENS, check_labels, cosine_distance
+from analysis.metrics.common import check_labels
+from analysis.metrics.importance import SEQUENCE_TOKENS, cosine_distance
+from analysis.metrics.registry import Metric, OnBatch, register_metric
 from analysis.models.adapter import ViT
 
 MAPS = ("occlusion", "token_drop", "rollout", "grad_rollout")
@@ -428,3 +430,25 @@ def deletion_curves(vit: ViT, image: Tensor, label: int | None, maps: dict[str, 
         value = (cosine_distance(scorer.pooled0, pooled) if target is None else scorer.prob(logits))
         rows.append((name, n, float(value[0])))
     return pd.DataFrame(rows, columns=["map", "n", "prob" if target is not None else "emb_dist"])
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def _patch_maps_hook(vit, images, labels, batch):
+    """The "patch_maps" stage: the four maps of every image (kept for the run's patch_maps table)
+    and each head's alignment with the occlusion map."""
+    known = batch.options.get("label_known")
+    per_image = None if labels is None else [int(y) if known is None or known[i] else None
+                                             for i, y in enumerate(labels.tolist())]
+    maps, alignment = batch_patch_maps(vit, images, per_image)
+    batch.outputs["patch_maps"] = maps
+    return {"saliency_alignment": alignment}
+
+
+register_metric(Metric("saliency_alignment", "head-saliency alignment", group="saliency", stage="patch_maps", range=(-1, 1),
+                       compute=OnBatch(_patch_maps_hook), meaning="does the head's CLS row look where occlusion matters",
+                       formula=r"the Spearman correlation over the $P$ patches between the head's CLS attention row "
+                               r"$A[0, T{:}]$ and the image's occlusion map $P(y|x) - P(y|x'_t)$ (patch $t$ set to the mean "
+                               "colour; for a backbone the cosine distance of the pooled embeddings; $y$ = the true class, "
+                               "or the top-1 class when it is unknown). +1: the head attends most to the patches whose "
+                               "removal hurts most. Computed when the run is built with --patch-maps."))

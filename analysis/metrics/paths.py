@@ -22,7 +22,8 @@ from torch import Tensor
 
 from analysis.errors import InputError
 from analysis.metrics.direct import StreamTrace, top1_labels, trace_stream
-from analysis.metrics.importance import check_labels, cosine_distance, downstream
+from analysis.metrics.common import check_labels
+from analysis.metrics.importance import cosine_distance, downstream
 from analysis.models.adapter import ViT
 from analysis.models.family import heads_concat
 

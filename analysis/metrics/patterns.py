@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from analysis.errors import InputError
+from analysis.metrics.registry import Metric, OnAttention, OnRun, register_metric
 
 
 def cls_vector(A: Tensor, num_prefix: int) -> Tensor:
@@ -239,3 +240,62 @@ def modal_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             values, counts = np.unique(present, return_counts=True)
             modal[j], share[j] = str(values[counts.argmax()]), counts.max() / len(present)
     return modal.reshape(labels.shape[1:]), share.reshape(labels.shape[1:])
+
+
+def layer_patch_bits(vit, layer: int, A: Tensor, batch) -> np.ndarray:
+    """Block ``layer``'s binarised patch matrices, bit-packed: uint8 [B, H, ceil(P*P/8)] (top
+    ``batch.options["q"]``; computed once per block and batch, shared with the pattern-label hooks)."""
+    T = vit.num_prefix_tokens
+    return batch.memo(("patch_bits", layer), lambda: pack_bits(binarize_topq(A[..., T:, T:], batch.options["q"])))
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def _pattern_scores(vit, layer, A, batch):
+    """{score or label: [B, H]} of block ``layer``, from its binarised patch matrices (computed once)."""
+    return batch.memo(("patterns", layer), lambda: pattern_arrays(layer_patch_bits(vit, layer, A, batch), vit.grid))
+
+
+def _pattern(name: str) -> OnAttention:
+    return OnAttention(lambda vit, layer, A, batch: _pattern_scores(vit, layer, A, batch)[name])
+
+
+def _consistency(arrays):
+    """Mean Jaccard of each head's binarised patch matrices over image pairs; NaN [L, H] when the
+    run's patch bits are not given (e.g. a synthetic run)."""
+    if "patch_bits" in arrays:
+        return consistency(arrays["patch_bits"])
+    n, L, H = next(iter(arrays.values())).shape[:3]
+    return np.full((L, H), np.nan)
+
+
+_E = r"Let $E$ be the top-$q$ entries $u \to v$ of the head's binarised patch matrix (rows of the grid counted downwards). "
+register_metric(Metric("diagonal", "diagonal", group="pattern", compute=_pattern("diagonal"), range=(0, 1),
+                       meaning="share of attention entries at one fixed neighbour offset",
+                       formula=_E + r"$\text{offset\_share}(dr, dc)$ is the fraction of $E$ with $(r_v - r_u, c_v - c_u) = (dr, dc)$; "
+                                    r"diagonal is its maximum over the 9 offsets with $\max(|dr|, |dc|) \le 1$ (paper Fig. 13: a "
+                                    "diagonal line in the patch matrix, shifted by the offset)."))
+register_metric(Metric("diagonal_offset", "diagonal offset", group="pattern", value="category", summary=False,
+                       compute=_pattern("diagonal_offset"), meaning="the neighbour offset of the diagonal score",
+                       formula=r"the arg max of the diagonal score: $(0,0)$ self, $(0,1)$ right, $(0,-1)$ left, $(1,0)$ below, "
+                               r"$(-1,0)$ above, and above-left, above-right, below-left, below-right (ties: that order)."))
+register_metric(Metric("horizontal", "horizontal", group="pattern", compute=_pattern("horizontal"), range=(0, 1),
+                       meaning="share of entries along the source's own row, 2+ patches away",
+                       formula=_E + r"horizontal is the fraction of $E$ with $dr = 0$ and $|dc| \ge 2$."))
+register_metric(Metric("vertical", "vertical", group="pattern", compute=_pattern("vertical"), range=(0, 1),
+                       meaning="share of entries on the 10% most attended target patches",
+                       formula=_E + r"vertical is the fraction of $E$ landing on the $\lceil 0.1 P \rceil$ targets with the most "
+                                    "entries: many sources attend to the same few patches (vertical stripes; content-relevant)."))
+register_metric(Metric("block", "block", group="pattern", compute=_pattern("block"), range=(0, 1),
+                       meaning="share of entries whose reverse entry is also kept",
+                       formula=_E + r"block is the fraction of $E$ with $u \ne v$ whose reverse $v \to u$ is also in $E$ "
+                                    "(groups of patches attending to each other)."))
+register_metric(Metric("pattern", "pattern", group="pattern", value="category", summary=False, compute=_pattern("pattern"),
+                       meaning="the head's pattern label on this image",
+                       formula="the name of the largest of diagonal, horizontal, vertical and block if it is at least 0.5 (a "
+                               "diagonal named by its offset, e.g. `diagonal:above`), else `mixed` (ties: that order)."))
+register_metric(Metric("consistency", "consistency", group="pattern", level="head", compute=OnRun(_consistency),
+                       range=(0, 1), meaning="how alike the head's patterns are across images (Jaccard)",
+                       formula=r"the mean Jaccard index $|E_x \cap E_{x'}| / |E_x \cup E_{x'}|$ over pairs of the run's images "
+                               "(all pairs up to 2000, else 2000 seeded pairs). High: content-agnostic (the paper's isolated "
+                               "clusters of one head); low: content-relevant."))

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from analysis.metrics.registry import Metric, OnAttention, register_metric
+
 
 def semantic_weights(gray: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
     """SIFT keypoint share per patch: gray [H, W] in [0, 1] -> w [P] summing to 1 (NaN if none)."""
@@ -63,3 +65,28 @@ def semantic_concentration(A: Tensor, weights: Tensor, num_prefix: int) -> tuple
     w = weights.to(A.dtype)[:, None, :, None]                      # [B, 1, P, 1]
     flow = (rows @ w)[..., 0]                                       # [B, H, N]: mass on keypoints
     return P * flow[..., T:].mean(-1), P * flow[..., 0]
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def _semantic(vit, layer, A, batch):
+    """(patch-source, CLS-source) concentration [B, H] of one block, computed once per block."""
+    weights = batch.memo("semantic_weights", lambda: torch.from_numpy(
+        batch_semantic_weights(batch.images, vit.data_config, vit.grid, vit.patch_size)).to(A.device))
+    return batch.memo(("semantic", layer), lambda: semantic_concentration(A, weights, vit.num_prefix_tokens))
+
+
+register_metric(Metric("semantic_concentration", "semantic concentration", group="semantic",
+                       compute=OnAttention(lambda vit, layer, A, batch: _semantic(vit, layer, A, batch)[0]),
+                       meaning="attention on SIFT-keypoint patches (1 = no preference)",
+                       formula=r"how much of a head's attention lands on *semantically rich* patches. A patch's semantic "
+                               r"weight $w_v$ is its share of the SIFT keypoints found in the image as the model sees it "
+                               r"($\sum_v w_v = 1$). With each source row restricted to the patch columns and renormalised "
+                               r"($\tilde A$), $\text{sc} = P \cdot \operatorname{mean}_u \sum_v \tilde A[u, v]\, w_v$ (mean "
+                               r"over the $P$ source patches $u$). 1 = no preference (what uniform attention gives), above 1 = "
+                               "attention flows to keypoint-rich patches (object parts, edges), below 1 = to flat background. "
+                               "Undefined (empty) for an image in which SIFT finds no keypoint."))
+register_metric(Metric("cls_semantic_concentration", "CLS semantic concentration", group="semantic",
+                       compute=OnAttention(lambda vit, layer, A, batch: _semantic(vit, layer, A, batch)[1]),
+                       meaning="the same for the CLS row",
+                       formula=r"semantic concentration of the CLS row alone, $P \sum_v \tilde A[0, v]\, w_v$."))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from analysis.errors import InputError
-from analysis.metrics.importance import arrays_to_frame
+from analysis.metrics.common import arrays_to_frame
 from analysis.models.adapter import ViT
 
 DEFAULT_FACTOR = 3.0  # f: a patch token is high-norm above f x the median patch-token norm

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from analysis.metrics.registry import Metric, OnAttention, register_metric
+
 
 @lru_cache(maxsize=32)
 def _grid_coords(gh: int, gw: int) -> np.ndarray:
@@ -92,3 +94,52 @@ def peak_attention(A: Tensor, num_prefix: int) -> Tensor:
     outside_r1 = A.clone()
     outside_r1[..., :num_prefix, :num_prefix] = 0
     return outside_r1.amax(dim=(-2, -1))
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def _patches(vit, A):
+    T = vit.num_prefix_tokens
+    return A[..., T:, T:]
+
+
+def _khop(vit, layer, A, batch):
+    return batch.memo(("khop", layer), lambda: khop_strength(_patches(vit, A), vit.grid))
+
+
+def _strength_entropy(vit, layer, A, batch):
+    return strength_entropy(_khop(vit, layer, A, batch))
+
+
+def _mean_distance(vit, layer, A, batch):
+    return mean_attention_distance(_patches(vit, A), vit.grid, vit.patch_size)
+
+
+def _peak(A, num_prefix):
+    return peak_attention(A, num_prefix)
+
+
+register_metric(Metric("strength", "k-hop strength", value="vector", group="strength", compute=OnAttention(_khop),
+                       axis="attention per patch", meaning="average attention a patch gives to one patch k hops away",
+                       formula=r"$s_k(u) = \frac{1}{|V_k(u)|}\sum_{v \in V_k(u)} A[u, v]$, the average attention source patch "
+                               r"$u$ gives to one patch at hop $k$. The head's vector $s$ has $K = \max(g_h, g_w)$ entries: "
+                               r"$s_k$ is the mean of $s_k(u)$ over the source patches that have any patch at hop $k$ "
+                               r"(paper Eq. 7). A head with a tall bar at $k=0$ makes every patch look at itself."))
+register_metric(Metric("strength_entropy", "strength entropy", group="strength", compute=OnAttention(_strength_entropy), range=(0, 1),
+                       meaning="how global the attention is (0-1)",
+                       formula=r"$-\sum_k p_k \log p_k \,/\, \log K$ with $p = s / \sum_k s_k$; between 0 (all attention on "
+                               r"one hop distance: a *local* or strictly patterned head) and 1 (spread evenly over all "
+                               "distances: a *global* head). Lower layers tend to have both kinds; higher layers are mostly "
+                               "global."))
+register_metric(Metric("mean_distance_px", "mean attention distance", unit="px", group="strength",
+                       compute=OnAttention(_mean_distance), meaning="mean attention distance (px)",
+                       formula="the attention-weighted average distance in pixels between a patch and the patches it attends "
+                               "to (rows renormalised over patches), averaged over source patches, as in the original ViT paper."))
+register_metric(Metric("peak_attention", "peak attention", group="strength", range=(0, 1),
+                       compute=OnAttention(lambda vit, layer, A, batch: _peak(A, vit.num_prefix_tokens)),
+                       meaning="the head's largest attention weight outside CLS→CLS",
+                       formula=r"$\max_{(u, v) \notin R_1} A[u, v]$, the largest single weight of the head outside the "
+                               r"prefix$\to$prefix block $R_1$ (CLS self-attention, often near 1). A peaked head (one "
+                               "source puts most of its attention on one token) comes close to 1, a diffuse one to $1/N$. "
+                               "The Explorer's *run* colour scale for D2-D4 is the largest value of it in the head's layer "
+                               "over the run's images, so heads and images can be compared on one scale."))

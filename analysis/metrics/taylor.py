@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from analysis.errors import InputError
-from analysis.metrics.importance import arrays_to_frame, check_labels
+from analysis.metrics.common import arrays_to_frame, check_labels
+from analysis.metrics.registry import Metric, OnBatch, register_metric
 from analysis.models.adapter import HeadHook, ViT
 
 TAYLOR_METRICS = ("taylor_prob_drop", "grad_score")
@@ -105,3 +106,29 @@ def taylor_agreement(exact: np.ndarray, estimate: np.ndarray) -> dict[str, float
     q25, med, q75 = np.nanpercentile(per_image, [25, 50, 75]) if np.isfinite(per_image).any() else (np.nan,) * 3
     return {"per_image_median": float(med), "per_image_q25": float(q25), "per_image_q75": float(q75),
             "run_means": spearman(exact.mean(0).ravel(), estimate.mean(0).ravel()), "images": int(B)}
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def _taylor(vit, images, labels, batch):
+    """taylor_prob_drop and grad_score: one forward + one backward (analysis.metrics.taylor)."""
+    if labels is None:
+        return {}
+    arrays, probs = taylor_pass(vit, images, labels)
+    batch.outputs.setdefault("probs", probs)
+    return arrays
+
+
+TAYLOR = OnBatch(_taylor)
+_TAYLOR_NOTE = (" **Approximate**: a first-order Taylor estimate from one backward pass (head gate $g$ on the "
+                r"head output $o = A V$ before $W_O$, $g = 0$ is exactly pruning mode 1), not a pruned forward.")
+register_metric(Metric("taylor_prob_drop", "Taylor ΔP(true)", axis="Taylor ΔP(true)", important="high", group="importance",
+                       exact=False, applies_to={"classifier"}, needs_label=True, stage="taylor", compute=TAYLOR,
+                       meaning="first-order estimate of the drop of P(true)",
+                       formula=r"$\partial P(y \mid x) / \partial g$ at $g = 1$: the linear estimate of prob_drop (signed)."
+                               + _TAYLOR_NOTE))
+register_metric(Metric("grad_score", "gradient score", important="high", group="importance", exact=False,
+                       applies_to={"classifier"}, needs_label=True, stage="taylor", compute=TAYLOR,
+                       meaning="|d log P(true) / d gate| (Michel et al. 2019)",
+                       formula=r"$\left|\partial \log P(y \mid x) / \partial g\right|$ at $g = 1$, per image (Michel et al. "
+                               "2019 average it over images)." + _TAYLOR_NOTE))

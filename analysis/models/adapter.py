@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from analysis.errors import InputError, ModelLoadError
-from analysis.models._registry import family_for_module, family_for_name
+from analysis.reprs import vit_html
+from analysis.models.registry import families, family_for_module, family_for_name
+from analysis.models.timm_vit import check_supported, unknown_model
 from analysis.models.family import ModelFamily, heads_concat
 from analysis.models.pruning import Regions, prune_hook
 from analysis.models.weights import load_weights, read_state_dict, sha256_file
@@ -46,8 +48,6 @@ class ViT:
         else:
             entry = family_for_module(model)
             if entry is None:
-                from analysis.models.timm_vit import check_supported
-
                 check_supported(model)  # raises the message that lists what is supported
             family = entry.family(model)
         family.module = family.module.eval().to(device)
@@ -71,9 +71,7 @@ class ViT:
                 f"T={self.num_prefix_tokens}, grid={self.grid}, patch={self.patch_size}px, classes={self.num_classes})")
 
     def _repr_html_(self) -> str:
-        """The shape facts in Jupyter (analysis.notebook.vit_html)."""
-        from analysis.notebook import vit_html
-
+        """The shape facts in Jupyter (analysis.reprs.vit_html)."""
         return vit_html(self)
 
     # ---- input ---------------------------------------------------------------------------
@@ -230,12 +228,6 @@ class ViT:
 
 # ---- loading -----------------------------------------------------------------------------
 
-def _unknown(name: str) -> ModelLoadError:
-    from analysis.models.timm_vit import unknown_model
-
-    return unknown_model(name)
-
-
 def load_vit(model: str | nn.Module, weights: str | Path | None = None, pretrained: bool = False,
              img_size: int | None = None, num_classes: int | None = None,
              class_names: Sequence[str] | None = None, device: str = "cpu") -> ViT:
@@ -256,17 +248,39 @@ def load_vit(model: str | nn.Module, weights: str | Path | None = None, pretrain
         return ViT(model, class_names=class_names, weights_sha256=sha, device=device)
     if not isinstance(model, str):
         raise ModelLoadError(f"load_vit takes a model name, a checkpoint folder or a module, not {type(model).__name__}.")
-    from analysis.models import defaults
-
-    if model in defaults.DEFAULT_MODELS:
-        if weights is not None or pretrained:
-            raise ModelLoadError(f"'{model}' brings its own weights; do not pass weights or pretrained.")
-        module, meta = defaults.build_default(model)
-        return ViT(module, name=model, class_names=meta.get("class_names"),
-                   weights_sha256=meta.get("weights_sha256"), device=device)
     entry = family_for_name(model)
     if entry is None:
-        raise _unknown(model)
+        raise unknown_model(model)
     family, sha, names = entry.load(model, weights=weights, pretrained=pretrained, img_size=img_size,
                                     num_classes=num_classes)
     return ViT(family, name=model, class_names=class_names or names, weights_sha256=sha, device=device)
+
+
+def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
+    """Re-load the model a run was built with (manifest["model"]). A run written from a notebook's
+    in-memory model (``in_memory``; analysis.notebook.save_result) names no weights to reload:
+    ModelLoadError saying so, never a silently re-initialised model."""
+    if model.get("in_memory"):
+        raise ModelLoadError(
+            f"This run was written from a notebook's in-memory model ({model.get('name')}); no weights to reload "
+            "were saved with it, so its online views need that model: serve the run from the notebook that holds "
+            "it with analysis.notebook.explorer(result, vit=vit, images=images), or build a run from saved "
+            "weights with `headscope build`. Precomputed views keep working.")
+    family = next((e.family for e in families() if e.family.family == model.get("family")), None)
+    sized = model.get("weights") or model.get("pretrained") or (family is not None and family.sized_by_files)
+    return load_vit(model["name"], weights=model.get("weights"), pretrained=bool(model.get("pretrained")),
+                    img_size=model.get("img_size") if sized else None,
+                    num_classes=model.get("num_classes"), class_names=model.get("class_names"), device=device)
+
+
+def model_reference(name: str) -> str:
+    """The model as a run records it: its family's reference (a checkpoint folder as its absolute
+    path), anything else as given."""
+    entry = family_for_name(name)
+    return entry.reference(name) if entry is not None and entry.reference is not None else name
+
+
+def brings_weights(name: str) -> bool:
+    """Does ``name`` load trained weights by itself (an embedded default, a checkpoint folder)?"""
+    entry = family_for_name(name)
+    return entry is not None and entry.brings_weights is not None and entry.brings_weights(name)

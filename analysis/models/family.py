@@ -2,7 +2,7 @@
 
 Importance, strength, patterns and every other metric call only ``ViT`` (analysis.models.adapter),
 which calls only a ``ModelFamily``. A new architecture is one new file: a subclass of
-``ModelFamily`` plus one ``register_family(...)`` call (see analysis/models/_registry.py and
+``ModelFamily`` plus one ``register_family(...)`` call (see analysis/models/registry.py and
 ARCHITECTURE.md). Shapes: ``x [B, N, C]`` token sequence; ``A [B, H, Nq, N]`` post-softmax
 attention; ``v [B, H, N, d]`` values; ``o [..., Nq, H*d]`` concatenated head outputs;
 ``z [..., Nq, C]`` attention-module output (after the output projection, SPEC ``z[l]``).
@@ -29,6 +29,7 @@ class ModelFamily(ABC):
     """
 
     family: str = "abstract"          # short id written into a run's manifest
+    sized_by_files: bool = False      # its checkpoints set the input size: a reload passes the run's img_size
     module: nn.Module
     depth: int
     num_heads: int

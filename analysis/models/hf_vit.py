@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.errors import ModelLoadError, WeightsMismatchError
+from analysis.models.registry import register_family
 from analysis.models.family import ModelFamily, frozen_layer_norm, sdpa_heads, softmax_attention
 from analysis.models.weights import sha256_file
 
@@ -64,6 +65,7 @@ class HFViT(ModelFamily):
     the folder's preprocessor_config.json as a dict, or None for config image_size + ImageNet
     mean/std). Inputs of another size than config.image_size use HF's position interpolation.
     """
+    sized_by_files = True  # a checkpoint folder: reloaded at the size the run recorded
 
     family = "hf"
 
@@ -382,11 +384,6 @@ def _weights_sha256(files: list[Path]) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
-def _register() -> None:
-    from analysis.models._registry import register_family
-
-    register_family("hf", family=HFViT, accepts_module=accepts_module, accepts_name=accepts_name,
-                    load=load_hf, priority=60)  # after timm: a timm name wins over a same-named folder
-
-
-_register()
+register_family("hf", family=HFViT, accepts_module=accepts_module, accepts_name=accepts_name,
+                load=load_hf, priority=60, brings_weights=lambda name: Path(name).expanduser().is_dir(),
+                reference=lambda name: str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name)  # after timm: a timm name wins over a same-named folder

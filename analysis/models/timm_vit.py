@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from analysis.errors import ModelLoadError
+from analysis.models.registry import register_family
 from analysis.models.family import ModelFamily, frozen_layer_norm, sdpa_heads, softmax_attention
-from analysis.models.weights import _checkpoint_img_size, load_weights, read_state_dict, sha256_file
+from analysis.models.weights import checkpoint_img_size, load_weights, read_state_dict, sha256_file
 
 
 class TimmViT(ModelFamily):
@@ -241,7 +242,7 @@ def load_timm(name: str, weights: str | Path | None = None, pretrained: bool = F
                 "Are you offline? Pass a local checkpoint with weights=PATH (--weights PATH) instead.") from None
         raise ModelLoadError(f"Could not build '{name}': {err}") from None
     check_supported(module)
-    trained_px = _checkpoint_img_size(module, sd) if sd is not None and img_size is None else None
+    trained_px = checkpoint_img_size(module, sd) if sd is not None and img_size is None else None
     if trained_px is not None:  # e.g. a 384 px checkpoint under a *_224 name: build it at 384
         module = timm.create_model(name, pretrained=False, **kwargs, img_size=trained_px)
     sha = None
@@ -282,11 +283,5 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _register() -> None:
-    from analysis.models._registry import register_family
-
-    register_family("timm-vit", family=TimmViT, accepts_module=accepts_module, accepts_name=accepts_name,
-                    load=load_timm, priority=50)
-
-
-_register()
+register_family("timm-vit", family=TimmViT, accepts_module=accepts_module, accepts_name=accepts_name,
+                load=load_timm, priority=50)

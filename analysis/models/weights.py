@@ -94,7 +94,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = 
     model.load_state_dict(sd, strict=True)
 
 
-def _checkpoint_img_size(model: nn.Module, sd: dict[str, Tensor]) -> int | None:
+def checkpoint_img_size(model: nn.Module, sd: dict[str, Tensor]) -> int | None:
     """The input size (px) a checkpoint's square pos_embed grid was trained for, when it differs
     from the model's; None when it matches or cannot be told."""
     pe = sd.get("pos_embed")

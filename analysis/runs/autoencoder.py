@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from analysis.runs.tables import atomic_write_bytes
 
 MAX_SIDE = 128
 ENCODE_BATCH = 1024
@@ -172,8 +173,6 @@ def _read_checkpoint(path: str | Path | None, key: str) -> dict | None:
 
 
 def _write_checkpoint(path: str | Path, state: dict) -> None:
-    from analysis.runs.store import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(Path(path), buf.getvalue())

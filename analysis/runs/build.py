@@ -31,15 +31,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
-from analysis.metrics import registry
-from analysis.runs import head_stages, store, tables
+from analysis.errors import CacheError, InputError, ModelLoadError
+from analysis.metrics import engine, registry
+from analysis.runs import head_stages, layouts, tables
+from analysis.runs.batches import batch_plan, load_batch, parts_dir
+from analysis.paths import default_cache_dir
+from analysis.runs.reader import open_run
+from analysis.runs.schema import SCHEMA_VERSION, SKIPPED_COLUMNS
+from analysis.runs.tables import atomic_write_bytes, remove_temporaries, write_json
 from analysis.datasets import printable
+from analysis.models.adapter import brings_weights, load_vit, model_reference
+from analysis.datasets import load_image_set, validate_labels
+from analysis.runs.autoencoder import input_side, train_autoencoder
+from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
 # Parameters that change the results: a run directory refuses a build that differs in any.
@@ -140,11 +149,11 @@ class BuildContext:
 def default_out(model: str, dataset: str) -> Path:
     """cache/default for the embedded fashion run, cache/photos for photos, else cache/<model>-<set>."""
     if EMBEDDED_RUNS.get(dataset) == model:
-        return store.default_cache_dir() / ("default" if dataset == "fashion" else dataset)
+        return default_cache_dir() / ("default" if dataset == "fashion" else dataset)
     stem = Path(dataset).stem if dataset not in EMBEDDED_RUNS else dataset
     model = Path(model).name if Path(model).is_dir() else model  # a checkpoint folder: its name
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{stem}")
-    return store.default_cache_dir() / safe
+    return default_cache_dir() / safe
 
 
 def config_from_manifest(run_dir: str | Path, **overrides) -> BuildConfig:
@@ -174,27 +183,15 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 # ---- stage 1: prepare ----------------------------------------------------------------------
 
-def model_ref(model: str) -> str:
-    """The model as a run records it: a checkpoint folder (HuggingFace, which brings its own weights)
-    as its absolute path, anything else as given."""
-    from analysis.models.defaults import DEFAULT_MODELS
-
-    folder = Path(model).expanduser()
-    return str(folder.resolve()) if model not in DEFAULT_MODELS and folder.is_dir() else model
-
-
 def load_model(config: BuildConfig):
     """The ViT of a build (refuses a timm name without weights: it could not be reloaded)."""
     import torch
 
-    from analysis.models.defaults import DEFAULT_MODELS
-    from analysis.models.adapter import load_vit
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {config.device} was asked for but CUDA is not available here. Use --device cpu.")
-    config.model = model_ref(config.model)
-    brings_weights = config.model in DEFAULT_MODELS or Path(config.model).is_dir()
-    if not (brings_weights or config.weights or config.pretrained):
+    config.model = model_reference(config.model)
+    if not (brings_weights(config.model) or config.weights or config.pretrained):
         raise ModelLoadError(f"Model '{config.model}' needs weights: pass --weights PATH (.safetensors/.pth) or "
                              "--pretrained, or give a HuggingFace checkpoint folder. A random initialisation "
                              "could not be reloaded by the dashboard.")
@@ -206,8 +203,6 @@ def load_model(config: BuildConfig):
 def load_images(config: BuildConfig, vit):
     """The image set, labels checked against the model's classes; names the model's classes
     after the set's when the model brings none."""
-    from analysis.datasets import load_image_set, validate_labels
-
     kind = config.dataset_kind or (config.dataset if config.dataset in EMBEDDED_RUNS else None)
     image_set = load_image_set(config.dataset, kind=kind, limit=config.limit, seed=config.seed,
                                class_names=vit.class_names, labels=config.labels)
@@ -224,7 +219,7 @@ def load_images(config: BuildConfig, vit):
 
 
 def model_facts(config: BuildConfig, vit) -> dict:
-    """manifest["model"]: enough for analysis.service.model_from_manifest to reload the model."""
+    """manifest["model"]: enough for analysis.models.adapter.model_from_manifest to reload the model."""
     h, w = vit.img_size
     return {"name": config.model, "family": vit.family.family,
             "weights": str(Path(config.weights).resolve()) if config.weights else None,
@@ -256,7 +251,7 @@ def now_iso() -> str:
 
 def new_manifest(config: BuildConfig, vit, image_set) -> dict:
     return {
-        "schema_version": store.SCHEMA_VERSION, "status": "building", "created": now_iso(),
+        "schema_version": SCHEMA_VERSION, "status": "building", "created": now_iso(),
         "model": model_facts(config, vit),
         "dataset": {"name": image_set.name, "kind": image_set.kind, "source": config.dataset,
                     "fingerprint": image_set.fingerprint, "n_images": len(image_set.items),
@@ -320,8 +315,8 @@ def prepare(config: BuildConfig) -> BuildContext:
         manifest = {**existing, "build_config": {**existing.get("build_config", {}), **_exec_settings(config)}}
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        store.write_json(run_dir / "manifest.json", manifest)
-    store.remove_temporaries(run_dir)
+        write_json(run_dir / "manifest.json", manifest)
+    remove_temporaries(run_dir)
     return BuildContext(config, vit, image_set, manifest, timings)
 
 
@@ -357,10 +352,6 @@ def _exec_settings(config: BuildConfig) -> dict:
 
 # ---- stage 2: per-image analysis -> parts --------------------------------------------------
 
-def parts_dir(run_dir: Path) -> Path:
-    return run_dir / "parts"
-
-
 def read_part(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
     """The arrays of one part (only ``keys`` when given); None when the file is unreadable."""
     try:
@@ -383,63 +374,6 @@ def finished_images(run_dir: Path) -> set[int]:
     return done
 
 
-def batch_plan(n_images: int, batch_size: int, shard: tuple[int, int] | None = None) -> list[list[int]]:
-    """Image ids in batches; with shard (K, N) the K-th (1-based) of N contiguous groups of batches."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    batches = [list(range(s, min(s + batch_size, n_images))) for s in range(0, n_images, batch_size)]
-    if shard is None:
-        return batches
-    k, n = shard
-    if not (1 <= k <= n):
-        raise InputError(f"--shard {k}/{n} is not valid: use K/N with 1 <= K <= N, e.g. --shard 1/4.")
-    bounds = np.linspace(0, len(batches), n + 1).round().astype(int)
-    return batches[bounds[k - 1]:bounds[k]]
-
-
-def thumb_side(vit, thumb_px: int | None = None) -> int:
-    """Thumbnail width in px: ``thumb_px``, else the model's input size clamped to 112-224."""
-    return thumb_px or int(min(max(vit.img_size[0], 112), 224))
-
-
-def thumbnail_transform(vit, thumb_px: int | None):
-    """PIL -> the image as the model sees it (resize/crop, no normalisation) at thumb_px px."""
-    from PIL import Image
-
-    steps = []
-    for t in getattr(vit.transform, "transforms", []):
-        if "ToTensor" in type(t).__name__:
-            break
-        steps.append(t)
-    side = thumb_side(vit, thumb_px)
-
-    def apply(im):
-        for t in steps:
-            im = t(im)
-        im = im.convert("RGB")
-        if im.size != (side, side):
-            im = im.resize((side, round(side * im.height / im.width)), Image.BICUBIC)
-        return im
-    return apply
-
-
-def _load_batch(ctx: BuildContext, ids: Sequence[int]):
-    """Open and preprocess images -> (ok ids, tensor [b, 3, H, W] or None, thumbnails, skipped)."""
-    from analysis.datasets import open_image
-
-    ok, pils, skipped = [], [], []
-    for i in ids:
-        try:
-            im = open_image(ctx.image_set.items[i].ref)
-            ok.append(i)
-            pils.append(im)
-        except ImageReadError as err:
-            skipped.append((i, str(err)))
-    x = ctx.vit.preprocess(pils) if pils else None
-    make_thumb = thumbnail_transform(ctx.vit, ctx.config.thumb_px)
-    return ok, x, [make_thumb(im) for im in pils], skipped
-
-
 def write_part(run_dir: Path, ids: list[int], result, skipped: list[tuple[int, str]], seconds: float) -> Path:
     """One finished batch -> parts/part_<first id>.npz, written atomically (``result``: the
     engine's BatchResult, saved under its own keys)."""
@@ -451,7 +385,7 @@ def write_part(run_dir: Path, ids: list[int], result, skipped: list[tuple[int, s
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = parts_dir(run_dir) / f"part_{min(ids + [i for i, _ in skipped]):06d}.npz"
-    store.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -499,8 +433,6 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
     """
     import torch
 
-    from analysis.metrics.engine import analyse_batch
-
     ctx = context_for(config)
     cfg, vit = ctx.config, ctx.vit
     plan = pending_batches(ctx, image_indices, shard)
@@ -514,20 +446,20 @@ def run_image_stage(config: BuildConfig | BuildContext | dict, image_indices: It
     labels_of = [it.label for it in ctx.image_set.items]
     extra = head_stages.image_stage_args(ctx)  # taylor_only: metrics=; mean_ablation: the head means
     with ThreadPoolExecutor(max_workers=1) as pool:  # opens the next batch while this one computes
-        pending = pool.submit(_load_batch, ctx, plan[0])
+        pending = pool.submit(load_batch, ctx, plan[0])
         for b, ids in enumerate(plan):
             t = time.perf_counter()
             ok, x, thumbs, skipped = pending.result()
             if b + 1 < len(plan):
-                pending = pool.submit(_load_batch, ctx, plan[b + 1])
+                pending = pool.submit(load_batch, ctx, plan[b + 1])
             result = None
             if ok:
                 labels = torch.tensor([labels_of[i] for i in ok])  # -1 = unknown: no true-class metrics
-                result = analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q, stages=cfg.stages, **extra)
+                result = engine.analyse_batch(vit, x, labels if vit.has_head else None, q=cfg.q, stages=cfg.stages, **extra)
                 for i, im in zip(ok, thumbs):
                     buf = io.BytesIO()
                     im.save(buf, format="PNG")
-                    store.atomic_write_bytes(ctx.run_dir / "thumbs" / f"{i}.png", buf.getvalue())
+                    atomic_write_bytes(ctx.run_dir / "thumbs" / f"{i}.png", buf.getvalue())
             seconds = time.perf_counter() - t
             write_part(ctx.run_dir, ok, result, skipped, seconds)
             stats["images"] += len(ok)
@@ -636,8 +568,6 @@ def _layout(stages: _Stages, run_dir: Path, name: str, X: np.ndarray, seed: int,
     """t-SNE layout of X, reused from stages/layout_<name>.npz when its inputs are the same."""
     import hashlib
 
-    from analysis.runs.layouts import tsne_2d
-
     X = np.ascontiguousarray(X)
     key = hashlib.sha256(f"{X.dtype}{X.shape}{seed}".encode() + X.tobytes()).hexdigest()
     path = stages_dir(run_dir) / f"layout_{name}.npz"
@@ -649,20 +579,18 @@ def _layout(stages: _Stages, run_dir: Path, name: str, X: np.ndarray, seed: int,
     except (OSError, ValueError, KeyError, EOFError):  # none yet, or unreadable: compute it
         pass
     bar = stages.bar(f"layout {name} ({len(X)} points)", 1, unit="it")
-    xy = stages.timed(f"layout_{name}", tsne_2d, X, seed=seed, n_jobs=jobs,
+    xy = stages.timed(f"layout_{name}", layouts.tsne_2d, X, seed=seed, n_jobs=jobs,
                       progress=lambda done, total: stages.advance(bar, done, total))
     stages.advance(bar, bar.total, bar.total)
     bar.close()
     buf = io.BytesIO()
     np.savez(buf, xy=xy, inputs_sha256=np.asarray(key))
-    store.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return xy
 
 
 def merge_run(ctx: BuildContext) -> dict:
     """Run-level stages from all parts: autoencoder, layouts, tables; marks the run complete."""
-    from analysis.runs.autoencoder import input_side, train_autoencoder
-
     cfg, vit, run_dir = ctx.config, ctx.vit, ctx.run_dir
     stages = _Stages(cfg.progress)
     arrays = stages.timed("read_parts", collect_parts, run_dir, len(ctx.image_set.items))
@@ -675,7 +603,7 @@ def merge_run(ctx: BuildContext) -> dict:
     if metric not in arrays:  # taylor_only: no leave-one-out
         metric = "taylor_prob_drop"
     if ctx.manifest.get("status") == "complete":  # re-merge: readers wait until the tables match again
-        store.write_json(run_dir / "manifest.json", {**ctx.manifest, "status": "building"})
+        write_json(run_dir / "manifest.json", {**ctx.manifest, "status": "building"})
 
     bits = arrays["patch_bits"].reshape(n * L * H, -1)
     bar = stages.bar("autoencoder", 1, unit="batch")
@@ -695,7 +623,7 @@ def merge_run(ctx: BuildContext) -> dict:
     metric_arrays = {m.name: arrays[m.name] for m in registry.metrics("image_head") if m.name in arrays}
     skipped = [(printable(ref), printable(str(r))) for ref, r in list(ctx.image_set.skipped) + [
         (ctx.image_set.items[i].ref, r) for i, r in zip(arrays["skipped_index"], arrays["skipped_reason"])]]
-    skipped = pd.DataFrame(skipped, columns=list(store.SKIPPED_COLUMNS))
+    skipped = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS))
 
     timings = {k: round(v, 3) for k, v in ctx.timings.items()}
     timings["images"] = round(arrays["seconds"], 3)
@@ -714,7 +642,7 @@ def merge_run(ctx: BuildContext) -> dict:
                                 sizes=lambda d: run_sizes(d, n, manifest["model"]),
                                 inputs={"patch_bits": arrays["patch_bits"]}, patch_maps=arrays.get("patch_maps"))
     shutil.rmtree(stages_dir(run_dir), ignore_errors=True)  # the tables hold the stages' results now
-    store.remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
+    remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
     ctx.manifest = manifest
     return manifest
 
@@ -738,10 +666,8 @@ def add_pattern_labels(run_dir: str | Path) -> dict:
     """Add the pattern labels (PATTERN_METRICS) to a complete run built without them, from the
     patch bits in its parts: every other column, the layouts and the thumbnails are kept as they are.
     Returns the new manifest (timings.pattern_labels: seconds)."""
-    from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
-
     run_dir = Path(run_dir)
-    run = store.open_run(run_dir)
+    run = open_run(run_dir)
     t = time.perf_counter()
     ids = run.images["image_id"].to_numpy()
     bits = {}

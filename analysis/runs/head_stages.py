@@ -24,7 +24,13 @@ import pyarrow as pa
 
 from analysis.errors import InputError, LabelError
 from analysis.metrics import registry
+from analysis.metrics.importance import LEAVE_ONE_OUT
 from analysis.runs import tables
+from analysis.runs.batches import batch_plan, load_batch, parts_dir
+from analysis.metrics.ablation import head_output_sums
+from analysis.metrics.taylor import taylor_agreement as agreement
+from analysis.metrics.head_sets import order_by, random_order
+from analysis.metrics.head_sets import curve_area, default_steps, heads_before_drop, pruning_curves
 
 EXTRA_STAGES = ("taylor_only", "curves")   # build switches that are not metric stages
 CURVE_SEEDS = 3
@@ -58,7 +64,7 @@ def image_stage_args(ctx) -> dict:
     stages, out = ctx.config.stages, {}
     if "taylor_only" in stages:
         out["metrics"] = [m.name for m in registry.computed_metrics("image_head", stages)
-                          if m.compute is not registry.LEAVE_ONE_OUT]
+                          if m.compute is not LEAVE_ONE_OUT]
     if "mean_ablation" in stages:
         out["options"] = {"head_means": ensure_head_means(ctx)}
     return out
@@ -66,9 +72,6 @@ def image_stage_args(ctx) -> dict:
 
 def ensure_head_means(ctx) -> np.ndarray:
     """[L, H, N, d] float32 mean head outputs over the run's readable images (first pass, cached in parts/)."""
-    from analysis.metrics.ablation import head_output_sums
-    from analysis.runs.build import _load_batch, batch_plan, parts_dir
-
     path = parts_dir(ctx.run_dir) / "head_means.npy"
     if path.is_file():
         return np.load(path)
@@ -77,7 +80,7 @@ def ensure_head_means(ctx) -> np.ndarray:
     total, count = None, 0
     plan = batch_plan(len(ctx.image_set.items), ctx.config.batch_size)
     for ids in tqdm(plan, desc="head means (mean ablation)", unit="batch", disable=not ctx.config.progress):
-        ok, x, _, _ = _load_batch(ctx, ids)
+        ok, x, _, _ = load_batch(ctx, ids)
         if ok:
             total, count = head_output_sums(ctx.vit, x, total), count + len(ok)
     means = (total / count).float().cpu().numpy()
@@ -89,8 +92,6 @@ def ensure_head_means(ctx) -> np.ndarray:
 
 def taylor_agreement(arrays: dict) -> dict | None:
     """SPEC agreement of taylor_prob_drop and grad_score with the exact prob_drop (images with both)."""
-    from analysis.metrics.taylor import taylor_agreement as agreement
-
     if not all(k in arrays for k in ("prob_drop", "taylor_prob_drop", "grad_score")):
         return None
     exact = arrays["prob_drop"]
@@ -103,8 +104,6 @@ def taylor_agreement(arrays: dict) -> dict | None:
 
 def curve_orders(arrays: dict, L: int, H: int, seed: int, has_head: bool) -> dict[str, list]:
     """SPEC orders: exact (prob_drop, or emb_dist for a backbone), taylor (grad_score), random_<seed> x 3."""
-    from analysis.metrics.head_sets import order_by, random_order
-
     orders = {}
     for name, col in (("exact", "prob_drop" if has_head else "emb_dist"), ("taylor", "grad_score")):
         a = arrays.get(col)
@@ -118,9 +117,6 @@ def curve_orders(arrays: dict, L: int, H: int, seed: int, has_head: bool) -> dic
 def curves_stage(ctx, arrays: dict, timer) -> tuple[pd.DataFrame, dict]:
     """Cumulative pruning curves of the run (resumable per batch) -> (table rows, manifest entry)."""
     import torch
-
-    from analysis.metrics.head_sets import curve_area, default_steps, heads_before_drop, pruning_curves
-    from analysis.runs.build import _load_batch, parts_dir
 
     cfg, vit = ctx.config, ctx.vit
     L, H = vit.depth, vit.num_heads
@@ -139,7 +135,7 @@ def curves_stage(ctx, arrays: dict, timer) -> tuple[pd.DataFrame, dict]:
         path = parts_dir(ctx.run_dir) / f"curves_{batch[0]:06d}.json"
         saved = json.loads(path.read_text()) if path.is_file() else None
         if saved is None or saved.get("key") != key or saved.get("ids") != batch:
-            ok, x, _, _ = _load_batch(ctx, batch)
+            ok, x, _, _ = load_batch(ctx, batch)
             lab = torch.tensor([ctx.image_set.items[i].label for i in ok]) if vit.has_head else None
             df = pruning_curves(vit, x, lab, orders, steps, batch_size=cfg.batch_size)
             saved = {"key": key, "ids": batch, "n": len(ok), "rows": df.to_dict("records")}

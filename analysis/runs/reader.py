@@ -23,6 +23,7 @@ from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
+from analysis.reprs import run_html
 from analysis.runs.schema import (HEAD_KEYS, IMAGE_COLUMNS, PATCH_MAPS_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION,
                                   SKIPPED_COLUMNS, SUMMARY_KEYS, head_columns, summary_columns)
 
@@ -137,9 +138,7 @@ class Run:
         return f"Run({str(self.path)!r}, model={self.model.get('name')!r}, images={len(self.images)})"
 
     def _repr_html_(self) -> str:
-        """The run's summary in Jupyter (analysis.notebook.run_html)."""
-        from analysis.notebook import run_html
-
+        """The run's summary in Jupyter (analysis.reprs.run_html)."""
         return run_html(self)
 
     @property

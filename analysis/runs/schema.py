@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from analysis.columns import HEAD_KEY_NAMES, LAYOUT_COLUMN_NAMES, RESERVED_COLUMNS
+from analysis.metrics import registry
+
 SCHEMA_VERSION = 1
 IMAGE_COLUMNS = {
     "image_id": pa.int32(), "path": pa.string(), "label": pa.int32(), "label_name": pa.string(),
@@ -32,8 +35,8 @@ REQUIRED_COLUMNS = {"images.parquet": tuple(IMAGE_COLUMNS), "head_metrics.parque
                     "head_summary.parquet": tuple(SUMMARY_KEYS)}
 PATCH_MAPS_FILE = "patch_maps.parquet"
 PATCH_MAP_COLUMNS = {"image_id": pa.int32(), "map": pa.string(), "values": pa.list_(pa.float32())}
-# Names a metric may not take (they are fixed columns of head_metrics / head_summary).
-RESERVED_COLUMNS = frozenset(HEAD_KEYS) | frozenset(LAYOUT_COLUMNS) | {"n_images"}
+# The fixed names (and RESERVED_COLUMNS, the names a metric may not take) live in analysis.columns.
+assert tuple(HEAD_KEYS) == HEAD_KEY_NAMES and tuple(LAYOUT_COLUMNS) == LAYOUT_COLUMN_NAMES
 VALUE_TYPES = {"scalar": pa.float32(), "vector": pa.list_(pa.float32()), "category": pa.string()}
 SUMMARY_TYPES = {"scalar": pa.float64(), "vector": pa.list_(pa.float32()), "category": pa.string()}
 
@@ -41,16 +44,12 @@ SUMMARY_TYPES = {"scalar": pa.float64(), "vector": pa.list_(pa.float32()), "cate
 def head_columns(names=None) -> dict:
     """head_metrics columns and types: keys, one per image_head metric (all registered, or the
     ``names`` a run has), layout coordinates."""
-    from analysis.metrics import registry  # the registry imports this module (RESERVED_COLUMNS)
-
     ms = registry.metrics("image_head", names=names)
     return {**HEAD_KEYS, **{m.name: VALUE_TYPES[m.value] for m in ms}, **LAYOUT_COLUMNS}
 
 
 def summary_columns(names=None) -> dict:
     """head_summary columns and types (see registry.Metric.summary_columns)."""
-    from analysis.metrics import registry
-
     cols = dict(SUMMARY_KEYS)
     for m in registry.metrics(names=names):
         for c in m.summary_columns():
@@ -58,12 +57,3 @@ def summary_columns(names=None) -> dict:
     cols["n_images"] = pa.int64()
     return cols
 
-
-def __getattr__(name):
-    """HEAD_COLUMNS / SUMMARY_COLUMNS: the columns of every registered metric (read at use time,
-    so metrics registered later are included)."""
-    if name == "HEAD_COLUMNS":
-        return head_columns()
-    if name == "SUMMARY_COLUMNS":
-        return summary_columns()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

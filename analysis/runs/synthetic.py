@@ -25,7 +25,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from analysis.runs import store
+from analysis.runs.reader import open_run
+from analysis.runs.tables import write_run
+from analysis.metrics.patterns import OFFSET_NAMES, PATTERN_LABELS, PATTERN_SCORES, PATTERN_THRESHOLD
+from analysis.datasets import FASHION_MNIST_CLASSES as fashion
+from analysis.metrics import registry
+from analysis.models.adapter import ViT
 
 
 def save_random_model(name: str, img_size: int, num_classes: int, path: Path, seed: int) -> dict:
@@ -38,10 +43,9 @@ def save_random_model(name: str, img_size: int, num_classes: int, path: Path, se
     model = timm.create_model(name, img_size=img_size, num_classes=num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    ps = model.patch_embed.patch_size
-    return {"depth": len(model.blocks), "heads": model.blocks[0].attn.num_heads,
-            "prefix_tokens": int(model.num_prefix_tokens), "grid": [int(g) for g in model.patch_embed.grid_size],
-            "patch_size": int(ps[0] if isinstance(ps, (tuple, list)) else ps)}
+    vit = ViT(model)  # the shape facts through the family seam (no module internals read here)
+    return {"depth": vit.depth, "heads": vit.num_heads, "prefix_tokens": int(vit.num_prefix_tokens),
+            "grid": [int(g) for g in vit.grid], "patch_size": int(vit.patch_size)}
 
 
 def draw_image(rng: np.random.Generator, label: int, n_classes: int, size: int) -> Image.Image:
@@ -93,8 +97,6 @@ def entropy(s: np.ndarray) -> np.ndarray:
 def pattern_labels(rng, depth: np.ndarray, n: int) -> dict:
     """Pattern scores and labels [n, LH]: low heads keep one neighbour offset on most images
     (content-agnostic diagonals), high heads attend to a few shared targets (vertical)."""
-    from analysis.metrics.patterns import OFFSET_NAMES, PATTERN_LABELS, PATTERN_SCORES, PATTERN_THRESHOLD
-
     LH = len(depth)
     offset = rng.integers(0, len(OFFSET_NAMES), LH)
     offset = np.where(rng.random((n, LH)) < 0.1, rng.integers(0, len(OFFSET_NAMES), (n, LH)), offset[None])
@@ -117,8 +119,6 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
     out = Path(out)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    from analysis.datasets import FASHION_MNIST_CLASSES as fashion
-    from analysis.metrics import registry
 
     class_names = fashion[:n_classes] if n_classes <= len(fashion) else [f"class {c}" for c in range(n_classes)]
     patch_size, prefix = 16, 1
@@ -200,7 +200,7 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
         "timings": {}, "versions": {},
     }
     every_stage = sorted({m.stage for m in registry.metrics() if m.stage})  # a synthetic run has every metric
-    store.write_run(out, manifest, images, arrays, L=L, H=H, stages=every_stage,
+    write_run(out, manifest, images, arrays, L=L, H=H, stages=every_stage,
                     layouts={"cls": cls_xy.reshape(-1, 2), "patch": patch_xy.reshape(-1, 2)})
     return out
 
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = make_run(Path(args.out), args.images, args.layers, args.heads, args.grid, args.classes, args.seed,
                    args.model, args.img_size)
-    run = store.open_run(out)
+    run = open_run(out)
     print(f"wrote {out}: {len(run.images)} images, {len(run.head_metrics)} head rows, metrics {', '.join(run.metrics)}")
     return 0
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.runs import schema
+from analysis.metrics.patch_maps import MAPS
 
 
 TEMP_GRACE_S = 600  # temporaries older than this are leftovers of a killed process
@@ -171,8 +172,6 @@ def present_metrics(arrays: dict, summary: pd.DataFrame) -> list[str]:
 
 def patch_maps_table(image_ids: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
     """[n, len(MAPS), gh, gw] maps (NaN = a map the model lacks) -> PATCH_MAP_COLUMNS rows, image-major."""
-    from analysis.metrics.patch_maps import MAPS
-
     rows = [(int(i), name, maps[k, j].ravel().tolist()) for k, i in enumerate(image_ids)
             for j, name in enumerate(MAPS) if not np.isnan(maps[k, j]).all()]
     return pd.DataFrame(rows, columns=list(schema.PATCH_MAP_COLUMNS))

@@ -6,7 +6,7 @@ dicts so any transport can carry them.
 
 One result cache per process (``ResultCache``): the worker's ModelService owns one; in the app's
 process the transport (analysis/serving/transport.py) owns it and its ModelService computes only.
-Every key holds the run's identity (``store.run_fingerprint``: a hash of its manifest), so a run
+Every key holds the run's identity (``run_fingerprint``: a hash of its manifest), so a run
 replaced or rebuilt in place never gets the old run's results. Each model has its own lock, held
 while it computes; cache hits and other models never wait behind it.
 """
@@ -22,28 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.errors import CacheError, ImageReadError, InputError, ModelLoadError
+from analysis.errors import CacheError, ImageReadError, InputError
 from analysis.metrics.strength import peak_attention
-from analysis.runs.store import Run, open_run, run_fingerprint
-from analysis.models.adapter import ViT, load_vit
+from analysis.runs.reader import Run, open_run, run_fingerprint
+from analysis.models.adapter import ViT, model_from_manifest
+from analysis.metrics.patch_maps import (check_baseline, check_image, head_saliency_alignment, map_agreement,
+    map_unit, patch_maps, target_class)
+from analysis.datasets import open_image
+from analysis.metrics import importance  # (importance.partial_pruning: tests patch it there)
+from analysis.metrics.head_sets import set_pruning
+from analysis.metrics.head_sets import pair_interactions
+from analysis.metrics.patch_maps import deletion_curves
 
 log = logging.getLogger(__name__)
-
-
-def model_from_manifest(model: dict, device: str = "cpu") -> ViT:
-    """Re-load the model a run was built with (manifest["model"]). A run written from a notebook's
-    in-memory model (``in_memory``; analysis.notebook.save_result) names no weights to reload:
-    ModelLoadError saying so, never a silently re-initialised model."""
-    if model.get("in_memory"):
-        raise ModelLoadError(
-            f"This run was written from a notebook's in-memory model ({model.get('name')}); no weights to reload "
-            "were saved with it, so its online views need that model: serve the run from the notebook that holds "
-            "it with analysis.notebook.explorer(result, vit=vit, images=images), or build a run from saved "
-            "weights with `headscope build`. Precomputed views keep working.")
-    sized = model.get("weights") or model.get("pretrained") or model.get("family") == "hf"  # loaded from files
-    return load_vit(model["name"], weights=model.get("weights"), pretrained=bool(model.get("pretrained")),
-                    img_size=model.get("img_size") if sized else None,
-                    num_classes=model.get("num_classes"), class_names=model.get("class_names"), device=device)
 
 
 def encode_array(a: np.ndarray) -> dict:
@@ -70,9 +61,6 @@ def patch_maps_payload(vit: ViT, image: torch.Tensor, label: int | None, stored:
     ones, made with the mean-colour occlusion baseline) or every map the model supports computed now,
     with units, pairwise agreement (Spearman) and the heads' alignment with the occlusion map [L, H]
     (None without a prefix token). Another ``baseline`` recomputes occlusion only."""
-    from analysis.metrics.patch_maps import (check_baseline, check_image, head_saliency_alignment, map_agreement,
-                                             map_unit, patch_maps, target_class)
-
     label = label if vit.has_head else None
     if check_baseline(baseline) != "mean" and stored:
         stored = {**stored, **patch_maps(vit, image, label, maps=["occlusion"], occlusion_baseline=baseline)}
@@ -218,8 +206,6 @@ class ModelService:
     def image(self, run_dir, image_id: int, run: Run | None = None, vit: ViT | None = None
               ) -> tuple[torch.Tensor, int | None]:
         """Preprocessed image [3, H, W] (an attached run's own tensor) and its label (None when unknown)."""
-        from analysis.datasets import open_image
-
         run = run or self.run(run_dir)
         images = run.images
         rows = np.flatnonzero(images.image_id.to_numpy() == int(image_id))
@@ -268,10 +254,8 @@ class ModelService:
 
     def partial_pruning(self, run_dir, image_id: int, layer: int, head: int, fingerprint: str | None = None) -> dict:
         """All 8 pruning modes of one head: {"rows": [ {mode, regions, metrics..., top5_*} ]}."""
-        from analysis.metrics.importance import partial_pruning
-
         def compute(vit, image, label):
-            df = partial_pruning(vit, image, label if vit.has_head else None, int(layer), int(head))
+            df = importance.partial_pruning(vit, image, label if vit.has_head else None, int(layer), int(head))
             df = df.astype(object).where(df.notna(), None)
             return {"image_id": int(image_id), "layer": int(layer), "head": int(head),
                     "label": label, "rows": df.to_dict(orient="records")}
@@ -282,8 +266,6 @@ class ModelService:
     def head_set(self, run_dir, image_id: int, heads: list, fingerprint: str | None = None) -> dict:
         """One image with a head set pruned at once (heads: [[layer, head(, regions)], ...]):
         {"heads", prob, prob_drop, jsd, emb_dist, top5_classes, top5_probs, "label", ...}."""
-        from analysis.metrics.head_sets import set_pruning
-
         def compute(vit, image, label):
             out = set_pruning(vit, image, label if vit.has_head else None, heads)
             out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}
@@ -295,8 +277,6 @@ class ModelService:
                           fingerprint: str | None = None) -> dict:
         """SPEC pair interactions of 2-16 heads on one image: {"rows": [{a_layer, a_head, b_layer,
         b_head, single_a, single_b, pair, interaction}], "metric", "label", ...}."""
-        from analysis.metrics.head_sets import pair_interactions
-
         def compute(vit, image, label):
             df = pair_interactions(vit, image, label if vit.has_head else None, heads, metric=metric)
             return {"image_id": int(image_id), "label": label, "metric": metric,
@@ -343,8 +323,6 @@ class ModelService:
         """Deletion curves of the image's maps (top-n patch tokens dropped, n on the default grid;
         the occlusion map made with ``baseline``): {"metric": "prob" | "emb_dist", "n": [...],
         "curves": {map: [values]}}."""
-        from analysis.metrics.patch_maps import deletion_curves
-
         maps = self.patch_maps(run_dir, image_id, baseline, fingerprint)["maps"]
 
         def compute(vit, image, label):

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from analysis.errors import HeadScopeError, OnlineError
 from analysis.metrics.patch_maps import OCCLUSION_BASELINES
-from analysis.runs.store import run_fingerprint
+from analysis.runs.reader import run_fingerprint
+from analysis.serving.celery_client import make_celery
 from analysis.serving.service import ModelService, ResultCache, decode_array
 from analysis.values import strict_int
 
@@ -35,7 +36,7 @@ results = ResultCache(max_items=256)  # this process's online results (in-proces
 _local_service: ModelService | None = None
 
 
-def _service() -> ModelService:
+def local_service() -> ModelService:
     """The in-process ModelService (computes only: ``results`` caches)."""
     global _local_service
     if _local_service is None:
@@ -76,9 +77,7 @@ _lock = threading.Lock()
 def _celery(url: str):
     with _lock:
         if url not in _apps:
-            from worker.celery_app import make_app
-
-            _apps[url] = make_app(url, os.environ.get("HEADSCOPE_RESULT_BACKEND") or None)
+            _apps[url] = make_celery(url, os.environ.get("HEADSCOPE_RESULT_BACKEND") or None)
         return _apps[url]
 
 
@@ -220,14 +219,14 @@ def attach(run_dir, vit, images) -> None:
     """Serve the run in ``run_dir`` with this process's in-memory model and preprocessed images
     [n, 3, H, W] (a notebook's result, analysis.notebook.save_result): its queries run in this
     process even with a worker configured, since the worker cannot reach the model."""
-    _service().attach(run_dir, vit, images)
+    local_service().attach(run_dir, vit, images)
 
 
 def _compute(name: str, run_dir: Path, fingerprint: str | None, args: list) -> dict:
-    if broker_url() and not _service().attached(run_dir):
+    if broker_url() and not local_service().attached(run_dir):
         return _remote(name, [str(run_dir), *args, fingerprint])
     try:
-        return getattr(_service(), name)(str(run_dir), *args, fingerprint=fingerprint)
+        return getattr(local_service(), name)(str(run_dir), *args, fingerprint=fingerprint)
     except HeadScopeError as err:
         raise OnlineError(str(err)) from None
     except Exception as err:  # keep the page alive, say what failed

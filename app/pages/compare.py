@@ -18,7 +18,7 @@ from dash import Input, Output, State, callback, dcc, html
 
 from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
-from analysis.runs import store
+from analysis.runs.reader import list_runs
 from app import config, data, figures as F
 from app.views import GRAPH_CONFIG, load, message
 
@@ -115,7 +115,7 @@ def scalar_metrics(index: data.RunIndex) -> list[str]:
 @callback(Output("compare-runs", "options"), Output("compare-runs", "value"), Input("sel", "data"),
           State("compare-runs", "value"))
 def compare_runs(sel, current):
-    ok = [r["name"] for r in store.list_runs(config.cache_dir()) if r["error"] is None]
+    ok = [r["name"] for r in list_runs(config.cache_dir()) if r["error"] is None]
     options = [{"label": r, "value": r} for r in ok]
     if current:
         return options, [r for r in current if r in ok]

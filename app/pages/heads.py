@@ -12,6 +12,8 @@ from dash import Input, Output, Patch, State, callback, dash_table, dcc, html, n
 from analysis.metrics import registry
 from app import data, figures as F
 from app.views import GRAPH_CONFIG, load, message
+from analysis.metrics.patterns import modal_labels
+from analysis.metrics.classes import class_specificity, class_statistics
 
 dash.register_page(__name__, path="/heads", name="Heads", title="HeadScope · Heads", order=1)
 
@@ -192,8 +194,6 @@ def _rho(v) -> str:
 
 def pattern_rows(index: data.RunIndex) -> list[dict]:
     """One row per head: layer, head, modal pattern label, share of images with it, consistency."""
-    from analysis.metrics.patterns import modal_labels
-
     modal, share = modal_labels(index.run.dense("pattern"))
     cons = index.run.dense("consistency") if index.has("consistency") else np.full((index.L, index.H), np.nan)
     return [{"layer": l, "head": h, "label": modal[l, h], "share": round(float(share[l, h]), 4),
@@ -242,8 +242,6 @@ IMAGES = {"all": "all images", "correct": "correctly predicted", "wrong": "mispr
 def class_view(index: data.RunIndex, metric: str, images: str):
     """(classes, counts, mean [C, L*H], specificity [L*H], best class [L*H]) over the chosen images:
     "all", the correctly predicted ("correct") or the mispredicted ("wrong") ones."""
-    from analysis.metrics.classes import class_specificity, class_statistics
-
     labels = index.images["label"].to_numpy(np.int64)
     keep = np.ones(len(labels), bool)
     if images in ("correct", "wrong") and "pred" in index.images.columns:

@@ -5,7 +5,7 @@ import dash
 import numpy as np
 from dash import dcc, html
 
-from analysis import pattern_scores
+from analysis.metrics.patterns import pattern_scores
 from analysis.metrics import registry
 from app import figures as F
 

@@ -6,7 +6,7 @@ import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, callback, dcc, html
 
-from analysis.runs import store
+from analysis.runs.reader import list_runs
 from app import config
 
 dash.register_page(__name__, path="/runs", name="Runs", title="HeadScope · Runs", order=4)
@@ -36,7 +36,7 @@ def layout(**_query):
 def runs_table(sel):
     cache = config.cache_dir()
     try:
-        runs = store.list_runs(cache)
+        runs = list_runs(cache)
     except OSError as err:
         return dbc.Alert(f"Cannot read the cache directory {cache}: {err}", color="danger")
     if not runs:

@@ -2,20 +2,15 @@
 
 Each family registers how to recognise a built module, a model name or a checkpoint folder, and
 how to load one. ``load_vit`` asks the families in priority order (lowest first). A new family
-is one new file in ``analysis/models/`` that calls ``register_family`` at import time and is
-listed in ``FAMILY_MODULES``.
+is one new file in ``analysis/models/`` that calls ``register_family`` at import time; the package
+(``analysis/models/__init__.py``) imports every module of its folder once, so no list names it.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
-
-# Modules that register a family when imported (a new family: add its module here).
-FAMILY_MODULES = ("analysis.models.timm_vit", "analysis.models.hf_vit")
-
 
 @dataclass(frozen=True)
 class FamilyEntry:
@@ -23,13 +18,17 @@ class FamilyEntry:
     accepts_name(str) say whether a built module / a name or path is this family's; load(name,
     weights, pretrained, img_size, num_classes) -> (ModelFamily, weights sha256 or None, class names
     or None);
-    priority: lower is asked first."""
+    priority: lower is asked first; brings_weights(name): does this name load trained weights by
+    itself (a checkpoint folder, an embedded default: a build needs no --weights); reference(name):
+    the name as a run records it (a checkpoint folder: its absolute path)."""
     name: str
     family: type
     accepts_module: Callable[[nn.Module], bool]
     accepts_name: Callable[[str], bool]
     load: Callable
     priority: int = 100
+    brings_weights: Callable[[str], bool] | None = None
+    reference: Callable[[str], str] | None = None
 
 
 _FAMILIES: dict[str, FamilyEntry] = {}
@@ -41,10 +40,13 @@ def register_family(name: str, **kwargs) -> FamilyEntry:
     return entry
 
 
+def unregister_family(name: str) -> None:
+    """Remove a family (tests that register toy families undo them with this)."""
+    _FAMILIES.pop(name, None)
+
+
 def families() -> list[FamilyEntry]:
     """Every registered family, in the order load_vit asks them."""
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
     return sorted(_FAMILIES.values(), key=lambda e: e.priority)
 
 
