@@ -35,10 +35,9 @@ import numpy as np
 from PIL import Image
 
 from analysis.errors import DatasetMissingError, ImageReadError, InputError, LabelError
+from analysis.models.labels import FASHION_MNIST_CLASSES, imagenet_names
 from analysis.paths import default_cache_dir
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_DEFAULT_SIZE = 200  # images in the default `fashion` set (20 per class)
 FASHION_INSTALL_HINT = ("Install it with: sudo apt-get install dataset-fashion-mnist "
@@ -334,16 +333,6 @@ def _fashion_set(limit: int | None, seed: int) -> ImageSet:
 
 
 # ---- photos (foolbox + scikit-image) -----------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def imagenet_names() -> tuple[list[str], list[str]]:
-    """(synsets ['n01440764', ...], short descriptions ['tench', ...]) of the 1000 ImageNet classes."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    synsets = list(info.label_names())
-    return synsets, [info.index_to_description(i) for i in range(len(synsets))]
-
-
 def _photos_set(limit: int | None, seed: int) -> ImageSet:
     _, names = imagenet_names()
     items, skipped = [], []

@@ -14,6 +14,7 @@ import os
 
 from flask import jsonify, request
 
+from analysis.metrics import registry
 from analysis.metrics.patch_maps import OCCLUSION_BASELINES
 from analysis.models.pruning import MODE_LABELS
 from analysis.values import strict_int
@@ -69,6 +70,11 @@ def _choice(*options):
         if v not in options:
             raise Invalid(f"expected one of {', '.join(map(repr, options))}")
     return check
+
+
+def _d1_colour(v):
+    """D1's colouring: "layer" or a registered category metric (app/pages/explorer.py)."""
+    _choice("layer", *(m.name for m in registry.metrics("image_head", value="category")))(v)
 
 
 def _number(lo=-math.inf, hi=math.inf):
@@ -228,6 +234,7 @@ RULES = {
     ("metric", "value"): _opt(_str(64)),
     ("heads-metric", "value"): _opt(_str(64)),
     ("c1-metric", "value"): _opt(_str(64)),
+    ("c2-metric", "value"): _opt(_str(64)),
     ("curves-metric", "value"): _opt(_str(64)),
     ("heads-class-metric", "value"): _opt(_str(64)),
     ("heads-class-images", "value"): _opt(_choice("all", "correct", "wrong")),
@@ -280,7 +287,7 @@ RULES = {
     ("thr-kind", "value"): _opt(_choice("q", "a")),
     ("thr-abs", "value"): _opt(_number(0, 1)),
     ("thr-current", "data"): _opt(_number()),
-    ("d1-color", "value"): _opt(_choice("layer", "pattern")),
+    ("d1-color", "value"): _opt(_d1_colour),
     ("band-scope", "value"): _opt(_choice(*STATE["scope"].choices)),
     ("d-panel", "value"): _opt(_choice("pattern", "saliency")),
     # D6, the saliency panel (app/panels/saliency.py)

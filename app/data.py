@@ -26,6 +26,17 @@ from . import config
 from analysis.serving import transport as online
 
 
+# the category metric the app shows first (D1's first colouring after "by layer", the Heads page's first table)
+FIRST_CATEGORY = "pattern"
+
+
+def category_metrics(names=None) -> list[registry.Metric]:
+    """Registered per-image category metrics (only ``names`` when given), FIRST_CATEGORY first, then
+    registry order."""
+    found = registry.metrics("image_head", value="category", names=names)
+    return sorted(found, key=lambda m: m.name != FIRST_CATEGORY)
+
+
 def metric_options(names) -> list[dict]:
     """Dropdown options ('name · meaning') for registry metric names."""
     return [{"label": registry.get_metric(n).option, "value": n} for n in names]
@@ -84,6 +95,17 @@ class RunIndex:
     def run_level(self) -> list[str]:
         """Scalar run-level metrics (one value per head) with values."""
         return [m.name for m in self.run.metrics_of(value="scalar", level="head")]
+
+    @cached_property
+    def vectors(self) -> list[str]:
+        """Vector per-image head metrics [K] with values (C2's profile), registry order."""
+        return [m.name for m in self.run.metrics_of(value="vector", level="image_head")]
+
+    @cached_property
+    def categories(self) -> list[str]:
+        """Category per-image head metrics (labels) with values (D1's colouring, the Heads label tables),
+        FIRST_CATEGORY first."""
+        return [m.name for m in category_metrics(self.run.metrics)]
 
     @cached_property
     def head_metrics(self) -> list[str]:

@@ -444,15 +444,25 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
     return {"data": data, "layout": lay}
 
 
-def strength_bars(strength, title: str | None = None) -> dict:
-    """C2: the selected head's k-hop strength vector."""
-    s = np.asarray(strength, float)
+def vector_bars(values, title: str | None = None, y_title: str = "value", x_title: str = "entry k",
+                hover: str = "k") -> dict:
+    """C2: the selected head's vector metric [K] as bars (entry k on x, ``hover`` names it on hover)."""
+    s = np.asarray(values, float)
     data = [{"type": "bar", "x": list(range(len(s))), "y": s.tolist(), "marker": {"color": MEAN_BLUE},
-             "hovertemplate": "hop %{x}: %{y:.4g}<extra></extra>"}]
-    lay = layout(title, xaxis=axis("hop distance k (patches)", tickmode="linear", dtick=1 if len(s) <= 16 else 2),
-                 yaxis=axis("attention / patch", exponentformat="power"),
+             "hovertemplate": f"{plotly_text(hover)} %{{x}}: %{{y:.4g}}<extra></extra>"}]
+    lay = layout(title, xaxis=axis(x_title, tickmode="linear", dtick=1 if len(s) <= 16 else 2),
+                 yaxis=axis(y_title, exponentformat="power"),
                  margin={"l": 60, "r": 10, "t": 28 if title else 10, "b": 40}, bargap=0.15)
     return {"data": data, "layout": lay}
+
+
+# C2's x axis (title, hover name) of a vector metric; any other vector metric gets ("entry k", "k")
+VECTOR_INDEX = {"strength": ("hop distance k (patches)", "hop")}
+
+
+def strength_bars(strength, title: str | None = None) -> dict:
+    """C2: the selected head's k-hop strength vector."""
+    return vector_bars(strength, title, "attention / patch", *VECTOR_INDEX["strength"])
 
 
 def distribution(values, current=None, bins: int = 30, title: str | None = None,
@@ -502,11 +512,28 @@ def pattern_family(label: str) -> str:
     return (label or "mixed").split(":")[0]
 
 
-def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, str, np.ndarray]]:
+def category_colours(families, fixed: dict | None = None) -> dict[str, str]:
+    """family -> colour of D1's category colouring, in legend order: ``fixed`` (a metric's own colours,
+    CATEGORY_COLOURS; other families become "mixed"), else the Okabe-Ito / Safe palette over the sorted
+    families; "mixed" (the missing label) grey, last."""
+    if fixed is not None:
+        return dict(fixed)
+    found = sorted(set(families) - {"mixed"})
+    palette = OKABE_ITO if len(found) <= len(OKABE_ITO) else SAFE
+    return {**{f: palette[i % len(palette)] for i, f in enumerate(found)}, "mixed": PATTERN_COLOURS["mixed"]}
+
+
+# a category metric's own colours for D1 (any other category metric gets palette colours)
+CATEGORY_COLOURS = {"pattern": PATTERN_COLOURS}
+
+
+def background_groups(xy: np.ndarray, H: int, patterns=None, label: str = "pattern",
+                      colours: dict | None = None) -> list[tuple[str, str, np.ndarray]]:
     """D1's point groups: (name, colour, flat indices into ``xy.reshape(-1, 2)``) per layer (cividis),
-    or per basic pattern family given ``patterns`` (str [n, L*H]; PATTERN_COLOURS), of the heads that
-    have a position. One trace of one colour per group: a per-point colour makes plotly convert
-    10^5 colours on each redraw."""
+    or per label family given ``patterns`` (str [n, L*H], a category metric's labels named ``label``;
+    'a:b' is of family 'a', '' = "mixed"; colours from ``category_colours(families, colours)``), of
+    the heads that have a position. One trace of one colour per group: a per-point colour makes
+    plotly convert 10^5 colours on each redraw."""
     n, LH, _ = xy.shape
     ok = ~np.isnan(xy.reshape(-1, 2)).any(1)
     if patterns is None:
@@ -514,17 +541,20 @@ def background_groups(xy: np.ndarray, H: int, patterns=None) -> list[tuple[str, 
         layer = (np.arange(n * LH) % LH) // H
         colours = pc.sample_colorscale(LAYER_SCALE, [l / max(L - 1, 1) for l in range(L)])
         return [(f"layer {l}", colours[l], np.flatnonzero(ok & (layer == l))) for l in range(L)]
-    families = np.array([f if f in PATTERN_COLOURS else "mixed"
-                         for f in (pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1))])
-    groups = [(f"pattern: {f}", c, np.flatnonzero(ok & (families == f))) for f, c in PATTERN_COLOURS.items()]
+    families = np.array([pattern_family(v) for v in np.asarray(patterns, dtype=object).reshape(-1)], dtype=object)
+    palette = category_colours(families, colours)
+    families = np.array([f if f in palette else "mixed" for f in families], dtype=object)
+    groups = [(f"{label}: {plotly_text(f)}", c, np.flatnonzero(ok & (families == f))) for f, c in palette.items()]
     return [g for g in groups if len(g[2])]
 
 
-def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None) -> list[dict]:
+def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None, label: str = "pattern",
+                       colours: dict | None = PATTERN_COLOURS) -> list[dict]:
     """D1's context layer (independent of the selection), as in the paper's Fig. 12:
     ``xy`` [n, L*H, 2]. "points": every head of every image, one scattergl trace per layer (cividis,
-    with the layer colour bar) or, given ``patterns`` (str [n, L*H], the registry's ``pattern``
-    labels), per basic pattern (PATTERN_COLOURS, a legend entry each, the full label on hover), in
+    with the layer colour bar) or, given ``patterns`` (str [n, L*H], the labels of a category metric
+    named ``label``: the registry's ``pattern`` by default), per label family (``colours``:
+    PATTERN_COLOURS by default, None = palette colours; a legend entry each, the full label on hover), in
     ``background_groups`` order; customdata [image id, layer, head] for hover and click (a plain
     list, no smaller as a typed array, and Dash's clickData keeps only a list's).
     "contours": smooth density contours of all of them (histogram2dcontour); "both": contours under
@@ -544,14 +574,15 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
         ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
         labels = None if patterns is None else np.asarray(patterns, dtype=object).reshape(-1)
         hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}" + ("" if labels is None else " · %{text}")
-        for name, colour, idx in background_groups(xy, H, patterns):
+        for name, colour, idx in background_groups(xy, H, patterns, plotly_text(label), colours):
             cd = np.stack([ids[idx // LH], (idx % LH) // H, idx % H], 1)
             trace = {"type": "scattergl", "mode": "markers", "x": typed(flat[idx, 0]), "y": typed(flat[idx, 1]),
                      "customdata": cd.tolist(), "name": name, "showlegend": False,
                      "marker": {"size": 3, "color": colour, "opacity": 0.55 if labels is None else 0.6},
                      "hovertemplate": hover + "<extra>click: select this head of this image</extra>"}
             if labels is not None:
-                trace.update(text=[v or "mixed" for v in labels[idx]], showlegend=True, legendgroup="patterns")
+                trace.update(text=[plotly_text(v or "mixed") for v in labels[idx]], showlegend=True,
+                             legendgroup="patterns")
             out.append(trace)
     if patterns is None or style == "contours":  # the layer colour bar, on a point-less trace
         out.append({"type": "scatter", "mode": "markers", "x": [None], "y": [None], "hoverinfo": "skip",

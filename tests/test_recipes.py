@@ -68,7 +68,7 @@ register_metric(Metric("toy_cls_kind", "CLS kind", value="category", summary=Fal
 '''
 
 
-def test_a_vector_and_a_category_metric_are_one_file(tmp_path):
+def test_a_vector_and_a_category_metric_are_one_file(tmp_path, tiny):
     path = tmp_path / "toy_metrics.py"
     path.write_text(TOY_METRICS)
     import_file(path, "toy_metrics")
@@ -85,10 +85,66 @@ def test_a_vector_and_a_category_metric_are_one_file(tmp_path):
         assert res["toy_cls_row"].shape == (2, vit.depth, vit.num_heads, 3)
         assert res["toy_cls_kind"].shape == (2, vit.depth, vit.num_heads)
         assert set(np.unique(res["toy_cls_kind"])) <= {"self", "spread"}
+        toy_metrics_reach_the_app(tiny)
     finally:
         registry.unregister_metric("toy_cls_row")
         registry.unregister_metric("toy_cls_kind")
         sys.modules.pop("toy_metrics", None)
+
+
+def find(component, id_):
+    """The component of a Dash layout with this id (None: none)."""
+    if getattr(component, "id", None) == id_:
+        return component
+    children = getattr(component, "children", None)
+    for child in children if isinstance(children, (list, tuple)) else [children]:
+        if child is not None and not isinstance(child, (str, int, float)):
+            found = find(child, id_)
+            if found is not None:
+                return found
+    return None
+
+
+def toy_metrics_reach_the_app(tiny):
+    """A run built with the toy metrics: the vector one is a choice of C2 and drawn there, the category
+    one colours D1 and has its share table on the Heads page; no app file names them."""
+    from analysis.metrics.patterns import modal_labels
+    from analysis.runs import build
+    from analysis.runs.reader import open_run
+    from app import create_app
+    from app.callbacks import RULES
+
+    build.build(tiny["config"]("toy_recipe"))
+    run = open_run(tiny["root"] / "toy_recipe")
+    create_app(tiny["root"], "toy_recipe")
+    ex, heads = sys.modules["app.pages.explorer"], sys.modules["app.pages.heads"]
+    pos, layer, head = 2, 1, 0
+    sel = {"run": run.name, "image": int(run.images.image_id[pos]), "layer": layer, "head": head}
+    # C2: the run's vector metrics are its choices (shown: more than one), strength first; it draws the toy
+    options, value, style = ex.c2_metric_options(None, sel, None)
+    assert [o["value"] for o in options] == ["strength", "toy_cls_row"] and value == "strength" and style == {}
+    assert options[1]["label"] == "CLS row"
+    c2 = ex.view_c(None, None, None, "strength_entropy", sel, "toy_cls_row")[1]
+    assert ex.view_c2("toy_cls_row", sel) == c2  # the choice redraws C2 alone
+    np.testing.assert_allclose(c2["data"][0]["y"], run.dense("toy_cls_row")[pos, layer, head], rtol=1e-6)
+    assert c2["layout"]["yaxis"]["title"]["text"] == "CLS row" and ex.c2_title("toy_cls_row") == "C2 · CLS row of the head"
+    # D1: coloured by layer or by any category metric, one legend entry per label
+    d1_options = find(ex.layout(), "d1-color").options
+    assert {"label": "by pattern", "value": "pattern"} in d1_options
+    assert {"label": "by CLS kind", "value": "toy_cls_kind"} in d1_options
+    assert RULES[("d1-color", "value")]("toy_cls_kind") is None  # the request guard lets the choice through
+    kinds = run.dense("toy_cls_kind")
+    d1 = ex.view_d1(None, None, None, None, "toy_cls_kind", sel, None)[0]
+    drawn = {t["name"]: len(t["customdata"]) for t in d1["data"] if t.get("legendgroup") == "patterns"}
+    assert drawn == {f"CLS kind: {k}": int((kinds == k).sum()) for k in np.unique(kinds)}
+    # Heads: a share table per category metric, pattern's first (with its consistency)
+    parts = heads.heads_patterns(sel)
+    tables = {getattr(p, "id", None): p for p in parts}
+    assert parts[1].id == "heads-pattern-table" and "consistency" in [c["id"] for c in parts[1].columns]
+    table = tables["heads-toy_cls_kind-table"]
+    modal, share = modal_labels(kinds)
+    assert [r["label"] for r in table.data] == modal.ravel().tolist()
+    np.testing.assert_allclose([r["share"] for r in table.data], share.ravel(), atol=1e-4)
 
 
 def make_timm():

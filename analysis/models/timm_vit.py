@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.errors import ModelLoadError
+from analysis.models.labels import imagenet_names
 from analysis.models.registry import register_family
 from analysis.models.family import ModelFamily, frozen_layer_norm, sdpa_heads, softmax_attention
 from analysis.models.weights import checkpoint_img_size, load_weights, read_state_dict, sha256_file
@@ -201,10 +202,7 @@ def check_supported(model: nn.Module) -> None:
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names in index order (from timm's ImageNetInfo)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
+    return list(imagenet_names()[1])
 
 
 def unknown_model(name: str) -> ModelLoadError:

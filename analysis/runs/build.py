@@ -45,7 +45,7 @@ from analysis.runs.reader import open_run
 from analysis.runs.schema import SCHEMA_VERSION, SKIPPED_COLUMNS
 from analysis.runs.tables import atomic_write_bytes, remove_temporaries, write_json
 from analysis.datasets import printable
-from analysis.models.adapter import brings_weights, load_vit, model_reference
+from analysis.models.adapter import brings_weights, load_vit, model_reference, model_short_name
 from analysis.datasets import load_image_set, validate_labels
 from analysis.runs.autoencoder import input_side, train_autoencoder
 from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
@@ -151,7 +151,7 @@ def default_out(model: str, dataset: str) -> Path:
     if EMBEDDED_RUNS.get(dataset) == model:
         return default_cache_dir() / ("default" if dataset == "fashion" else dataset)
     stem = Path(dataset).stem if dataset not in EMBEDDED_RUNS else dataset
-    model = Path(model).name if Path(model).is_dir() else model  # a checkpoint folder: its name
+    model = model_short_name(model)  # the family's short name (a checkpoint folder: its name)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{stem}")
     return default_cache_dir() / safe
 

@@ -2,7 +2,10 @@
 
 The values are made up here; the tables and manifest are written by the build's own writer
 (analysis.runs.tables.write_run), so the run has exactly the build's columns and summaries.
-Registered scalar metrics without a generator below get gamma noise.
+Every registered image_head metric gets values: the quantities below have generators of their own,
+any other one gets values of its declared kind from the registry (``made_up_values``: scalar, vector
+[K] or category, inside its ``range``, NaN / "" where ``applies_to`` excludes a classifier); the
+writer computes the head-level (OnRun) metrics from them. A newly registered metric needs no edit here.
 
     python scripts/make_synthetic_cache.py --out cache/synthetic --images 1000 --layers 12 --heads 12
     python scripts/make_synthetic_cache.py --out /tmp/tiny --images 40 --model test_vit --img-size 96
@@ -28,8 +31,8 @@ from PIL import Image, ImageDraw
 from analysis.runs.reader import open_run
 from analysis.runs.tables import write_run
 from analysis.metrics.patterns import OFFSET_NAMES, PATTERN_LABELS, PATTERN_SCORES, PATTERN_THRESHOLD
-from analysis.datasets import FASHION_MNIST_CLASSES as fashion
 from analysis.metrics import registry
+from analysis.models.labels import FASHION_MNIST_CLASSES as fashion
 from analysis.models.adapter import ViT
 
 
@@ -111,6 +114,29 @@ def pattern_labels(rng, depth: np.ndarray, n: int) -> dict:
     return {**scores, "diagonal_offset": np.asarray(OFFSET_NAMES)[offset], "pattern": np.asarray(PATTERN_LABELS)[label]}
 
 
+SYNTHETIC_KIND = "classifier"  # a synthetic run's model always has a head (n_classes classes)
+
+
+def made_up_values(rng, metric: registry.Metric, shape: tuple, K: int) -> np.ndarray:
+    """Values of a registered image_head metric that has no generator of its own, from its
+    declaration: ``shape`` (n, L*H) floats (a scalar), (n, L*H, K) (a vector) or str (a category,
+    three made-up values). Floats are small positive gamma noise (like a drop or a distance), kept
+    inside ``range``: clipped when the range holds [0, 1], else scaled into it."""
+    if metric.value == "category":
+        return np.asarray([f"{metric.name} {c}" for c in "abc"])[rng.integers(0, 3, shape)]
+    values = rng.gamma(1.5, 0.05, shape if metric.value == "scalar" else (*shape, K))
+    if metric.range is not None:
+        lo, hi = metric.range
+        values = (np.clip(values, lo, hi) if lo <= 0 and hi >= 1
+                  else lo + (hi - lo) * np.clip(values, 0, 1))
+    return values
+
+
+def missing_values(metric: registry.Metric, shape: tuple) -> np.ndarray:
+    """What the engine gives a metric that does not apply to the model: NaN, or "" for a category."""
+    return np.full(shape, "", dtype="U1") if metric.value == "category" else np.full(shape, np.nan, dtype=np.float32)
+
+
 def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, grid: int = 14,
              n_classes: int = 10, seed: int = 0, model: str | None = None, img_size: int | None = None,
              image_px: int = 96, thumb_px: int = 64) -> Path:
@@ -188,8 +214,12 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
               "peak_attention": peak,
               "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic,
               **pattern_labels(rng, depth[0], n_images)}
-    for m in registry.metrics("image_head", value="scalar"):  # metrics without a generator here: noise
-        arrays.setdefault(m.name, rng.gamma(1.5, 0.05, (n_images, LH)))
+    declared = registry.metrics("image_head")
+    for m in declared:  # registered metrics without a generator above: values from their declaration
+        if m.value == "scalar" or m.name not in arrays:  # (a scalar's noise is drawn either way: the seed's
+            arrays.setdefault(m.name, made_up_values(rng, m, (n_images, LH), K))  # values stay as they were)
+    arrays = {m.name: (arrays[m.name] if SYNTHETIC_KIND in m.applies_to else missing_values(m, (n_images, LH)))
+              for m in declared}  # registry order; a generator's metric that is not registered is left out
     arrays = {k: v.reshape(n_images, L, H, *v.shape[2:]) for k, v in arrays.items()}
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

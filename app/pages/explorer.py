@@ -44,6 +44,8 @@ GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph",
           "d3-graph", "d4-graph", "d5-graph")
 # the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
 D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
+# C2's vector metric when the run has it (else its first vector metric, registry order)
+C2_DEFAULT = "strength"
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
 HEIGHT = {"a": 352, "b1": 190, "b2": 150, "c1": 168, "c2": 160, "d1": 372, "d3": 140, "d4": 226}
 
@@ -112,7 +114,14 @@ def layout(**query):
         html.Div(id="c-msg"),
         graph("c1-graph", HEIGHT["c1"]),
         dbc.Row([
-            dbc.Col([html.Div("C2 · k-hop strength of the head", className="sub-title"), graph("c2-graph", HEIGHT["c2"])], width=6),
+            dbc.Col([html.Div([html.Div(f"C2 · {registry.get_metric(C2_DEFAULT).label} of the head", id="c2-title",
+                                        className="sub-title"),
+                               # C2 draws any vector metric of the run: a choice when it has more than one
+                               html.Div(dcc.Dropdown(id="c2-metric", clearable=False, searchable=False, className="c2-metric",
+                                                     style={"minWidth": "9rem", "fontSize": "0.75rem"}),
+                                        id="c2-choice", style={"display": "none"})],
+                              className="d-flex align-items-center gap-2"),
+                     graph("c2-graph", HEIGHT["c2"])], width=6),
             dbc.Col([html.Div("C3 · the head's C1 property over images", className="sub-title"), graph("c3-graph", HEIGHT["c2"])], width=6),
         ], className="g-1"),
     ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools, class_name="view-c")
@@ -123,8 +132,7 @@ def layout(**query):
                        value="cls", inline=True, className="small toggle"),
         dbc.RadioItems(id="d1-style", options=[{"label": v, "value": k} for k, v in F.D1_STYLES.items()],
                        value="points", inline=True, className="small toggle"),
-        dbc.RadioItems(id="d1-color", options=[{"label": "by layer", "value": "layer"},
-                                                {"label": "by pattern", "value": "pattern"}],
+        dbc.RadioItems(id="d1-color", options=d1_color_options(data.category_metrics()),
                        value="layer", inline=True, className="small toggle"),
         dbc.RadioItems(id="scale", options=[{"label": "scale: this layer", "value": "layer"},
                                             {"label": "all layers", "value": "image"},
@@ -370,6 +378,34 @@ def c1_metric_options(_k, sel, current):
         return [], None
     default = "strength_entropy" if "strength_entropy" in names else names[0]
     return data.metric_options(names), current if current in names else default
+
+
+def _vector(names: list[str], current=None) -> str | None:
+    """C2's vector metric: ``current`` when the run has it, else C2_DEFAULT, else the run's first."""
+    if current in names:
+        return current
+    return C2_DEFAULT if C2_DEFAULT in names else (names[0] if names else None)
+
+
+@callback(Output("c2-metric", "options"), Output("c2-metric", "value"), Output("c2-choice", "style"),
+          Input("k-run", "data"), State("sel", "data"), State("c2-metric", "value"))
+def c2_metric_options(_k, sel, current):
+    """C2's profile: any vector metric of the run (registry); the choice shows when it has more than one."""
+    index, _ = load(sel)
+    names = index.vectors if index is not None else []
+    options = [{"label": registry.get_metric(n).label, "value": n, "title": registry.get_metric(n).meaning} for n in names]
+    return options, _vector(names, current), ({} if len(names) > 1 else {"display": "none"})
+
+
+@callback(Output("c2-title", "children"), Input("c2-metric", "value"), prevent_initial_call=True)
+def c2_title(vector):
+    return f"C2 · {registry.get_metric(vector).label} of the head" if vector else no_update
+
+
+def d1_color_options(categories) -> list[dict]:
+    """D1's colourings: by layer, and by each registered category metric (its registry label); one the
+    run lacks says why when chosen (as "by pattern" does for a run built before the pattern labels)."""
+    return [{"label": "by layer", "value": "layer"}] + [{"label": f"by {m.label}", "value": m.name} for m in categories]
 
 
 @callback(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"))
@@ -688,10 +724,11 @@ def choose_mode(click):
 # ---- C: attention strength -------------------------------------------------------------------
 @callback(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
           Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
-          Input("c1-metric", "value"), State("sel", "data"))
-def view_c(_ki, _kh, _ks, prop, sel):
+          Input("c1-metric", "value"), State("sel", "data"), State("c2-metric", "value"))
+def view_c(_ki, _kh, _ks, prop, sel, vector=None):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
-    selected head's k-hop strength; C3: its C1 property over all images and over the selected set
+    selected head's vector metric ``vector`` (the k-hop strength by default; any vector metric of the
+    run, titles from the registry); C3: its C1 property over all images and over the selected set
     (a run-level metric has one value per head: C1 shows it for any image, C3 has nothing to show)."""
     index, err = load(sel)
     if index is None:
@@ -712,15 +749,10 @@ def view_c(_ki, _kh, _ks, prop, sel):
     else:
         c1 = F.property_overview(values[pos], index.L, index.H, head, _image_caption(index, pos),
                                  y_title=m.title, y_range=m.range)
+    c2 = _profile(index, pos, head, vector)
     if head is None:
-        return c1, F.empty("Click a head to see its k-hop strength."), F.empty("… and its values over all images."), None
+        return c1, c2, F.empty("… and its values over all images."), None
     hi = head[0] * index.H + head[1]
-    if not index.has("strength"):
-        c2 = F.empty(index.missing["strength"])
-    elif pos is None:
-        c2 = F.strength_bars(index.summary("strength")[0][hi], "mean over all images")
-    else:
-        c2 = F.strength_bars(index.values("strength")[pos, hi])
     if values is None:
         c3 = F.empty(f"{m.name} is a run-level metric: one value per head, no distribution over images.")
     else:
@@ -730,13 +762,39 @@ def view_c(_ki, _kh, _ks, prop, sel):
     return c1, c2, c3, None
 
 
+def _profile(index: data.RunIndex, pos, head, vector) -> dict:
+    """C2: the head's vector metric ``vector`` (``_vector``'s choice; axis title from the registry) on
+    the image at ``pos``, or its mean over all images."""
+    vector = _vector(index.vectors, vector)
+    v = None if vector is None else registry.get_metric(vector)
+    if head is None:
+        return F.empty(f"Click a head to see its {v.label if v else 'vector metric'}.")
+    if v is None:
+        return F.empty("This run has no vector metric (e.g. the k-hop strength, column strength).")
+    hi = head[0] * index.H + head[1]
+    x_title, hover = F.VECTOR_INDEX.get(vector, ("entry k", "k"))
+    profile = index.summary(vector)[0][hi] if pos is None else index.values(vector)[pos, hi]
+    return F.vector_bars(profile, "mean over all images" if pos is None else None, v.title, x_title, hover)
+
+
+@callback(Output("c2-graph", "figure", allow_duplicate=True), Input("c2-metric", "value"), State("sel", "data"),
+          prevent_initial_call=True)
+def view_c2(vector, sel):
+    """C2 alone when its vector metric is changed (view_c draws it with the rest of C otherwise)."""
+    index, _ = load(sel)
+    if index is None:
+        return no_update
+    return _profile(index, *_selection(index, sel), vector)
+
+
 # ---- D1: pattern layout ----------------------------------------------------------------------
 @callback(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
           Output("d1-msg", "children"),
           Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
           Input("d1-color", "value"), State("sel", "data"), State("d1-key", "data"))
 def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
-    """The background (all heads of all images, by layer or pattern) is cached per run/kind/style/
+    """The background (all heads of all images, by layer or by a category metric's labels: ``color``
+    "layer" or the metric's name, e.g. "pattern") is cached per run/kind/style/
     colouring and sent only when that changes; a selection change sends only the selection layer
     (``d1-selection``), which assets/overlay.js draws over the background without redrawing it."""
     index, err = load(sel)
@@ -748,9 +806,9 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         other = "patch" if kind == "cls" else "cls"
         hint = f" Try the {other} layout." if other in index.layouts else ""
         return F.empty(index.missing.get(kind, "No layout.") + hint), [], None, message(index.missing.get(kind))
-    by_pattern = color == "pattern" and style != "contours"
-    if by_pattern and not index.has("pattern"):
-        return no_update, no_update, no_update, message(index.run.lacks("pattern"))
+    category = color if color not in (None, "layer") and style != "contours" else None
+    if category is not None and category not in index.categories:
+        return no_update, no_update, no_update, message(index.run.lacks(category))
     pos, head = _selection(index, sel)
     xy = index.layouts[kind]
     # the background draws only the scope's subset (class / mispredicted) when it has images; a
@@ -770,12 +828,14 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
         head_xy = xy[slice(None) if members is None else members, head[0] * index.H + head[1]]
         head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"{name} ({len(members)})")
     overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label)
-    key = f"{index.name}#{index.stamp}|{kind}|{style}|{'pattern' if by_pattern else 'layer'}|{scope}"
+    key = f"{index.name}#{index.stamp}|{kind}|{style}|{category or 'layer'}|{scope}"
     if drawn == key:
         return no_update, overlay, no_update, note
-    background = index.memo(("d1", kind, style, by_pattern, scope), lambda: F.pattern_background(
+    background = index.memo(("d1", kind, style, category, scope), lambda: F.pattern_background(
         xy[rows], style, index.H, index.image_ids[rows],
-        patterns=index.values("pattern")[rows] if by_pattern else None))
+        patterns=None if category is None else index.values(category)[rows],
+        label=None if category is None else registry.get_metric(category).label,
+        colours=F.CATEGORY_COLOURS.get(category)))
     return F.pattern_layout(background, kind, uirevision=key), overlay, key, note
 
 
@@ -946,10 +1006,12 @@ def report_html(index: data.RunIndex, sel: dict, url: str) -> str:
     pos, head = _selection(index, sel)
     b2, b3, _ = view_b2_b3(None, None, None, None, sel)
     _, c2, c3, _ = view_c(None, None, None, "strength_entropy", sel)
+    vector = _vector(index.vectors)
     d3, d4, _, count, _, _ = view_d3_d5(None, None, None, None, sel)
     d2, _ = view_d2(None, None, None, None, sel)
     figures = [(title, dict(fig, layout=dict(fig["layout"], height=360, width=720))) for title, fig in (
-        ("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3), ("C2 · k-hop strength", c2),
+        ("B2 · metric under each pruning mode", b2), ("B3 · top-5 classes", b3),
+        (f"C2 · {registry.get_metric(vector).label if vector else 'vector metric'}", c2),
         ("C3 · strength entropy over images", c3), ("D3 · two-axis view", d3), ("D4 · attention matrix", d4))]
     images = [(t.children[0].src, t.children[1].children) for t in (d2 or []) if isinstance(t, html.Figure)]
     row = index.images.iloc[pos]

@@ -40,7 +40,7 @@ def layout(**_query):
             dbc.Col([html.H5("Taylor estimate vs exact pruning", className="mt-3"), html.Div(id="heads-agreement")],
                     lg=6),
         ]),
-        html.H5("Pattern labels", className="mt-3"),
+        html.H5("Pattern and other category labels", className="mt-3"),
         html.Div(id="heads-patterns"),
         dbc.Row([
             dbc.Col(html.H5("Class level", className="mt-3"), md=True),
@@ -190,35 +190,56 @@ def _rho(v) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-# ---- pattern labels: modal label, its share, consistency (sortable) ---------------------------
+# ---- category labels (pattern, ...): modal label, its share, consistency (sortable) -----------
 
-def pattern_rows(index: data.RunIndex) -> list[dict]:
-    """One row per head: layer, head, modal pattern label, share of images with it, consistency."""
-    modal, share = modal_labels(index.run.dense("pattern"))
-    cons = index.run.dense("consistency") if index.has("consistency") else np.full((index.L, index.H), np.nan)
+def label_columns(index: data.RunIndex, metric: str) -> list[str]:
+    """The run-level scalar metrics shown beside a category metric's labels: those of its registry
+    group (``consistency`` beside ``pattern``)."""
+    group = registry.get_metric(metric).group
+    return [n for n in index.run_level if registry.get_metric(n).group == group]
+
+
+def pattern_rows(index: data.RunIndex, metric: str = "pattern") -> list[dict]:
+    """One row per head: layer, head, modal label of the category metric ``metric``, share of images
+    with it, and the run-level metrics of its group (``label_columns``: consistency for pattern)."""
+    modal, share = modal_labels(index.run.dense(metric))
+    extra = {n: index.run.dense(n) for n in label_columns(index, metric)}
+    value = lambda v: None if not np.isfinite(v) else round(float(v), 4)
     return [{"layer": l, "head": h, "label": modal[l, h], "share": round(float(share[l, h]), 4),
-             "consistency": None if not np.isfinite(cons[l, h]) else round(float(cons[l, h]), 4)}
+             **{n: value(a[l, h]) for n, a in extra.items()}}
             for l in range(index.L) for h in range(index.H)]
+
+
+def label_table(index: data.RunIndex, metric: str) -> list:
+    """(description, sortable table ``heads-<metric>-table``) of one category metric."""
+    m = registry.get_metric(metric)
+    extra = [registry.get_metric(n) for n in label_columns(index, metric)]
+    rows = index.memo(("label-rows", metric), lambda: pattern_rows(index, metric))
+    columns = [{"name": "layer", "id": "layer"}, {"name": "head", "id": "head"},
+               {"name": "modal label", "id": "label"}, {"name": "share of images", "id": "share"},
+               *({"name": e.label, "id": e.name} for e in extra)]
+    about = "".join(f"; its {e.label}: {e.meaning}" for e in extra)
+    return [html.P([html.B(f"{m.label}: "), f"each head's most frequent {m.label} label over the run's images, the "
+                    f"share of images with that label{about}. Click a column header to sort."],
+                   className="small text-muted mb-1"),
+            dash_table.DataTable(id=f"heads-{metric}-table", data=rows, columns=columns, sort_action="native",
+                                 sort_by=[{"column_id": extra[0].name if extra else "share", "direction": "desc"}],
+                                 page_size=12, style_cell={"fontSize": "0.8rem", "padding": "2px 6px"},
+                                 style_header={"fontWeight": "bold"})]
 
 
 @callback(Output("heads-patterns", "children"), Input("sel", "data"))
 def heads_patterns(sel):
+    """One table per category metric of the run (``pattern`` first, then registry order), then what
+    the run lacks of the registered ones (how to add them)."""
     index, err = load(sel)
     if index is None:
         return message(err, "danger")
-    if not index.has("pattern"):
-        return message(index.run.lacks("pattern"), "warning")
-    rows = index.memo("pattern-rows", lambda: pattern_rows(index))
-    columns = [{"name": "layer", "id": "layer"}, {"name": "head", "id": "head"},
-               {"name": "modal label", "id": "label"}, {"name": "share of images", "id": "share"},
-               {"name": "consistency", "id": "consistency"}]
-    return [html.P("Each head's most frequent pattern label over the run's images, the share of images with that "
-                   "label, and its consistency (mean Jaccard of the binarised patterns over image pairs: high = "
-                   "content-agnostic). Click a column header to sort.", className="small text-muted mb-1"),
-            dash_table.DataTable(id="heads-pattern-table", data=rows, columns=columns, sort_action="native",
-                                 sort_by=[{"column_id": "consistency", "direction": "desc"}], page_size=12,
-                                 style_cell={"fontSize": "0.8rem", "padding": "2px 6px"},
-                                 style_header={"fontWeight": "bold"})]
+    why = dict.fromkeys(index.run.lacks(m.name) for m in data.category_metrics() if m.name not in index.categories)
+    lacking = [message(text, "warning") for text in why]  # one note for the pattern metrics an older run lacks
+    if not index.categories:
+        return lacking
+    return [part for name in index.categories for part in label_table(index, name)] + lacking
 
 
 # ---- class level: class x head heatmap and class specificity ---------------------------------
