@@ -19,26 +19,18 @@ Times are the best of --repeat runs.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from bench_timing import timed  # noqa: E402  (this folder)
 from analysis import analyse_batch, direct_effects, head_paths, load_vit
 from analysis.datasets import load_image_set, open_image
 from analysis.metrics.direct import direct_pieces, top1_labels, trace_stream
 
 SHOWN_EDGES = 20  # edges the circuit view shows with exact values on request
 
-
-def timed(fn, repeat=1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main():

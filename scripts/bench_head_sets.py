@@ -14,21 +14,13 @@ random images (speed does not depend on the values).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench_timing import timed  # noqa: E402  (this folder)
 from analysis import head_importance, load_vit, pair_interactions, pruning_curve, random_order  # noqa: E402
 from analysis.metrics.taylor import taylor_agreement  # noqa: E402
 
-
-def timed(fn, repeat=1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def inputs(vit, name, n):

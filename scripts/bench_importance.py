@@ -12,11 +12,11 @@ their values); 'default' is the embedded DINOv2 ViT-S/14 + probe at 112 px.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from bench_timing import timed  # noqa: E402  (this folder)
 from analysis import head_importance, load_vit, partial_pruning
 
 
@@ -46,14 +46,6 @@ def naive_importance(vit, images, labels):
             prob[:, layer, head] = p[torch.arange(B), labels].numpy()
     return prob
 
-
-def timed(fn, repeat=1):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main():
