@@ -367,7 +367,6 @@ def serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.torch_threads))
 
-    from analysis.paths import default_cache_dir
     from analysis.runs.reader import list_runs
     from app import config, create_app
 

@@ -21,9 +21,9 @@ import pandas as pd
 from analysis.errors import CacheError
 from analysis.metrics import registry
 from analysis.runs.reader import Run, open_run, run_fingerprint
-
-from . import config
 from analysis.serving import transport as online
+
+from . import config, state
 
 
 # the category metric the app shows first (D1's first colouring after "by layer", the Heads page's first table)
@@ -80,6 +80,11 @@ class RunIndex:
     @property
     def n(self) -> int:
         return len(self.images)
+
+    @cached_property
+    def facts(self) -> state.RunFacts:
+        """What the view state is judged against (app.state.judge), built once per index."""
+        return state.run_facts(self)
 
     @cached_property
     def importance(self) -> list[str]:

@@ -19,11 +19,13 @@ import dash_bootstrap_components as dbc
 from dash import Input, Output, State, _callback, dcc, html, no_update
 from flask import abort, jsonify, request, send_file
 
+from analysis.errors import HeadScopeError
+from analysis.serving import transport as online
 from analysis.values import strict_int
 
 from . import callbacks, config, data, security, state
 from .auth import install_basic_auth
-from .state import MAX_HEADS, MAX_SET, STATE_KEYS, parse_selection, selection_query  # noqa: F401  (their old home)
+from .state import selection_query
 from .views import load
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +70,7 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         new, notes = state.parse_query(search, (sel or {}).get("run") or config.default_run())
         index, _ = load(new)  # a run that cannot be opened: the page says why
         if index is not None:
-            new, more = state.judge(new, state.run_facts(index))
+            new, more = state.judge(new, index.facts)
             notes += more
         parsed = {"from": search or "", "query": selection_query(new)}
         shown = [dbc.Alert(n, color="warning", dismissable=True, className="py-1 px-2 mb-1 small state-note")
@@ -99,9 +101,6 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
 def _register_thumbnails(app: dash.Dash) -> None:
     @app.server.route(app.config.routes_pathname_prefix + "thumbs/<run>/<int:image_id>.png")
     def thumbnail(run, image_id):
-        from analysis.errors import HeadScopeError
-        from app import data
-
         problem = config.name_problem(run)
         if problem:
             return jsonify(error=problem), 400
@@ -119,8 +118,6 @@ def _register_api(server, prefix: str = "/") -> None:
     /api/partial_pruning?run=NAME&image=I&layer=L&head=H, /api/attention?... (nested list), /api/warm?...
     The queries answer under the app's routes prefix too (DASH_URL_BASE_PATHNAME=/x/: /x/api/...),
     where the page asks for them, beside the thumbnails."""
-    from analysis.serving import transport as online  # imports torch: only once the app is built
-
     @server.get("/healthz")
     def healthz():
         """The app is up (precomputed views work); "online" says whether online queries can run."""
@@ -160,8 +157,6 @@ def _warm(run_dir: Path, args: list):
     """/api/warm?run=&image=&layer=&head=: the head's partial pruning and attention on the image,
     computed into the online cache; answers only {"warmed": bool}. The Explorer asks while it holds
     a head click (assets/explorer.js), so the views find the results computed."""
-    from analysis.serving import transport as online
-
     try:
         for query in (online.partial_pruning, online.attention):
             query(run_dir, *args)
@@ -183,8 +178,6 @@ def parse_heads(text: str) -> list[list]:
 
 def _head_set_query(query: str, name: str):
     """/api/head_set?run=&image=&heads=L:H[:REGIONS],... and /api/pair_interactions?...&metric=prob_drop."""
-    from analysis.serving import transport as online
-
     try:
         image, heads = request.args["image"], parse_heads(request.args["heads"])
     except KeyError as err:
@@ -238,8 +231,6 @@ def create_app(cache_dir=None, run=None, users: dict[str, str] | None = None) ->
 
 def _warm_up() -> None:
     """Build the first run's index in the background so the first page view is fast."""
-    from . import data
-
     try:
         data.get_index(config.default_run())
     except Exception:  # the page reports the problem when it is opened

@@ -518,7 +518,7 @@ for _url in ("/api/attention?run=../ref&image=0&layer=0&head=0", "/api/attention
 
 @case("?image=1_0 does not select image 10 (URL and /api)")
 def _(env):
-    from app.server import parse_selection
+    from app.state import parse_selection
 
     sel = parse_selection("?run=ref&image=1_0&layer=0&head=0", None)
     expect(sel["image"] is None, f"selection {sel}")

@@ -11,7 +11,7 @@ from analysis.runs.reader import open_run
 from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
 from analysis.runs.tables import write_table
 from app import config, data, figures as F
-from app.server import parse_selection
+from app.state import parse_selection
 from conftest import make_synthetic_run as make_run
 
 L, H = 4, 3
@@ -100,7 +100,7 @@ def test_bad_run_names_are_refused(cache):
 
 
 def test_parse_selection():
-    from app.server import STATE_KEYS, selection_query
+    from app.state import STATE_KEYS, selection_query
 
     blank = dict.fromkeys(STATE_KEYS)
     assert parse_selection("?run=a&image=3&layer=1&head=2", "d") == {**blank, "run": "a", "image": 3, "layer": 1, "head": 2}

@@ -8,7 +8,7 @@ import pytest
 from plotly.io.json import to_json_plotly
 
 from app import config, data, figures as F
-from app.server import parse_selection, selection_query
+from app.state import parse_selection, selection_query
 from conftest import make_synthetic_run as make_run
 
 L, H = 4, 3

@@ -167,7 +167,7 @@ def test_strict_int():
     for bad in ("1_0", " 7", "٣", "1e3", "", True, 1.5, None, [1]):
         with pytest.raises(ValueError):
             strict_int(bad)
-    from app.server import parse_selection
+    from app.state import parse_selection
 
     sel = parse_selection("?run=r&image=1_0&layer=2&head=٣", None)
     assert {k: sel[k] for k in ("run", "image", "layer", "head")} == {"run": "r", "image": None, "layer": 2, "head": None}

@@ -242,7 +242,7 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
     from dash._utils import AttributeDict
 
     from app import create_app
-    from app.server import parse_selection
+    from app.state import parse_selection
 
     create_app(run.path.parent, run.name)
     ex = sys.modules["app.pages.explorer"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from app import state
 from app.callbacks import RULES
-from app.server import parse_selection
+from app.state import parse_selection
 
 SEL_RULE = RULES[("sel", "data")]
 HUGE = ("999999999999999999", "99999999999999999999999", "2147483648", "1" * 5000, "-1", "-99999999999")

@@ -50,19 +50,23 @@ class Run:
                              f"v{SCHEMA_VERSION}. Rebuild it with `{rebuild}` (add the model and data options it was built with).")
         if self.manifest.get("status") != "complete":
             raise CacheError(f"The build of run {self.path.name} has not finished. Resume it with `{rebuild} --resume`.")
-        for name, columns in REQUIRED_COLUMNS.items():
-            if not (self.path / name).is_file():
-                raise CacheError(f"Run {self.path.name} lacks {name}. Rebuild it with `{rebuild}`.")
-            try:
-                present = set(pq.read_schema(self.path / name).names)
-            except (OSError, pa.ArrowException) as err:
-                raise CacheError(f"{name} of run {self.path.name} is corrupt ({type(err).__name__}: {err}). "
-                                 f"Rebuild the run with `{rebuild}`.") from None
-            missing = [c for c in columns if c not in present]
-            if missing:
-                raise CacheError(f"{name} of run {self.path.name} lacks the columns {', '.join(missing)} (it was "
-                                 f"changed or written by another program). Rebuild the run with `{rebuild}`.")
-        self._check_tables()
+        stamp = _tables_stamp(self.path)
+        if _checked.get(str(self.path)) != stamp:  # tables unchanged since they last passed: not read again
+            schemas = {}
+            for name, columns in REQUIRED_COLUMNS.items():
+                if not (self.path / name).is_file():
+                    raise CacheError(f"Run {self.path.name} lacks {name}. Rebuild it with `{rebuild}`.")
+                try:
+                    schemas[name] = pq.read_schema(self.path / name)
+                except (OSError, pa.ArrowException) as err:
+                    raise CacheError(f"{name} of run {self.path.name} is corrupt ({type(err).__name__}: {err}). "
+                                     f"Rebuild the run with `{rebuild}`.") from None
+                missing = [c for c in columns if c not in schemas[name].names]
+                if missing:
+                    raise CacheError(f"{name} of run {self.path.name} lacks the columns {', '.join(missing)} (it was "
+                                     f"changed or written by another program). Rebuild the run with `{rebuild}`.")
+            self._check_tables(schemas)
+            _checked[str(self.path)] = stamp
         self._lock = threading.Lock()
         self._dense: dict[str, np.ndarray] = {}
 
@@ -77,15 +81,15 @@ class Run:
             how = f"rebuild the run with `python scripts/build_cache.py --out {self.path}`"
         return f"Restore the table from a backup, or {how}."
 
-    def _check_tables(self) -> None:
+    def _check_tables(self, schemas: dict[str, pa.Schema]) -> None:
         """CacheError naming the table, the column and the fix when a column of a required table has
         the wrong type (strings where numbers belong, ...), or when the ids are not unique or out of
         range: image_id in images, (layer, head) in head_summary. Types come from the Parquet
-        schemas; only the key columns are read."""
+        schemas (``schemas``: {table: its schema}, read once by the caller); only the key columns are read."""
         expected = {"images.parquet": IMAGE_COLUMNS, "head_metrics.parquet": head_columns(),
                     "head_summary.parquet": summary_columns()}
         for name, columns in expected.items():
-            for field in pq.read_schema(self.path / name):
+            for field in schemas[name]:
                 want = columns.get(field.name)
                 if want is None:  # a column this HeadScope does not know (a metric registered elsewhere)
                     continue
@@ -417,6 +421,21 @@ def list_runs(cache_dir: str | Path | None = None) -> list[dict]:
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_RUN_NAME = 128  # characters in a run name (file systems allow 255 bytes)
 _fingerprints: dict[str, tuple[tuple, str]] = {}
+# {run directory: _tables_stamp when its tables last passed the open checks}: list_runs and the pages
+# open runs on every request, and the key columns are read again only when a table or the manifest changed.
+_checked: dict[str, tuple] = {}
+
+
+def _tables_stamp(path: Path) -> tuple:
+    """The stat of the manifest and the required tables (inode, size, mtime, ctime; None if missing)."""
+    out = []
+    for name in ("manifest.json", *REQUIRED_COLUMNS):
+        try:
+            st = os.stat(path / name)
+            out.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def run_name_problem(name) -> str | None:

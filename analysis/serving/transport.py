@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from analysis.errors import HeadScopeError, OnlineError
-from analysis.metrics.patch_maps import OCCLUSION_BASELINES
+from analysis.errors import HeadScopeError, InputError, OnlineError
+from analysis.metrics.patch_maps import check_baseline
 from analysis.runs.reader import run_fingerprint
 from analysis.serving.celery_client import make_celery
 from analysis.serving.service import ModelService, ResultCache, decode_array
@@ -296,9 +296,10 @@ def _image_id(image_id) -> list[int]:
 
 
 def _baseline(baseline) -> str:
-    if baseline not in OCCLUSION_BASELINES:
-        raise OnlineError(f"Unknown occlusion baseline {baseline!r}: use {', '.join(map(repr, OCCLUSION_BASELINES))}.")
-    return baseline
+    try:
+        return check_baseline(baseline)
+    except InputError as err:
+        raise OnlineError(str(err)) from None
 
 
 def patch_maps(run_dir, image_id: int, baseline: str = "mean") -> dict:

@@ -175,11 +175,11 @@ def profile_figure(indexes: list[data.RunIndex], m: registry.Metric) -> dict:
         x = (np.arange(index.L) / max(index.L - 1, 1)).tolist() if relative else list(range(index.L))
         colour = COLOURS[k % len(COLOURS)]
         band_y = np.concatenate([mu + sd, (mu - sd)[::-1]])
-        traces.append({"type": "scatter", "x": x + x[::-1], "y": np.where(np.isfinite(band_y), band_y, None).tolist(),
+        traces.append({"type": "scatter", "x": x + x[::-1], "y": F.finite_or_none(band_y),
                        "fill": "toself", "fillcolor": colour, "opacity": 0.15, "line": {"width": 0},
                        "hoverinfo": "skip", "showlegend": False, "name": f"{index.name} band"})
         traces.append({"type": "scatter", "mode": "lines+markers", "x": x,
-                       "y": np.where(np.isfinite(mu), mu, None).tolist(), "name": index.name,
+                       "y": F.finite_or_none(mu), "name": index.name,
                        "line": {"color": colour, "width": 2}, "marker": {"size": 5},
                        "hovertemplate": f"{index.name}<br>layer %{{x}}<br>mean %{{y:.4g}}<extra></extra>"})
     what = "mean over the layer's heads (band: ±1 std over heads)"
@@ -195,7 +195,7 @@ def difference_views(a: data.RunIndex, b: data.RunIndex, m: registry.Metric):
     va, vb = a.summary(m.name)[0].astype(np.float64), b.summary(m.name)[0].astype(np.float64)
     diff = (vb - va).reshape(a.L, a.H)
     span = float(np.abs(diff[np.isfinite(diff)]).max()) if np.isfinite(diff).any() else 1.0
-    fig = {"data": [{"type": "heatmap", "z": np.where(np.isfinite(diff), diff, None).tolist(),
+    fig = {"data": [{"type": "heatmap", "z": F.finite_or_none(diff),
                      "x": list(range(a.H)), "y": list(range(a.L)), "colorscale": "RdBu", "reversescale": True,
                      "zmin": -span, "zmax": span, "colorbar": {"title": {"text": "difference"}, "thickness": 10},
                      "hovertemplate": "layer %{y} head %{x}<br>difference %{z:.4g}<extra></extra>"}],

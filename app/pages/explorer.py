@@ -32,7 +32,7 @@ from analysis.serving.transport import OnlineError
 
 from app import data, figures as F, report
 from app.panels import head_sets, saliency
-from app.state import MAX_SET, PARTS, STATE, judge, parse_threshold, run_facts, selection_query
+from app.state import MAX_SET, PARTS, STATE, judge, parse_threshold, selection_query
 from app.views import card, graph, graph_config, load, loading, message, overlaid
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
@@ -423,7 +423,7 @@ def selection_summary(_image, _head, _set, sel):
     if index is None:
         return None, message(err, "danger")
     pos, head = _selection(index, sel)
-    _, notes = judge(sel, run_facts(index))  # what the run lacks (a URL's were dropped by parse_url)
+    _, notes = judge(sel, index.facts)  # what the run lacks (a URL's were dropped by parse_url)
     model = index.manifest.get("model", {})
     parts = [html.Span(f"{index.name}", className="badge bg-secondary me-2"),
              html.Span(f"{model.get('name', '?')} · {index.n} images · {index.L} layers × {index.H} heads",

@@ -23,7 +23,6 @@ from app.views import graph, load, loading, message
 
 MAP_TITLES = {"occlusion": "occlusion", "token_drop": "token drop", "rollout": "attention rollout",
               "grad_rollout": "gradient rollout"}
-BASELINE_TITLES = {"mean": "mean colour", "black": "black", "blur": "blurred"}  # what an occluded patch shows
 DELETION_TITLES = {"prob": "P(true class)", "emb_dist": "embedding distance to the unpruned"}
 HEIGHT = {"map": 300, "agree": 210, "deletion": 230}
 
@@ -132,7 +131,7 @@ def view_saliency(_image, chosen, baseline, hover, panel, sel):
     except HeadScopeError as err:
         return options, name, F.empty(str(err)), F.empty(""), message(str(err))
     precomputed = out["occlusion_precomputed"] if name == "occlusion" else out["precomputed"]
-    title = (MAP_TITLES[name] + (f" · {BASELINE_TITLES[out['baseline']]}" if name == "occlusion" else "")
+    title = (MAP_TITLES[name] + (f" · {OCCLUSION_BASELINES[out['baseline']]}" if name == "occlusion" else "")
              + f" ({out['units'][name]})" + ("" if precomputed else " · computed now"))
     fig = F.saliency_map(maps[name], title, out["units"][name], others=maps, image_uri=F.masked_image(image),
                          selected_patch=_source_patch(hover, T))
