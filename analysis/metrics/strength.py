@@ -120,7 +120,7 @@ def _peak(A, num_prefix):
 
 
 register_metric(Metric("strength", "k-hop strength", value="vector", group="strength", compute=OnAttention(_khop),
-                       axis="attention per patch", meaning="average attention a patch gives to one patch k hops away",
+                       axis="attention / patch", meaning="average attention a patch gives to one patch k hops away",
                        formula=r"$s_k(u) = \frac{1}{|V_k(u)|}\sum_{v \in V_k(u)} A[u, v]$, the average attention source patch "
                                r"$u$ gives to one patch at hop $k$. The head's vector $s$ has $K = \max(g_h, g_w)$ entries: "
                                r"$s_k$ is the mean of $s_k(u)$ over the source patches that have any patch at hop $k$ "
