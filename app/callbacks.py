@@ -20,6 +20,7 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.values import strict_int
 
 from . import config, state
+from .panels import D_PANELS
 from .state import MAX_HEADS, MAX_INDEX, MAX_URL, STATE, STATE_PARTS
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024  # default cap on a request body (HEADSCOPE_MAX_REQUEST_BYTES)
@@ -289,7 +290,7 @@ RULES = {
     ("thr-current", "data"): _opt(_number()),
     ("d1-color", "value"): _opt(_d1_colour),
     ("band-scope", "value"): _opt(_choice(*STATE["scope"].choices)),
-    ("d-panel", "value"): _opt(_choice("pattern", "saliency")),
+    ("d-panel", "value"): _opt(_choice(*D_PANELS)),
     # D6, the saliency panel (app/panels/saliency.py)
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-baseline", "value"): _opt(_choice(*OCCLUSION_BASELINES)),

@@ -15,6 +15,7 @@ online service, which answers each (image, head) once (its result cache) for all
 from __future__ import annotations
 
 import io
+import json
 import string
 
 import dash
@@ -31,7 +32,7 @@ from analysis.safe_text import render_html, write_csv
 from analysis.serving.transport import OnlineError
 
 from app import data, figures as F, report
-from app.panels import head_sets, saliency
+from app.panels import D_PANELS, head_sets, saliency
 from app.state import MAX_SET, PARTS, STATE, judge, parse_threshold, selection_query
 from app.views import card, graph, graph_config, load, loading, message, overlaid
 
@@ -42,8 +43,8 @@ Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
 Q_STEP = 0.05
 GRAPHS = ("a-graph", "b1-graph", "b2-graph", "b3-graph", "c1-graph", "c2-graph", "c3-graph", "d1-graph",
           "d3-graph", "d4-graph", "d5-graph")
-# the right part of view D shows the paper's D3-D5 or the saliency panel (app/panels/saliency.py)
-D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
+# the right part of view D: the paper's D3-D5 ("pattern") or a panel module (app/panels/__init__.py)
+PANEL_LAYOUTS = {"saliency": saliency.panel}
 # C2's vector metric when the run has it (else its first vector metric, registry order)
 C2_DEFAULT = "strength"
 # graph heights in px: the four views fit one 1920x1080 screen (see assets/headscope.css)
@@ -175,7 +176,8 @@ def layout(**query):
                                  graph("d5-graph", HEIGHT["d4"] - 38), threshold_row], className="d5-col"),
                     ], className="g-1"),
                 ]), id="d-pattern"),
-                html.Div(saliency.panel(), id="d-saliency", style={"display": "none"}),
+                *[html.Div(PANEL_LAYOUTS[key](), id=f"d-{key}", style={"display": "none"})
+                  for key in D_PANELS if key != "pattern"],
             ], className="d3-col"),
         ], className="g-1"),
     ], hint="D1: all heads of all images · click a head", tools=d_tools, class_name="view-d")
@@ -191,12 +193,12 @@ def layout(**query):
 
 clientside_callback(
     """
-    function(panel) {
-        const hide = {display: 'none'}, sal = panel === 'saliency';
-        return [sal ? hide : {}, sal ? {} : hide, sal ? hide : {}];
+    function(panel) {  // outputs: D3's title, then d-<key> for every key of D_PANELS
+        const keys = %s, hide = {display: 'none'};
+        return [panel === 'pattern' ? {} : hide, ...keys.map(k => k === panel ? {} : hide)];
     }
-    """,
-    Output("d-pattern", "style"), Output("d-saliency", "style"), Output("d3-title", "style"), Input("d-panel", "value"),
+    """ % json.dumps(list(D_PANELS)),
+    Output("d3-title", "style"), *[Output(f"d-{key}", "style") for key in D_PANELS], Input("d-panel", "value"),
     prevent_initial_call=True,
 )
 
