@@ -88,7 +88,16 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    "(mean_prob, mean_prob_drop, mean_jsd, mean_emb_dist); head means from a first pass")
     x.add_argument("--curves", action="store_true", help="cumulative pruning curves (exact, taylor, 3 random "
                    "orders) with their areas -> pruning_curves.parquet")
-    x.add_argument("--curve-images", type=int, metavar="N", help="labelled images the curves use (default 64)")
+    x.add_argument("--curve-images", type=int, metavar="N", help="labelled images the curves use (default 32)")
+    x.add_argument("--circuits", action="store_true", help="head-to-head circuits (SPEC v3): every image's "
+                   "APPROXIMATE edge attribution patching scores of every edge a -> b via q, k, v and qkv (those above "
+                   "5%% of the image's largest) -> circuit_edges.parquet, the run-mean circuit -> circuit_mean.parquet, "
+                   "and the Spearman agreement with exact path patching on a sample (manifest); classifiers")
+    x.add_argument("--circuit-sample", type=int, metavar="N", help="images whose EAP edges are checked against "
+                   "exact path patching (default 3; ~6 s each on the default model, 2 cores)")
+    x.add_argument("--all-stages", action="store_true", help="every stage a page of the dashboard shows: --taylor "
+                   "--mean-ablation --curves --circuits (less those the model or data cannot support, named in the "
+                   "summary); --patch-maps stays separate (the Saliency view computes an image's maps online)")
     x.add_argument("--patch-maps", action="store_true",
                    help="also precompute the four patch maps of every image (occlusion, token_drop, rollout, "
                         "grad_rollout; ~2 x (patches + 1) forwards per image) and each head's alignment with the "
@@ -102,6 +111,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--add-pattern-labels", action="store_true",
                    help="add the pattern labels (diagonal ... pattern, consistency) to the complete run in --out, "
                         "built before they existed, from its stored patch bits; nothing else is recomputed")
+    s.add_argument("--add-circuits", action="store_true",
+                   help="add the circuits stage (see --circuits) to the complete classifier run in --out, built "
+                        "without it; nothing else is recomputed")
     r.add_argument("--worker-pool", action="store_true",
                    help="send the per-image batches to the Celery model workers at $HEADSCOPE_BROKER_URL (--out "
                         "must be inside the workers' cache directory and the images at the same paths, e.g. a "
@@ -232,10 +244,11 @@ def make_config(args: argparse.Namespace):
              "img_size": args.img_size, "dataset": dataset, "dataset_kind": kind,
              "labels": args.labels if args.labels in (None, "sorted") else str(Path(args.labels).resolve()),
              "limit": args.limit, "seed": args.seed, "q": args.q, "ae_epochs": args.ae_epochs,
-             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px, "curve_images": args.curve_images}
+             "ae_latent": args.ae_latent, "thumb_px": args.thumb_px, "curve_images": args.curve_images,
+             "circuit_sample": args.circuit_sample, "all_stages": args.all_stages or None}
     stages = [name for name, on in (("taylor", args.taylor), ("taylor_only", args.taylor_only),
                                     ("mean_ablation", args.mean_ablation), ("curves", args.curves),
-                                    ("patch_maps", args.patch_maps)) if on]
+                                    ("circuits", args.circuits), ("patch_maps", args.patch_maps)) if on]
     if stages:
         from analysis.runs.head_stages import check_stages
 
@@ -294,6 +307,25 @@ def add_pattern_labels(out: str | None) -> int:
     return 0
 
 
+def add_circuits(args: argparse.Namespace) -> int:
+    from analysis.runs import build as B
+    from analysis.runs.circuits import summary_lines
+    from analysis.runs.reader import open_run
+
+    if not args.out:
+        raise InputError("--add-circuits needs --out RUN, the run directory to add the circuits to.")
+    if open_run(args.out).has_circuits:
+        print(f"Run {args.out} already has its circuits; nothing to do.")
+        return 0
+    manifest = B.add_circuits(args.out, threads=args.threads, progress=not args.quiet, batch_size=args.batch_size,
+                              device=args.device, circuit_sample=args.circuit_sample)
+    seconds = sum(manifest["timings"].get(k, 0) for k in ("circuits_eap", "circuits_exact"))
+    print(f"Run {args.out} has its circuits ({seconds:.1f} s): circuit_edges.parquet, circuit_mean.parquet and "
+          "manifest['circuits'].")
+    print("\n".join(summary_lines(manifest)))
+    return 0
+
+
 def build(args: argparse.Namespace) -> int:
     """Build, resume, shard or merge a run; 0 when done, 2 on a HeadScopeError, 130 on Ctrl-C."""
     from analysis.runs import build as B
@@ -305,6 +337,8 @@ def build(args: argparse.Namespace) -> int:
     try:
         if args.add_pattern_labels:
             return add_pattern_labels(args.out)
+        if args.add_circuits:
+            return add_circuits(args)
         shard = parse_shard(args.shard)
         config = make_config(args)
         out = config.out

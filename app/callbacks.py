@@ -21,7 +21,7 @@ from analysis.values import strict_int
 
 from . import config, state
 from .panels import D_PANELS
-from .state import MAX_HEADS, MAX_INDEX, MAX_URL, STATE, STATE_PARTS
+from .state import MAX_HEADS, MAX_INDEX, MAX_RUNS, MAX_URL, STATE, STATE_PARTS
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024  # default cap on a request body (HEADSCOPE_MAX_REQUEST_BYTES)
 MAX_POINTS = 1_000_000               # points in one selection / hover event
@@ -74,7 +74,7 @@ def _choice(*options):
 
 
 def _d1_colour(v):
-    """D1's colouring: "layer" or a registered category metric (app/pages/explorer.py)."""
+    """D1's colouring: "layer" or a registered category metric (app/explorer/patterns.py)."""
     _choice("layer", *(m.name for m in registry.metrics("image_head", value="category")))(v)
 
 
@@ -208,11 +208,23 @@ def _dict(v):
 
 
 def _run_names(v):
-    if not isinstance(v, list) or len(v) > 16:
-        raise Invalid("expected a list of at most 16 run names")
+    if not isinstance(v, list) or len(v) > MAX_RUNS:
+        raise Invalid(f"expected a list of at most {MAX_RUNS} run names")
     for name in v:
         if config.name_problem(name):
             raise Invalid(config.name_problem(name))
+
+
+def _circuit_exact(v):
+    """The circuit panel's record of what its exact values were computed for (app/panels/circuit.py)."""
+    if not isinstance(v, dict) or not set(v) <= {"image", "layer", "head", "source", "via", "k", "thr"}:
+        raise Invalid("expected {image, layer, head, source, via, k, thr}")
+    for k in ("image", "layer", "head"):
+        _opt(_int)(v.get(k))
+    _opt(_choice("image", "mean"))(v.get("source"))
+    _opt(_choice("qkv", "q", "k", "v"))(v.get("via"))
+    for k in ("k", "thr"):
+        _opt(_number())(v.get(k))
 
 
 def _flags(*options):
@@ -229,6 +241,7 @@ RULES = {
     ("_pages_store", "data"): _opt(_dict),
     # the shell and the pages
     ("url", "search"): _opt(_str(MAX_URL)),
+    ("url", "pathname"): _opt(_str(MAX_URL)),
     ("url-popped", "data"): _opt(_popped),
     ("url-parsed", "data"): _opt(_parsed),
     ("sel", "data"): _opt(_state),
@@ -258,6 +271,7 @@ RULES = {
     ("hs-set", "value"): _opt(_head_keys),
     ("hs-shift", "data"): _opt(_shift_click),
     ("hs-k", "value"): _opt(_number(2, 16)),
+    ("hs-pairs-from", "value"): _opt(_choice("top", "set")),
     ("hs-pairs-graph", "clickData"): _points(_opt(_ints(4))),
     ("b1-overlay", "value"): _opt(_flags("taylor", "mean")),
     ("image-box", "value"): _opt(_number()),  # select_image takes only an id the state accepts
@@ -272,6 +286,7 @@ RULES = {
     ("head-click", "data"): _opt(_ints(3)),  # [image id, layer, head] of a held click on D1's background
     ("head-pick", "data"): _opt(_ints(2)),  # [layer, head] of a held click in B1 / C1
     ("heads-map", "clickData"): _points(need=("x", "y")),
+    ("heads-effects", "clickData"): _points(_opt(_ints(2))),
     ("b2-graph", "clickData"): _points(lambda v: _int(v, 0, len(MODE_LABELS) - 1, "a pruning mode")),
     ("d5-graph", "clickData"): _points(_numbers),
     ("d5-graph", "relayoutData"): _opt(_relayout),
@@ -291,6 +306,7 @@ RULES = {
     ("d1-color", "value"): _opt(_d1_colour),
     ("band-scope", "value"): _opt(_choice(*STATE["scope"].choices)),
     ("d-panel", "value"): _opt(_choice(*D_PANELS)),
+    ("d2-own", "value"): _opt(_flags("own")),  # D2: each mask to its own max (app/explorer/patterns.py)
     # D6, the saliency panel (app/panels/saliency.py)
     ("sal-map", "value"): _opt(_choice("occlusion", "token_drop", "rollout", "grad_rollout")),
     ("sal-baseline", "value"): _opt(_choice(*OCCLUSION_BASELINES)),
@@ -298,7 +314,18 @@ RULES = {
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
     **{(f"k-{k}", "data"): _opt(_state) for k in STATE_PARTS},
     # stores that follow k-* parts while a panel shows (app/panels/: a hidden panel costs no request)
-    **{(store, "data"): _opt(_state) for store in ("sal-image", "hs-set-key", "hs-pairs-key")},
+    # the circuit and sinks panels (app/panels/circuit.py, sinks.py)
+    ("circ-source", "value"): _opt(_choice("image", "mean")),
+    ("circ-via", "value"): _opt(_choice("qkv", "q", "k", "v")),
+    ("circ-k", "value"): _opt(_number(1, 64)),
+    ("circ-thr", "value"): _opt(_number(0)),
+    ("circ-exact-btn", "n_clicks"): _clicks,
+    ("circ-exact", "data"): _opt(_circuit_exact),
+    ("circ-graph", "clickData"): _points(_opt(_ints(2, 4))),
+    ("sink-f", "value"): _opt(_number(0, 1000)),
+    ("sink-layer", "value"): _opt(_str(8)),
+    ("sink-scale", "value"): _opt(_choice("ratio", "norm")),
+    **{(store, "data"): _opt(_state) for store in ("sal-image", "hs-set-key", "hs-pairs-key", "circ-key", "sink-key")},
     **{(f"dl-{k}", "n_clicks"): _clicks for k in ("att-csv", "att-parquet", "heads-csv", "heads-parquet", "prune-csv", "report")},
 }
 

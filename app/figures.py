@@ -246,12 +246,15 @@ OVERLAY_STYLES = {"taylor": ("#CC79A7", "dash"), "mean": ("#E69F00", "dot")}
 
 def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=None, selected=None,
                     image_label: str | None = None, value_range=(None, None), band_label: str = "mean over images",
-                    overlays=(), pinned=()) -> dict:
+                    overlays=(), pinned=(), overlay_notes=(), reference=None) -> dict:
     """B1: the chosen metric over all L*H heads: mean +/- std over images (or over a selected set:
     ``band_label``), the band clipped to the metric's ``value_range`` (lo, hi; None = open), and
-    the selected image's curve on top. ``selected`` = (layer, head) draws a vertical marker;
+    the selected image's curve on top. ``reference`` = (text, y): a labelled value of the image
+    (its unpruned P(true)), a dashed line at ``y`` on the metric's axis, or the text alone in the
+    upper left when ``y`` is None. ``selected`` = (layer, head) draws a vertical marker;
     ``overlays``: (kind "taylor" | "mean", name, values [L*H]) curves on the same axis (the Taylor
-    estimate, the mean-ablated metric); ``pinned``: the head set's (layer, head), marked in green."""
+    estimate, the mean-ablated metric); ``overlay_notes``: why a ticked overlay is not drawn (shown in
+    the plot's lower right); ``pinned``: the head set's (layer, head), marked in green."""
     x = np.arange(L * H)
     cd = np.stack([x // H, x % H], axis=1).tolist()
     mean, std = np.asarray(mean, float), np.asarray(std, float)
@@ -306,6 +309,21 @@ def head_importance(L: int, H: int, metric_label: str, mean, std, image_values=N
                                "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right", "yanchor": "top",
                                "showarrow": False, "font": {"size": 10, "color": ACCENT},
                                "bgcolor": "rgba(255,255,255,0.85)", "name": "unusable-note"}]
+    if overlay_notes:  # a ticked overlay that draws nothing for this metric / run says why
+        lay.setdefault("annotations", []).append(
+            {"text": "<br>".join(plotly_text(n) for n in overlay_notes), "xref": "paper", "yref": "paper", "x": 1,
+             "y": 0, "xanchor": "right", "yanchor": "bottom", "align": "right", "showarrow": False,
+             "font": {"size": 10, "color": "#555"}, "bgcolor": "rgba(255,255,255,0.85)", "name": "overlay-note"})
+    if reference is not None:
+        text, y = reference
+        if y is not None:
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
+                           "line": {"color": "#555", "width": 1, "dash": "dash"}, "name": "reference"})
+        lay.setdefault("annotations", []).append(
+            {"text": plotly_text(text), "xref": "paper", "yref": "paper" if y is None else "y", "x": 0 if y is None else 1,
+             "y": 1 if y is None else y, "xanchor": "left" if y is None else "right", "yanchor": "top" if y is None else "bottom",
+             "showarrow": False, "font": {"size": 10, "color": "#333"}, "bgcolor": "rgba(255,255,255,0.8)",
+             "name": "reference"})
     for t in data[:2]:
         t["showlegend"] = False
     return {"data": data, "layout": lay}
@@ -368,6 +386,15 @@ def top5_pair(panels, true_label_name: str | None) -> dict:
     return {"data": data, "layout": lay}
 
 
+PAIR_ROW_PX = 14                 # the pair heatmap's height per row: a label per row at PAIR_TICK size
+PAIR_MARGIN = {"l": 48, "r": 8, "t": 18, "b": 40}
+
+
+def pair_heatmap_height(k: int, least: int = 0) -> int:
+    """Pixels the pair heatmap of ``k`` heads needs to label every row (at least ``least``)."""
+    return max(least, PAIR_MARGIN["t"] + PAIR_MARGIN["b"] + PAIR_ROW_PX * k)
+
+
 def pair_heatmap(heads, interaction, singles, metric_label: str, current=()) -> dict:
     """The pair interactions of k heads (SPEC: m({a,b}) - m({a}) - m({b})) as a symmetric k x k
     heatmap (diverging, 0 = additive; diagonal empty) with the single-head values m({a}) as a
@@ -401,11 +428,12 @@ def pair_heatmap(heads, interaction, singles, metric_label: str, current=()) -> 
         for a, b in ((i, j), (j, i)):
             shapes.append({"type": "rect", "xref": "x", "yref": "y", "x0": a - 0.5, "x1": a + 0.5, "y0": b - 0.5,
                            "y1": b + 0.5, "line": {"color": SET_GREEN, "width": 3}})
-    tick = {"size": 9 if k <= 10 else 7}
-    lay = layout(margin={"l": 48, "r": 8, "t": 18, "b": 40}, shapes=shapes,
-                 xaxis=axis(None, domain=[0, 0.8], tickangle=-45, tickfont=tick, showgrid=False),
+    tick = {"size": 9 if k <= 10 else 8}
+    # its own height (dcc.Graph then draws it at that height, not at the container's it had before)
+    lay = layout(margin=dict(PAIR_MARGIN), shapes=shapes, height=pair_heatmap_height(k),
+                 xaxis=axis(None, domain=[0, 0.8], tickangle=-45, tickfont=tick, showgrid=False, dtick=1),
                  xaxis2=axis(None, domain=[0.82, 0.9], anchor="y", tickfont=tick, showgrid=False),
-                 yaxis=axis(None, autorange="reversed", tickfont=tick, showgrid=False),
+                 yaxis=axis(None, autorange="reversed", tickfont=tick, showgrid=False, dtick=1),
                  title={"text": f"pair interaction of {metric_label} · right: the head alone", "font": {"size": 11},
                         "x": 0.01, "xanchor": "left", "y": 0.99})
     return {"data": data, "layout": lay}
@@ -418,10 +446,29 @@ def _padded(value_range):
     return [lo - pad, hi + pad]
 
 
+def fold_title(text: str, room_px: float, font_px: float) -> str:
+    """``text`` broken into lines (``<br>``) at spaces so that each line fits ``room_px`` (an axis
+    title along a plot side that long), a character taken as 0.6 font sizes wide (a word longer than
+    the room keeps its own line)."""
+    per_line = max(int(room_px / (0.6 * font_px)), 1)
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= per_line:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines)
+
+
+AXIS_TITLE_PX = 11  # C1's y title (folded to the plot's height: fold_title)
+
+
 def property_overview(values, L: int, H: int, selected=None, title: str | None = None,
-                      y_title: str = "strength entropy", y_range=(0, 1)) -> dict:
+                      y_title: str = "strength entropy", y_range=(0, 1), height: int | None = None) -> dict:
     """C1: every head at x = layer (spread by head), y = a per-head property (default: the
-    normalised strength entropy), coloured by layer. y_range None: automatic."""
+    normalised strength entropy), coloured by layer. y_range None: automatic. ``height``: the
+    graph's height in px, to which the y title is folded (fold_title) so that it spans no more than
+    the plot."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
     jitter = (head - (H - 1) / 2) * (0.6 / max(H, 1))
@@ -437,10 +484,13 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
     if selected is not None:
         i = selected[0] * H + selected[1]
         data.append({**selected_ring(float(x[i]), float(ent[i])), "cliponaxis": False})  # whole at y = 1
-    y_axis = axis(y_title, range=_padded(y_range)) if y_range else axis(y_title)
+    margin = {"l": 55, "r": 10, "t": 28 if title else 10, "b": 40}
+    shown = y_title if height is None else fold_title(y_title, height - margin["t"] - margin["b"], AXIS_TITLE_PX)
+    y_axis = axis(shown, range=_padded(y_range)) if y_range else axis(shown)
+    if "title" in y_axis:
+        y_axis["title"]["font"] = {"size": AXIS_TITLE_PX}
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),
-                 yaxis=y_axis,
-                 margin={"l": 55, "r": 10, "t": 28 if title else 10, "b": 40})
+                 yaxis=y_axis, margin=margin)
     return {"data": data, "layout": lay}
 
 
@@ -912,9 +962,13 @@ def deletion_curves(n, curves: dict, metric_title: str, selected_n: int | None =
             for i, (name, values) in enumerate(curves.items())]
     shapes = ([{"type": "line", "xref": "x", "yref": "paper", "x0": selected_n, "x1": selected_n, "y0": 0, "y1": 1,
                 "line": {"color": GREY, "width": 1, "dash": "dot"}}] if selected_n is not None else [])
-    lay = layout(None, shapes=shapes, showlegend=True, legend={"orientation": "h", "y": 1.12},
+    # the legend in a column right of the plot: plotly widens the right margin for it, so it never
+    # covers a curve (a row above the plot wraps into it when the panel is narrow)
+    lay = layout(None, shapes=shapes, showlegend=True,
+                 legend={"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1, "yanchor": "top",
+                         "font": {"size": 10}},
                  xaxis=axis("patches removed (top n of the map)"), yaxis=axis(metric_title),
-                 margin={"l": 55, "r": 10, "t": 30, "b": 40})
+                 margin={"l": 55, "r": 10, "t": 10, "b": 40})
     return {"data": data, "layout": lay}
 
 

@@ -59,8 +59,8 @@ def _shell():
 
 def _register_shell_callbacks(app: dash.Dash) -> None:
     @app.callback(Output("sel", "data"), Output("url-parsed", "data"), Output("state-notes", "children"),
-                  Input("url", "search"), Input("url-popped", "data"), State("sel", "data"))
-    def parse_url(search, popped, sel):
+                  Input("url", "search"), Input("url-popped", "data"), State("url", "pathname"), State("sel", "data"))
+    def parse_url(search, popped, pathname, sel):
         """The URL decides the state when the page loads and on Back/Forward (``url-popped``,
         assets/url.js): parsed (app/state.py) and judged against the run here. What was ignored is
         said above the page, and the URL is rewritten without it (``url-parsed``: assets/url.js
@@ -69,9 +69,12 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
             search = popped.get("search")
         new, notes = state.parse_query(search, (sel or {}).get("run") or config.default_run())
         index, _ = load(new)  # a run that cannot be opened: the page says why
-        if index is not None:
-            new, more = state.judge(new, index.facts)
-            notes += more
+        compared = None
+        if dash.strip_relative_path(pathname or "/") == "compare":  # Compare's runs and metric (app/pages/compare.py)
+            compared = {r: (i.facts if i is not None else err) for r in new.get("runs") or []
+                        for i, err in [load({"run": r})]}
+        new, more = state.judge(new, None if index is None else index.facts, compared)
+        notes += more
         parsed = {"from": search or "", "query": selection_query(new)}
         shown = [dbc.Alert(n, color="warning", dismissable=True, className="py-1 px-2 mb-1 small state-note")
                  for n in notes] or None

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlencode
 
+from analysis.metrics import registry
 from analysis.metrics.head_sets import MAX_SET_HEADS
 from analysis.models.pruning import MODE_LABELS
 
@@ -24,6 +25,7 @@ MAX_INT = 2 ** 31 - 1     # no integer in the state is larger (the guard uses th
 MAX_INDEX = 4095          # layers and heads
 MAX_SET = 5000            # images in a set
 MAX_HEADS = MAX_SET_HEADS  # heads in a head set (64)
+MAX_RUNS = 16             # runs the Compare page compares
 MAX_QUERY = 65536         # characters of a query string read; the rest is ignored with a note
 MAX_URL = 2 * 1024 * 1024  # characters of a URL the guard lets through to the parser (Chromium's limit)
 SHOWN = 40                # characters of an ignored value a note shows
@@ -39,8 +41,8 @@ class Invalid(ValueError):
 
 @dataclass(frozen=True)
 class Key:
-    """One state key: ``kind`` is "run", "int", "token", "choice", "thr", "ids" (image ids) or
-    "heads" ([layer, head] pairs); ``lo``/``hi`` bound integers; ``default`` is what an absent key
+    """One state key: ``kind`` is "run", "int", "token", "choice", "thr", "ids" (image ids),
+    "heads" ([layer, head] pairs) or "runs" (run names, in their order); ``lo``/``hi`` bound integers; ``default`` is what an absent key
     means (the controls show it; the state holds None for it)."""
     name: str
     kind: str
@@ -81,6 +83,13 @@ class Key:
                     raise Invalid("expected [layer, head]")
                 for x in pair:
                     _integer(x, 0, MAX_INDEX)
+        elif self.kind == "runs":
+            if not isinstance(v, list) or not 0 < len(v) <= MAX_RUNS or len(set(v)) < len(v):
+                raise Invalid(f"expected a list of at most {MAX_RUNS} different run names")
+            for name in v:
+                problem = config.name_problem(name) if isinstance(name, str) else "expected a run name"
+                if problem:
+                    raise Invalid(problem)
         else:
             raise AssertionError(f"unknown kind {self.kind!r} of state key {self.name!r}")
 
@@ -94,7 +103,7 @@ class Key:
     # ---- the URL -----------------------------------------------------------------------------
     def parse(self, text: str) -> tuple[object, list[str]]:
         """The URL's text -> (value or None, notes on what was ignored)."""
-        if self.kind in ("ids", "heads"):
+        if self.kind in ("ids", "heads", "runs"):
             return self._parse_list(text)
         try:
             value = self._scalar(text)
@@ -112,10 +121,14 @@ class Key:
 
     def _parse_list(self, text: str) -> tuple[list | None, list[str]]:
         items = [t for t in text.split(",") if t != ""]
-        good, bad = set(), []
+        good, bad = {}, []  # dict: the first of duplicates, in the URL's order
         for item in items:
             try:
-                if self.kind == "ids":
+                if self.kind == "runs":
+                    if config.name_problem(item):
+                        raise Invalid
+                    value = item
+                elif self.kind == "ids":
                     if not DIGITS.fullmatch(item):
                         raise Invalid
                     value = int(item)
@@ -127,22 +140,21 @@ class Key:
                     value = tuple(int(p) for p in parts)
                     for x in value:
                         _integer(x, 0, MAX_INDEX)
-                good.add(value)
+                good[value] = None
             except Invalid:
                 bad.append(item)
         notes = []
         if bad:
-            what = (f"image ids: whole numbers 0–{MAX_INT}" if self.kind == "ids"
-                    else f"layer:head, whole numbers 0–{MAX_INDEX}")
+            what = {"ids": f"image ids: whole numbers 0–{MAX_INT}", "heads": f"layer:head, whole numbers 0–{MAX_INDEX}",
+                    "runs": "run names (letters, digits, '_', '.', '-')"}[self.kind]
             shown = ", ".join(repr(short(b)) for b in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             notes.append(f"{self.name}: {len(bad)} of {len(items)} entries ignored ({shown}): expected {what}.")
-        cap = MAX_SET if self.kind == "ids" else MAX_HEADS
-        values = sorted(good)
+        cap, unit = {"ids": (MAX_SET, "images"), "heads": (MAX_HEADS, "heads"), "runs": (MAX_RUNS, "runs")}[self.kind]
+        values = list(good) if self.kind == "runs" else sorted(good)  # the runs' order is the comparison's
         if len(values) > cap:
-            notes.append(f"{self.name}: {len(values)} {'images' if self.kind == 'ids' else 'heads'} given, "
-                         f"the first {cap} kept.")
+            notes.append(f"{self.name}: {len(values)} {unit} given, the first {cap} kept.")
             values = values[:cap]
-        out = list(values) if self.kind == "ids" else [list(h) for h in values]
+        out = [list(h) for h in values] if self.kind == "heads" else list(values)
         return out or None, notes
 
     def text(self, v) -> str:
@@ -152,7 +164,7 @@ class Key:
     @property
     def join(self) -> list[str]:
         """How a list value is written: outer separator first (ids "1,2"; heads "0:4,11:5")."""
-        return {"ids": [","], "heads": [",", ":"]}.get(self.kind, [])
+        return {"ids": [","], "heads": [",", ":"], "runs": [","]}.get(self.kind, [])
 
 
 def _integer(v, lo: int, hi: int) -> int:
@@ -186,7 +198,8 @@ STATE: dict[str, Key] = {k.name: k for k in (
     Key("layer", "int", "the selected head's layer", hi=MAX_INDEX),
     Key("head", "int", "the selected head within its layer", hi=MAX_INDEX),
     Key("mode", "int", "the pruning mode B3 shows", default=1, hi=len(MODE_LABELS) - 1),
-    Key("metric", "token", "B1's importance metric (the run's default when absent)"),
+    Key("metric", "token", "the metric shown: B1's importance metric on the Explorer, the compared metric on "
+                           "Compare (the page's default when absent)"),
     Key("thr", "thr", "D3-D5's threshold: q1 = top 1 %, a0.05 = value >= 0.05", default="q1"),
     Key("d1", "choice", "D1's layout: CLS or patch attention", default="cls", choices=("cls", "patch")),
     Key("d1s", "choice", "D1's style", default="points", choices=("points", "both", "contours")),
@@ -197,11 +210,12 @@ STATE: dict[str, Key] = {k.name: k for k in (
         choices=("set", "class", "wrong")),
     Key("set", "ids", "the selected set of image ids (A's lasso)"),
     Key("heads", "heads", "the head set pruned at once"),
+    Key("runs", "runs", "the runs the Compare page shows side by side, in order (the head-level views: the first two)"),
 )}
 STATE_KEYS = tuple(STATE)  # the built-in keys (the app reads names(), which sees keys added later)
 
 # The parts of the state the Explorer's views listen to: sel is split into the stores k-<part>
-# (app/pages/explorer.py), so that a view is redrawn only when a part it reads changes. "color"
+# (app/explorer/), so that a view is redrawn only when a part it reads changes. "color"
 # holds the selected head too while A is coloured by it.
 PARTS: dict[str, tuple[str, ...]] = {
     "image": ("run", "image"), "head": ("run", "layer", "head"), "metric": ("run", "metric"), "thr": ("thr", "bins"),
@@ -274,17 +288,26 @@ class RunFacts:
     image_ids: frozenset
     layers: int
     heads: int
-    metrics: tuple
+    metrics: tuple        # importance metrics (B1's)
+    scalars: tuple = ()   # every scalar head metric (Compare's): importance, properties, run-level
 
 
 def run_facts(index) -> RunFacts:
-    """The facts of an open run (app.data.RunIndex: name, image_ids, L, H, importance)."""
-    return RunFacts(index.name, frozenset(int(i) for i in index.image_ids), index.L, index.H, tuple(index.importance))
+    """The facts of an open run (app.data.RunIndex: name, image_ids, L, H, importance, head_metrics)."""
+    return RunFacts(index.name, frozenset(int(i) for i in index.image_ids), index.L, index.H, tuple(index.importance),
+                    tuple(index.head_metrics))
 
 
-def judge(sel: dict, run: RunFacts) -> tuple[dict, list[str]]:
-    """Drop the values ``run`` does not have (an image id, a layer or head, a metric), with notes."""
+def judge(sel: dict, run: RunFacts | None, compared: dict | None = None) -> tuple[dict, list[str]]:
+    """Drop the values ``run`` does not have (an image id, a layer or head, a metric), with notes.
+    On the Compare page, ``compared`` = {name: its RunFacts, or why it cannot be opened} for each run
+    of ``sel["runs"]``: the runs that cannot be opened are dropped, and the metric is judged as
+    Compare's (a scalar metric of one of those runs) instead of B1's. ``run`` None: not judged."""
     sel, notes = dict(sel), []
+    if compared is not None:
+        sel, notes = _judge_compared(sel, compared)
+    if run is None:
+        return sel, notes
     if sel.get("image") is not None and sel["image"] not in run.image_ids:
         notes.append(ignored("image", sel["image"], f"run {run.name} has no such image "
                                                      f"(ids {min(run.image_ids)}–{max(run.image_ids)})"
@@ -294,9 +317,11 @@ def judge(sel: dict, run: RunFacts) -> tuple[dict, list[str]]:
         if sel.get(k) is not None and sel[k] >= n:
             notes.append(ignored(k, sel[k], f"run {run.name} has {k}s 0–{n - 1}"))
             sel["layer"] = sel["head"] = None
-    if sel.get("metric") is not None and sel["metric"] not in run.metrics:
+    if compared is None and sel.get("metric") is not None and sel["metric"] not in run.metrics:
         shown = ", ".join(run.metrics[:8]) + (", …" if len(run.metrics) > 8 else "")
-        notes.append(ignored("metric", sel["metric"], f"run {run.name} has no metric of that name ({shown})"))
+        what = ("B1 shows importance metrics only" if sel["metric"] in run.scalars  # e.g. from Compare
+                else f"run {run.name} has no metric of that name")
+        notes.append(ignored("metric", sel["metric"], f"{what} ({shown})"))
         sel["metric"] = None
     if sel.get("set"):
         kept = [i for i in sel["set"] if i in run.image_ids]
@@ -312,6 +337,28 @@ def judge(sel: dict, run: RunFacts) -> tuple[dict, list[str]]:
             notes.append(f"heads: {', '.join(out[:3])}{' …' if len(out) > 3 else ''} ignored: run {run.name} has "
                          f"layers 0–{run.layers - 1}, heads 0–{run.heads - 1}.")
             sel["heads"] = kept or None
+    return sel, notes
+
+
+def _judge_compared(sel: dict, compared: dict) -> tuple[dict, list[str]]:
+    """Compare's part of judge(): the runs of ``sel["runs"]`` that cannot be opened, and a metric
+    that none of the compared runs has (any registered scalar metric when no runs are named)."""
+    sel, notes = dict(sel), []
+    if sel.get("runs"):
+        for name in sel["runs"]:
+            if not isinstance(compared.get(name), RunFacts):
+                notes.append(ignored("runs", name, str(compared.get(name) or "the run cannot be opened")))
+        sel["runs"] = [r for r in sel["runs"] if isinstance(compared.get(r), RunFacts)] or None
+    metric = sel.get("metric")
+    if metric is not None:
+        facts = [compared[r] for r in sel.get("runs") or []]
+        known = ({m for f in facts for m in f.scalars} if facts
+                 else {m.name for m in registry.metrics(value="scalar")})
+        if metric not in known:
+            where = (f"none of the compared runs ({', '.join(f.name for f in facts)}) has a scalar metric of that name"
+                     if facts else "no scalar metric has that name")
+            notes.append(ignored("metric", metric, where))
+            sel["metric"] = None
     return sel, notes
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dash_bootstrap_components as dbc
-from dash import dcc, html
+from dash import callback, clientside_callback, dcc, html
 
 from analysis.errors import HeadScopeError
 
@@ -10,7 +10,7 @@ from . import data
 
 # doubleClickDelay: plotly's documented default, given explicitly (the bundled plotly.js waits 500 ms),
 # since the Explorer holds a head click on a zoomed graph that long to tell it from a double-click
-# (app/pages/explorer.py); doubleClick "reset": back to the figure's own view (assets/explorer.js),
+# (app/explorer/head_click.py); doubleClick "reset": back to the figure's own view (assets/explorer.js),
 # without plotly's further autorange on a second double-click.
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover", "doubleClickDelay": 300,
                 "doubleClick": "reset",
@@ -26,6 +26,33 @@ def load(sel) -> tuple[data.RunIndex | None, str | None]:
         return None, str(err)
     except Exception as err:  # a corrupt table: say so, keep the page alive
         return None, f"Run {(sel or {}).get('run')} cannot be read: {type(err).__name__}: {err}"
+
+
+class Callbacks:
+    """A component's callbacks, declared beside its layout with ``@callbacks.server(...)`` (as
+    ``dash.callback``) and ``callbacks.clientside(...)`` (as ``dash.clientside_callback``), and added
+    to the app by ``register()``, which the page calls each time Dash executes it: create_app clears
+    Dash's callback list for each app, and a component module, imported once, would not run again.
+    The decorated functions stay plain functions (the report calls views directly)."""
+
+    def __init__(self):
+        self._declared: list = []  # (fn or None for a clientside one, args, kwargs), in declaration order
+
+    def server(self, *args, **kwargs):
+        def add(fn):
+            self._declared.append((fn, args, kwargs))
+            return fn
+        return add
+
+    def clientside(self, *args, **kwargs) -> None:
+        self._declared.append((None, args, kwargs))
+
+    def register(self) -> None:
+        for fn, args, kwargs in self._declared:
+            if fn is None:
+                clientside_callback(*args, **kwargs)
+            else:
+                callback(*args, **kwargs)(fn)
 
 
 def card(letter: str, title: str, body, hint: str | None = None, tools=None, class_name: str = "") -> dbc.Card:

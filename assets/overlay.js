@@ -1,11 +1,11 @@
-// Selection layers (app/pages/explorer.py: view_a, view_d1). A graph with many points (A's images,
-// D1's 10^4-10^5 heads) is slow to redraw, so it is redrawn only when it changes; a new selection
-// redraws only its layer, drawn in the graph's overlay host (app/views.py overlaid()): small plots
-// of their own, laid exactly over the graph's plot area (same size, margins and axis ranges; they
-// follow zoom, pan and resizes), that take no mouse events, so hover, click, lasso and zoom all
-// reach the points beneath. The traces are grouped by ``meta.layer`` into one plot each, and a plot
-// is redrawn only when its traces change: a new image does not redraw D1's selected head over all
-// images, nor A's set.
+// Selection layers (app/explorer/overview.py view_a, app/explorer/patterns.py view_d1). A graph
+// with many points (A's images, D1's 10^4-10^5 heads) is slow to redraw, so it is redrawn only when
+// it changes; a new selection redraws only its layer, drawn in the graph's overlay host (app/views.py
+// overlaid()): small plots of their own, laid exactly over the graph's plot area (same size, margins
+// and axis ranges; they follow zoom, pan and resizes), that take no mouse events, so hover, click,
+// lasso and zoom all reach the points beneath. The traces are grouped by ``meta.layer`` into one plot
+// each, and a plot is redrawn only when its traces change: a new image does not redraw D1's selected
+// head over all images, nor A's set.
 (function () {
   const views = {};  // view ('a', 'd1') -> {traces, tries, shown: [what each plot draws]}
 
@@ -73,6 +73,9 @@
         retry(id);
         return (traces || []).length;
       },
+      // the clientside callbacks '<view>-selection' -> '<view>-drawn' (app/explorer: A, D1)
+      drawA: function (traces) { return window.dash_clientside.overlay.draw('a', traces); },
+      drawD1: function (traces) { return window.dash_clientside.overlay.draw('d1', traces); },
     },
   });
 })();

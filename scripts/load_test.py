@@ -545,7 +545,9 @@ class Page:
                    "triggered_id": trig[0].rsplit(".", 1)[0] if trig else None, "inputs": inputs,
                    "states": {f"{i}.{p}": self.value(i, p) for i, p in cb.state},
                    "inputs_list": [{"id": i, "property": p, "value": self.value(i, p)} for i, p in cb.inputs],
-                   "states_list": [{"id": i, "property": p, "value": self.value(i, p)} for i, p in cb.state]}
+                   "states_list": [{"id": i, "property": p, "value": self.value(i, p)} for i, p in cb.state],
+                   "outputs_list": ([{"id": i, "property": p} for i, p in cb.outputs] if cb.key.startswith("..")
+                                    else {"id": cb.outputs[0][0], "property": cb.outputs[0][1]})}
         res = self.node.ask("call", user=self.user, ns=cb.clientside["namespace"], fn=cb.clientside["function_name"],
                             args=args, context=context, **self.dom())
         values = self.fetches(res)

@@ -549,7 +549,7 @@ def _(env):
 
     env.client()  # the app first: its pages register with it
     from app import config, data
-    from app.pages import explorer
+    from app.explorer import exports
 
     run = copy_run(env, "hostile")
     manifest = _json.loads((run / "manifest.json").read_text())
@@ -558,8 +558,8 @@ def _(env):
     env.client()
     config.configure(env.cache, "hostile")
     index = data.get_index("hostile")
-    page = explorer.report_html(index, {"run": "hostile", "image": int(index.image_ids[0]), "layer": 0, "head": 0},
-                                "http://x/")
+    page = exports.report_html(index, {"run": "hostile", "image": int(index.image_ids[0]), "layer": 0, "head": 0},
+                               "http://x/")
     expect("<img src=x" not in page and "<script>alert" not in page and "&lt;img src=x" in page, "unescaped name")
     expect("Content-Security-Policy" in page, "no CSP in the report")
     shutil.rmtree(run)

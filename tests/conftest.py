@@ -225,36 +225,52 @@ def pytest_setup_options():
 
 
 # ---- a run of the REAL default model, shared by the browser test modules ----------------------
+# The options of build_real_run: the README's default run (scripts/run_local.sh), on 30 images.
+REAL_RUN_OPTIONS = ["--all-stages", "--limit", "30", "--batch-size", "15"]
+
+
+def has_all_stages(run_dir) -> bool:
+    """Whether ``run_dir`` holds a run built with --all-stages, like the README's default run."""
+    import json
+
+    try:
+        return bool(json.loads((Path(run_dir) / "manifest.json").read_text())["build_config"].get("all_stages"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def build_real_run(cache) -> str | None:
     """A small run of the embedded default (the real DINOv2 ViT-S/14 + probe on 30 Fashion-MNIST
-    images) in ``cache``/real: a copy of HEADSCOPE_REAL_RUN when that names a built run (faster
-    reruns), else built here; None when the default is not installed."""
+    images, every optional stage as the README's first command builds it: --all-stages) in
+    ``cache``/real: a copy of HEADSCOPE_REAL_RUN when that names a run built so (faster reruns), else
+    built here; None when the default is not installed."""
     import shutil
 
     if embedded_default_missing():
         return None
     prebuilt = os.environ.get("HEADSCOPE_REAL_RUN")
-    if prebuilt and (Path(prebuilt) / "manifest.json").is_file():
+    if prebuilt and has_all_stages(prebuilt):
         shutil.copytree(prebuilt, Path(cache) / "real", dirs_exist_ok=True)
         return "real"
-    proc = subprocess.run([sys.executable, "scripts/build_cache.py", "--limit", "30", "--batch-size", "15",
-                           "--out", str(Path(cache) / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "scripts/build_cache.py", *REAL_RUN_OPTIONS, "--out",
+                           str(Path(cache) / "real"), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return "real"
 
 
 @pytest.fixture(scope="session")
 def real_default(tmp_path_factory):
-    """(cache dir, run) of a run made by the real build of the real default model: a copy of
-    HEADSCOPE_REAL_RUN when set, else cache/default when it opens, else a small one (see build_real_run); None when the embedded default is not installed."""
+    """(cache dir, run) of a run made by the real build of the real default model, with every optional
+    stage (--all-stages): a copy of HEADSCOPE_REAL_RUN when set, else cache/default when it opens, else a
+    small one (see build_real_run); None when the embedded default is not installed."""
     from analysis.errors import HeadScopeError
     from analysis.runs.reader import open_run
 
     if not os.environ.get("HEADSCOPE_REAL_RUN"):  # a run named on purpose comes first
         try:
             open_run(ROOT / "cache" / "default")
-            return ROOT / "cache", "default"
+            if has_all_stages(ROOT / "cache" / "default"):
+                return ROOT / "cache", "default"
         except HeadScopeError:
             pass
     cache = tmp_path_factory.mktemp("real-cache")

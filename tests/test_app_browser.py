@@ -354,13 +354,20 @@ def _target(cache_dir, run):
     return int(index.image_ids[pos]), hi // index.H, hi % index.H
 
 
+def menu_open(dash_duo) -> bool:
+    """Whether a dcc.Dropdown menu is open, asked at once (find_elements would wait selenium's
+    implicit 2 s for a menu that is already closed)."""
+    return dash_duo.driver.execute_script(
+        "return document.querySelectorAll('.dash-dropdown-content[data-state=open]').length > 0")
+
+
 def choose_each(dash_duo, dropdown, graph, expr, names, expected):
     """Pick every option of ``dropdown`` in turn; wait until ``expr`` on ``graph`` equals expected(name)."""
     for name in names:
         click(dash_duo, f"#{dropdown}")  # opens the menu (rendered asynchronously)
         option = f".dash-dropdown-content .dash-dropdown-option:has(input[value='{name}'])"
         click(dash_duo, option)
-        is_open = lambda: dash_duo.find_elements(".dash-dropdown-content[data-state=open]")
+        is_open = lambda: menu_open(dash_duo)
         if is_open():
             ActionChains(dash_duo.driver).send_keys(Keys.ESCAPE).perform()
         until(lambda: not is_open(), timeout=TIMEOUT, msg="menu closed")
@@ -390,8 +397,8 @@ def test_every_page_on_a_real_default_run(dash_duo, real_default):
     title = lambda name: registry.get_metric(name).title
     choose_each(dash_duo, "metric", "b1-graph", "gd.layout.yaxis.title.text", index.importance, title)
     assert {"strength_entropy", "mean_distance_px", "semantic_concentration"} <= set(index.properties)
-    choose_each(dash_duo, "c1-metric", "c1-graph", "gd.layout.yaxis.title.text", index.properties + index.run_level,
-                title)
+    choose_each(dash_duo, "c1-metric", "c1-graph", "gd.layout.yaxis.title.text.replace(/<br>/g, ' ')",  # folded to fit
+                index.properties + index.run_level, title)
     dash_duo.find_element("#nav-heads").click()
     dash_duo.wait_for_contains_text("#heads-table", "rank", timeout=TIMEOUT)
     assert len(index.head_metrics) >= 10
@@ -907,7 +914,7 @@ def test_real_exports_data_and_a_self_contained_report(real):
     from app import create_app as make
 
     make(*real)
-    explorer = sys.modules["app.pages.explorer"]
+    explorer = sys.modules["app.explorer.exports"]
     index = real_index(real)
     sel = {"run": real[1], "image": 3, "layer": 11, "head": 0}
     html_text = explorer.report_html(index, sel, "http://x/?run=real&image=3&layer=11&head=0")
@@ -917,7 +924,53 @@ def test_real_exports_data_and_a_self_contained_report(real):
 
     with dash.get_app().server.test_request_context("/", base_url="http://host:8050"):  # the report's link
         assert explorer.view_url({**sel, "thr": "q5"}) == f"http://host:8050/?run={real[1]}&image=3&layer=11&head=0&thr=q5"
-    table = explorer._head_table(index, sel)
+    table = explorer.head_table(index, sel)
     assert len(table) == index.L * index.H and set(table["image_id"]) == {3}
-    att = explorer._attention_table(index, index.pos(3), (11, 0))
+    att = explorer.attention_table(index, index.pos(3), (11, 0))
     assert att.shape[0] == att.shape[1] and att.columns[0] == "CLS"
+
+
+def test_real_header_keeps_its_numbers_whole_d2_scales_each_mask_and_c1_title_fits(dash_duo, real_app, real):
+    """Issue 25 item 5 in the page: the header names the head's rank by the metric, its pattern label
+    and the image's P(true), and never cuts them (the prose gives way, at 1680 px beside the toolbar
+    and at 1920); D2's switch scales each mask to its own max (captions say it, the images change);
+    C1's y title spans no more than its plot."""
+    run = real[1]
+    index = real_index(real)
+    visit(dash_duo, real_app, f"/?run={run}&image=3&layer=11&head=0")
+    dash_duo.wait_for_contains_text("#sel-summary", "P(true) = ", timeout=180)
+    p_true = float(index.images["prob"].iat[index.pos(3)])
+    for width in (1680, 1920):
+        dash_duo.driver.set_window_size(width, 1080)
+        settle(dash_duo)
+        nums = dash_duo.driver.execute_script(
+            "const box = document.getElementById('sel-summary').getBoundingClientRect();"
+            "return [...document.querySelectorAll('#sel-summary .sel-key, #sel-summary .sel-num')].map(e => {"
+            " const r = e.getBoundingClientRect();"
+            " return [e.textContent, e.scrollWidth <= e.clientWidth, r.right <= box.right + 0.5, r.width > 0]; });")
+        texts = [n[0] for n in nums]
+        assert f"P(true) = {p_true:.3f}" in texts and "image 3" in texts, texts
+        assert any(t.startswith("rank ") and t.endswith(f"/{index.L * index.H}") for t in texts), texts
+        assert any(t.startswith("pattern: ") for t in texts), texts
+        assert all(whole and inside and shown for _, whole, inside, shown in nums), (width, nums)
+    # C1's y title within the plot's height (it was longer and ran over the caption and the x axis)
+    wait_js(dash_duo, "c1-graph", "gd.data.length", lambda n: (n or 0) >= 1, "C1 drawn", timeout=TIMEOUT)
+    span = js(dash_duo, "c1-graph", "(() => { const t = gd.querySelector('.g-ytitle').getBoundingClientRect(),"
+              " r = gd.getBoundingClientRect(), s = gd._fullLayout._size;"
+              " return [t.top - r.top, t.bottom - r.top, s.t, s.t + s.h]; })()")
+    assert span[0] >= span[2] - 1 and span[1] <= span[3] + 1, span
+    # D2: the shared scale by default; the switch scales each mask to its own max
+    until(lambda: len(dash_duo.find_elements("#d2-images img")) == 3, timeout=180, msg="D2 drawn")
+    shared = [img.get_attribute("src") for img in dash_duo.find_elements("#d2-images img")]
+    assert "shared scale" in dash_duo.find_element("#d2-images .d2-bar-title").text
+    import requests
+
+    att = requests.get(f"{dash_duo.server_url}/api/attention", params=dict(run=run, image=3, layer=11, head=0)).json()
+    A, T = np.asarray(att["attention"]), int(att["num_prefix_tokens"])
+    into_view(dash_duo, dash_duo.find_element("#d2-own label")).click()
+    dash_duo.wait_for_contains_text("#d2-images .d2-bar-title", "own max", timeout=TIMEOUT)
+    caps = [c.text for c in dash_duo.find_elements("#d2-images figcaption")]
+    assert caps[1].endswith(f" · 0–{float(A[T:, 0].max()):.3g}") and caps[2].endswith(f" · 0–{float(A[0, T:].max()):.3g}"), caps
+    own = [img.get_attribute("src") for img in dash_duo.find_elements("#d2-images img")]
+    assert own[0] == shared[0] and own[1:] != shared[1:]  # the image itself is the same
+    no_console_errors(dash_duo)

@@ -45,8 +45,10 @@ def test_synthetic_run_is_schema_valid(cache):
     assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
     assert set(IMAGE_COLUMNS) <= set(run.images.columns)
     assert set(head_columns()) <= set(run.head_metrics.columns)
-    # every registered metric, but consistency: it needs the build's patch bits, which a synthetic run has not
-    assert run.metrics == [m.name for m in registry.metrics() if m.name != "consistency"]
+    # every registered metric of a classifier, but consistency: it needs the build's patch bits, which a
+    # synthetic run has not
+    assert run.metrics == [m.name for m in registry.metrics()
+                           if m.name != "consistency" and "classifier" in m.applies_to]
     assert run.manifest["metrics"] == run.metrics
     assert (cache / "syn" / "thumbs" / "0.png").is_file()
     ent = run.head_metrics.strength_entropy
@@ -86,7 +88,7 @@ def test_index_reports_missing_columns(tmp_path):
     index = data.build_index(open_run(run))
     assert "patch" in index.missing and "cls" not in index.missing
     assert index.importance == [m.name for m in registry.metrics("image_head", importance=True)
-                                if m.name not in ("prob", "prob_drop", "jsd")]
+                                if m.name not in ("prob", "prob_drop", "jsd") and "classifier" in m.applies_to]
 
 
 def test_bad_run_names_are_refused(cache):
@@ -117,11 +119,8 @@ def test_parse_selection():
     assert selection_query({}) == ""
 
 
-def test_threshold_parsing(cache):
-    from app import create_app
-
-    create_app(cache, "syn")
-    parse_threshold = sys.modules["app.pages.explorer"].parse_threshold
+def test_threshold_parsing():
+    from app.state import parse_threshold
 
     assert parse_threshold(None) == ("q", 0.01) and parse_threshold("q10") == ("q", pytest.approx(0.1))
     assert parse_threshold("a0.05") == ("a", 0.05)
@@ -472,3 +471,72 @@ def test_saliency_panel_figures():
     assert [t["name"] for t in curves["data"]] == ["occlusion", "rollout"]
     assert curves["data"][0]["x"] == [0, 1, 4] and curves["data"][1]["y"] == [0.9, 0.8, 0.6]
     assert curves["layout"]["yaxis"]["title"]["text"] == "P(true)" and curves["layout"]["shapes"][0]["x0"] == 1
+
+
+# ---- issue 25 item 5: the header's numbers, B1's unpruned P(true), C1's y title ------------------
+def test_head_rank_counts_the_more_important_heads():
+    from app.explorer.header import head_rank
+
+    v = np.random.default_rng(0).random(24)
+    v[[3, 7]] = np.nan
+    v[6] = v[5]  # a tie
+    for important in ("high", "low"):
+        for hi in range(24):
+            if np.isnan(v[hi]):
+                assert head_rank(v, hi, important) is None
+                continue
+            better = 0  # the plain reference: count, head by head, those strictly more important
+            for j in range(24):
+                if not np.isnan(v[j]) and (v[j] > v[hi] if important == "high" else v[j] < v[hi]):
+                    better += 1
+            assert head_rank(v, hi, important) == (better + 1, 22)
+    assert head_rank(v, 5, "high") == head_rank(v, 6, "high")
+
+
+def test_header_names_rank_pattern_label_and_p_true_as_whole_numbers(index):
+    from app.explorer.header import head_rank, summary_parts
+
+    sel = {"run": "syn", "image": int(index.image_ids[2]), "layer": 1, "head": 2, "metric": "prob"}
+    parts = summary_parts(index, sel)
+    nums = [p.children for p in parts if getattr(p, "className", "") == "sel-num"]
+    rank = head_rank(index.values("prob")[2], 1 * H + 2, "low")
+    row = index.images.iloc[2]
+    assert f"rank {rank[0]}/{rank[1]}" in nums and f"P(true) = {float(row.prob):.3f}" in nums
+    if index.categories:
+        assert f"{registry.get_metric(index.categories[0]).label}: {index.values(index.categories[0])[2, 1 * H + 2]}" in nums
+    prose = [p.children for p in parts if getattr(p, "className", "") == "sel-prose"]
+    assert prose == [f"label {index.class_name(row.label)} · predicted {index.class_name(row.pred)}"]
+    keys = [p.children for p in parts if getattr(p, "className", "") == "sel-key"]
+    assert keys == [f"image {int(row.image_id)}", F.head_name(1, 2)]
+
+
+def test_b1_shows_the_images_unpruned_p_true(index):
+    from app.explorer.importance import unpruned_reference
+
+    p = float(index.images["prob"].iat[2])
+    assert unpruned_reference(index, "prob", 2) == (f"unpruned P(true) = {p:.3f}", p)
+    assert unpruned_reference(index, "prob_drop", 2) == (f"unpruned P(true) = {p:.3f}", None)
+    assert unpruned_reference(index, "jsd", 2) is None and unpruned_reference(index, "prob", None) is None
+    args = (L, H, "P(true)", np.full(L * H, 0.5), np.zeros(L * H))
+    fig = roundtrip(F.head_importance(*args, image_values=np.ones(L * H), reference=("unpruned P(true) = 0.900", 0.9)))
+    line = [s for s in fig["layout"]["shapes"] if s.get("name") == "reference"]
+    assert len(line) == 1 and line[0]["y0"] == line[0]["y1"] == 0.9 and (line[0]["x0"], line[0]["x1"]) == (0, 1)
+    label = [a for a in fig["layout"]["annotations"] if a.get("name") == "reference"]
+    assert label[0]["text"] == "unpruned P(true) = 0.900" and label[0]["yref"] == "y" and label[0]["y"] == 0.9
+    fig = roundtrip(F.head_importance(*args, reference=("unpruned P(true) = 0.900", None)))  # beside a drop: the value only
+    assert not [s for s in fig["layout"]["shapes"] if s.get("name") == "reference"]
+    assert [a["yref"] for a in fig["layout"]["annotations"] if a.get("name") == "reference"] == ["paper"]
+    assert "annotations" not in roundtrip(F.head_importance(*args))["layout"]
+
+
+def test_c1_y_title_is_folded_to_the_plot_height():
+    values = np.linspace(0, 1, L * H)
+    for title in ("mean attention distance (px)", "strength entropy", "block"):
+        fig = roundtrip(F.property_overview(values, L, H, title="caption", y_title=title, y_range=None, height=168))
+        shown = fig["layout"]["yaxis"]["title"]["text"]
+        room = 168 - fig["layout"]["margin"]["t"] - fig["layout"]["margin"]["b"]
+        lines = shown.split("<br>")
+        assert " ".join(lines) == title  # the words, in order, only broken into lines
+        size = fig["layout"]["yaxis"]["title"]["font"]["size"]
+        assert all(len(line) * 0.6 * size <= room or " " not in line for line in lines), (title, lines)
+        assert (len(lines) > 1) == (len(title) * 0.6 * size > room)  # folded only when too long for the plot

@@ -78,7 +78,7 @@ def _explorer(hostile):
     import sys
 
     create_app(*hostile)
-    return sys.modules["app.pages.explorer"]
+    return sys.modules["app.explorer.exports"]  # the Explorer's report and export callback
 
 
 def _index(hostile):
@@ -167,14 +167,14 @@ def test_explorer_csv_exports_neutralise_formulas_and_parquet_keeps_raw_values(h
     index = _index(hostile)
     rows = [{"mode": 0, "regions": "=HYPERLINK(\"http://evil\",\"x\")", "prob": 0.5, "prob_drop": -0.25},
             {"mode": 1, "regions": "R1+R2+R3", "prob": 0.25, "prob_drop": 0.25}]
-    monkeypatch.setattr(explorer, "_pruning", lambda *_: rows)
+    monkeypatch.setattr(explorer, "pruning_rows", lambda *_: rows)
     sel = {"run": "hostile", "image": int(index.image_ids[0]), "layer": 0, "head": 1}
     out = _export(explorer, sel, "dl-prune-csv")
     back = pd.read_csv(io.StringIO(out["content"]))
     assert back["regions"].tolist() == ["'=HYPERLINK(\"http://evil\",\"x\")", "R1+R2+R3"]
     assert back["prob_drop"].tolist() == [-0.25, 0.25]
     # the same table as Parquet: the raw values (data for programs, no formula surface)
-    monkeypatch.setattr(explorer, "_head_table", lambda *_: pd.DataFrame(rows))
+    monkeypatch.setattr(explorer, "head_table", lambda *_: pd.DataFrame(rows))
     out = _export(explorer, sel, "dl-heads-parquet")
     raw = pd.read_parquet(io.BytesIO(base64.b64decode(out["content"])))
     assert raw["regions"].iloc[0] == rows[0]["regions"]

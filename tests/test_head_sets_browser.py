@@ -103,8 +103,9 @@ def test_real_head_set_and_pair_interactions(dash_duo, real, tmp_path):
     for r in df.itertuples():
         i, j = at[(r.a_layer, r.a_head)], at[(r.b_layer, r.b_head)]
         assert cd[i][j] == [r.a_layer, r.a_head, r.b_layer, r.b_head]
-        assert z[i, j] == pytest.approx(r.interaction, abs=1e-6) and z[j, i] == z[i, j]
-        assert single[i] == pytest.approx(r.single_a, abs=1e-6) and single[j] == pytest.approx(r.single_b, abs=1e-6)
+        # float32 round-off: the server's forwards batch the variants otherwise than this call does
+        assert z[i, j] == pytest.approx(r.interaction, abs=1e-5) and z[j, i] == z[i, j]
+        assert single[i] == pytest.approx(r.single_a, abs=1e-5) and single[j] == pytest.approx(r.single_b, abs=1e-5)
 
     # a click on a cell (row 1, column 2) makes that pair the set
     xy = js(dash_duo, "hs-pairs-graph", "[gd._fullLayout.xaxis.l2p(2), gd._fullLayout.yaxis.l2p(1)]")

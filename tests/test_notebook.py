@@ -267,8 +267,8 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
         for _round in range(2):
             for key, entry in list(_callback.GLOBAL_CALLBACK_MAP.items()):
                 fn = getattr(entry.get("callback"), "__wrapped__", None)  # None: a clientside callback
-                if fn is None or key not in initial or fn.__module__ not in (
-                        "app.pages.explorer", "app.panels.saliency", "app.panels.head_sets"):
+                if fn is None or key not in initial or not (fn.__module__.startswith("app.explorer.") or fn.__module__ in (
+                        "app.panels.saliency", "app.panels.head_sets")):
                     continue
                 specs = entry["inputs"] + entry["state"]
                 if any(s["id"] not in ids and s["id"] != "sel" for s in specs):

@@ -221,8 +221,9 @@ def test_non_finite_heads_are_not_ranked_and_are_shown_as_na(spoiled):
     _, _, clean = _page("heads").heads_view({"run": "syn"}, "jsd")  # other metrics: no note
     assert clean is None
     # B1: the mean and the image's curve leave the heads out (gaps) and say so
-    ex = _page("explorer")
-    b1 = ex.view_b1(None, None, None, None, None, [], {"run": "syn", "image": 0, "layer": 0, "head": 0,
+    from app.explorer import importance
+
+    b1 = importance.view_b1(None, None, None, None, None, [], {"run": "syn", "image": 0, "layer": 0, "head": 0,
                                                        "metric": "prob_drop"})
     mean_trace = next(t for t in b1["data"] if t.get("name") == "mean over images")
     assert mean_trace["y"][1] is None and mean_trace["y"][H] is None

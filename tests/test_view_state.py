@@ -169,6 +169,8 @@ def _state_values():
         "ids": st.lists(st.integers(0, state.MAX_INT), min_size=1, max_size=40, unique=True).map(sorted),
         "heads": st.lists(st.tuples(st.integers(0, state.MAX_INDEX), st.integers(0, state.MAX_INDEX)), min_size=1,
                           max_size=state.MAX_HEADS, unique=True).map(lambda hs: [list(h) for h in sorted(hs)]),
+        "runs": st.lists(st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}", fullmatch=True), min_size=1,
+                         max_size=state.MAX_RUNS, unique=True),
     }
     return st.fixed_dictionaries({
         k.name: (by_kind["run"] if k.kind == "run" else st.none() | (

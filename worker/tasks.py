@@ -93,6 +93,26 @@ def deletion_curves(run_dir: str, image_id: int, baseline: str = "mean", fingerp
                     lambda: service.deletion_curves(run_dir_in_cache(run_dir), image_id, baseline, fingerprint))
 
 
+@app.task(name="headscope.circuit")
+def circuit(run_dir: str, image_id: int, fingerprint: str | None = None) -> dict:
+    """One image's direct effects and APPROXIMATE (edge attribution patching) edge values."""
+    return _payload("circuit query", lambda: service.circuit(run_dir_in_cache(run_dir), image_id, fingerprint))
+
+
+@app.task(name="headscope.circuit_exact")
+def circuit_exact(run_dir: str, image_id: int, edges: list, via: str = "qkv", fingerprint: str | None = None) -> dict:
+    """Exact path values (path patching) of some edges of one image."""
+    return _payload("exact paths query",
+                    lambda: service.circuit_exact(run_dir_in_cache(run_dir), image_id, edges, via, fingerprint))
+
+
+@app.task(name="headscope.sinks")
+def sinks(run_dir: str, image_id: int, factor: float | None = None, fingerprint: str | None = None) -> dict:
+    """One image's token norms and attention-sink metrics for the high-norm factor ``factor``."""
+    return _payload("token norms query",
+                    lambda: service.sinks(run_dir_in_cache(run_dir), image_id, factor, fingerprint))
+
+
 @app.task(name="headscope.build_slice", time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)),
           soft_time_limit=int(os.environ.get("HEADSCOPE_BUILD_TIME_LIMIT", 21600)) - 30)
 def build_slice(config: dict, image_indices: list[int]) -> dict:

@@ -5,4 +5,4 @@ declares the metrics it computes beside their code (``register_metric(Metric(...
 level); the package imports them here, once, in the order the registry lists them (timm's
 pattern), so they exist wherever anything of ``analysis.metrics`` is imported.
 """
-from analysis.metrics import importance, strength, semantic, patch_maps, taylor, ablation, patterns  # noqa: F401
+from analysis.metrics import importance, strength, semantic, patch_maps, taylor, ablation, patterns, direct, sinks  # noqa: F401

@@ -52,11 +52,12 @@ def head_means(vit: ViT, images: Tensor, batch_size: int = 16, progress: bool = 
 
 def _mean_ablation(vit, images, labels, batch):
     """Mean-ablated leave-one-out with the run's head means (option "head_means" [L,H,N,d], which the
-    build computes over all the run's images first; without it: the means over this batch's images)."""
+    build computes over all the run's images first; without it: the means over this batch's images),
+    on the batch's shared clean pass (``batch.trace()``: the zero ablation's unpruned pass, not a second one)."""
     means = batch.options.get("head_means")
     if means is None:
         means = head_means(vit, images, batch_size=len(images))
-    arrays, base = importance_arrays(vit, images, labels, on_attention=batch.take_attention_pass(),
+    arrays, base = importance_arrays(vit, images, labels, base=batch.trace().baseline(),
                                      means=torch.as_tensor(means, device=vit.device))
     if base.logp is not None:
         batch.outputs.setdefault("probs", base.logp.exp().float().cpu().numpy())

@@ -9,12 +9,16 @@ model family's ``frozen_readout``); its linear part ``F`` gives each piece's dir
 ``F(c)[y] = <u, c>`` with ``u = F^T w`` (w = one-hot of y, or e / <e, e>), taken once per image by
 autograd through the frozen read-out, so a head's term only needs its output on the tokens the
 read-out reads (the prefix tokens under token pooling).
-``logit_drop`` (exact total effect, the head pruned in mode 1) reuses the leave-one-out of
+``logit_drop`` (exact total effect, the head pruned in mode 1) is read off the leave-one-out of
 analysis.metrics.importance on the same clean pass; ``indirect_logit = logit_drop - direct_logit``.
+
+In a build the image stage's leave-one-out fills logit_drop and indirect_logit, this module's hook
+direct_logit / direct_emb, all on the batch's one shared clean pass (``engine.Batch.trace``,
+``engine.Batch.direct_terms``): no forward of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,20 +27,23 @@ import torch
 from torch import Tensor
 
 from analysis.metrics.common import arrays_to_frame, check_labels
-from analysis.metrics.importance import Baseline, layer_variants
+from analysis.metrics.importance import LEAVE_ONE_OUT, Baseline, importance_arrays
+from analysis.metrics.registry import Metric, OnBatch, register_metric
 from analysis.models.adapter import ViT
-from analysis.models.pruning import MODES, keep_mask
 
 
 @dataclass
 class StreamTrace:
     """One clean forward of a batch. xs: L + 1 x [B, N, C] (xs[l] block l's input; xs[L] the stream
     after the last block, before the final norm); heads: L x [B, H, N, d] per-head outputs ``A V``;
-    pooled [B, D]; logits [B, K] or None (backbone)."""
+    pooled [B, D]; logits [B, K] or None (backbone); received: L x [B, H, N] the attention each token
+    gets from the patch queries, averaged over them (``A[:, :, T:, :].mean(-2)``: the attention sinks'
+    prefix_share and high_norm_share are sums of it, analysis.metrics.sinks)."""
     xs: list[Tensor]
     heads: list[Tensor]
     pooled: Tensor
     logits: Tensor | None
+    received: list[Tensor] = field(default_factory=list)
 
     def baseline(self) -> Baseline:
         """The leave-one-out's unpruned pass (analysis.metrics.importance.Baseline) from this trace."""
@@ -48,12 +55,14 @@ def trace_stream(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor],
     """Clean forward of preprocessed images [B, 3, H, W] keeping every block's input and per-head
     outputs; ``on_attention(layer, A [B, H, N, N])`` sees each post-softmax pattern."""
     x = vit.embed(images)
-    xs, heads = [x], []
+    xs, heads, received = [x], [], []
+    T = vit.num_prefix_tokens
 
     def keep_heads(layer: int, o: Tensor) -> None:
         heads.append(o)
 
     def see(layer: int, A: Tensor) -> None:
+        received.append(A[:, :, T:, :].mean(-2))
         if on_attention is not None:
             on_attention(layer, A)
 
@@ -61,7 +70,7 @@ def trace_stream(vit: ViT, images: Tensor, on_attention: Callable[[int, Tensor],
         x = vit.block(layer, x, hook=see, head_hook=keep_heads)
         xs.append(x)
     pooled, logits = vit.outputs(x)
-    return StreamTrace(xs, heads, pooled, logits)
+    return StreamTrace(xs, heads, pooled, logits, received)
 
 
 def top1_labels(vit: ViT, trace: StreamTrace, labels) -> Tensor | None:
@@ -126,19 +135,6 @@ def direct_pieces(vit: ViT, trace: StreamTrace, labels: Tensor | None) -> dict[s
             "target": target.double()}
 
 
-def logit_drops(vit: ViT, trace: StreamTrace, labels: Tensor) -> Tensor:
-    """logit_y(x) - logit_y(x with head (l, h) pruned, mode 1): [B, L, H] float64, exact, through the
-    leave-one-out (analysis.metrics.importance.layer_variants) on this trace's clean pass."""
-    base = trace.baseline()
-    mask = keep_mask(MODES[1], vit.num_tokens, vit.num_prefix_tokens, device=vit.device)
-    clean = trace.logits.double().gather(1, labels[:, None])[:, 0]               # [B]
-    out = torch.empty(labels.shape[0], vit.depth, vit.num_heads, dtype=torch.float64, device=vit.device)
-    for layer in range(vit.depth):
-        res = layer_variants(vit, base, layer, [(h, mask) for h in range(vit.num_heads)], labels)
-        out[:, layer] = clean[:, None] - res["logit"].T
-    return out
-
-
 @torch.no_grad()
 def direct_arrays(vit: ViT, images: Tensor, labels=None, total: bool = True,
                   on_attention: Callable[[int, Tensor], None] | None = None) -> dict[str, np.ndarray]:
@@ -152,9 +148,9 @@ def direct_arrays(vit: ViT, images: Tensor, labels=None, total: bool = True,
         return {"direct_emb": direct.cpu().numpy()}
     out = {"direct_logit": direct.cpu().numpy()}
     if total:
-        drop = logit_drops(vit, trace, y)
-        out["logit_drop"] = drop.cpu().numpy()
-        out["indirect_logit"] = (drop - direct).cpu().numpy()
+        drop = importance_arrays(vit, images, y, base=trace.baseline(), logit_drop=True)[0]["logit_drop"]
+        out["logit_drop"] = drop
+        out["indirect_logit"] = drop - out["direct_logit"]
     return out
 
 
@@ -176,3 +172,51 @@ def direct_effects(vit: ViT, images: Tensor, labels=None, batch_size: int = 16) 
         lab = None if labels is None or not vit.has_head else labels[s:s + batch_size]
         frames.append(arrays_to_frame(direct_arrays(vit, images[s:s + batch_size], lab), offset=s))
     return pd.concat(frames, ignore_index=True)
+
+
+# ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
+
+def direct_hook(vit, images, labels, batch):
+    """direct_logit (direct_emb for a backbone) on the batch's shared clean pass; logit_drop and
+    indirect_logit come with the leave-one-out (analysis.metrics.importance), which runs the pruned
+    forwards anyway (and which --taylor-only leaves out)."""
+    return {"direct_logit" if vit.has_head else "direct_emb": batch.direct_terms()}
+
+
+DIRECT = OnBatch(direct_hook)
+# important="high" for all four: like prob_drop they are signed effects on the true class (on the
+# embedding for a backbone), so a ranking by them puts first the heads that support the prediction
+# most (directly, in total, or through later heads); negative values are heads working against it.
+_FROZEN = (r" **Frozen norm scale**: every LayerNorm of the read-out keeps its $1/\sigma$ from the clean forward of "
+           r"the image (centring and $\gamma$ stay; $\beta$ and the biases go to a constant), which makes the read-out "
+           r"affine with linear part $F$; the direct terms of all stream pieces (embedding, heads, output biases, MLPs) "
+           r"plus that constant then add up exactly. It misleads when removing the head would change $\sigma$ a lot: "
+           r"that effect is counted as indirect.")
+_WRITE = r"$c_{l,h} = \mathrm{ls}_1 \odot (o_{l,h} W_O[h])$, what head $(l,h)$ writes into the residual stream"
+register_metric(Metric("direct_logit", "direct logit", unit="logit", axis="direct logit(true)", important="high",
+                       group="direct", applies_to={"classifier"}, needs_label=True, compute=DIRECT,
+                       meaning="logit of the true class the head writes directly",
+                       formula=rf"$F(c_{{l,h}})[y]$ with {_WRITE}: the part of $\mathrm{{logit}}_y$ the head writes "
+                               r"itself, not through later blocks (direct logit attribution; $y$ = the true class). "
+                               "Positive: the head pushes the true class directly." + _FROZEN))
+register_metric(Metric("logit_drop", "drop of logit(true)", unit="logit", axis="Δlogit(true)", important="high",
+                       group="direct", applies_to={"classifier"}, needs_label=True, compute=LEAVE_ONE_OUT,
+                       meaning="drop of the true class's logit (total effect)",
+                       formula=r"$\mathrm{logit}_y(x) - \mathrm{logit}_y(x \text{ with the head pruned})$, pruning mode 1 "
+                               "(the head's whole attention zeroed): the head's total effect in the units of direct_logit, "
+                               "exact (read off the leave-one-out's pruned forwards). Unlike prob_drop it does not "
+                               "saturate when $P_y$ is near 1."))
+register_metric(Metric("indirect_logit", "indirect logit", unit="logit", axis="indirect logit(true)", important="high",
+                       group="direct", applies_to={"classifier"}, needs_label=True, compute=LEAVE_ONE_OUT,
+                       meaning="logit of the true class the head moves through later blocks",
+                       formula="logit_drop $-$ direct_logit: what the head does through the blocks after it (their "
+                               r"attention and MLPs read what it wrote) and through the norms' scale $\sigma$, which "
+                               "direct_logit holds fixed. A large indirect and a small direct effect: the head acts "
+                               "through later heads; direct and indirect of opposite sign: they cancel."))
+register_metric(Metric("direct_emb", "direct embedding share", axis="direct emb. share", important="high",
+                       group="direct", applies_to={"backbone"}, compute=DIRECT,
+                       meaning="share of the embedding the head writes directly",
+                       formula=rf"$\langle F(c_{{l,h}}), e\rangle / \langle e, e\rangle$ with {_WRITE} and $e$ the pooled "
+                               "embedding minus the read-out's constant: the share of the embedding the head writes "
+                               "itself (the shares of all stream pieces sum to 1; backbones, which have no logits)."
+                               + _FROZEN))

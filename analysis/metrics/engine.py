@@ -12,13 +12,15 @@ from torch import Tensor
 
 from analysis.metrics import registry
 from analysis.metrics.common import arrays_to_frame
+from analysis.metrics.direct import StreamTrace, direct_pieces, top1_labels, trace_stream
 from analysis.metrics.patterns import cls_vector, layer_patch_bits
 from analysis.models.adapter import ViT
 
 # Arrays of a batch that are not registry metrics: probs [B, C] float32 (classifier models);
 # cls_vectors [B, L, H, N + P] float16; patch_bits [B, L, H, ceil(P*P/8)] uint8 (layout inputs);
-# patch_maps [B, len(MAPS), gh, gw] float32 (the "patch_maps" stage; analysis.metrics.patch_maps).
-ENGINE_ARRAYS = ("probs", "cls_vectors", "patch_bits", "patch_maps")
+# patch_maps [B, len(MAPS), gh, gw] float32 (the "patch_maps" stage; analysis.metrics.patch_maps);
+# token_norms [B, L + 1, N] float32 (SPEC v3 token norms; analysis.metrics.sinks).
+ENGINE_ARRAYS = ("probs", "cls_vectors", "patch_bits", "patch_maps", "token_norms")
 
 
 class BatchResult(dict):
@@ -34,11 +36,15 @@ class BatchResult(dict):
 class Batch:
     """What compute hooks see of a batch: ``images`` [B, 3, H, W], ``labels`` LongTensor [B] or None,
     ``options`` (build options such as ``q``; ``label_known``: bool [B], False where the true label is
-    unknown and ``labels`` holds 0 in its place, None without labels), ``memo(key, compute)`` to share work between hooks,
-    ``outputs`` for engine arrays (``probs``), and ``take_attention_pass()`` (below)."""
+    unknown and ``labels`` holds 0 in its place, None without labels), ``metrics`` (the names of the
+    registry metrics this batch computes), ``memo(key, compute)`` to share work between hooks,
+    ``outputs`` for engine arrays (``probs``), ``trace()`` (the shared clean pass), ``direct_terms()``
+    and ``take_attention_pass()`` (below)."""
 
-    def __init__(self, vit: ViT, images: Tensor, labels: Tensor | None, options: dict, attention_hook):
+    def __init__(self, vit: ViT, images: Tensor, labels: Tensor | None, options: dict, attention_hook,
+                 metrics: Iterable[str] = ()):
         self.vit, self.images, self.labels, self.options = vit, images, labels, options
+        self.metrics = frozenset(metrics)
         self.outputs: dict[str, np.ndarray] = {}
         self._memo: dict = {}
         self._attention_hook = attention_hook
@@ -57,6 +63,26 @@ class Batch:
     @property
     def attention_pass_taken(self) -> bool:
         return self._attention_hook is None
+
+    def trace(self) -> StreamTrace:
+        """The batch's clean forward keeping every block's input and per-head output
+        (``direct.trace_stream``), run once in inference mode and shared by the hooks that need it:
+        the leave-one-out's unpruned pass, the direct effects and the attention sinks. It hosts the
+        attention pass (unless a hook took that before)."""
+        def run() -> StreamTrace:
+            with torch.inference_mode():
+                return trace_stream(self.vit, self.images, self.take_attention_pass())
+        return self.memo("trace", run)
+
+    def direct_terms(self) -> np.ndarray:
+        """Each head's direct term on the shared clean pass, [B, L, H] float64 (``direct.direct_pieces``):
+        logit units of y = the label (each image's top-1 class without labels) for a classifier, the
+        share of the pooled embedding for a backbone. Shared by direct_logit / direct_emb and indirect_logit."""
+        def run() -> np.ndarray:
+            trace = self.trace()
+            with torch.inference_mode():
+                return direct_pieces(self.vit, trace, top1_labels(self.vit, trace, self.labels))["heads"].cpu().numpy()
+        return self.memo("direct_terms", run)
 
 
 def _numpy(x) -> np.ndarray:
@@ -121,12 +147,14 @@ def analyse_batch(vit: ViT, images: Tensor, labels=None, q: float = 0.01, *, met
     else:
         labels = None
     analyser = AttentionAnalyser(vit, [m for m in active if isinstance(m.compute, registry.OnAttention)], patterns)
-    batch = Batch(vit, images, labels, {"q": q, "label_known": known, **(options or {})}, analyser)
+    batch = Batch(vit, images, labels, {"q": q, "label_known": known, **(options or {})}, analyser,
+                  metrics=[m.name for m in active])
     analyser.batch = batch
     out = BatchResult()
     hooks = list(dict.fromkeys(m.compute for m in active if isinstance(m.compute, registry.OnBatch)))
-    # batch hooks in registry order; the first to take the attention pass (the leave-one-out's
-    # unpruned forward) hosts the attention-level metrics, else one plain pass below does
+    # batch hooks in registry order; the first to take the attention pass (the shared clean pass,
+    # batch.trace(), under the leave-one-out, direct effects and sinks) hosts the attention-level
+    # metrics, else one plain pass below does
     for hook in hooks:
         out.update({k: _numpy(v) for k, v in hook.fn(vit, images, labels, batch).items()})
     if not batch.attention_pass_taken and (analyser.metrics or patterns):

@@ -145,23 +145,38 @@ def downstream(vit: ViT, layer: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tens
 
 @torch.inference_mode()
 def importance_arrays(vit: ViT, images: Tensor, labels=None,
-                      on_attention: Callable[[int, Tensor], None] | None = None, means: Tensor | None = None):
+                      on_attention: Callable[[int, Tensor], None] | None = None, means: Tensor | None = None,
+                      base: Baseline | None = None, logit_drop: bool = False):
     """Leave-one-out (mode 1) metrics of every head: {metric: [B, L, H] float64 numpy} and
-    the baseline. ``prob``/``prob_drop``/``jsd`` are NaN for a backbone or without labels.
+    the baseline. ``prob``/``prob_drop`` are NaN for a backbone or without labels, ``jsd`` for a
+    backbone. With ``logit_drop`` a classifier also gets ``logit_drop`` = logit_y - logit_y pruned
+    (SPEC v3 "Direct effect"; y = the label, each image's top-1 class without labels), read off the
+    same pruned forwards.
     means: [L, H, N, d] head means (analysis.metrics.ablation.head_means): mean-ablate each head
-    instead of zeroing it."""
+    instead of zeroing it. base: the unpruned pass when the caller already ran it
+    (``direct.StreamTrace.baseline()``; on_attention is then unused)."""
     images = vit.check_images(images)
     B, L, H = images.shape[0], vit.depth, vit.num_heads
     labels = check_labels(vit, labels, B)
-    base = run_baseline(vit, images, on_attention)
+    if base is None:
+        base = run_baseline(vit, images, on_attention)
+    logit_drop = logit_drop and base.logits is not None
+    y = labels
+    if logit_drop and labels is None:
+        y = base.logits.argmax(-1)  # logit_drop without labels: the top-1 class (prob/prob_drop stay NaN)
     arrays = {m: np.full((B, L, H), np.nan) for m in METRICS}
+    if logit_drop:
+        clean = base.logits.double().gather(1, y[:, None])                     # [B, 1]
+        arrays["logit_drop"] = np.full((B, L, H), np.nan)
     mask = None if means is not None else keep_mask(MODES[1], vit.num_tokens, vit.num_prefix_tokens, device=vit.device)
     for layer in range(L):
-        res = layer_variants(vit, base, layer, [(h, mask) for h in range(H)], labels,
+        res = layer_variants(vit, base, layer, [(h, mask) for h in range(H)], y,
                              None if means is None else means[layer])
         for m in METRICS:
-            if m in res:
+            if m in res and (labels is not None or m not in ("prob", "prob_drop")):
                 arrays[m][:, layer, :] = res[m].T.cpu().numpy()
+        if logit_drop:
+            arrays["logit_drop"][:, layer, :] = (clean - res["logit"].T).cpu().numpy()
     return arrays, base
 
 
@@ -199,8 +214,13 @@ def partial_pruning(vit: ViT, image: Tensor, label: int | None, layer: int, head
 # ---- the metrics this module computes, declared with the registry (analysis.metrics.registry) ----
 
 def leave_one_out_hook(vit, images, labels, batch):
-    """Exact leave-one-out (mode 1) of every head; the unpruned pass hosts the attention hooks."""
-    arrays, base = importance_arrays(vit, images, labels, on_attention=batch.take_attention_pass())
+    """Exact leave-one-out (mode 1) of every head on the batch's shared clean pass (``batch.trace()``,
+    which hosts the attention hooks), with logit_drop and, asked for, indirect_logit = logit_drop -
+    the head's direct term (SPEC v3, analysis.metrics.direct: ``batch.direct_terms()``)."""
+    base = batch.trace().baseline()
+    arrays, _ = importance_arrays(vit, images, labels, base=base, logit_drop=True)
+    if "indirect_logit" in batch.metrics and "logit_drop" in arrays:
+        arrays["indirect_logit"] = arrays["logit_drop"] - batch.direct_terms()
     if base.logp is not None:
         batch.outputs["probs"] = base.logp.exp().float().cpu().numpy()
     return arrays

@@ -79,7 +79,7 @@ def exact_paths(vit: ViT, trace: StreamTrace, label: Tensor | None, edges: Seque
                 via: str = "qkv") -> np.ndarray:
     """Exact path values of edges ((i, h_a), (j, h_b)), i < j, for image 0 of ``trace``: float64
     [E], path_logit (classifier, label: LongTensor [1]) or path_emb (backbone)."""
-    T, N, H = vit.num_prefix_tokens, vit.num_tokens, vit.num_heads
+    T, N = vit.num_prefix_tokens, vit.num_tokens
     writes = sender_writes(vit, trace, [a[0] for a, _ in edges])
     values = np.full(len(edges), np.nan)
     if label is not None:

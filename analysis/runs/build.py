@@ -48,7 +48,9 @@ from analysis.datasets import printable
 from analysis.models.adapter import brings_weights, load_vit, model_reference, model_short_name
 from analysis.datasets import load_image_set, validate_labels
 from analysis.runs.autoencoder import input_side, train_autoencoder
+from analysis.runs.circuits import AGREEMENT_IMAGES, circuits_stage
 from analysis.metrics.patterns import PATTERN_METRICS, pattern_arrays
+from analysis.metrics.sinks import DEFAULT_FACTOR
 
 EMBEDDED_RUNS = {"fashion": "default", "photos": "default-backbone"}  # dataset -> its default model
 # Parameters that change the results: a run directory refuses a build that differs in any.
@@ -69,8 +71,11 @@ class BuildConfig:
     the model's classes (None: by name, "sorted", or a JSON/CSV mapping file; see
     ``analysis.datasets.folder_labels``); stages: optional metric stages to compute
     (``Metric.stage`` names, e.g. "taylor", "mean_ablation", plus "taylor_only" and "curves", see
-    analysis.runs.head_stages), none by default; curve_images: labelled images the pruning curves
-    use (stage "curves").
+    analysis.runs.head_stages), none by default; all_stages: also every stage of
+    head_stages.ALL_STAGES the model and data support (the others are dropped and named in
+    manifest["stages_skipped"]); curve_images: labelled images the pruning curves use (stage
+    "curves"); circuit_sample: images whose EAP edges are checked against exact path patching
+    (stage "circuits", analysis.runs.circuits).
     """
     out: str
     model: str = "default"
@@ -91,7 +96,9 @@ class BuildConfig:
     threads: int | None = None
     progress: bool = True
     stages: list[str] = field(default_factory=list)
-    curve_images: int = 64
+    curve_images: int = 32  # default run: the curve areas of 32 images lie within 0.013 of 64's, at half the cost
+    all_stages: bool = False
+    circuit_sample: int = AGREEMENT_IMAGES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,11 +111,13 @@ class BuildConfig:
                   (self.ae_epochs >= 1 and self.ae_latent >= 2, "--ae-epochs must be >= 1 and --ae-latent >= 2"),
                   (self.thumb_px is None or 16 <= self.thumb_px <= 1024, "--thumb-px must be within 16-1024"),
                   (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
-                  (self.curve_images >= 1, "--curve-images must be at least 1")]
+                  (self.curve_images >= 1, "--curve-images must be at least 1"),
+                  (self.circuit_sample >= 1, "--circuit-sample must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise InputError(f"{message}.")
-        self.stages = head_stages.check_stages(self.stages)
+        self.stages = head_stages.check_stages(list(self.stages) + list(head_stages.ALL_STAGES
+                                                                        if self.all_stages else []))
         return self
 
     @classmethod
@@ -127,6 +136,8 @@ class BuildConfig:
             out["stages"] = sorted(self.stages)
         if "curves" in self.stages:
             out["curve_images"] = self.curve_images
+        if "circuits" in self.stages:
+            out["circuit_sample"] = self.circuit_sample
         return out
 
 
@@ -263,7 +274,7 @@ def new_manifest(config: BuildConfig, vit, image_set) -> dict:
 
 IDENTITY = [("schema_version",), ("model", "name"), ("model", "weights_sha256"), ("model", "pretrained"),
             ("model", "img_size"), ("model", "num_classes"), ("dataset", "fingerprint"), ("dataset", "n_images")]
-IDENTITY += [("params", p) for p in RESULT_PARAMS + ("stages", "curve_images")]
+IDENTITY += [("params", p) for p in RESULT_PARAMS + ("stages", "curve_images", "circuit_sample")]
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
@@ -304,8 +315,14 @@ def prepare(config: BuildConfig) -> BuildContext:
     if not image_set.items:
         raise InputError(f"No readable images in '{config.dataset}' ({len(image_set.skipped)} skipped). "
                          "Check the folder or manifest.")
-    head_stages.check_model(config.stages, vit, [it.label for it in image_set.items])
+    labels = [it.label for it in image_set.items]
+    dropped = {}
+    if config.all_stages:
+        config.stages, dropped = head_stages.drop_unsupported(config.stages, vit, labels)
+    head_stages.check_model(config.stages, vit, labels)
     manifest = new_manifest(config, vit, image_set)
+    if dropped:
+        manifest["stages_skipped"] = dropped
     if existing is not None:
         diffs = identity_differences(existing, manifest)
         if diffs:
@@ -476,10 +493,13 @@ def collect_parts(run_dir: Path, n_images: int) -> dict[str, np.ndarray]:
     """All parts -> arrays ordered by image id (each image once); raises CacheError naming
     the images that have no result yet."""
     chunks: dict[str, list] = {}
+    keys: dict[Path, set] = {}  # the arrays of each part that holds results
     for path in sorted(parts_dir(run_dir).glob("part_*.npz")):
         part = read_part(path)
         if part is None:
             continue
+        if len(part.get("index", ())):
+            keys[path] = set(part)
         for k, v in part.items():
             if k != "seconds":
                 chunks.setdefault(k, []).append(v)
@@ -493,6 +513,13 @@ def collect_parts(run_dir: Path, n_images: int) -> dict[str, np.ndarray]:
         raise CacheError(f"{len(missing)} of {n_images} images of {run_dir.name} have no results yet (ids {shown}). "
                          "Finish the missing --shard runs, or run the build without --shard/--merge to "
                          "compute them here, then merge again.")
+    every = set().union(*keys.values())
+    stale = {p: sorted(every - k) for p, k in keys.items() if every - k}
+    if stale:  # parts of an older HeadScope lack arrays the newer parts have: recompute their images
+        shown = " ".join(str(p) for p in list(stale)[:5]) + (" ..." if len(stale) > 5 else "")
+        raise CacheError(f"{len(stale)} part(s) of {run_dir.name} were written by an older HeadScope and lack "
+                         f"{', '.join(next(iter(stale.values())))}. Delete them and resume (their images are computed "
+                         f"again): rm {shown}; python scripts/build_cache.py --out {run_dir} --resume")
     _, first = np.unique(index, return_index=True)  # duplicates (overlapping shards): keep one
     order = first[np.argsort(index[first])]
     out = {"index": index[order], "seconds": float(np.sum(get("seconds")))}
@@ -631,6 +658,7 @@ def merge_run(ctx: BuildContext) -> dict:
     manifest["dataset"] = {**manifest["dataset"], "n_analysed": n, "n_skipped": len(skipped)}
     manifest["params"] = {**manifest["params"], "overview_metric": metric,
                           "layout": "openTSNE t-SNE (analysis.layouts.tsne_2d)",
+                          **({"high_norm_factor": DEFAULT_FACTOR} if "token_norms" in arrays else {}),
                           "ae": {"latent_dim": cfg.ae_latent, "epochs": ae.epochs, "samples": int(len(bits)),
                                  "input_side": input_side(vit.num_patches)}}
     manifest.update(
@@ -640,7 +668,8 @@ def merge_run(ctx: BuildContext) -> dict:
     manifest = tables.write_run(run_dir, manifest, images, metric_arrays, L=L, H=H,
                                 layouts={"cls": cls_xy, "patch": patch_xy}, skipped=skipped, stages=cfg.stages,
                                 sizes=lambda d: run_sizes(d, n, manifest["model"]),
-                                inputs={"patch_bits": arrays["patch_bits"]}, patch_maps=arrays.get("patch_maps"))
+                                inputs={"patch_bits": arrays["patch_bits"]}, patch_maps=arrays.get("patch_maps"),
+                                token_norms=arrays.get("token_norms"))
     shutil.rmtree(stages_dir(run_dir), ignore_errors=True)  # the tables hold the stages' results now
     remove_temporaries(run_dir, older_than_s=0)  # the run is complete: nobody writes into it now
     ctx.manifest = manifest
@@ -692,6 +721,32 @@ def add_pattern_labels(run_dir: str | Path) -> dict:
     manifest = tables.write_run(run_dir, manifest, run.images, arrays, L=run.L, H=run.H, layouts=layouts,
                                 skipped=run.skipped, stages=stages, inputs={"patch_bits": patch_bits},
                                 sizes=lambda d: run_sizes(d, len(ids), run.model))
+    return manifest
+
+
+# ---- adding the circuits to a run built without them -----------------------------------------
+
+def add_circuits(run_dir: str | Path, **settings) -> dict:
+    """Add the circuits stage (analysis.runs.circuits) to a complete classifier run built without
+    it (or whose circuit tables were lost): the circuit tables and manifest["circuits"], from the saved
+    batches where they are still in parts/; nothing else is recomputed. ``settings``:
+    execution settings (threads, progress, device, batch_size) and circuit_sample (None: the
+    run's). Returns the new manifest (timings.circuits_eap / circuits_exact: seconds)."""
+    run_dir = Path(run_dir)
+    run = open_run(run_dir)
+    config = config_from_manifest(run_dir, **settings)
+    ctx = prepare(config)  # the same run (checked): its model and images
+    config.stages = head_stages.check_stages(list(config.stages) + ["circuits"])
+    stages = _Stages(config.progress)
+    entry = circuits_stage(ctx, run.images["image_id"].to_numpy(), stages)  # refuses a backbone
+    manifest = dict(ctx.manifest)
+    manifest["params"] = {**manifest["params"], "stages": config.stages, "circuit_sample": config.circuit_sample}
+    manifest["build_config"] = {**manifest["build_config"], "stages": config.stages,
+                                "circuit_sample": config.circuit_sample}
+    manifest["circuits"] = entry
+    manifest["timings"] = {**manifest.get("timings", {}), **stages.timings}
+    manifest["sizes"] = run_sizes(run_dir, len(run.images), run.model)
+    write_json(run_dir / "manifest.json", manifest)
     return manifest
 
 

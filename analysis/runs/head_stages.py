@@ -7,7 +7,12 @@
   pass (``parts/head_means.npy``, computed once, then shared by every batch, shard and worker);
 - ``curves``: cumulative pruning curves (exact, taylor and >= 3 random orders) on up to
   ``curve_images`` labelled images, resumable per image batch (``parts/curves_<first id>.json``),
-  written to ``pruning_curves.parquet`` with their areas in ``manifest["pruning_curves"]``.
+  written to ``pruning_curves.parquet`` with their areas in ``manifest["pruning_curves"]``;
+- ``circuits``: every image's APPROXIMATE EAP head-to-head edges and the run-mean circuit
+  (analysis.runs.circuits; classifiers), with the agreement of EAP with exact in ``manifest["circuits"]``.
+
+``--all-stages`` (``BuildConfig.all_stages``) asks for ALL_STAGES, less those the model or data cannot
+support (``manifest["stages_skipped"]`` says which and why).
 
 When a run has both prob_drop and the Taylor metrics, ``manifest["taylor_agreement"]`` holds the
 SPEC agreement (Spearman over the L*H heads per image: median and quartiles; and of the run means).
@@ -22,17 +27,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from analysis.errors import InputError, LabelError
+from analysis.errors import HeadScopeError, InputError, LabelError
 from analysis.metrics import registry
 from analysis.metrics.importance import LEAVE_ONE_OUT
-from analysis.runs import tables
+from analysis.runs import circuits, tables
 from analysis.runs.batches import batch_plan, load_batch, parts_dir
 from analysis.metrics.ablation import head_output_sums
 from analysis.metrics.taylor import taylor_agreement as agreement
 from analysis.metrics.head_sets import order_by, random_order
 from analysis.metrics.head_sets import curve_area, default_steps, heads_before_drop, pruning_curves
 
-EXTRA_STAGES = ("taylor_only", "curves")   # build switches that are not metric stages
+EXTRA_STAGES = ("taylor_only", "curves", "circuits")   # build switches that are not metric stages
+# What --all-stages asks for: every stage a page of the dashboard shows. patch_maps stays optional: the
+# Saliency view computes an image's maps online in about a second, while precomputing them costs ~2 x
+# (patches + 1) forwards per image, more than the rest of the default build together.
+ALL_STAGES = ("taylor", "mean_ablation", "curves", "circuits")
 CURVE_SEEDS = 3
 CURVES_FILE = "pruning_curves.parquet"
 CURVE_COLUMNS = {"order": pa.string(), "seed": pa.int32(), "k": pa.int32(), "accuracy": pa.float64(),
@@ -49,14 +58,37 @@ def check_stages(stages) -> list[str]:
     return sorted(stages)
 
 
+def stage_problems(stages, vit, labels) -> dict[str, HeadScopeError]:
+    """{stage: the error saying why the model or data cannot support it} for the given stages."""
+    problems: dict[str, HeadScopeError] = {}
+    if not vit.has_head:
+        if "taylor" in stages:
+            problems["taylor"] = InputError(
+                f"--taylor / --taylor-only need a classifier: {vit.name} is a backbone without a head, so P(y|x) "
+                "and its gradient are undefined. Drop the option (backbones use the exact emb_dist).")
+        if "circuits" in stages:
+            problems["circuits"] = InputError(circuits.backbone_note(vit.name))
+    elif not any(l >= 0 for l in labels):
+        for stage in ("curves", "taylor"):
+            if stage in stages:
+                problems[stage] = LabelError(
+                    "Pruning curves and the Taylor metrics need true labels, but no image of this data set has "
+                    "one. Use a labelled set (class sub-folders or a manifest with labels), or drop the option.")
+    return problems
+
+
 def check_model(stages, vit, labels) -> None:
     """Refuse stages the model or data cannot support, before any image is analysed."""
-    if not vit.has_head and ("taylor" in stages):
-        raise InputError(f"--taylor / --taylor-only need a classifier: {vit.name} is a backbone without a head, "
-                         "so P(y|x) and its gradient are undefined. Drop the option (backbones use the exact emb_dist).")
-    if vit.has_head and ("curves" in stages or "taylor" in stages) and not any(l >= 0 for l in labels):
-        raise LabelError("Pruning curves and the Taylor metrics need true labels, but no image of this data set has "
-                         "one. Use a labelled set (class sub-folders or a manifest with labels), or drop the option.")
+    for error in stage_problems(stages, vit, labels).values():
+        raise error
+
+
+def drop_unsupported(stages, vit, labels) -> tuple[list[str], dict[str, str]]:
+    """--all-stages: (the stages less those the model or data cannot support, {dropped stage: why})."""
+    problems = stage_problems(stages, vit, labels)
+    dropped = set(problems) | ({"taylor_only"} if "taylor" in problems else set())
+    return ([s for s in stages if s not in dropped],
+            {s: str(problems.get(s, problems.get("taylor"))) for s in sorted(dropped & set(stages))})
 
 
 def image_stage_args(ctx) -> dict:
@@ -183,6 +215,8 @@ def merge_extras(ctx, arrays: dict, manifest: dict, timer) -> dict:
         curve, entry = timer.timed("pruning_curves", curves_stage, ctx, arrays, timer)
         tables.write_table(ctx.run_dir / CURVES_FILE, curve, CURVE_COLUMNS)
         manifest["pruning_curves"] = entry
+    if "circuits" in stages:
+        manifest["circuits"] = circuits.circuits_stage(ctx, arrays["index"], timer)
     return manifest
 
 
@@ -202,4 +236,6 @@ def summary_lines(manifest: dict) -> list[str]:
             drop = e.get("heads_before_1pt_drop")
             lines.append(f"    {order}: area {areas}" + (f"; heads before a 1-point accuracy drop {drop['mean']:.0f}"
                                                          if drop else ""))
-    return lines
+    for stage, why in (manifest.get("stages_skipped") or {}).items():
+        lines.append(f"  stage {stage} skipped (--all-stages): {why}")
+    return lines + circuits.summary_lines(manifest)

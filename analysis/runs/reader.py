@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -24,8 +25,10 @@ from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
 from analysis.paths import default_cache_dir
 from analysis.reprs import run_html
-from analysis.runs.schema import (HEAD_KEYS, IMAGE_COLUMNS, PATCH_MAPS_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION,
-                                  SKIPPED_COLUMNS, SUMMARY_KEYS, head_columns, summary_columns)
+from analysis.metrics.paths import check_via
+from analysis.runs.schema import (CIRCUIT_EDGES_FILE, CIRCUIT_MEAN_FILE, HEAD_KEYS, IMAGE_COLUMNS, PATCH_MAPS_FILE,
+                                  REQUIRED_COLUMNS, SCHEMA_VERSION, SKIPPED_COLUMNS, SUMMARY_KEYS, TOKEN_NORMS_FILE,
+                                  head_columns, summary_columns)
 
 
 class Run:
@@ -223,6 +226,97 @@ class Run:
         gh, gw = (int(g) for g in self.model["grid"])
         return {r.map: np.asarray(r.values, np.float32).reshape(gh, gw) for r in rows.itertuples()}
 
+    # ---- token norms (SPEC v3 "attention sinks"): computed by the image stage ------------------------
+    @property
+    def has_token_norms(self) -> bool:
+        """Whether the run stores its images' token norms (runs built before them do not)."""
+        return (self.path / TOKEN_NORMS_FILE).is_file()
+
+    @cached_property
+    def _token_norms(self) -> dict[int, np.ndarray]:
+        table = self._read(TOKEN_NORMS_FILE).sort_values(["image_id", "layer"], kind="stable")
+        return {int(i): np.stack(rows["norms"].to_numpy()).astype(np.float32)
+                for i, rows in table.groupby("image_id", sort=False)}
+
+    def token_norms(self, image_id: int) -> np.ndarray | None:
+        """The L2 norms of one image's tokens in the residual stream, float32 [L + 1, N]: row l = block l's
+        input (row L: after the last block, before the final norm), columns = the N tokens, prefix
+        tokens first, then the patches row-major. High-norm patch tokens of block l: norms[l, T:] >
+        f x their median, f = ``manifest["params"]["high_norm_factor"]``. None for an image the run
+        lacks; CacheError saying how to add them when the run has no token norms."""
+        if not self.has_token_norms:
+            raise CacheError(self.lacks("token_norms"))
+        return self._token_norms.get(int(image_id))
+
+    # ---- circuits: the "circuits" stage (analysis.runs.circuits), APPROXIMATE EAP edges ----------
+    @property
+    def has_circuits(self) -> bool:
+        """Whether the run was built with (or given) the "circuits" stage: its tables and manifest entry."""
+        return ("circuits" in self.manifest and (self.path / CIRCUIT_EDGES_FILE).is_file()
+                and (self.path / CIRCUIT_MEAN_FILE).is_file())
+
+    def lacks_circuits(self) -> str | None:
+        """Why this run has no stored circuits and how to add them; None when it has them."""
+        if self.has_circuits:
+            return None
+        if not self.model.get("num_classes"):
+            return (f"Run {self.name} is a backbone run: stored circuits are edge attribution patching scores, which "
+                    "estimate path_logit and need a classifier. A backbone's head-to-head paths are the exact "
+                    "path_emb, computed per image (analysis.head_paths(..., method='exact')).")
+        return (f"Run {self.name} was built without the circuits stage. Add it without recomputing the rest "
+                f"(about a second per 10 images, plus the exact check of a few): python scripts/build_cache.py "
+                f"--out {self.path} --add-circuits")
+
+    def _circuit_table(self, name: str) -> pd.DataFrame:
+        problem = self.lacks_circuits()
+        if problem:
+            raise CacheError(problem)
+        table = self._read(name)
+        table["via"] = table["via"].astype("category")
+        return table
+
+    @cached_property
+    def _circuit_edges(self) -> tuple[pd.DataFrame, dict]:
+        table = self._circuit_table(CIRCUIT_EDGES_FILE)
+        return table, table.groupby(["image_id", "via"], observed=True).indices
+
+    def circuit_edges(self, image_id: int, via: str = "qkv") -> pd.DataFrame:
+        """The stored edges a -> b of one image, via "q", "k", "v" or "qkv": columns a_layer,
+        a_head, b_layer, b_head, path_logit_eap (APPROXIMATE, logit units, signed), sorted by
+        |path_logit_eap| descending; only edges with |path_logit_eap| >= manifest["circuits"]
+        ["threshold"] x the image's largest for that via (empty for an image the run lacks).
+        CacheError saying how to add them when the run has no circuits."""
+        check_via(via)
+        table, index = self._circuit_edges
+        rows = table.iloc[index.get((int(image_id), via), [])]
+        return self._edge_frame(rows)
+
+    def circuit_mean(self, via: str = "qkv") -> pd.DataFrame:
+        """The run-mean circuit, via "q", "k", "v" or "qkv": every edge a -> b (a_layer < b_layer)
+        with columns a_layer, a_head, b_layer, b_head, path_logit_eap (APPROXIMATE: the mean over
+        manifest["circuits"]["images"] images), sorted by |path_logit_eap| descending. CacheError
+        saying how to add them when the run has no circuits."""
+        check_via(via)
+        table = self._circuit_mean
+        return self._edge_frame(table[table["via"] == via])
+
+    @cached_property
+    def _circuit_mean(self) -> pd.DataFrame:
+        return self._circuit_table(CIRCUIT_MEAN_FILE)
+
+    @staticmethod
+    def _edge_frame(rows: pd.DataFrame) -> pd.DataFrame:
+        order = np.argsort(-np.abs(rows["path_logit_eap"].to_numpy()), kind="stable")
+        cols = ["a_layer", "a_head", "b_layer", "b_head", "path_logit_eap"]
+        return rows.iloc[order][cols].reset_index(drop=True)
+
+    @property
+    def circuit_agreement(self) -> dict | None:
+        """manifest["circuits"]["agreement"]: Spearman of EAP with exact path patching over the edges
+        of each image of a seeded sample (via, images, image_ids, per_image, per_image_median,
+        per_image_q25, per_image_q75); None without circuits."""
+        return (self.manifest.get("circuits") or {}).get("agreement")
+
     @cached_property
     def metrics(self) -> list[str]:
         """Registry metrics this run has values for, in registry order (backbone runs lack prob/jsd):
@@ -264,13 +358,44 @@ class Run:
         return self._column(name, m.value)
 
     def lacks(self, name: str) -> str | None:
-        """Why this run has no values of metric ``name`` and how to add them; None when it has them."""
+        """Why this run has no values of metric ``name`` (or of its ``"token_norms"``) and how to add
+        them; None when it has them."""
+        if name == "token_norms":
+            return None if self.has_token_norms else (
+                f"Run {self.name} was built before the image stage stored token norms. Rebuild it into a new folder "
+                f"to add them (and the direct-effect and attention-sink metrics): {self.build_command()}")
         if name in self.metrics:
             return None
         if name in PATTERN_METRICS:
             return (f"Run {self.name} was built before the pattern labels existed. Add them without recomputing "
                     f"the rest: python scripts/build_cache.py --out {self.path} --add-pattern-labels")
-        return f"Run {self.name} has no values of {name} (it was built without this metric). Rebuild the run to add it."
+        m = registry.get_metric(name)
+        kind = "classifier" if self.model.get("num_classes") else "backbone"
+        if kind not in m.applies_to:
+            return f"{name} is defined for {' and '.join(sorted(m.applies_to))} models; run {self.name}'s model is a {kind}."
+        if m.needs_label and not (self.images["label"] >= 0).any():
+            return f"{name} needs the images' true labels, and no image of run {self.name} has one."
+        if m.stage:
+            flag = "--" + m.stage.replace("_", "-")
+            return (f"Run {self.name} was built without the {m.stage} stage, which computes {name}. Rebuild it with "
+                    f"the stage into a new folder: {self.build_command()} {flag}")
+        return (f"Run {self.name} was built before HeadScope computed {name} (the image stage computes it by default "
+                f"now). Rebuild it into a new folder to add it: {self.build_command()}")
+
+    def build_command(self, out: str | Path | None = None) -> str:
+        """The build_cache.py command that builds this run's model, images and stages again, into
+        ``out`` (default: this run's folder + "-new")."""
+        cfg = self.manifest.get("build_config") or {}
+        out = str(out or f"{self.path}-new")
+        if not cfg.get("model"):
+            return (f"python scripts/build_cache.py --out {shlex.quote(out)} (with the model and image options this "
+                    "run was built with)")
+        opts = [("--model", cfg["model"]), ("--weights", cfg.get("weights")), ("--img-size", cfg.get("img_size")),
+                (dataset_flag(cfg.get("dataset"), cfg.get("dataset_kind")), cfg.get("dataset")), ("--labels", cfg.get("labels")), ("--limit", cfg.get("limit"))]
+        args = ["--out", out] + [str(a) for flag, value in opts if value is not None for a in (flag, value)]
+        args += ["--pretrained"] * bool(cfg.get("pretrained"))
+        args += ["--" + stage.replace("_", "-") for stage in cfg.get("stages") or ()]
+        return "python scripts/build_cache.py " + shlex.join(args)
 
     def layout(self, kind: str) -> np.ndarray | None:
         """The 2-D pattern layout ``kind`` ("cls" or "patch") as [images, L, H, 2]; None when empty."""
@@ -357,6 +482,15 @@ class Run:
         except OSError:
             raise CacheError(f"The thumbnail of image {int(image_id)} is missing from run {self.name}. "
                              "Rebuild the run to restore it.") from None
+
+
+def dataset_flag(dataset: str | None, kind: str | None) -> str:
+    """The build_cache.py option that names an image set of a build config (its dataset and dataset_kind)."""
+    if kind in ("folder", "manifest"):
+        return "--images" if kind == "folder" else "--manifest"
+    if dataset in ("fashion", "photos"):
+        return "--dataset"
+    return "--manifest" if str(dataset).lower().endswith(".csv") else "--images"
 
 
 def _kind(t: pa.DataType) -> str:

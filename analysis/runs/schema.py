@@ -10,6 +10,12 @@ A run directory ``cache/RUN/`` holds:
   skipped.parquet       files that could not be read  (SKIPPED_COLUMNS)
   patch_maps.parquet    one row per image x patch map (PATCH_MAP_COLUMNS; only runs built with the
                         "patch_maps" stage): the map's gh x gw values, row-major (SPEC "Patch attribution")
+  circuit_edges.parquet one row per image x via x kept edge a -> b (CIRCUIT_EDGE_COLUMNS; only runs built
+                        with the "circuits" stage, analysis.runs.circuits): APPROXIMATE EAP path_logit_eap
+  circuit_mean.parquet  one row per via x edge (CIRCUIT_MEAN_COLUMNS): the run-mean circuit
+  token_norms.parquet   one row per image x stream l = 0..L (TOKEN_NORM_COLUMNS): the L2 norm of each of
+                        the N tokens (prefix first) of block l's input (l = L: after the last block,
+                        before the final norm), SPEC v3 "attention sinks"; manifest params.high_norm_factor = f
   thumbs/ID.png         thumbnails the app serves
 """
 from __future__ import annotations
@@ -35,6 +41,13 @@ REQUIRED_COLUMNS = {"images.parquet": tuple(IMAGE_COLUMNS), "head_metrics.parque
                     "head_summary.parquet": tuple(SUMMARY_KEYS)}
 PATCH_MAPS_FILE = "patch_maps.parquet"
 PATCH_MAP_COLUMNS = {"image_id": pa.int32(), "map": pa.string(), "values": pa.list_(pa.float32())}
+TOKEN_NORMS_FILE = "token_norms.parquet"
+TOKEN_NORM_COLUMNS = {"image_id": pa.int32(), "layer": pa.int16(), "norms": pa.list_(pa.float32())}
+CIRCUIT_EDGES_FILE, CIRCUIT_MEAN_FILE = "circuit_edges.parquet", "circuit_mean.parquet"
+EDGE_KEYS = {"a_layer": pa.int16(), "a_head": pa.int16(), "b_layer": pa.int16(), "b_head": pa.int16(),
+             "via": pa.string()}  # via: "q", "k", "v" or "qkv" (what b reads without a)
+CIRCUIT_EDGE_COLUMNS = {"image_id": pa.int32(), **EDGE_KEYS, "path_logit_eap": pa.float32()}
+CIRCUIT_MEAN_COLUMNS = {**EDGE_KEYS, "path_logit_eap": pa.float32()}
 # The fixed names (and RESERVED_COLUMNS, the names a metric may not take) live in analysis.columns.
 assert tuple(HEAD_KEYS) == HEAD_KEY_NAMES and tuple(LAYOUT_COLUMNS) == LAYOUT_COLUMN_NAMES
 VALUE_TYPES = {"scalar": pa.float32(), "vector": pa.list_(pa.float32()), "category": pa.string()}

@@ -32,6 +32,7 @@ from analysis.runs.reader import open_run
 from analysis.runs.tables import write_run
 from analysis.metrics.patterns import OFFSET_NAMES, PATTERN_LABELS, PATTERN_SCORES, PATTERN_THRESHOLD
 from analysis.metrics import registry
+from analysis.metrics.sinks import DEFAULT_FACTOR
 from analysis.models.labels import FASHION_MNIST_CLASSES as fashion
 from analysis.models.adapter import ViT
 
@@ -132,6 +133,31 @@ def made_up_values(rng, metric: registry.Metric, shape: tuple, K: int) -> np.nda
     return values
 
 
+def v3_values(rng, importance: np.ndarray, depth: np.ndarray, n: int, L: int, H: int, N: int, T: int):
+    """SPEC v3 values, made up: ({direct_logit, logit_drop, indirect_logit, prefix_share,
+    high_norm_share, high_norm_count: [n, L*H]}, token norms [n, L + 1, N] float32). logit_drop
+    follows the heads' importance (logit units); late heads act mostly directly, early ones through
+    later heads; from the middle of the network a few patch tokens get high norms (Darcet et al.'s
+    artefacts: high_norm_count by the rule of analysis.metrics.sinks with f = DEFAULT_FACTOR) and
+    some heads attend to them; the prefix share rises with depth."""
+    LH = L * H
+    logit_drop = importance[None] * rng.gamma(2, 4.0, (n, LH)) + rng.normal(0, 0.05, (n, LH))
+    direct = logit_drop * np.clip(depth[None] + rng.normal(0, 0.25, (n, LH)), -0.3, 1.2)
+    norms = rng.lognormal(np.log(8) + 0.08 * np.arange(L + 1)[None, :, None], 0.15, (n, L + 1, N))
+    for i in range(n):
+        tokens = T + rng.choice(N - T, size=rng.integers(0, 4), replace=False)
+        norms[i, L // 2 + 1:, tokens] *= rng.uniform(5, 8, (len(tokens), 1))
+    patches = norms[:, :L, T:]
+    high = patches > DEFAULT_FACTOR * np.median(patches, axis=-1, keepdims=True)   # [n, L, P]
+    count = np.repeat(high.sum(-1), H, axis=1)                                      # [n, L*H]
+    sink = rng.beta(1, 6, (n, LH)) + rng.beta(2, 2, LH)[None] * (rng.random(LH) < 0.2)[None]
+    values = {"direct_logit": direct, "logit_drop": logit_drop, "indirect_logit": logit_drop - direct,
+              "prefix_share": np.clip(rng.beta(1 + 4 * depth, 4, (n, LH)) * (T > 0), 0, 1),
+              "high_norm_share": np.where(count > 0, np.clip(sink * count / (N - T) * 4, 0, 1), 0.0),
+              "high_norm_count": count.astype(np.float64)}
+    return values, norms.astype(np.float32)
+
+
 def missing_values(metric: registry.Metric, shape: tuple) -> np.ndarray:
     """What the engine gives a metric that does not apply to the model: NaN, or "" for a category."""
     return np.full(shape, "", dtype="U1") if metric.value == "category" else np.full(shape, np.nan, dtype=np.float32)
@@ -214,10 +240,12 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
               "peak_attention": peak,
               "semantic_concentration": semantic, "cls_semantic_concentration": cls_semantic,
               **pattern_labels(rng, depth[0], n_images)}
+    v3, token_norms = v3_values(np.random.default_rng([seed, 3]), importance, depth[0], n_images, L, H, N, prefix)
     declared = registry.metrics("image_head")
     for m in declared:  # registered metrics without a generator above: values from their declaration
         if m.value == "scalar" or m.name not in arrays:  # (a scalar's noise is drawn either way: the seed's
             arrays.setdefault(m.name, made_up_values(rng, m, (n_images, LH), K))  # values stay as they were)
+    arrays.update(v3)  # (drawn from a generator of their own, for the same reason)
     arrays = {m.name: (arrays[m.name] if SYNTHETIC_KIND in m.applies_to else missing_values(m, (n_images, LH)))
               for m in declared}  # registry order; a generator's metric that is not registered is left out
     arrays = {k: v.reshape(n_images, L, H, *v.shape[2:]) for k, v in arrays.items()}
@@ -226,12 +254,12 @@ def make_run(out: Path, n_images: int = 200, layers: int = 12, heads: int = 12, 
         "model": model_info,
         "dataset": {"name": f"synthetic-{n_images}", "kind": "folder", "n_images": n_images,
                     "class_names": class_names},
-        "params": {"q": 0.01, "synthetic": True, "seed": seed},
+        "params": {"q": 0.01, "synthetic": True, "seed": seed, "high_norm_factor": DEFAULT_FACTOR},
         "timings": {}, "versions": {},
     }
     every_stage = sorted({m.stage for m in registry.metrics() if m.stage})  # a synthetic run has every metric
     write_run(out, manifest, images, arrays, L=L, H=H, stages=every_stage,
-                    layouts={"cls": cls_xy.reshape(-1, 2), "patch": patch_xy.reshape(-1, 2)})
+                    layouts={"cls": cls_xy.reshape(-1, 2), "patch": patch_xy.reshape(-1, 2)}, token_norms=token_norms)
     return out
 
 

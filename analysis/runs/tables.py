@@ -177,12 +177,21 @@ def patch_maps_table(image_ids: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(schema.PATCH_MAP_COLUMNS))
 
 
+def token_norms_table(image_ids: np.ndarray, norms: np.ndarray) -> pd.DataFrame:
+    """[n, L + 1, N] token norms -> TOKEN_NORM_COLUMNS rows (image_id, layer l = 0..L, the N norms), image-major."""
+    n, streams = norms.shape[:2]
+    return pd.DataFrame({"image_id": np.repeat(np.asarray(image_ids), streams), "layer": np.tile(np.arange(streams), n),
+                         "norms": list(np.asarray(norms, np.float32).reshape(n * streams, -1))})
+
+
 def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict, *, L: int, H: int,
               layouts: dict | None = None, skipped: pd.DataFrame | None = None, stages: Iterable[str] = (),
               sizes: Callable[[Path], dict] | None = None, inputs: dict | None = None,
-              patch_maps: np.ndarray | None = None) -> dict:
+              patch_maps: np.ndarray | None = None, token_norms: np.ndarray | None = None) -> dict:
     """Write a complete run: images, head_metrics, head_summary and skipped tables (and patch_maps
-    when ``patch_maps`` [n, len(MAPS), gh, gw] is given), then the manifest with status "complete",
+    when ``patch_maps`` [n, len(MAPS), gh, gw] is given, token_norms when ``token_norms``
+    [n, L + 1, N] float32 is: the caller records f in manifest params.high_norm_factor), then the
+    manifest with status "complete",
     ``metrics`` (the registry metrics with values), timings.tables and ``sizes``
     (``sizes(run_dir)``, default {"cache_bytes"}). ``images`` has IMAGE_COLUMNS, one row per image
     in ascending image_id; ``arrays`` {metric name: [n, L, H(, K)]} in the same order; ``inputs``
@@ -208,6 +217,10 @@ def write_run(run_dir: Path, manifest: dict, images: pd.DataFrame, arrays: dict,
     write_table(run_dir / "skipped.parquet", skipped, schema.SKIPPED_COLUMNS)
     if patch_maps is not None:
         write_table(run_dir / schema.PATCH_MAPS_FILE, patch_maps_table(ids, patch_maps), schema.PATCH_MAP_COLUMNS)
+    if token_norms is not None:
+        if np.asarray(token_norms).shape[:2] != (len(ids), L + 1):
+            raise ValueError(f"token_norms: shape {np.asarray(token_norms).shape}, expected ({len(ids)}, {L + 1}, N).")
+        write_table(run_dir / schema.TOKEN_NORMS_FILE, token_norms_table(ids, token_norms), schema.TOKEN_NORM_COLUMNS)
     manifest = {**manifest, "schema_version": schema.SCHEMA_VERSION, "metrics": present_metrics(arrays, summary),
                 "status": "complete"}
     manifest["timings"] = {**manifest.get("timings", {}), "tables": round(time.perf_counter() - start, 3)}

@@ -33,8 +33,13 @@ from analysis.metrics import importance  # (importance.partial_pruning: tests pa
 from analysis.metrics.head_sets import set_pruning
 from analysis.metrics.head_sets import pair_interactions
 from analysis.metrics.patch_maps import deletion_curves
+from analysis.metrics.direct import direct_arrays
+from analysis.metrics.paths import VIAS, eap_scores, head_paths
+from analysis.metrics.sinks import DEFAULT_FACTOR, check_factor, sink_arrays
 
 log = logging.getLogger(__name__)
+
+MAX_EXACT_EDGES = 64  # edges one "exact values" query computes (one partial forward each)
 
 
 def encode_array(a: np.ndarray) -> dict:
@@ -76,6 +81,11 @@ def patch_maps_payload(vit: ViT, image: torch.Tensor, label: int | None, stored:
             "units": {k: map_unit(k, vit.has_head) for k in maps},
             "agreement": {k: dict(zip(agreement.columns, json_floats(agreement.loc[k]))) for k in maps},
             "alignment": None if alignment is None else json_floats(alignment)}
+
+
+def run_factor(run: Run) -> float:
+    """The high-norm factor f the run's build recorded (its sink metrics use it), else the default 3."""
+    return float((run.manifest.get("params") or {}).get("high_norm_factor") or DEFAULT_FACTOR)
 
 
 class ResultCache:
@@ -333,3 +343,95 @@ class ModelService:
                     "curves": {name: g.sort_values("n")[metric].tolist() for name, g in df.groupby("map", sort=False)}}
 
         return self._query("deletion", run_dir, image_id, (baseline,), fingerprint, compute)
+
+    # ---- circuits and attention sinks (SPEC "Beyond the paper (v3)") -------------------------
+    def _stored(self, run: Run, image_id: int, name: str) -> np.ndarray | None:
+        """The run's values of image_head metric ``name`` for one image [L, H], None when it lacks them."""
+        if name not in run.metrics:
+            return None
+        row = np.flatnonzero(run.images.image_id.to_numpy() == int(image_id))
+        return None if not len(row) else run.dense(name)[row[0]]
+
+    def circuit(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
+        """One image's circuit pieces: every head's direct effect [L, H] (direct_logit of the class
+        y, or direct_emb for a backbone; the run's stored values when it has them, else computed now)
+        and, for a classifier, the APPROXIMATE path value of every edge by edge attribution patching,
+        one [L, H (receiver b), L, H (sender a)] array per via "q", "k", "v" (the qkv value is their
+        sum; 0 where the sender is not before the receiver): {"direct_name", "direct",
+        "direct_stored", "eap": {via: [[...]]} | None, "label" (y), "classifier", ...}. NaN -> None."""
+        run = self.run(run_dir, fingerprint)
+
+        def compute(vit, image, label):
+            label = label if vit.has_head else None
+            name = "direct_logit" if vit.has_head else "direct_emb"
+            direct = self._stored(run, image_id, name)
+            stored = direct is not None
+            if not stored:
+                direct = direct_arrays(vit, image[None], None if label is None else [label], total=False)[name][0]
+            eap, y = None, label
+            if vit.has_head:
+                scores, used = eap_scores(vit, image[None], None if label is None else [label])
+                eap, y = {via: json_floats(scores[0, i]) for i, via in enumerate("qkv")}, int(used[0])
+            return {"image_id": int(image_id), "classifier": bool(vit.has_head), "label": y,
+                    "direct_name": name, "direct": json_floats(direct), "direct_stored": stored, "eap": eap}
+
+        return self._query("circuit", run_dir, image_id, (), fingerprint, compute)
+
+    def circuit_exact(self, run_dir, image_id: int, edges: list, via: str = "qkv",
+                      fingerprint: str | None = None) -> dict:
+        """Exact path values (path patching) of up to MAX_EXACT_EDGES edges [[a_layer, a_head, b_layer,
+        b_head], ...] of one image: {"name": "path_logit" | "path_emb", "via", "rows": [[a_layer,
+        a_head, b_layer, b_head, value], ...]} (path_emb for a backbone, cosine distance)."""
+        if not 0 < len(edges) <= MAX_EXACT_EDGES:
+            raise InputError(f"Exact path values are computed for 1-{MAX_EXACT_EDGES} edges at a time (one "
+                             f"partial forward each); {len(edges)} were asked. Show fewer edges.")
+        if via not in VIAS:
+            raise InputError(f"Unknown via {via!r}: use one of {', '.join(VIAS)}.")
+        pairs = [((int(e[0]), int(e[1])), (int(e[2]), int(e[3]))) for e in edges]
+
+        def compute(vit, image, label):
+            df = head_paths(vit, image, label if vit.has_head else None, via=via, method="exact", edges=pairs)
+            name = df.columns[-1]
+            return {"image_id": int(image_id), "name": name, "via": via,
+                    "rows": [[int(r.a_layer), int(r.a_head), int(r.b_layer), int(r.b_head), float(getattr(r, name))]
+                             for r in df.itertuples()]}
+
+        return self._query("circuit_exact", run_dir, image_id, (json.dumps(pairs), via), fingerprint, compute)
+
+    def sinks(self, run_dir, image_id: int, factor: float | None = None, fingerprint: str | None = None) -> dict:
+        """One image's token norms [L + 1, N] (l = 0 block 0's input ... L after the last block, prefix
+        tokens first) with prefix_share and high_norm_share [L, H] and high_norm_count [L] for the
+        high-norm factor ``factor`` (None: the run's recorded f, else 3), computed in one forward:
+        {"norms", "prefix_share", "high_norm_share", "high_norm_count", "factor", "num_prefix_tokens",
+        "grid", ...}."""
+        run = self.run(run_dir, fingerprint)
+        factor = check_factor(factor if factor is not None else run_factor(run))
+        stored = self._stored_sinks(run, image_id) if factor == run_factor(run) else None
+        if stored is not None:
+            return {**stored, "factor": factor}
+
+        def compute(vit, image, label):
+            out = sink_arrays(vit, image[None], factor)
+            return {"image_id": int(image_id), "factor": factor, "num_prefix_tokens": vit.num_prefix_tokens,
+                    "grid": list(vit.grid), "norms": json_floats(out["token_norms"][0]),
+                    "prefix_share": json_floats(out["prefix_share"][0]),
+                    "high_norm_share": json_floats(out["high_norm_share"][0]),
+                    "high_norm_count": out["high_norm_count"][0].tolist(), "stored": False}
+
+        return self._query("sinks", run_dir, image_id, (factor,), fingerprint, compute)
+
+    def _stored_sinks(self, run: Run, image_id: int) -> dict | None:
+        """The sinks answer from the run's tables (its token norms and sink metrics, made with the run's
+        f), None when the run lacks them or the image."""
+        names = ("prefix_share", "high_norm_share", "high_norm_count")
+        if not (run.has_token_norms and all(n in run.metrics for n in names)):
+            return None
+        norms = run.token_norms(int(image_id))
+        shares = {n: self._stored(run, image_id, n) for n in names}
+        if norms is None or any(v is None for v in shares.values()):
+            return None
+        return {"image_id": int(image_id), "num_prefix_tokens": int(run.model.get("prefix_tokens", 0)),
+                "grid": [int(g) for g in run.model["grid"]], "norms": json_floats(norms),
+                "prefix_share": json_floats(shares["prefix_share"]),
+                "high_norm_share": json_floats(shares["high_norm_share"]),
+                "high_norm_count": [int(v) for v in shares["high_norm_count"][:, 0]], "stored": True}

@@ -314,3 +314,34 @@ def deletion_curves(run_dir, image_id: int, baseline: str = "mean") -> dict:
     """Deletion curves of the image's maps (occlusion's with ``baseline``): {"metric": "prob" |
     "emb_dist", "n": [...], "curves": {map: [value per n]}} (n = 0 is the unpruned output)."""
     return dict(_call("deletion_curves", run_dir, [*_image_id(image_id), _baseline(baseline)]))
+
+
+# ---- circuits and attention sinks (SPEC "Beyond the paper (v3)") ----------------------------
+def circuit(run_dir, image_id: int) -> dict:
+    """One image's direct effects and (classifiers) APPROXIMATE edge values by edge attribution
+    patching: {"direct_name", "direct": [[L x H]], "direct_stored", "eap": {"q"|"k"|"v": [L][H][L][H]
+    (receiver b, sender a)} | None, "label", "classifier"}; None = NaN."""
+    return dict(_call("circuit", run_dir, _image_id(image_id)))
+
+
+def circuit_exact(run_dir, image_id: int, edges, via: str = "qkv") -> dict:
+    """Exact path values of the edges [[a_layer, a_head, b_layer, b_head], ...] (1-64) of one image
+    with ``via`` in q, k, v, qkv: {"name": "path_logit" | "path_emb", "via", "rows": [[a_l, a_h, b_l, b_h,
+    value], ...]}."""
+    try:
+        edges = sorted({tuple(strict_int(v) for v in e) for e in edges})
+        if any(len(e) != 4 for e in edges):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OnlineError(f"Give edges as [a_layer, a_head, b_layer, b_head] integers, not {edges!r}.") from None
+    return dict(_call("circuit_exact", run_dir, [*_image_id(image_id), [list(e) for e in edges], str(via)]))
+
+
+def sinks(run_dir, image_id: int, factor: float | None = None) -> dict:
+    """One image's token norms [L + 1][N] (prefix tokens first) with prefix_share, high_norm_share
+    [L][H] and high_norm_count [L] for the high-norm factor ``factor`` (None: the run's)."""
+    try:
+        factor = None if factor is None else float(factor)
+    except (TypeError, ValueError):
+        raise OnlineError(f"The high-norm factor must be a number, not {factor!r}.") from None
+    return dict(_call("sinks", run_dir, [*_image_id(image_id), factor]))

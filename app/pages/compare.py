@@ -7,14 +7,17 @@
   whose rank changes most. Other runs are compared at the layer level only, and the page says why.
 - Runs on the same images (same data set fingerprint, or the same image paths): per-image scatter
   of one head's metric in the first run against the second.
-The head-level views use the first two selected runs.
+The head-level views use the first two selected runs. The runs and the metric are the view state's
+``runs`` and ``metric`` (app/state.py), so the URL ``/compare?runs=a,b&metric=prob_drop`` opens that
+comparison and a change on the page is written back to it (absent: the state's run and the next
+one, and the first of DEFAULT_METRICS that all compared runs have).
 """
 from __future__ import annotations
 
 import dash
 import dash_bootstrap_components as dbc
 import numpy as np
-from dash import Input, Output, State, callback, dcc, html
+from dash import Input, Output, Patch, State, callback, dcc, html, no_update
 
 from analysis.metrics import registry
 from analysis.metrics.patterns import PATTERN_METRICS
@@ -25,14 +28,15 @@ from app.views import GRAPH_CONFIG, load, message
 dash.register_page(__name__, path="/compare", name="Compare", title="HeadScope · Compare", order=3)
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+DEFAULT_METRICS = ("mean_distance_px", "strength_entropy")  # the first that all compared runs have
 
 
-def layout(runs: str | None = None, **_query):
+def layout(**_query):  # the runs and the metric come from the view state (the URL, parsed by the shell)
     return html.Div([
         html.H4("Compare runs", className="mt-2"),
         dbc.Row([
             dbc.Col(dbc.InputGroup([dbc.InputGroupText("runs"),
-                                    dcc.Dropdown(id="compare-runs", multi=True, value=_split(runs),
+                                    dcc.Dropdown(id="compare-runs", multi=True,
                                                  placeholder="choose two or more runs", style={"minWidth": "26rem"})],
                                    size="sm", className="flex-nowrap"), width="auto"),
             dbc.Col(dbc.InputGroup([dbc.InputGroupText("metric"),
@@ -55,11 +59,6 @@ def layout(runs: str | None = None, **_query):
         ], className="g-2 mt-2"),
         dcc.Graph(id="compare-scatter", config=GRAPH_CONFIG, style={"height": "380px"}),
     ], className="compare-page")
-
-
-def _split(runs: str | None) -> list[str] | None:
-    names = [r for r in (runs or "").split(",") if config.valid_name(r)]
-    return names or None
 
 
 # ---- comparisons (pure functions of run indexes) ------------------------------------------------
@@ -110,23 +109,23 @@ def scalar_metrics(index: data.RunIndex) -> list[str]:
     return index.importance + index.properties + index.run_level
 
 
-# ---- callbacks ---------------------------------------------------------------------------------
+# ---- the state: sel.runs / sel.metric <-> the two menus ------------------------------------------
 
-@callback(Output("compare-runs", "options"), Output("compare-runs", "value"), Input("sel", "data"),
-          State("compare-runs", "value"))
-def compare_runs(sel, current):
-    ok = [r["name"] for r in list_runs(config.cache_dir()) if r["error"] is None]
-    options = [{"label": r, "value": r} for r in ok]
-    if current:
-        return options, [r for r in current if r in ok]
+def openable_runs() -> list[str]:
+    return [r["name"] for r in list_runs(config.cache_dir()) if r["error"] is None]
+
+
+def shown_runs(sel: dict | None, ok: list[str]) -> list[str]:
+    """The runs the page compares: the state's runs that open, else the state's run and the next one."""
+    chosen = [r for r in (sel or {}).get("runs") or [] if r in ok]
+    if chosen:
+        return chosen
     first = (sel or {}).get("run")
-    chosen = ([first] if first in ok else []) + [r for r in ok if r != first]
-    return options, chosen[:2]
+    return (([first] if first in ok else []) + [r for r in ok if r != first])[:2]
 
 
-@callback(Output("compare-metric", "options"), Output("compare-metric", "value"), Input("compare-runs", "value"),
-          State("compare-metric", "value"))
-def compare_metric(runs, current):
+def metric_choice(runs) -> tuple[list[str], str | None]:
+    """(every scalar metric of the runs, the default: the first of DEFAULT_METRICS all of them have)."""
     indexes, _ = _indexes(runs)
     names = []
     for index in indexes:
@@ -134,8 +133,43 @@ def compare_metric(runs, current):
     if not names:
         return [], None
     shared = [m for m in names if all(m in scalar_metrics(i) for i in indexes)]
-    default = next((m for m in ("mean_distance_px", "strength_entropy") if m in shared), (shared or names)[0])
-    return data.metric_options(names), current if current in names else default
+    return names, next((m for m in DEFAULT_METRICS if m in shared), (shared or names)[0])
+
+
+def shown_metric(sel: dict | None, names: list[str], default: str | None) -> str | None:
+    """The state's metric when the compared runs have it, else the default."""
+    return (sel or {}).get("metric") if (sel or {}).get("metric") in names else default
+
+
+@callback(Output("compare-runs", "options"), Output("compare-runs", "value"), Input("sel", "data"),
+          State("compare-runs", "value"))
+def compare_runs(sel, current):
+    ok = openable_runs()
+    value = shown_runs(sel, ok)
+    return [{"label": r, "value": r} for r in ok], no_update if value == current else value
+
+
+@callback(Output("compare-metric", "options"), Output("compare-metric", "value"), Input("compare-runs", "value"),
+          Input("sel", "data"), State("compare-metric", "value"))
+def compare_metric(runs, sel, current):
+    names, default = metric_choice(runs)
+    value = shown_metric(sel, names, default)
+    return data.metric_options(names), no_update if value == current else value
+
+
+@callback(Output("sel", "data", allow_duplicate=True), Input("compare-runs", "value"),
+          Input("compare-metric", "value"), State("sel", "data"), prevent_initial_call=True)
+def write_state(runs, metric, sel):
+    """The runs and metric shown, written to the state (and so to the URL) when they are not what
+    the state already means: a change made on the page, never the defaults the page opened with."""
+    if not runs:
+        return no_update
+    p, changed = Patch(), False
+    if runs != shown_runs(sel, openable_runs()):
+        p["runs"], changed = list(runs), True
+    if metric is not None and metric != shown_metric(sel, *metric_choice(runs)):
+        p["metric"], changed = metric, True
+    return p if changed else no_update
 
 
 @callback(Output("compare-profiles", "figure"), Output("compare-diff", "figure"), Output("compare-ranks", "children"),

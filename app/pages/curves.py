@@ -1,9 +1,13 @@
 """Curves: the run's cumulative pruning curves (SPEC "Several heads at once"): top-1 accuracy and
 mean P(true) (mean emb_dist for a backbone) against the number of heads pruned, least important
 first, for the exact, taylor and random orders (random: mean and range over the seeds), with the
-area under each curve and how many heads can go before accuracy drops by 1 point. Built by
-``scripts/build_cache.py --curves`` (analysis.runs.head_stages)."""
+area under each curve and how many heads can go before accuracy drops by 1 point, with what bounds
+that count (``drop_limits``: the k grid it is read on, the number of images accuracy is measured on).
+Built by ``scripts/build_cache.py --curves`` (analysis.runs.head_stages)."""
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import dash
 import dash_bootstrap_components as dbc
@@ -20,6 +24,7 @@ dash.register_page(__name__, path="/curves", name="Curves", title="HeadScope · 
 ORDER_STYLE = {"exact": ("exact (leave-one-out)", F.MEAN_BLUE), "taylor": ("taylor (approximate)", F.OKABE_ITO[0]),
                "random": ("random", F.GREY)}
 COLUMNS = {"accuracy": "top-1 accuracy", "mean_prob": "mean P(true)", "mean_emb_dist": "mean emb. cos. dist."}
+DROP = 0.01  # "a 1-point drop" of accuracy (heads_before_drop's default)
 
 
 def layout(**_query):
@@ -106,6 +111,53 @@ def summary_rows(curve: pd.DataFrame, column: str, total: int, classifier: bool)
     return rows
 
 
+def drop_bracket(curve: pd.DataFrame) -> tuple[int, int | None]:
+    """(k*, the grid's next k after it, or None when k* is its last) for one curve (one order, one
+    seed): k* = heads_before_drop, the last grid k with accuracy within DROP of k = 0 at every grid k
+    up to it; at the next grid k it is not, so the first drop lies in k* + 1 .. next."""
+    last = heads_before_drop(curve, "accuracy", DROP)
+    later = sorted(int(k) for k in curve["k"] if k > last)
+    return last, (later[0] if later else None)
+
+
+def drop_limits(curve: pd.DataFrame, images: int, total: int) -> list[str]:
+    """What bounds "heads before accuracy drops by 1 point" in this run, one sentence each: the k grid
+    (accuracy is measured only at its k: the first drop lies between two of them, or beyond the last)
+    and the image count (accuracy moves in steps of 1 / images: below 100 images one image is more
+    than a point, so the count ends at the first image lost)."""
+    steps = sorted(int(k) for k in curve["k"].unique())
+    out = [f"k grid: accuracy is measured only at k = {', '.join(map(str, steps))}; each count is the last of "
+           "these k before the drop."]
+    for order, (name, _) in ORDER_STYLE.items():
+        g = curve[curve.order == order]
+        if g.empty:
+            continue
+        brackets = Counter(drop_bracket(s) for _, s in g.groupby(g.seed.fillna(-1)))
+        seeds = (lambda n: f" ({n} seed{'s' if n > 1 else ''})") if g.seed.notna().any() else (lambda n: "")
+        within = sorted((k, nxt, n) for (k, nxt), n in brackets.items() if nxt is not None)
+        if within:
+            out.append(f"{name}: the first 1-point drop lies between k = "
+                       + "; ".join(f"{k} and {nxt}{seeds(n)}" for k, nxt, n in within)
+                       + ": one head at a time, at most " + ", ".join(str(nxt - 1) for _, nxt, _ in within)
+                       + " heads could go (" + ", ".join(str(k) for k, _, _ in within)
+                       + " or more unless accuracy dips between grid points).")
+        beyond = sum(n for (k, nxt), n in brackets.items() if nxt is None)
+        if beyond:
+            last = steps[-1]
+            out.append(f"{name}: no 1-point drop at any k of the grid up to its last, k = {last}{seeds(beyond)}"
+                       + (" (every head pruned)." if last >= total else f": the drop, if any, is beyond k = {last}."))
+    allowed = math.floor(DROP * images + 1e-9)
+    if images and allowed < 1:
+        out.append(f"image-limited: accuracy is measured on {images} labelled images, so it moves in steps of "
+                   f"{100 / images:.3g} points: one image lost is already more than a 1-point drop, and the count "
+                   "ends at the first image that the pruning turns wrong (net). Build with more --curve-images "
+                   "(100 or more for a 1-point resolution).")
+    elif images:
+        out.append(f"1 point of accuracy = {allowed} of the {images} labelled images (steps of {100 / images:.3g} "
+                   "points).")
+    return out
+
+
 @callback(Output("curves-graph", "figure"), Output("curves-table", "children"), Output("curves-msg", "children"),
           Input("sel", "data"), Input("curves-metric", "value"))
 def curves_view(sel, column):
@@ -126,4 +178,7 @@ def curves_view(sel, column):
                   "heads before a 1-point drop: the largest k of the grid with accuracy still within 0.01 of the "
                   "unpruned model's at every step up to it (random: mean and range over the seeds).",
                   className="small text-muted")
-    return curves_figure(curve, column, total), [table, note], None
+    limits = (html.Ul([html.Li(t) for t in drop_limits(curve, int(entry.get("images") or 0), total)],
+                      id="curves-limits", className="small text-muted")
+              if is_classifier(index) else None)
+    return curves_figure(curve, column, total), [table, note, limits], None

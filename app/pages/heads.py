@@ -35,6 +35,9 @@ def layout(**_query):
         html.P(["Mean and standard deviation over all images of the run (head_summary). Click a cell to select "
                 "the head, then open the ", dcc.Link("Explorer", href="/", id="heads-explorer-link"), "."],
                className="text-muted small"),
+        html.H5("Direct vs total effect", className="mt-3"),
+        html.Div(id="heads-effects-msg"),
+        dcc.Graph(id="heads-effects", config=GRAPH_CONFIG, style={"height": "420px"}),
         dbc.Row([
             dbc.Col([html.H5("Zero vs mean ablation", className="mt-3"), html.Div(id="heads-shift")], lg=6),
             dbc.Col([html.H5("Taylor estimate vs exact pruning", className="mt-3"), html.Div(id="heads-agreement")],
@@ -54,7 +57,8 @@ def layout(**_query):
         ]),
         html.Div(id="heads-class-msg"),
         dbc.Row([
-            dbc.Col(dcc.Graph(id="heads-class-map", config=GRAPH_CONFIG, style={"height": "420px"}), lg=8),
+            dbc.Col(html.Div(dcc.Graph(id="heads-class-map", config=GRAPH_CONFIG, style={"height": "420px"}),
+                             className="heads-class-scroll"), lg=8),
             dbc.Col(html.Div(id="heads-specificity", className="heads-table"), lg=4),
         ]),
     ])
@@ -130,6 +134,87 @@ def heads_select(click):
     pt = click["points"][0]
     p = Patch()
     p["layer"], p["head"] = int(pt["y"]), int(pt["x"])
+    return p
+
+
+# ---- direct vs total effect (SPEC "Beyond the paper (v3)": direct effect) ----------------------
+EFFECT_REGIONS = {  # by the angle of (total, direct) in [0, 180) degrees: which line the head lies nearest
+    "through later heads": "#E69F00",  # near direct = 0: a total effect, no direct one
+    "acts directly": "#0072B2",        # near direct = total
+    "cancels": "#CC79A7",              # near total = 0 or of opposite sign: later heads undo its direct effect
+}
+
+
+def effect_regions(total: np.ndarray, direct: np.ndarray) -> np.ndarray:
+    """Each head's region (EFFECT_REGIONS) from its run-mean total and direct effect [n]: by the angle
+    a of (total, direct) folded into [0, 180) degrees: a < 22.5 or >= 157.5 "through later heads",
+    22.5 <= a < 67.5 "acts directly", else "cancels"."""
+    a = np.degrees(np.arctan2(direct, total)) % 180.0
+    names = np.array(list(EFFECT_REGIONS), dtype=object)
+    return np.where((a < 22.5) | (a >= 157.5), names[0], np.where(a < 67.5, names[1], names[2]))
+
+
+def effects_figure(total: np.ndarray, direct: np.ndarray, H: int, selected=None) -> dict:
+    """Run-mean direct effect (y) vs total effect (x) per head [L*H], coloured by region (named in
+    the legend), the lines direct = total, direct = 0 and total = 0 drawn; customdata [layer, head]."""
+    regions = effect_regions(total, direct)
+    idx = np.arange(len(total))
+    data = []
+    for name, colour in EFFECT_REGIONS.items():
+        i = idx[(regions == name) & np.isfinite(total) & np.isfinite(direct)]
+        data.append({"type": "scatter", "mode": "markers", "name": name, "x": total[i].tolist(),
+                     "y": direct[i].tolist(), "customdata": [[int(k // H), int(k % H)] for k in i],
+                     "text": [f"L{k // H}H{k % H} · {name}<br>total (logit_drop) {total[k]:.4g}<br>direct "
+                              f"(direct_logit) {direct[k]:.4g}<br>indirect {total[k] - direct[k]:.4g}" for k in i],
+                     "hovertemplate": "%{text}<extra></extra>", "marker": {"size": 8, "color": colour}})
+    if selected is not None:
+        k = selected[0] * H + selected[1]
+        data.append(F.selected_ring(float(total[k]), float(direct[k])))
+    finite = np.concatenate([total[np.isfinite(total)], direct[np.isfinite(direct)], [0.0]])
+    lim = float(np.abs(finite).max()) * 1.05 or 1.0
+    line = lambda x0, y0, x1, y1: {"type": "line", "x0": x0, "y0": y0, "x1": x1, "y1": y1, "layer": "below",
+                                   "line": {"color": "#bbb", "width": 1, "dash": "dot"}}
+    lay = F.layout("run mean per head: direct effect vs total effect (logit units)", showlegend=True,
+                   legend={"title": {"text": "the head"}},
+                   shapes=[line(-lim, -lim, lim, lim), line(-lim, 0, lim, 0), line(0, -lim, 0, lim)],
+                   xaxis=F.axis("total effect: run mean of logit_drop", range=[-lim, lim], zeroline=False),
+                   yaxis=F.axis("direct effect: run mean of direct_logit", range=[-lim, lim], zeroline=False))
+    return {"data": data, "layout": lay}
+
+
+@callback(Output("heads-effects", "figure"), Output("heads-effects-msg", "children"), Input("sel", "data"))
+def heads_effects(sel):
+    """The direct vs total scatter, or what the run lacks and how to add it."""
+    index, err = load(sel)
+    if index is None:
+        return F.empty(err or "No run"), None
+    if not index.has_classifier:
+        return F.empty(""), message("This run's model is a backbone: its direct effect (direct_emb, a share of the "
+                                    "embedding) has no total effect in the same units, so there is no scatter. "
+                                    "See direct_emb in the metric menu above.", "info")
+    lacking = [n for n in ("direct_logit", "logit_drop") if not index.has(n)]
+    if lacking:
+        return F.empty(""), message(index.run.lacks(lacking[0]) + " The image stage computes direct_logit, "
+                                    "logit_drop and indirect_logit by default.", "info")
+    head = index.head_index((sel or {}).get("layer"), (sel or {}).get("head"))
+    selected = None if head is None else (int(sel["layer"]), int(sel["head"]))
+    fig = effects_figure(index.summary("logit_drop")[0], index.summary("direct_logit")[0], index.H, selected)
+    note = html.P("Each head's run-mean total effect (logit_drop: the true-class logit lost when the head is "
+                  "pruned) against its direct effect (direct_logit: what it writes straight into that logit, "
+                  "norm scales frozen). On the diagonal it acts directly; on the x axis it acts through later "
+                  "heads; near the y axis or opposite in sign, later heads cancel what it writes. Click a head "
+                  "to select it.", className="small text-muted mb-1")
+    return fig, note
+
+
+@callback(Output("sel", "data", allow_duplicate=True), Input("heads-effects", "clickData"), prevent_initial_call=True)
+def heads_effects_select(click):
+    """A click on a head of the scatter selects it."""
+    cd = ((click or {}).get("points") or [{}])[0].get("customdata")
+    if not (isinstance(cd, list) and len(cd) == 2):
+        return no_update
+    p = Patch()
+    p["layer"], p["head"] = int(cd[0]), int(cd[1])
     return p
 
 
@@ -243,6 +328,17 @@ def heads_patterns(sel):
 
 
 # ---- class level: class x head heatmap and class specificity ---------------------------------
+CLASS_MAP_HEAD_PX = 14   # the class heatmap's width per head column: a label for every head
+CLASS_MAP_FRAME_PX = 280  # its class names, colour bar and margins
+
+
+@callback(Output("heads-class-map", "style"), Input("sel", "data"))
+def heads_class_size(sel):
+    """The class heatmap as wide as its L*H head columns need to be labelled (scrolls sideways in its column)."""
+    index, _ = load(sel)
+    heads = 0 if index is None else index.L * index.H
+    return {"height": "420px", "width": f"max(100%, {CLASS_MAP_FRAME_PX + CLASS_MAP_HEAD_PX * heads}px)"}
+
 
 @callback(Output("heads-class-metric", "options"), Output("heads-class-metric", "value"), Input("sel", "data"),
           State("heads-class-metric", "value"))
@@ -306,7 +402,8 @@ def heads_class_view(sel, metric, images):
                      "colorbar": {"title": {"text": "class mean"}, "thickness": 10},
                      "hovertemplate": "%{y}<br>%{x}<br>mean %{z:.4g}, %{customdata}<extra></extra>"}],
            "layout": F.layout(f"class mean of {m.title}" + ("" if images == "all" else f" · {IMAGES[images]} images"),
-                              xaxis=F.axis("head (L layer H head)", type="category"),
+                              xaxis=F.axis("head (L layer H head)", type="category", dtick=1, tickangle=-90,
+                                           tickfont={"size": 9}),
                               yaxis=F.axis("class", type="category", autorange="reversed"))}
     order = np.argsort(-np.where(np.isfinite(spec), spec, -np.inf).reshape(-1), kind="stable")[:20]
     flat_spec, flat_best = spec.reshape(-1), best.reshape(-1)

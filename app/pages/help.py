@@ -39,6 +39,8 @@ updates all the others; the selection is kept in the page address, so you can sh
 | **D3** Two-axis view | source tokens on top, target tokens below, a segment per attention value above the threshold |
 | **D4** Heatmap | the attention matrix; the CLS row and column are drawn wider |
 | **D5** Histogram | all $N^2$ attention values and the top-$q$ threshold used by D3 and D4 |
+| **circuit** (switch over D3) | the selected image's circuit: heads by layer, edges $a \to b$ by their path value, nodes by direct effect (see *Head-to-head paths and circuits*) |
+| **sinks** (switch over D3) | the selected image's token norms across layers, its high-norm tokens over the image, the selected head's prefix_share and high_norm_share |
 | **D6** Saliency (switch over D3) | which patches matter for the prediction: occlusion, token drop, attention rollout and gradient rollout maps over the image, how much they agree (Spearman), and their deletion curves; computed online while shown, at once for runs built with `--patch-maps` |
 
 Colours: blue = attention that involves the CLS token, orange = patch-to-patch attention, darker =
@@ -70,6 +72,44 @@ A **pruning mode** is a set of regions to remove. The eight modes:
 Modes 0–5 are the paper's Fig. 4; 6 and 7 complete the set.
 
 {metrics}
+
+## Head-to-head paths and circuits
+A head can matter directly (what it writes is read by the classifier) or through later heads. For heads
+$a = (i, h_a)$ and $b = (j, h_b)$ with $i < j$, "$b$ reads without $a$" means head $b$'s query, key and value are
+computed from $\mathrm{norm1}_j(x_j - c_a)$ (block $j$'s input minus what $a$ wrote), while every other head and
+module of block $j$ reads the clean $x_j$; blocks $j..L-1$ are then recomputed.
+* **path_logit** (exact, path patching; logit units) — $\mathrm{logit}_y(x) - \mathrm{logit}_y(x \mid b \text{ reads
+  without } a)$: how much of the true class's logit flows from $a$ through $b$. Positive: $a$ helps the class through
+  $b$. One partial forward per edge. **path_emb** (backbones): the cosine distance of the pooled embeddings instead.
+* **Q / K / V** — $b$ reads without $a$ only in its query (which tokens it looks from), its key (which tokens it
+  looks at) or its value (what it copies): the Q-, K- and V-composition of Elhage et al. 2021. **QKV**: all three at once.
+* **path_logit_eap** (**approximate**, edge attribution patching, Syed et al. 2023; classifiers) —
+  $\sum_{\text{tokens}} \langle g_b, c_a \rangle$ with $g_b = \partial\,\mathrm{logit}_y / \partial$ (the copy of $x_j$ only
+  $b$ reads) at the clean point; for Q, K or V the copy only $b$'s query, key or value reads, and QKV the sum of the
+  three. One forward and one backward give every edge of an image. *When it misleads:* it is the first-order
+  (linear) term of path_logit. Removing $c_a$ is not a small change when $a$ writes a lot, and the attention's
+  softmax and the norms bend the response: edges can be mis-ranked or even change sign. The build's circuits stage
+  reports its Spearman agreement with the exact values over each sampled image's edges (median and quartiles); the
+  circuit view's "exact values for the shown edges" replaces the estimates by path patching, and every edge label says
+  which it is.
+* **Circuit** of an image — the graph of heads and the logit (a backbone: the embedding) with edges $a \to b$
+  weighted by the path value and $a \to$ logit by direct_logit. The circuit view draws the $k$ edges with the largest
+  |value| (at least the threshold), width by |value|, blue positive, red negative; the **run mean** is the mean of
+  path_logit_eap over the run's images (the build's `--circuits` stage).
+* **Direct vs total (Heads page)** — each head's run-mean logit_drop (x, total) against its run-mean direct_logit
+  (y). By the angle $\alpha$ of the point (total, direct), folded into $[0°, 180°)$: within 22.5° of the x axis
+  (direct ≈ 0) the head acts **through later heads**; within 22.5° of the diagonal (direct ≈ total) it **acts
+  directly**; otherwise (near the y axis, or direct and total of opposite sign) later blocks **cancel** what it
+  writes. The split is a reading aid, not a test.
+
+## Token norms and attention sinks
+* **Token norm** — $n[x, l, t] = \lVert x_l[t] \rVert_2$, the L2 norm of token $t$ in block $l$'s input stream
+  ($l = 0..L$; $l = L$ is the stream after the last block, before the final norm). The sinks view draws
+  $n$ as layers × tokens (prefix tokens first) and one block's patch-token norms over the image.
+* **High-norm tokens** use a factor $f$ (the run's, 3 by default, changeable in the sinks view): patch
+  tokens above $f$ × the median patch-token norm of that block. *When it misleads:* $f$ is a convention; a token just
+  under the line is not different in kind, and a model whose norms grow smoothly has none at any sensible $f$ while
+  its heads may still attend to the largest ones. Read the heatmap, not only the marks.
 
 ## Several heads at once
 
@@ -142,6 +182,20 @@ The **hop distance** between patches $(r_1, c_1)$ and $(r_2, c_2)$ is $\max(|r_1
 8 patches around a patch are 1 hop away, the ring around those 2 hops, and so on.
 """, ""),
     "semantic": ("Semantic concentration", "", ""),
+    "direct": ("Direct and total effect", r"""
+The stream after the last block is the sum of what every piece wrote (embedding, each head's $c_{l,h}$, output
+biases, MLPs); the read-out with its norm scales frozen is affine, so each piece's **direct** effect is its own term.
+The **total** effect (logit_drop) re-runs the network without the head.
+""", r"""
+*When they mislead:* the direct effect holds every norm's $1/\sigma$ at its clean value, so a head that matters by
+changing the stream's scale shows up as indirect; zero ablation (pruning) removes the head's mean output too, so the
+total effect includes "being off-distribution". Compare with mean ablation on the Heads page when the run has it.
+"""),
+    "sinks": ("Attention sinks", r"""
+Heads often park attention on tokens without image content: the CLS or register tokens, or a few background patches
+whose stream norm grows far above the others (Darcet et al. 2024). The token norms behind these are described in
+*Token norms and attention sinks* above.
+""", ""),
 }
 
 

@@ -5,4 +5,4 @@ is the paper's D3-D5 (the Explorer's own); every other key is a module here whos
 Explorer lays out in ``html.Div(id="d-<key>")``, shown while the switch ``d-panel`` names it. A
 panel's callbacks take ``d-panel`` as State or Input so that a hidden panel costs no request.
 """
-D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency"}
+D_PANELS = {"pattern": "D3–D5 pattern", "saliency": "D6 saliency", "circuit": "circuit", "sinks": "sinks"}

@@ -4,9 +4,11 @@
   box), held in the view state (``sel["heads"]``, the URL's ``heads=layer:head,...``) and pruned all
   at once on the selected image (online: ``transport.head_set``): prob / prob_drop / jsd /
   emb_dist and the top-5 under the whole set next to the selected head's alone.
-* Pair interactions: the image's ``k`` most important heads by the chosen metric and the SPEC
-  interaction ``m({a,b}) - m({a}) - m({b})`` of every pair (``transport.pair_interactions``), a
-  heatmap with the single-head values on its margin; a click on a cell makes that pair the set.
+* Pair interactions: the image's ``k`` most important heads by the chosen metric, or the current
+  head set, and the SPEC interaction ``m({a,b}) - m({a}) - m({b})`` of every pair
+  (``transport.pair_interactions``), a heatmap with the single-head values on its margin, as tall as
+  its rows need to be labelled; a click on a cell makes that pair the set (top-k heads only: the
+  set's own heatmap would shrink to the pair).
 * B1 overlays: the Taylor estimate (approximate) on the exact prob_drop, and the mean-ablated
   metric next to the zero-ablated one, when the run has them.
 
@@ -29,6 +31,7 @@ from app import data, figures as F
 from app.views import graph, load, loading, message
 
 DEFAULT_K = 8
+PAIRS_FROM = {"top": "the image's top", "set": "the head set"}  # whose pairs the heatmap shows
 VIEWS = {"b23": "B2/B3 · one head", "set": "head set", "pairs": "pairs"}
 HEIGHT = 168  # the height of the B2/B3 row it shares
 ZERO_MEAN = {m: f"mean_{m}" for m in SET_METRICS}  # zero-ablated metric -> its mean-ablated twin
@@ -64,10 +67,11 @@ def bottom(b23, query: dict) -> html.Div:
         dbc.Col(loading([graph("hs-top5", HEIGHT - 8)]), width=6),
     ], className="g-1", id="hs-set-panel", style=show("set"))
     pairs_panel = html.Div([
-        html.Div([html.Span("the image's", className="small"),
+        html.Div([dbc.RadioItems(id="hs-pairs-from", options=[{"label": v, "value": k} for k, v in PAIRS_FROM.items()],
+                                 value="top", inline=True, className="small toggle"),
                   dbc.Input(id="hs-k", type="number", min=2, max=MAX_PAIR_HEADS, step=1, value=DEFAULT_K, size="sm",
                             debounce=True, className="hs-k"),
-                  html.Span("most important heads by the metric · click a cell: that pair becomes the set",
+                  html.Span("most important heads by the metric (click a cell: that pair becomes the set)",
                             className="small text-muted")], className="d-flex align-items-center gap-1"),
         loading([html.Div(id="hs-pairs-msg"), graph("hs-pairs-graph", HEIGHT - 28)]),
     ], id="hs-pairs-panel", style=show("pairs"))
@@ -77,21 +81,35 @@ def bottom(b23, query: dict) -> html.Div:
 
 
 def b1_extras(index: data.RunIndex, metric: str, pos: int | None, overlay, heads) -> dict:
-    """F.head_importance's ``overlays`` and ``pinned`` for B1: the Taylor estimate over prob_drop,
-    the other ablation of the metric (mean vs zero), of the image (or the run mean)."""
+    """F.head_importance's ``overlays``, ``overlay_notes`` and ``pinned`` for B1: the Taylor estimate
+    over prob_drop, the other ablation of the metric (mean vs zero), of the image (or the run mean);
+    an overlay that is ticked but cannot be drawn for ``metric`` on this run says why instead."""
     def curve(name):
         return index.values(name)[pos] if pos is not None else index.summary(name)[0]
 
-    overlays = []
-    if "taylor" in (overlay or []) and metric == "prob_drop" and "taylor_prob_drop" in index.importance:
-        overlays.append(("taylor", "Taylor estimate (approx.)", curve("taylor_prob_drop")))
+    overlays, notes = [], []
+    if "taylor" in (overlay or []):
+        if metric != "prob_drop":
+            notes.append(f"Taylor (approx.) estimates prob_drop only: choose prob_drop as B1's metric "
+                         f"(now {metric}) to see it.")
+        elif "taylor_prob_drop" not in index.importance:
+            notes.append(f"Taylor (approx.): run {index.name} has no Taylor estimate; build it with "
+                         "python scripts/build_cache.py --taylor.")
+        else:
+            overlays.append(("taylor", "Taylor estimate (approx.)", curve("taylor_prob_drop")))
     if "mean" in (overlay or []):
         zero = metric[5:] if metric.startswith("mean_") else metric
         twin = ZERO_MEAN.get(zero)
         other = zero if metric.startswith("mean_") else twin
-        if twin in index.importance and other in index.importance:
+        if twin is None:
+            notes.append(f"mean abl.: {metric} has no mean-ablated twin; choose one of "
+                         f"{', '.join(SET_METRICS)} (or its mean_ version) as B1's metric.")
+        elif not (twin in index.importance and other in index.importance):
+            notes.append(f"mean abl.: run {index.name} has no {twin}; build it with "
+                         "python scripts/build_cache.py --mean-ablation.")
+        else:
             overlays.append(("mean", "zero ablation" if other == zero else "mean ablation", curve(other)))
-    return {"overlays": overlays, "pinned": [tuple(h) for h in heads or []]}
+    return {"overlays": overlays, "overlay_notes": notes, "pinned": [tuple(h) for h in heads or []]}
 
 
 _CALLBACKS: list = []
@@ -181,8 +199,8 @@ def _heads(sel: dict) -> list[list[int]]:
 @_deferred(Output("sel", "data", allow_duplicate=True), Output("hs-view", "value"),
           Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"), Input("hs-set", "value"),
           Input("hs-shift", "data"), Input("hs-pairs-graph", "clickData"), State("sel", "data"),
-          prevent_initial_call=True)
-def edit_set(pin, _clear, typed, shift, pair_click, sel):
+          State("hs-pairs-from", "value"), prevent_initial_call=True)
+def edit_set(pin, _clear, typed, shift, pair_click, sel, pairs_from):
     """Every change of the head set: pin / shift-click toggle a head, the chip box's × removes one,
     "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set.
     A call that names several inputs as changed is no edit: Dash makes it when the page renders and
@@ -201,7 +219,7 @@ def edit_set(pin, _clear, typed, shift, pair_click, sel):
         heads = []
     elif trig == "hs-set":
         heads = [[int(p) for p in v.split(":")] for v in typed or []]
-    elif trig == "hs-pairs-graph" and pair_click and pair_click.get("points"):
+    elif trig == "hs-pairs-graph" and pairs_from != "set" and pair_click and pair_click.get("points"):
         heads = _pair_cell(pair_click["points"][0])
         if heads is None:
             return no_update, no_update
@@ -315,30 +333,46 @@ def pair_metric(index: data.RunIndex, metric: str, pos: int) -> str:
     return "emb_dist" if "emb_dist" in metric or not labelled else "prob_drop"
 
 
-@_deferred(Output("hs-pairs-graph", "figure"), Output("hs-pairs-msg", "children"),
-          Input("hs-pairs-key", "data"), Input("hs-k", "value"), State("hs-view", "value"), State("sel", "data"))
-def view_pairs(_key, k, view, sel):
-    """The pair-interaction heatmap of the image's top-k heads (computed while the panel shows)."""
+@_deferred(Output("hs-pairs-graph", "figure"), Output("hs-pairs-msg", "children"), Output("hs-pairs-graph", "style"),
+          Output("hs-k", "disabled"), Input("hs-pairs-key", "data"), Input("hs-k", "value"),
+          Input("hs-pairs-from", "value"), State("hs-view", "value"), State("sel", "data"))
+def view_pairs(_key, k, pairs_from, view, sel):
+    """The pair-interaction heatmap of the image's top-k heads or of the head set (computed while
+    the panel shows), the graph as tall as its rows need to be labelled."""
     if view != "pairs":
-        return no_update, no_update
+        return no_update, no_update, no_update, no_update
+    from_set = pairs_from == "set"
+    fig, msg, heads = _pairs(sel, k, from_set)
+    return fig, msg, {"height": f"{F.pair_heatmap_height(len(heads), HEIGHT - 28)}px"}, from_set
+
+
+def _pairs(sel: dict, k, from_set: bool) -> tuple[dict, object, list]:
+    """(figure, message, heads shown) of the pairs panel."""
     index, err = load(sel)
     if index is None:
-        return F.empty(err or "No run"), None
+        return F.empty(err or "No run"), None, []
     pos = index.pos(sel.get("image"))
     if pos is None or not index.importance:
-        return F.empty("Select an image in A."), None
+        return F.empty("Select an image in A."), None, []
     metric = sel.get("metric") if sel.get("metric") in index.importance else index.importance[0]
-    k = int(min(max(k or DEFAULT_K, 2), MAX_PAIR_HEADS, index.L * index.H))
-    heads = top_heads(index, metric, pos, k)
+    if from_set:
+        heads = [tuple(h) for h in _heads(sel)]
+        if not 2 <= len(heads) <= MAX_PAIR_HEADS:
+            return F.empty(f"The head set has {len(heads)} head(s): pin 2 to {MAX_PAIR_HEADS} heads to see their "
+                           "pairs (or choose the image's top heads)."), None, []
+    else:
+        k = int(min(max(k or DEFAULT_K, 2), MAX_PAIR_HEADS, index.L * index.H))
+        heads = top_heads(index, metric, pos, k)
+    k = len(heads)
     what = pair_metric(index, metric, pos)
     try:
         rows = data.pair_interactions(index.name, int(index.image_ids[pos]), heads, what)["rows"]
     except (OnlineError, HeadScopeError) as err:
-        return F.empty("Pair interactions unavailable."), message(str(err), "danger")
+        return F.empty("Pair interactions unavailable."), message(str(err), "danger"), []
     at = {h: i for i, h in enumerate(heads)}
     M, single = np.full((k, k), np.nan), np.full(k, np.nan)
     for r in rows:
         i, j = at[(r["a_layer"], r["a_head"])], at[(r["b_layer"], r["b_head"])]
         M[i, j] = M[j, i] = r["interaction"]
         single[i], single[j] = r["single_a"], r["single_b"]
-    return F.pair_heatmap(heads, M, single, registry.get_metric(what).label, current=_heads(sel)), None
+    return F.pair_heatmap(heads, M, single, registry.get_metric(what).label, current=_heads(sel)), None, heads

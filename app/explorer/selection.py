@@ -1,0 +1,95 @@
+"""What the view state selects in a run, shared by the Explorer's views: the image and head, the
+set and scope of images, the metric, the pruning mode, and the online results of the selected
+(image, head), which the service computes once for every view that asks."""
+from __future__ import annotations
+
+import dash
+import numpy as np
+from dash import ctx
+
+from analysis.metrics import registry
+from analysis.models.pruning import MODE_LABELS
+
+from app import data
+
+SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
+
+
+def selection(index: data.RunIndex, sel: dict):
+    """(image position or None, (layer, head) or None) of the selection, validated against the run."""
+    pos = index.pos(sel.get("image"))
+    hi = index.head_index(sel.get("layer"), sel.get("head"))
+    return pos, (None if hi is None else (int(sel["layer"]), int(sel["head"])))
+
+
+def set_positions(index: data.RunIndex, sel: dict) -> np.ndarray | None:
+    """Positions of the selected set's images in the run (None when there is no set)."""
+    ids = sel.get("set") or []
+    pos = [p for p in (index.pos(i) for i in ids) if p is not None]
+    return np.asarray(sorted(pos), int) if pos else None
+
+
+def scope_subset(index: data.RunIndex, sel: dict) -> tuple[np.ndarray, str] | None:
+    """(positions, name) of the selected image's class or of the mispredicted images when the
+    state's ``scope`` asks for one and the run can answer it; else None."""
+    imgs, scope = index.images, sel.get("scope")
+    if scope == "class" and sel.get("image") is not None and index.pos(sel["image"]) is not None:
+        label = imgs["label"].iat[index.pos(sel["image"])]
+        return np.flatnonzero((imgs["label"] == label).to_numpy()), f"class {index.class_name(label)}"
+    if scope == "wrong" and index.has_classifier:
+        return np.flatnonzero((imgs["pred"] != imgs["label"]).to_numpy()), "mispredicted"
+    return None
+
+
+def scope_positions(index: data.RunIndex, sel: dict) -> tuple[np.ndarray | None, str]:
+    """(positions, name) of the images B1's band, C3's second area and D1's selected head are
+    restricted to: the scope's subset (``scope_subset``), else the lasso set (None: no set)."""
+    return scope_subset(index, sel) or (set_positions(index, sel), "the set")
+
+
+def chosen_metric(index: data.RunIndex, sel: dict) -> str | None:
+    """The chosen importance metric, or the run's default (prob; emb_dist for a backbone, as view A uses)."""
+    if not index.importance:
+        return None
+    if sel.get("metric") in index.importance:
+        return sel["metric"]
+    return next((m for m in ("prob", "emb_dist") if m in index.importance), index.importance[0])
+
+
+def pruning_mode(sel: dict) -> int:
+    """The pruning mode B3 shows (index into MODE_LABELS; 1 by default)."""
+    m = sel.get("mode")
+    return int(m) if m is not None and 0 <= int(m) < len(MODE_LABELS) else 1
+
+
+def triggered():
+    """The id of the input that triggered the running callback (None outside one, e.g. the report)."""
+    try:
+        return ctx.triggered_id
+    except Exception:
+        return None
+
+
+def image_caption(index: data.RunIndex, pos: int) -> str:
+    row = index.images.iloc[pos]
+    return f"image {int(row.image_id)} ({index.class_name(row.label)})"
+
+
+def thumb_url(run: str, image_id) -> str:
+    return dash.get_relative_path(f"/thumbs/{run}/{int(image_id)}.png")
+
+
+def metric_title(metric: str) -> str:
+    """The registry's axis title of ``metric``."""
+    return registry.get_metric(metric).title
+
+
+def attention(index: data.RunIndex, pos: int, head) -> dict:
+    """The head's attention on the image at ``pos`` (online, cached per (image, head))."""
+    return data.attention(index.name, int(index.image_ids[pos]), *head)
+
+
+def pruning_rows(index: data.RunIndex, pos: int, head) -> list[dict]:
+    """Partial pruning of the head on the image at ``pos``: one row per mode, in mode order (online)."""
+    res = data.partial_pruning(index.name, int(index.image_ids[pos]), *head)
+    return sorted(res["rows"], key=lambda r: r["mode"])
