@@ -98,13 +98,20 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def per_image_spread(per_image) -> dict[str, float]:
+    """Median and quartiles over images of per-image Spearman values (NaN left out; all NaN: NaN):
+    {"per_image_median", "per_image_q25", "per_image_q75"}."""
+    per_image = np.asarray(per_image, float)
+    q25, med, q75 = np.nanpercentile(per_image, [25, 50, 75]) if np.isfinite(per_image).any() else (np.nan,) * 3
+    return {"per_image_median": float(med), "per_image_q25": float(q25), "per_image_q75": float(q75)}
+
+
 def taylor_agreement(exact: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
     """SPEC agreement of a Taylor metric with the exact one, both [B, L, H]: Spearman over the L*H
     heads per image (median, q25, q75 over images) and of the run means (over images)."""
     B = exact.shape[0]
-    per_image = np.array([spearman(exact[i].ravel(), estimate[i].ravel()) for i in range(B)])
-    q25, med, q75 = np.nanpercentile(per_image, [25, 50, 75]) if np.isfinite(per_image).any() else (np.nan,) * 3
-    return {"per_image_median": float(med), "per_image_q25": float(q25), "per_image_q75": float(q75),
+    per_image = [spearman(exact[i].ravel(), estimate[i].ravel()) for i in range(B)]
+    return {**per_image_spread(per_image),
             "run_means": spearman(exact.mean(0).ravel(), estimate.mean(0).ravel()), "images": int(B)}
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 
 from analysis.errors import InputError
 from analysis.metrics.paths import VIAS, eap_scores, head_paths
-from analysis.metrics.taylor import spearman
+from analysis.metrics.taylor import per_image_spread, spearman
 from analysis.runs import tables
 from analysis.runs.batches import load_batch, parts_dir
 from analysis.runs.schema import CIRCUIT_EDGE_COLUMNS, CIRCUIT_EDGES_FILE, CIRCUIT_MEAN_COLUMNS, CIRCUIT_MEAN_FILE
@@ -176,11 +176,8 @@ def agreement(ctx, sample: list[int], timer) -> dict:
         edges = saved["edges"]
         timer.advance(bar, n + 1, len(sample))
     bar.close()
-    rhos = np.asarray(rhos, float)
-    q25, med, q75 = np.nanpercentile(rhos, [25, 50, 75]) if np.isfinite(rhos).any() else (np.nan,) * 3
     return {"via": via, "images": len(sample), "image_ids": sample, "edges_per_image": edges,
-            "per_image": [float(r) for r in rhos], "per_image_median": float(med), "per_image_q25": float(q25),
-            "per_image_q75": float(q75)}
+            "per_image": [float(r) for r in rhos], **per_image_spread(rhos)}
 
 
 def circuits_stage(ctx, ids: np.ndarray, timer) -> dict:

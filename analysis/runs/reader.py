@@ -238,6 +238,11 @@ class Run:
         return {int(i): np.stack(rows["norms"].to_numpy()).astype(np.float32)
                 for i, rows in table.groupby("image_id", sort=False)}
 
+    def image_row(self, image_id: int) -> int | None:
+        """The row of image ``image_id`` in ``images`` (the first axis of ``dense``); None when the run lacks it."""
+        rows = np.flatnonzero(self.images.image_id.to_numpy() == int(image_id))
+        return int(rows[0]) if len(rows) else None
+
     def token_norms(self, image_id: int) -> np.ndarray | None:
         """The L2 norms of one image's tokens in the residual stream, float32 [L + 1, N]: row l = block l's
         input (row L: after the last block, before the final norm), columns = the N tokens, prefix

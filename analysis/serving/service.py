@@ -218,15 +218,15 @@ class ModelService:
         """Preprocessed image [3, H, W] (an attached run's own tensor) and its label (None when unknown)."""
         run = run or self.run(run_dir)
         images = run.images
-        rows = np.flatnonzero(images.image_id.to_numpy() == int(image_id))
-        if not len(rows):
+        pos = run.image_row(image_id)
+        if pos is None:
             raise InputError(f"Image {image_id} is not in run {run.name} "
                              f"(ids {images.image_id.min()}-{images.image_id.max()}).")
-        row = images.iloc[rows[0]]
+        row = images.iloc[pos]
         label = int(row.label) if row.label is not None and int(row.label) >= 0 else None
         attached = self._attachment(run.path)
         if attached is not None:
-            return attached[1][rows[0]], label
+            return attached[1][pos], label
         try:
             pil = open_image(row.path)
         except ImageReadError as err:
@@ -347,10 +347,8 @@ class ModelService:
     # ---- circuits and attention sinks (SPEC "Beyond the paper (v3)") -------------------------
     def _stored(self, run: Run, image_id: int, name: str) -> np.ndarray | None:
         """The run's values of image_head metric ``name`` for one image [L, H], None when it lacks them."""
-        if name not in run.metrics:
-            return None
-        row = np.flatnonzero(run.images.image_id.to_numpy() == int(image_id))
-        return None if not len(row) else run.dense(name)[row[0]]
+        pos = run.image_row(image_id) if name in run.metrics else None
+        return None if pos is None else run.dense(name)[pos]
 
     def circuit(self, run_dir, image_id: int, fingerprint: str | None = None) -> dict:
         """One image's circuit pieces: every head's direct effect [L, H] (direct_logit of the class
