@@ -106,14 +106,6 @@ def _head_keys(v):
             _int(x, 0, MAX_INDEX, "a layer / head")
 
 
-def _shift_click(v):
-    """assets/head_sets.js: a shift-click on a B1 cell, {cd: [layer, head], t: ms}."""
-    if not isinstance(v, dict) or set(v) != {"cd", "t"}:
-        raise Invalid("expected {cd: [layer, head], t}")
-    _ints(2)(v["cd"])
-    _number()(v["t"])
-
-
 def _ints(*lengths):
     """customdata: a list of ``lengths`` integers (e.g. [layer, head], D1's [image id, layer, head])."""
     def check(v):
@@ -227,6 +219,18 @@ def _circuit_exact(v):
         _opt(_number())(v.get(k))
 
 
+def _view_record(v):
+    """A view model's record of what the browser shows (app/views.py): {view: {input: fingerprint}}."""
+    if not isinstance(v, dict) or len(v) > 32:
+        raise Invalid("expected {view: {input: fingerprint}}")
+    for name, inputs in v.items():
+        if not (isinstance(name, str) and len(name) <= 64 and isinstance(inputs, dict) and len(inputs) <= 32):
+            raise Invalid("expected {view: {input: fingerprint}}")
+        for key, fp in inputs.items():
+            if not (isinstance(key, str) and len(key) <= 128 and isinstance(fp, str) and len(fp) <= 32):
+                raise Invalid("expected {view: {input: fingerprint}}")
+
+
 def _flags(*options):
     def check(v):
         if not isinstance(v, list) or not set(v) <= set(options):
@@ -269,7 +273,6 @@ RULES = {
     ("hs-pin", "n_clicks"): _clicks,
     ("hs-clear", "n_clicks"): _clicks,
     ("hs-set", "value"): _opt(_head_keys),
-    ("hs-shift", "data"): _opt(_shift_click),
     ("hs-k", "value"): _opt(_number(2, 16)),
     ("hs-pairs-from", "value"): _opt(_choice("top", "set")),
     ("hs-pairs-graph", "clickData"): _points(_opt(_ints(4))),
@@ -313,6 +316,7 @@ RULES = {
     ("sal-n", "value"): _opt(lambda v: _int(v, 0, 1 << 20, "a patch count")),
     ("sal-graph", "clickData"): _points(_opt(lambda v: _int(v, 0, 1 << 20, "a patch index"))),
     **{(f"k-{k}", "data"): _opt(_state) for k in STATE_PARTS},
+    **{(f"vm-{k}", "data"): _opt(_view_record) for k in ("cached", "online")},  # the view models' records
     # stores that follow k-* parts while a panel shows (app/panels/: a hidden panel costs no request)
     # the circuit and sinks panels (app/panels/circuit.py, sinks.py)
     ("circ-source", "value"): _opt(_choice("image", "mean")),

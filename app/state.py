@@ -384,5 +384,7 @@ def parse_threshold(thr: str | None) -> tuple[str, float]:
 # ---- the browser's copy, read from the page --------------------------------------------------------
 def browser_spec() -> dict:
     """The declaration as the browser reads it (assets/url.js: window.hsUrl.spec())."""
-    return {"keys": [{"name": k.name, "join": k.join, "default": k.default} for k in STATE.values()],
+    longest = {"ids": MAX_SET, "heads": MAX_HEADS, "runs": MAX_RUNS}
+    return {"keys": [{"name": k.name, "join": k.join, "default": k.default, "max": longest.get(k.kind)}
+                     for k in STATE.values()],
             "parts": {p: list(keys) for p, keys in PARTS.items()}, "partWhen": PART_WHEN}

@@ -1,8 +1,15 @@
 """Small layout helpers shared by the pages (cards, messages, the run loader)."""
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
 import dash_bootstrap_components as dbc
-from dash import callback, clientside_callback, dcc, html
+from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
 
@@ -55,6 +62,124 @@ class Callbacks:
                 callback(*args, **kwargs)(fn)
 
 
+@dataclass(frozen=True)
+class View:
+    """One view of a ViewModel: its data function and its Dash dependencies, in its declared order."""
+    fn: Callable
+    outputs: tuple            # Output, ...
+    args: tuple               # Input / State, in the order ``fn`` takes them
+    inputs: tuple             # "id.prop" of the Inputs, whose values it is drawn for
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def keys(self) -> list[str]:
+        return [f"{d.component_id}.{d.component_property}" for d in self.args]
+
+
+_CHANGED: contextvars.ContextVar = contextvars.ContextVar("changed_inputs", default=None)
+
+
+def changed_inputs() -> set[str]:
+    """The component ids of the running view's Inputs whose values differ from those the browser
+    shows it for (every Input on its first draw); empty outside a view model (the report, tests)."""
+    return _CHANGED.get() or set()
+
+
+def _fingerprint(value) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+
+
+class ViewModel:
+    """Views that answer one state change together, in one request: each view declares its outputs,
+    Inputs and States beside its layout (``@model.view(Output(...), Input(...), State(...))``, as
+    ``dash.callback``) and ``register()`` adds one Dash callback with every view's outputs and the
+    union of their dependencies. A call computes only the views whose Inputs differ from those the
+    browser shows them for (the record ``vm-<name>``, a store the same response updates: a response
+    the browser drops, superseded by a newer request, leaves it as it was, so nothing is skipped) and
+    sends no_update for the others, so a new head does not resend what depends on the image only.
+    ``parallel``: the views run in threads (the online views, whose model queries release the GIL).
+    The decorated functions stay plain functions (tests, the report and the exports call them)."""
+
+    def __init__(self, name: str, parallel: bool = False):
+        self.name, self.parallel, self.views = name, parallel, []
+
+    @property
+    def record_id(self) -> str:
+        return f"vm-{self.name}"
+
+    def store(self) -> dcc.Store:
+        """The record of what the browser shows (in the page that lays out the views)."""
+        return dcc.Store(id=self.record_id)
+
+    def view(self, *deps):
+        def add(fn):
+            outputs = tuple(d for d in deps if isinstance(d, Output))
+            args = tuple(d for d in deps if isinstance(d, (Input, State)))
+            inputs = tuple(f"{d.component_id}.{d.component_property}" for d in args if isinstance(d, Input))
+            self.views.append(View(fn, outputs, args, inputs))
+            return fn
+        return add
+
+    def dependencies(self) -> tuple[list, list, list]:
+        """(outputs, Inputs, States) of the one callback: an id.prop that one view reads as an Input is
+        an Input of the callback (a view that reads it as a State is not recomputed for it)."""
+        inputs, states = {}, {}
+        for v in self.views:
+            for d, key in zip(v.args, v.keys()):
+                if key in v.inputs:
+                    inputs.setdefault(key, Input(d.component_id, d.component_property))
+                    states.pop(key, None)
+                elif key not in inputs:
+                    states.setdefault(key, State(d.component_id, d.component_property))
+        return [o for v in self.views for o in v.outputs], list(inputs.values()), list(states.values())
+
+    def run(self, values: dict, shown: dict | None) -> tuple[list, dict]:
+        """(every view's outputs, flat; the new record): computed for the views whose Inputs'
+        fingerprints differ from ``shown`` (the record: view -> {input: fingerprint}), no_update for
+        the rest. ``values``: "id.prop" -> value."""
+        shown = shown if isinstance(shown, dict) else {}
+        record, todo = {}, []
+        for v in self.views:
+            record[v.name] = {k: _fingerprint(values.get(k)) for k in v.inputs}
+            was = shown.get(v.name) if isinstance(shown.get(v.name), dict) else {}
+            changed = {k.rpartition(".")[0] for k in v.inputs if was.get(k) != record[v.name][k]}
+            if changed:
+                todo.append((v, changed))
+
+        def call(v, changed):
+            token = _CHANGED.set(changed)
+            try:
+                return v.fn(*[values.get(k) for k in v.keys()])
+            finally:
+                _CHANGED.reset(token)
+        if self.parallel and len(todo) > 1:
+            with ThreadPoolExecutor(len(todo)) as pool:  # each thread in a copy of the callback's context
+                results = list(pool.map(lambda t: contextvars.copy_context().run(call, *t), todo))
+        else:
+            results = [call(*t) for t in todo]
+        done = {t[0].name: r for t, r in zip(todo, results)}
+        out = []
+        for v in self.views:
+            if v.name not in done:
+                out.extend([no_update] * len(v.outputs))
+            else:
+                out.extend(done[v.name] if len(v.outputs) > 1 else [done[v.name]])
+        return out, record
+
+    def register(self) -> None:
+        outputs, inputs, states = self.dependencies()
+        keys = [f"{d.component_id}.{d.component_property}" for d in inputs + states]
+
+        def view_model(*args):
+            out, record = self.run(dict(zip(keys, args[:-1])), args[-1])
+            return [*out, record]
+
+        view_model.__name__ = f"view_model_{self.name}"
+        callback(*outputs, Output(self.record_id, "data"), *inputs, *states, State(self.record_id, "data"))(view_model)
+
+
 def card(letter: str, title: str, body, hint: str | None = None, tools=None, class_name: str = "") -> dbc.Card:
     """A view: header 'A · Image overview' with an optional hint and controls on the right."""
     header = [html.Span(letter, className="view-letter"), html.Span(title, className="view-title")]
@@ -69,10 +194,12 @@ def card(letter: str, title: str, body, hint: str | None = None, tools=None, cla
 
 def graph_config(id_: str, fmt: str = "png") -> dict:
     """GRAPH_CONFIG with the camera button exporting at publication size: PNG at 4x the on-screen
-    pixels (print resolution) or SVG (vector), named after the view."""
+    pixels (print resolution) or SVG (vector), named after the view; D5's threshold line can be
+    dragged (plotly's shapePosition edits: relayoutData ``shapes[0].x0``)."""
     fmt = fmt if fmt in ("png", "svg") else "png"
     return {**GRAPH_CONFIG, "toImageButtonOptions": {"format": fmt, "filename": f"headscope-{id_.removesuffix('-graph')}",
-                                                     "scale": 4 if fmt == "png" else 1}}
+                                                     "scale": 4 if fmt == "png" else 1},
+            **({"edits": {"shapePosition": True}} if id_ == "d5-graph" else {})}  # D5's threshold line drags
 
 
 def graph(id_: str, height: int, **kw) -> dcc.Graph:

@@ -92,6 +92,17 @@ window.hsWarm = function (sel, pick) {
     fetch(window.hsUrl.base() + 'api/warm?' + new URLSearchParams({run: s.run, image, layer, head})).catch(() => {});
 };
 
+// sel's head set with [layer, head] added, or removed when it is in it (null: empty), sorted as the
+// server writes it (app/panels/head_sets.py) and at most as long as the state declares (app/state.py)
+window.hsToggleHead = function (sel, cd) {
+    const heads = ((sel || {}).heads || []).map(h => [Number(h[0]), Number(h[1])]);
+    const key = h => h[0] + ':' + h[1], i = heads.findIndex(h => key(h) === key(cd));
+    if (i >= 0) { heads.splice(i, 1); } else { heads.push([Number(cd[0]), Number(cd[1])]); }
+    const max = (window.hsUrl.spec().keys.find(k => k.name === 'heads') || {}).max || heads.length;
+    heads.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    return heads.length ? heads.slice(0, max) : null;
+};
+
 // The Explorer's clientside callbacks (app/explorer/*.py: ClientsideFunction('explorer', name)).
 window.dash_clientside = Object.assign({}, window.dash_clientside, {explorer: {
     // d-panel -> D3's title, then d-<key> of every panel of D_PANELS (app/panels/__init__.py): the
@@ -182,6 +193,10 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {explorer: {
         const twice = e => ours(e) && e.t - e.prev < delay;  // a mousedown soon after another: a double-click
         const d = ours(window.hsDown) ? window.hsDown : {t: Date.now(), zoomed: window.hsDoubleClickMatters(gd), prev: -Infinity};
         if (!head || (twice(d) && d.prevZoomed)) { return none; }  // a contour, the colour bar; a zoom reset
+        if (window.hsShift && id === 'b1-graph' && cd.length === 2) {  // shift-click: that head, toggled in the set
+            C.set_props('hs-view', {value: 'set'});
+            return [nu, nu, Object.assign({}, sel, {layer: cd[0], head: cd[1], heads: window.hsToggleHead(sel, cd)}), null];
+        }
         if (!d.zoomed || twice(d)) {  // not zoomed: taken at once (a double-click there is a click)
             return cd.length === 2 ? [nu, nu, Object.assign({}, sel, {layer: cd[0], head: cd[1]}), null] : [nu, cd, nu, nu];
         }

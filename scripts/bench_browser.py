@@ -76,7 +76,7 @@ function busy() {
   const cbs = s ? Object.assign({}, s.callbacks) : {};
   delete cbs.stored; delete cbs.completed;
   const pending = Object.values(cbs).reduce((n, v) => n + (v ? v.length : 0), 0);
-  return pending > 0 || B.inflight > 0 || B.drawing > 0;
+  return pending > 0 || B.inflight > 0 || B.drawing > 0 || !(B.ready ? B.ready() : true);
 }
 let quiet = 0, end = performance.now(), frames = 0;
 function tick() {
@@ -136,6 +136,18 @@ def timed(driver, action, event: str = "mousedown") -> float:
     return float(driver.execute_async_script(WAIT))
 
 
+def load_page(driver, url: str, ready: str) -> float:
+    """ms from the navigation's start to the last repaint of the page at ``url`` (WAIT), once the JS
+    expression ``ready`` (its views drawn) holds."""
+    driver.get(url)
+    driver.execute_script(INSTALL + f"window.__hsBench.t0 = 0; window.__hsBench.seen = true; "
+                                    f"window.__hsBench.ready = () => {{ try {{ return !!({ready}); }} catch (e) {{ return false; }} }};")
+    try:
+        return float(driver.execute_async_script(WAIT))
+    finally:
+        driver.execute_script("window.__hsBench.ready = null;")
+
+
 def settle(driver) -> None:
     driver.execute_script(INSTALL)
     driver.execute_async_script(WAIT)
@@ -160,7 +172,7 @@ def interactions(driver, rng: random.Random):
             if not els:
                 raise NotOnThisRun(selector)
             el = els[rng.randrange(len(els))]
-            ActionChains(driver).move_to_element(el).pause(0.05).click().perform()
+            ActionChains(driver, duration=0).move_to_element(el).pause(0.05).click().perform()
         return act
 
     state = {"key": Keys.ARROW_LEFT, "hover": 0}
@@ -179,9 +191,17 @@ def interactions(driver, rng: random.Random):
         if not toks:
             raise NotOnThisRun("D3 tokens")
         state["hover"] = (state["hover"] + 7) % max(len(toks) - 1, 1) + 1
-        ActionChains(driver).move_to_element(toks[state["hover"]]).pause(0.05).perform()
+        ActionChains(driver, duration=0).move_to_element(toks[state["hover"]]).pause(0.05).perform()
 
     b1_head = click_one("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")
+
+    def shift_click():
+        els = points("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")
+        if not els:
+            raise NotOnThisRun("#b1-graph's heads")
+        (ActionChains(driver, duration=0).move_to_element(els[rng.randrange(len(els))]).pause(0.05)
+         .key_down(Keys.SHIFT).click().key_up(Keys.SHIFT).perform())
+
     return {
         "click an image in A": (click_one("#a-graph .scatterlayer .trace .point"), "mousedown", None),
         "click a head in B1": (b1_head, "mousedown", None),
@@ -191,7 +211,21 @@ def interactions(driver, rng: random.Random):
         "toggle D1": (toggle_d1, "mousedown", None),
         "hover a D3 token": (hover_token, "mousemove", None),
         "Back after a head in B1": (driver.back, "popstate", b1_head),
+        "shift-click a head into the set": (shift_click, "mousedown", None),
+        "load the Explorer": (EXPLORER_READY, "load", None),
+        "load the Heads page": (HEADS_READY, "load", None),
     }
+
+
+def drawn(graph: str) -> str:
+    return f"(document.querySelector('#{graph} .js-plotly-plot') || {{}}).data.length > 0"
+
+
+# a page load ends when Dash is idle and these hold (its views drawn)
+# (D3 or, on a run without its model, D's message saying why)
+EXPLORER_READY = ("/", " && ".join([*(drawn(g) for g in ("a-graph", "b1-graph", "c1-graph", "d1-graph")),
+                                    f"({drawn('d3-graph')} || document.getElementById('d-msg').textContent.length > 0)"]))
+HEADS_READY = ("/heads", drawn("heads-map"))
 
 
 class Session:
@@ -219,6 +253,8 @@ class Session:
 
     def time(self, name: str) -> float | None:
         act, event, before = self.acts[name]
+        if event == "load":  # act: (path, the JS that holds once the page is drawn)
+            return load_page(self.driver, self.base + self.url_path.replace("/", act[0], 1), act[1])
         for attempt in range(2):  # a stale element after a redraw: retry once, from its untimed action
             if before:
                 before()

@@ -728,7 +728,7 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     assert dash_duo.find_element("#d1-style input[value=both]").is_selected()
     assert dash_duo.find_element("#bins input[value=linear]").is_selected()
     assert dash_duo.find_element("#band-scope").get_attribute("value") == "class"
-    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "histogram2dcontour"
+    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "contour"  # the density, counted on the server
     wait_js(dash_duo, "b2-graph", "gd.data[0].marker.color[3]", lambda c: c == "#D55E00", "mode 3 chosen for B3")
     assert "JSD" in js(dash_duo, "b1-graph", "gd.layout.yaxis.title.text")
     # a head from C1, Back to the URL the page was loaded with, Forward

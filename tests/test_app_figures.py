@@ -227,10 +227,21 @@ def test_pattern_layout_background_and_overlay():
     n = 5
     xy = np.random.rand(n, L * H, 2)
     ids = np.arange(50, 50 + n)
-    kinds = {"points": ["scattergl"] * L + ["scatter"], "contours": ["histogram2dcontour", "scatter"],
-             "both": ["histogram2dcontour"] + ["scattergl"] * L + ["scatter"]}
+    kinds = {"points": ["scattergl"] * L + ["scatter"], "contours": ["contour", "scatter"],
+             "both": ["contour"] + ["scattergl"] * L + ["scatter"]}
     for style, types in kinds.items():
         assert [t["type"] for t in F.pattern_background(xy, style, H, ids)] == types
+    # the density: counts of a 60 x 60 grid over the points' range, as a plain loop counts them
+    dens = F.pattern_background(xy, "contours", H, ids)[0]
+    pts, x, y, z = xy.reshape(-1, 2), F.untyped(dens["x"]), F.untyped(dens["y"]), F.untyped(dens["z"]).reshape(60, 60)
+    step = [(pts[:, a].max() - pts[:, a].min()) / 60 for a in (0, 1)]
+    ref = np.zeros((60, 60), int)
+    for px, py in pts:
+        col = min(int((px - pts[:, 0].min()) / step[0]), 59)
+        row = min(int((py - pts[:, 1].min()) / step[1]), 59)
+        ref[row, col] += 1
+    assert (z == ref).all() and z.sum() == n * L * H
+    assert x[0] == pytest.approx(pts[:, 0].min() + step[0] / 2, rel=1e-5) and y[-1] == pytest.approx(pts[:, 1].max() - step[1] / 2, rel=1e-5)
     # the layer colour bar on a point-less trace (the points and the overlay's heads are coloured by layer)
     bar = F.pattern_background(xy, "contours", H, ids)[1]
     assert bar["x"] == [None] and bar["marker"]["showscale"] and bar["marker"]["cmax"] == L - 1

@@ -309,29 +309,39 @@ def test_forged_callback_payloads_are_400_without_traceback(client, caplog):
 
     assert every <= set(RULES), every - set(RULES)  # every callback input has its rule
     sel = {"run": "syn", "image": 1, "layer": 0, "head": 1}
-    parts = [{"run": "syn", "image": 1}, {"run": "syn", "layer": 0, "head": 1}, {"run": "syn", "metric": "jsd"}, {"set": None}]
-    b1 = next(k for k in app.callback_map if k.startswith("b1-graph"))
+    genuine = {"k-image": {"run": "syn", "image": 1}, "k-head": {"run": "syn", "layer": 0, "head": 1},
+               "k-metric": {"run": "syn", "metric": "jsd"}, "k-set": {"set": None}, "k-heads": {"heads": None},
+               "b1-overlay": [], "k-thr": {"thr": None, "bins": None}, "k-scale": {"scale": None}, "sel": sel}
+
+    def vm(model, drop=None, **changed):
+        """A request of view model ``model`` (app/views.py): every input and state by its id."""
+        key = next(k for k in app.callback_map if f"vm-{model}.data" in k)
+        spec, values = app.callback_map[key], {**genuine, **changed}
+        deps = [d for d in spec["inputs"] + spec["state"] if d["id"] != drop]
+        return {"output": key, "outputs": [dict(zip(("id", "property"), o.rsplit(".", 1))) for o in key.strip(".").split("...")],
+                "inputs": [{**d, "value": values.get(d["id"])} for d in deps if d in spec["inputs"]],
+                "state": [{**d, "value": values.get(d["id"])} for d in deps if d in spec["state"]],
+                "changedPropIds": [f"{spec['inputs'][0]['id']}.{spec['inputs'][0]['property']}"]}
     mode = next(k for k, v in app.callback_map.items() if [i["id"] for i in v["inputs"]] == ["b2-graph"])
-    d35 = next(k for k in app.callback_map if k.startswith("..d3-graph"))
-    parts += [{"heads": None}, []]  # k-heads, b1-overlay
-    swap = lambda i, v: parts[:i] + [v] + parts[i + 1:]
-    assert post(_payload(app, b1, parts, [sel])).status_code == 200  # a genuine request
+    assert post(vm("cached")).status_code == 200 and post(vm("online")).status_code == 200  # genuine requests
     caplog.set_level(logging.INFO)
     forged = [
         [], {}, "x", {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},
-        _payload(app, b1, parts, [{"run": "syn", "image": "1", "layer": [0], "head": {}}]),
-        _payload(app, b1, parts, [{"run": "../../etc", "image": 1}]),
-        _payload(app, b1, parts[:4], [sel]),  # one input missing
-        _payload(app, b1, swap(3, {"set": "1,2"}), [sel]),
-        _payload(app, b1, swap(3, {"set": [1], "evil": 1}), [sel]),
-        _payload(app, b1, swap(3, {"set": None, "scope": "every thing"}), [sel]),
-        _payload(app, b1, swap(4, {"heads": [[0, 1, 2, 3]]}), [sel]),
-        _payload(app, b1, swap(5, ["everything"]), [sel]),
-        _payload(app, b1, parts, [{**sel, "metric": "<script>"}]),
+        vm("cached", sel={"run": "syn", "image": "1", "layer": [0], "head": {}}),
+        vm("cached", sel={"run": "../../etc", "image": 1}),
+        vm("cached", drop="k-metric"),  # one input missing
+        vm("cached", **{"k-set": {"set": "1,2"}}),
+        vm("cached", **{"k-set": {"set": [1], "evil": 1}}),
+        vm("cached", **{"k-set": {"set": None, "scope": "every thing"}}),
+        vm("cached", **{"k-heads": {"heads": [[0, 1, 2, 3]]}}),
+        vm("cached", **{"b1-overlay": ["everything"]}),
+        vm("cached", sel={**sel, "metric": "<script>"}),
+        vm("cached", **{"vm-cached": {"view_b1": {"k-image.data": ["not a fingerprint"]}}}),
+        vm("cached", **{"vm-cached": "x" * 100}),
         _payload(app, mode, [{"points": [{"customdata": "x"}]}]),
         _payload(app, mode, [{"points": []}]),
-        _payload(app, d35, parts[:2] + [{"thr": "a 0.5;"}, {"scale": None}], [sel]),
-        _payload(app, d35, parts[:2] + [1e9, {"scale": None}], [sel]),
+        vm("online", **{"k-thr": {"thr": "a 0.5;"}}),
+        vm("online", **{"k-thr": 1e9}),
     ]
     hover = next(k for k in app.callback_map if "a-tooltip" in k)
     forged += [_payload(app, hover, [{"points": [{"customdata": 1}]}], [sel]),

@@ -242,6 +242,7 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
     from dash._utils import AttributeDict
 
     from app import create_app
+    from app.explorer import selection
     from app.state import parse_selection
 
     create_app(run.path.parent, run.name)
@@ -279,6 +280,14 @@ def _explorer_initial_callbacks(run, sel_query: str) -> dict:
                 for (i, _, prop), v in zip(targets, out if len(targets) > 1 else [out]):
                     if i != "sel" and v is not no_update and not isinstance(v, Patch):
                         values[(i, prop)] = v
+            for view in selection.cached.views + selection.online.views:  # the views' one callback per model
+                specs = [(d.component_id, d.component_property) for d in view.args]
+                if any(i not in ids and i != "sel" for i, _ in specs):
+                    continue
+                out = outputs[view.fn.__name__] = view.fn(*[values.get(s) for s in specs])
+                for o, v in zip(view.outputs, out if len(view.outputs) > 1 else [out]):
+                    if v is not no_update and not isinstance(v, Patch):
+                        values[(o.component_id, o.component_property)] = v
     finally:
         context_value.reset(token)
     return outputs

@@ -117,19 +117,19 @@ def toy_metrics_reach_the_app(tiny):
     build.build(tiny["config"]("toy_recipe"))
     run = open_run(tiny["root"] / "toy_recipe")
     create_app(tiny["root"], "toy_recipe")
-    from app.explorer import patterns, strength
+    from app.explorer import patterns, selection, strength
 
     ex, heads = sys.modules["app.pages.explorer"], sys.modules["app.pages.heads"]
     pos, layer, head = 2, 1, 0
     sel = {"run": run.name, "image": int(run.images.image_id[pos]), "layer": layer, "head": head}
     # C2: the run's vector metrics are its choices (shown: more than one), strength first; it draws the toy
-    options, value, style = strength.c2_metric_options(None, sel, None)
+    options, value, style = strength.c2_choices(sel)
     assert [o["value"] for o in options] == ["strength", "toy_cls_row"] and value == "strength" and style == {}
     assert options[1]["label"] == "CLS row"
     c2 = strength.view_c(None, None, None, "strength_entropy", sel, "toy_cls_row")[1]
-    assert strength.view_c2("toy_cls_row", sel) == c2  # the choice redraws C2 alone
+    assert [v.fn for v in selection.cached.views if "c2-metric.value" in v.inputs] == [strength.view_c]  # the choice redraws C
     np.testing.assert_allclose(c2["data"][0]["y"], run.dense("toy_cls_row")[pos, layer, head], rtol=1e-6)
-    assert c2["layout"]["yaxis"]["title"]["text"] == "CLS row" and strength.c2_title("toy_cls_row") == "C2 · CLS row of the head"
+    assert c2["layout"]["yaxis"]["title"]["text"] == "CLS row" and strength.c2_title("toy_cls_row", sel) == "C2 · CLS row of the head"
     # D1: coloured by layer or by any category metric, one legend entry per label
     d1_options = find(ex.layout(), "d1-color").options
     assert {"label": "by pattern", "value": "pattern"} in d1_options

@@ -122,7 +122,7 @@ def test_toy_metrics_reach_tables_reader_explorer_heads_and_help(toy_run, refere
 
     sel = {"run": toy_run.name, "image": 2, "layer": 1, "head": 0}
     b1_options, _ = header.metric_options(None, sel)
-    c1_options, _ = strength.c1_metric_options(None, sel, None)
+    c1_options, _ = strength.c1_choices(sel)
     assert "cls_output_norm" in [o["value"] for o in b1_options]
     assert "max_attention" in [o["value"] for o in c1_options] and "max_attention" not in [o["value"] for o in b1_options]
     b1 = importance.view_b1(None, None, None, None, None, [], {**sel, "metric": "cls_output_norm"})
@@ -209,7 +209,7 @@ def test_every_metric_round_trips_to_its_figure(name, toy_run, reference, pages)
         np.testing.assert_allclose(fig["data"][3]["y"], dense[pos].ravel(), rtol=1e-6)
         assert fig["layout"]["yaxis"]["title"]["text"] == m.title
     else:
-        assert name in [o["value"] for o in strength.c1_metric_options(None, sel, None)[0]]
+        assert name in [o["value"] for o in strength.c1_choices(sel)[0]]
         c1, _, c3, _ = strength.view_c(None, None, None, name, sel)
         np.testing.assert_allclose(c1["data"][0]["y"], (dense[pos] if m.level == "image_head" else dense).ravel(),
                                    rtol=1e-6)

@@ -12,7 +12,7 @@ from analysis.metrics import registry
 
 from app import data, figures as F
 from app.explorer import exports
-from app.explorer.selection import chosen_metric, selection, set_positions, thumb_url
+from app.explorer.selection import cached, chosen_metric, selection, set_positions, thumb_url
 from app.state import judge
 from app.views import Callbacks, graph_config, load, message
 
@@ -63,11 +63,11 @@ def metric_options(_k, sel):
     return data.metric_options(index.importance), registry.get_metric(default).option
 
 
-@callbacks.server(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"))
+@callbacks.server(*[Output(g, "config") for g in GRAPHS], Input("fig-format", "value"), prevent_initial_call=True)
 def figure_format(fmt):
-    """Every plot's camera button exports at publication size in the chosen format; D5's threshold
-    line can be dragged (plotly's shapePosition edits: relayoutData ``shapes[0].x0``)."""
-    return [dict(graph_config(g, fmt), **({"edits": {"shapePosition": True}} if g == "d5-graph" else {})) for g in GRAPHS]
+    """Every plot's camera button exports at publication size in the chosen format (the graphs are
+    laid out with PNG's: app/views.py graph_config)."""
+    return [graph_config(g, fmt) for g in GRAPHS]
 
 
 def head_rank(values, hi: int, important: str) -> tuple[int, int] | None:
@@ -113,7 +113,7 @@ def summary_parts(index: data.RunIndex, sel: dict) -> list:
     return out
 
 
-@callbacks.server(Output("sel-summary", "children"), Output("run-alert", "children"),
+@cached.view(Output("sel-summary", "children"), Output("run-alert", "children"),
                   Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"), Input("k-metric", "data"),
                   State("sel", "data"))
 def selection_summary(_image, _head, _set, _metric, sel):

@@ -14,7 +14,7 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
 from app import figures as F
-from app.explorer.selection import (SCOPES, chosen_metric, image_caption, metric_title, pruning_mode, pruning_rows,
+from app.explorer.selection import (SCOPES, cached, chosen_metric, image_caption, metric_title, online, pruning_mode, pruning_rows,
                                     scope_positions, selection)
 from app.panels import head_sets
 from app.views import Callbacks, card, graph, load, loading, message
@@ -53,7 +53,7 @@ def layout(query: dict) -> dbc.Card:
                                                        for k, v in SCOPES.items()])], class_name="view-b")
 
 
-@callbacks.server(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"),
+@cached.view(Output("b1-graph", "figure"), Input("k-image", "data"), Input("k-head", "data"),
                   Input("k-metric", "data"), Input("k-set", "data"), Input("k-heads", "data"),
                   Input("b1-overlay", "value"), State("sel", "data"))
 def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
@@ -80,7 +80,7 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
                              **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
 
 
-@callbacks.server(Output("b2-graph", "figure"), Output("b3-graph", "figure"), Output("b2-msg", "children"),
+@online.view(Output("b2-graph", "figure"), Output("b3-graph", "figure"), Output("b2-msg", "children"),
                   Input("k-image", "data"), Input("k-head", "data"), Input("k-metric", "data"), Input("k-mode", "data"),
                   State("sel", "data"))
 def view_b2_b3(_ki, _kh, _km, _kmode, sel):

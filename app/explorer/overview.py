@@ -7,7 +7,7 @@ import dash_bootstrap_components as dbc
 from dash import ClientsideFunction, Input, Output, Patch, State, ctx, dcc, html, no_update
 
 from app import data, figures as F
-from app.explorer.selection import chosen_metric, selection, set_positions, thumb_url
+from app.explorer.selection import cached, chosen_metric, selection, set_positions, thumb_url
 from app.state import MAX_SET, STATE
 from app.views import Callbacks, card, load, overlaid
 
@@ -66,7 +66,7 @@ def legend(fig: dict):
                       title=name) for name, col, sym in items]
 
 
-@callbacks.server(Output("a-graph", "figure"), Output("a-legend", "children"), Output("a-selection", "data"),
+@cached.view(Output("a-graph", "figure"), Output("a-legend", "children"), Output("a-selection", "data"),
                   Output("a-key", "data"),
                   Input("k-image", "data"), Input("k-color", "data"), Input("k-set", "data"), State("sel", "data"),
                   State("a-key", "data"))

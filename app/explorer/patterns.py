@@ -14,10 +14,10 @@ from analysis.metrics import registry
 from analysis.serving.transport import OnlineError
 
 from app import data, figures as F
-from app.explorer.selection import SCOPES, attention, scope_positions, scope_subset, selection, triggered
+from app.explorer.selection import SCOPES, attention, cached, online, scope_positions, scope_subset, selection
 from app.panels import D_PANELS
 from app.state import parse_threshold
-from app.views import Callbacks, card, graph, load, loading, message, overlaid
+from app.views import Callbacks, card, changed_inputs, graph, load, loading, message, overlaid
 
 callbacks = Callbacks()
 Q_MARKS = {-1: "0.1%", 0: "1%", 1: "10%", 2: "100%"}
@@ -103,7 +103,7 @@ callbacks.clientside(
 
 
 # ---- D1: pattern layout ----------------------------------------------------------------------
-@callbacks.server(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
+@cached.view(Output("d1-graph", "figure"), Output("d1-selection", "data"), Output("d1-key", "data"),
                   Output("d1-msg", "children"),
                   Input("k-image", "data"), Input("k-head", "data"), Input("k-d1", "data"), Input("k-set", "data"),
                   Input("d1-color", "value"), State("sel", "data"), State("d1-key", "data"))
@@ -186,7 +186,7 @@ def threshold_of(A: np.ndarray, sel: dict) -> tuple[float, str]:
     return v, f"≥ {v:.3g} (top {float((A >= v).mean()) * 100:.3g}%)"
 
 
-@callbacks.server(Output("d3-graph", "figure"), Output("d4-graph", "figure"), Output("d5-graph", "figure"),
+@online.view(Output("d3-graph", "figure"), Output("d4-graph", "figure"), Output("d5-graph", "figure"),
                   Output("d3-count", "children"), Output("d-msg", "children"), Output("thr-current", "data"),
                   Input("k-image", "data"), Input("k-head", "data"), Input("k-thr", "data"), Input("k-scale", "data"),
                   State("sel", "data"))
@@ -212,7 +212,7 @@ def view_d3_d5(_ki, _kh, _kt, _ks, sel):
              + (f" (the strongest {drawn:,} of {above:,}: capped)" if drawn < above else "")
              + f" · {label} · colour 0–{vmax:.3g}: max of {scale_name}, CLS→CLS clips · hover a token for D2")
     d5 = F.attention_histogram(A, thr, label, binning="linear" if sel.get("bins") == "linear" else "log")
-    if triggered() == "k-thr":
+    if changed_inputs() == {"k-thr"}:  # the threshold alone
         d4 = Patch()
         d4["data"][1]["colorscale"] = F.threshold_colorscale(F.ORANGES, thr, vmax)
     else:
@@ -238,7 +238,7 @@ def threshold_from_histogram(click, relayout, sel):
     return p
 
 
-@callbacks.server(Output("d2-images", "children"), Output("d2-msg", "children"),
+@online.view(Output("d2-images", "children"), Output("d2-msg", "children"),
                   Input("k-image", "data"), Input("k-head", "data"), Input("k-scale", "data"),
                   Input("d3-graph", "hoverData"), Input("d2-own", "value"), State("sel", "data"))
 def view_d2(_ki, _kh, _ks, hover, own, sel):

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import dash
 import numpy as np
-from dash import ctx
 
 from analysis.metrics import registry
 from analysis.models.pruning import MODE_LABELS
 
 from app import data
+from app.views import ViewModel
 
+# The Explorer's views answer a state change in two requests: the views read from the run's tables
+# (A, B1, C1-C3, D1, the header), and the online views (B2/B3, D2-D5), whose model queries run in
+# parallel; each computes only the views whose inputs changed (app/views.py ViewModel).
+cached = ViewModel("cached")
+online = ViewModel("online", parallel=True)
 SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
 
 
@@ -60,14 +65,6 @@ def pruning_mode(sel: dict) -> int:
     """The pruning mode B3 shows (index into MODE_LABELS; 1 by default)."""
     m = sel.get("mode")
     return int(m) if m is not None and 0 <= int(m) < len(MODE_LABELS) else 1
-
-
-def triggered():
-    """The id of the input that triggered the running callback (None outside one, e.g. the report)."""
-    try:
-        return ctx.triggered_id
-    except Exception:
-        return None
 
 
 def image_caption(index: data.RunIndex, pos: int) -> str:

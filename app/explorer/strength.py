@@ -3,13 +3,14 @@ mean over images), C2 the selected head's vector metric (the k-hop strength by d
 head's C1 property over all images and over the selected set or scope."""
 from __future__ import annotations
 
+import dash
 import dash_bootstrap_components as dbc
 from dash import Input, Output, State, dcc, html, no_update
 
 from analysis.metrics import registry
 
 from app import data, figures as F
-from app.explorer.selection import image_caption, scope_positions, selection
+from app.explorer.selection import cached, image_caption, scope_positions, selection
 from app.views import Callbacks, card, graph, load, message
 
 callbacks = Callbacks()
@@ -38,17 +39,24 @@ def layout() -> dbc.Card:
     ], hint="C1: heads by layer and a head property · click a head", tools=c1_tools, class_name="view-c")
 
 
-@callbacks.server(Output("c1-metric", "options"), Output("c1-metric", "value"), Input("k-run", "data"),
-                  State("sel", "data"), State("c1-metric", "value"))
-def c1_metric_options(_k, sel, current):
-    """C1's y axis: any scalar head property of the run (strength entropy by default, as in the
-    paper), then the run-level per-head metrics."""
+def c1_choices(sel: dict, current=None) -> tuple[list[dict], str | None]:
+    """(options, value) of C1's y axis: any scalar head property of the run (strength entropy by
+    default, as in the paper), then the run-level per-head metrics; ``current`` when the run has it."""
     index, _ = load(sel)
     names = index.properties + index.run_level if index is not None else []
     if not names:
         return [], None
     default = "strength_entropy" if "strength_entropy" in names else names[0]
     return data.metric_options(names), current if current in names else default
+
+
+def c2_choices(sel: dict, current=None) -> tuple[list[dict], str | None, dict]:
+    """(options, value, the choice's style) of C2's profile: any vector metric of the run (registry);
+    the choice shows when it has more than one."""
+    index, _ = load(sel)
+    names = index.vectors if index is not None else []
+    options = [{"label": registry.get_metric(n).label, "value": n, "title": registry.get_metric(n).meaning} for n in names]
+    return options, vector_metric(names, current), ({} if len(names) > 1 else {"display": "none"})
 
 
 def vector_metric(names: list[str], current=None) -> str | None:
@@ -58,24 +66,37 @@ def vector_metric(names: list[str], current=None) -> str | None:
     return C2_DEFAULT if C2_DEFAULT in names else (names[0] if names else None)
 
 
-@callbacks.server(Output("c2-metric", "options"), Output("c2-metric", "value"), Output("c2-choice", "style"),
+# A menu with no value shows its default as placeholder and the views draw that default (the view
+# model, which reads the menus as Inputs, need not wait for these callbacks on a page load); a value
+# the new run lacks is cleared through set_props.
+@callbacks.server(Output("c1-metric", "options"), Output("c1-metric", "placeholder"), Input("k-run", "data"),
+                  State("sel", "data"), State("c1-metric", "value"))
+def c1_metric_options(_k, sel, current):
+    options, value = c1_choices(sel, current)
+    if current is not None and value != current:
+        dash.set_props("c1-metric", {"value": None})
+    return options, registry.get_metric(c1_choices(sel)[1]).option if options else "no properties"
+
+
+@callbacks.server(Output("c2-metric", "options"), Output("c2-metric", "placeholder"), Output("c2-choice", "style"),
                   Input("k-run", "data"), State("sel", "data"), State("c2-metric", "value"))
 def c2_metric_options(_k, sel, current):
-    """C2's profile: any vector metric of the run (registry); the choice shows when it has more than one."""
-    index, _ = load(sel)
-    names = index.vectors if index is not None else []
-    options = [{"label": registry.get_metric(n).label, "value": n, "title": registry.get_metric(n).meaning} for n in names]
-    return options, vector_metric(names, current), ({} if len(names) > 1 else {"display": "none"})
+    options, value, style = c2_choices(sel, current)
+    if current is not None and value != current:
+        dash.set_props("c2-metric", {"value": None})
+    default = c2_choices(sel)[1]
+    return options, registry.get_metric(default).label if default else "no vector metric", style
 
 
-@callbacks.server(Output("c2-title", "children"), Input("c2-metric", "value"), prevent_initial_call=True)
-def c2_title(vector):
+@callbacks.server(Output("c2-title", "children"), Input("c2-metric", "value"), State("sel", "data"), prevent_initial_call=True)
+def c2_title(vector, sel):
+    vector = vector or c2_choices(sel)[1]
     return f"C2 · {registry.get_metric(vector).label} of the head" if vector else no_update
 
 
-@callbacks.server(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
-                  Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
-                  Input("c1-metric", "value"), State("sel", "data"), State("c2-metric", "value"))
+@cached.view(Output("c1-graph", "figure"), Output("c2-graph", "figure"), Output("c3-graph", "figure"),
+              Output("c-msg", "children"), Input("k-image", "data"), Input("k-head", "data"), Input("k-set", "data"),
+              Input("c1-metric", "value"), State("sel", "data"), Input("c2-metric", "value"))
 def view_c(_ki, _kh, _ks, prop, sel, vector=None):
     """C1: the chosen head property of every head (the image's, or the mean over images); C2: the
     selected head's vector metric ``vector`` (the k-hop strength by default; any vector metric of the
@@ -85,6 +106,8 @@ def view_c(_ki, _kh, _ks, prop, sel, vector=None):
     if index is None:
         return F.empty(err or "No run"), F.empty(""), F.empty(""), None
     pos, head = selection(index, sel)
+    if prop is None:  # the menu before its options came: its default
+        prop = c1_choices(sel)[1]
     if prop not in index.properties + index.run_level:
         msg = index.missing.get("properties") if not index.properties else None
         return F.empty(msg or "Choose a head property."), F.empty(""), F.empty(""), message(msg)
@@ -127,12 +150,3 @@ def profile(index: data.RunIndex, pos, head, vector) -> dict:
     values = index.summary(vector)[0][hi] if pos is None else index.values(vector)[pos, hi]
     return F.vector_bars(values, "mean over all images" if pos is None else None, v.title, x_title, hover)
 
-
-@callbacks.server(Output("c2-graph", "figure", allow_duplicate=True), Input("c2-metric", "value"), State("sel", "data"),
-                  prevent_initial_call=True)
-def view_c2(vector, sel):
-    """C2 alone when its vector metric is changed (view_c draws it with the rest of C otherwise)."""
-    index, _ = load(sel)
-    if index is None:
-        return no_update
-    return profile(index, *selection(index, sel), vector)

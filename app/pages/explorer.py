@@ -7,15 +7,16 @@ D5 histogram + threshold).
 
 The page composes the view components of app/explorer/ (each one a ``layout()`` and its
 callbacks); the state: the shell's store ``sel`` (app/state.py), split into the ``k-*`` parts each
-view listens to (app/explorer/sync.py). Cached views index arrays of app.data.RunIndex; B2/B3 and
-D2-D5 ask the online service, which answers each (image, head) once (its result cache) for all of them.
+view listens to (app/explorer/sync.py). The views answer a state change in two requests, one per
+view model (app/explorer/selection.py: ``cached``, the run's tables; ``online``, B2/B3 and D2-D5,
+which ask the online service, computing each (image, head) once for all of them).
 """
 from __future__ import annotations
 
 import dash
 from dash import html
 
-from app.explorer import exports, head_click, header, importance, overview, patterns, strength, sync
+from app.explorer import exports, head_click, header, importance, overview, patterns, selection, strength, sync
 from app.panels import D_PANELS, circuit, head_sets, saliency, sinks
 
 dash.register_page(__name__, path="/", name="Explorer", title="HeadScope · Explorer", order=0)
@@ -25,6 +26,8 @@ PANEL_LAYOUTS = {"saliency": saliency.panel, "circuit": circuit.panel, "sinks": 
 COMPONENTS = (patterns, sync, header, strength, overview, head_click, importance, exports)
 for component in COMPONENTS:  # Dash executes this page once per app: each app gets the callbacks
     component.callbacks.register()
+selection.cached.register()
+selection.online.register()
 
 
 def layout(**query):
@@ -34,5 +37,5 @@ def layout(**query):
         header.layout(),
         html.Div([overview.layout(), importance.layout(query), strength.layout(), patterns.layout(panels)],
                  className="explorer-grid"),
-        *sync.stores(), *head_click.stores(),
+        *sync.stores(), *head_click.stores(), selection.cached.store(), selection.online.store(),
     ], className="explorer", id="explorer-root")

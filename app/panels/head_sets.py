@@ -76,7 +76,7 @@ def bottom(b23, query: dict) -> html.Div:
         loading([html.Div(id="hs-pairs-msg"), graph("hs-pairs-graph", HEIGHT - 28)]),
     ], id="hs-pairs-panel", style=show("pairs"))
     return html.Div([html.Div(b23, id="hs-b23", style=show("b23")), set_panel, pairs_panel,
-                     dcc.Store(id="k-heads"), dcc.Store(id="hs-shift"), dcc.Store(id="hs-set-key"),
+                     dcc.Store(id="k-heads"), dcc.Store(id="hs-set-key"),
                      dcc.Store(id="hs-pairs-key")])
 
 
@@ -129,18 +129,6 @@ _clientside(
     }
     """,
     Output("k-heads", "data"), Input("sel", "data"), State("k-heads", "data"),
-)
-
-_clientside(
-    """
-    function(click) {
-        const nu = window.dash_clientside.no_update;
-        if (!window.hsShift || !click || !click.points || !click.points.length) { return nu; }
-        const cd = click.points[0].customdata;
-        return Array.isArray(cd) && cd.length === 2 ? {cd: cd, t: Date.now()} : nu;
-    }
-    """,
-    Output("hs-shift", "data"), Input("b1-graph", "clickData"), prevent_initial_call=True,
 )
 
 # A hidden panel costs nothing: its view listens to a store (hs-set-key, hs-pairs-key) that
@@ -198,10 +186,11 @@ def _heads(sel: dict) -> list[list[int]]:
 
 @_deferred(Output("sel", "data", allow_duplicate=True), Output("hs-view", "value"),
           Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"), Input("hs-set", "value"),
-          Input("hs-shift", "data"), Input("hs-pairs-graph", "clickData"), State("sel", "data"),
+          Input("hs-pairs-graph", "clickData"), State("sel", "data"),
           State("hs-pairs-from", "value"), prevent_initial_call=True)
-def edit_set(pin, _clear, typed, shift, pair_click, sel, pairs_from):
-    """Every change of the head set: pin / shift-click toggle a head, the chip box's × removes one,
+def edit_set(pin, _clear, typed, pair_click, sel, pairs_from):
+    """Every change of the head set but a shift-click in B1 (assets/explorer.js headClick toggles the
+    head in the browser): pin toggles the selected head, the chip box's × removes one,
     "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set.
     A call that names several inputs as changed is no edit: Dash makes it when the page renders and
     show_set fills the chip box (prevent_initial_call does not stop it), listing every input."""
@@ -213,8 +202,6 @@ def edit_set(pin, _clear, typed, shift, pair_click, sel, pairs_from):
     toggle = None
     if trig == "hs-pin" and pin and sel.get("layer") is not None and sel.get("head") is not None:
         toggle, view = [int(sel["layer"]), int(sel["head"])], "set"
-    elif trig == "hs-shift" and shift:
-        toggle, view = [int(v) for v in shift["cd"]], "set"
     elif trig == "hs-clear":
         heads = []
     elif trig == "hs-set":
