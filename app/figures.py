@@ -656,6 +656,11 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
     return out
 
 
+# D1's selected head over more images than this is drawn with WebGL: SVG costs ~35 ms per 1,000 points
+# at every head click (the 1000-image run), WebGL ~3 ms once its context exists
+OVERLAY_GL_POINTS = 500
+
+
 def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None) -> list[dict]:
     """D1's selection layer, drawn by assets/overlay.js as a plot of its own over the background
     (which then never redraws for a selection): the selected head over all images or the selected
@@ -666,7 +671,7 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
     and clicks reach the background points beneath (customdata [image id, layer, head])."""
     data = []
     if head_all_images is not None:
-        data.append({"type": "scattergl" if len(head_all_images) > 5000 else "scatter", "mode": "markers",
+        data.append({"type": "scattergl" if len(head_all_images) > OVERLAY_GL_POINTS else "scatter", "mode": "markers",
                      "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
                      "name": head_label or "selected head, all images", "meta": {"layer": "head"},
                      "marker": {"size": 6, "color": "rgba(213,94,0,0.45)", "line": {"width": 0}}})

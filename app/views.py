@@ -1,4 +1,6 @@
-"""Small layout helpers shared by the pages (cards, messages, the run loader)."""
+"""Small layout helpers shared by the pages (cards, messages, the run loader) and the callback plumbing
+of view components (Callbacks: callbacks declared beside a layout; ViewModel: views answering a state
+change in one request)."""
 from __future__ import annotations
 
 import contextvars

@@ -242,6 +242,9 @@ def test_pattern_layout_background_and_overlay():
         ref[row, col] += 1
     assert (z == ref).all() and z.sum() == n * L * H
     assert x[0] == pytest.approx(pts[:, 0].min() + step[0] / 2, rel=1e-5) and y[-1] == pytest.approx(pts[:, 1].max() - step[1] / 2, rel=1e-5)
+    # the selected head over many images is drawn with WebGL (SVG's cost grows with every point), over few with SVG
+    for images, kind in ((F.OVERLAY_GL_POINTS + 1, "scattergl"), (F.OVERLAY_GL_POINTS, "scatter")):
+        assert F.pattern_overlay(None, L, H, (0, 1), np.random.rand(images, 2))[0]["type"] == kind
     # the layer colour bar on a point-less trace (the points and the overlay's heads are coloured by layer)
     bar = F.pattern_background(xy, "contours", H, ids)[1]
     assert bar["x"] == [None] and bar["marker"]["showscale"] and bar["marker"]["cmax"] == L - 1

@@ -148,3 +148,25 @@ def shoot(dash_duo, tmp_path, name):
     out = tmp_path / name
     assert dash_duo.driver.save_screenshot(str(out))
     shutil.copy(out, ROOT / "assets" / name)
+
+
+def test_the_chip_box_edits_the_set_in_the_browser(dash_duo, real):
+    """The chip box's changes reach the state without a request (a clientside callback): unticking
+    a head removes it, the clear button empties the set; the box filled from the URL changes nothing."""
+    run = real[1]
+    index = real_index(real)
+    image = int(index.image_ids[0])
+    visit(dash_duo, create_app(*real), f"/?run={run}&image={image}&layer=1&head=0&heads=0:1,2:3")
+    dash_duo.driver.execute_script("document.getElementById('hs-set-panel').style.display = ''")
+    until(lambda: "L0H1" in dash_duo.find_element("#hs-set").text and "L2H3" in dash_duo.find_element("#hs-set").text,
+          timeout=TIMEOUT, msg="the chips from the URL")
+    settle(dash_duo)
+    assert shown_heads(dash_duo) == [(0, 1), (2, 3)]  # filling the box from the state kept it
+    dash_duo.driver.execute_script("document.getElementById('hs-set').click()")
+    option = dash_duo.find_element("#hs-set ~ * input[value='0:1'], [role=listbox] input[value='0:1']")
+    dash_duo.driver.execute_script("arguments[0].closest('label').click()", option)
+    until(lambda: shown_heads(dash_duo) == [(2, 3)], timeout=TIMEOUT, msg="L0H1 unticked")
+    dash_duo.driver.execute_script("document.body.click()")
+    dash_duo.driver.execute_script("document.querySelector('#hs-set .dash-dropdown-clear').click()")
+    until(lambda: shown_heads(dash_duo) == [], timeout=TIMEOUT, msg="the set cleared")
+    no_console_errors(dash_duo)

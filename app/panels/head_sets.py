@@ -184,14 +184,38 @@ def _heads(sel: dict) -> list[list[int]]:
     return [[int(l), int(h)] for l, h in (sel or {}).get("heads") or []]
 
 
+# The chip box -> sel.heads, in the browser: a removed chip (×) or a typed head; the box filled by
+# show_set from sel.heads gives the same heads and changes nothing (no request, and nothing that the
+# views' requests must wait for). Bad entries are dropped (the guard checks sel on every request).
+_clientside(
+    """
+    function(typed, sel) {
+        const C = window.dash_clientside, s = sel || {}, heads = [];
+        for (const key of typed || []) {
+            const p = String(key).split(':').map(Number);
+            if (p.length === 2 && p.every(v => Number.isInteger(v) && v >= 0)) { heads.push(p); }
+        }
+        heads.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+        const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+        const now = (s.heads || []).map(h => [Number(h[0]), Number(h[1])]);
+        if (same(heads, now)) { return C.no_update; }
+        const max = (window.hsUrl.spec().keys.find(k => k.name === 'heads') || {}).max || heads.length;
+        return Object.assign({}, s, {heads: heads.length ? heads.slice(0, max) : null});
+    }
+    """,
+    Output("sel", "data", allow_duplicate=True), Input("hs-set", "value"), State("sel", "data"),
+    prevent_initial_call=True,
+)
+
+
 @_deferred(Output("sel", "data", allow_duplicate=True), Output("hs-view", "value"),
-          Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"), Input("hs-set", "value"),
+          Input("hs-pin", "n_clicks"), Input("hs-clear", "n_clicks"),
           Input("hs-pairs-graph", "clickData"), State("sel", "data"),
           State("hs-pairs-from", "value"), prevent_initial_call=True)
-def edit_set(pin, _clear, typed, pair_click, sel, pairs_from):
-    """Every change of the head set but a shift-click in B1 (assets/explorer.js headClick toggles the
-    head in the browser): pin toggles the selected head, the chip box's × removes one,
-    "clear" empties it, a pair cell makes that pair (a margin cell that head alone) the set.
+def edit_set(pin, _clear, pair_click, sel, pairs_from):
+    """The head set's edits on the server: pin toggles the selected head, "clear" empties it, a pair
+    cell makes that pair (a margin cell that head alone) the set (a shift-click in B1 and the chip
+    box change it in the browser: assets/explorer.js headClick, the clientside callback above).
     A call that names several inputs as changed is no edit: Dash makes it when the page renders and
     show_set fills the chip box (prevent_initial_call does not stop it), listing every input."""
     if len(ctx.triggered_prop_ids) != 1:
@@ -204,8 +228,6 @@ def edit_set(pin, _clear, typed, pair_click, sel, pairs_from):
         toggle, view = [int(sel["layer"]), int(sel["head"])], "set"
     elif trig == "hs-clear":
         heads = []
-    elif trig == "hs-set":
-        heads = [[int(p) for p in v.split(":")] for v in typed or []]
     elif trig == "hs-pairs-graph" and pairs_from != "set" and pair_click and pair_click.get("points"):
         heads = _pair_cell(pair_click["points"][0])
         if heads is None:
