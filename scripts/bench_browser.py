@@ -193,7 +193,17 @@ def interactions(driver, rng: random.Random):
         state["hover"] = (state["hover"] + 7) % max(len(toks) - 1, 1) + 1
         ActionChains(driver, duration=0).move_to_element(toks[state["hover"]]).pause(0.05).perform()
 
-    b1_head = click_one("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")
+    def b1_head():
+        """A click on a head of B1's image curve other than the selected one (the same head changes no
+        state: a Back after it would leave the page)."""
+        els = points("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")
+        if not els:
+            raise NotOnThisRun("#b1-graph's heads")
+        selected = driver.execute_script(
+            "const u = new URLSearchParams(location.search), gd = document.querySelector('#b1-graph .js-plotly-plot');"
+            "return gd.data[3].customdata.findIndex(c => c[0] === +u.get('layer') && c[1] === +u.get('head'));")
+        i = rng.choice([j for j in range(len(els)) if j != selected])
+        ActionChains(driver, duration=0).move_to_element(els[i]).pause(0.05).click().perform()
 
     def shift_click():
         els = points("#b1-graph .scatterlayer .trace:nth-of-type(4) .point")

@@ -640,23 +640,41 @@ def _callback(env, start: str, values, states=()):
 
 
 SEL = {"run": "ref", "image": 0, "layer": 0, "head": 1}
+PARTS = {"k-image": {"run": "ref", "image": 0}, "k-head": {"run": "ref", "layer": 0, "head": 1},
+         "k-metric": {"run": "ref", "metric": "jsd"}, "k-set": {"set": None}, "k-heads": {"heads": None},
+         "b1-overlay": [], "k-thr": {"thr": None, "bins": None}, "k-scale": {"scale": None}, "sel": SEL}
+
+
+def _view_model(env, model: str, drop=None, **values):
+    """A request of the Explorer's view model ``model`` ("cached" or "online", app/views.py) with
+    every input and state by its id (``PARTS``, overridden by ``values``; ``drop``: one left out)."""
+    env.client()
+    key = next(k for k in env.app.callback_map if f"vm-{model}.data" in k)
+    spec, values = env.app.callback_map[key], {**PARTS, **values}
+    item = lambda d: {**d, "value": values.get(d["id"])}
+    return {"output": key, "outputs": [dict(zip(("id", "property"), o.rsplit(".", 1))) for o in key.strip(".").split("...")],
+            "inputs": [item(d) for d in spec["inputs"] if d["id"] != drop],
+            "state": [item(d) for d in spec["state"] if d["id"] != drop],
+            "changedPropIds": [f"{spec['inputs'][0]['id']}.{spec['inputs'][0]['property']}"]}
+
+
 FORGED = {
     "empty list body": lambda env: [],
     "empty object body": lambda env: {},
     "unknown output": lambda env: {"output": "nope.children", "outputs": {}, "inputs": [], "state": []},
-    "selection with type-confused values": lambda env: _callback(env, "b1-graph", [{"run": "ref", "image": "0", "layer": [0], "head": {}}, "jsd"]),
-    "selection with a traversal run": lambda env: _callback(env, "b1-graph", [{"run": "../ref"}, "jsd"]),
-    "missing input": lambda env: _callback(env, "b1-graph", [SEL]),
-    "metric as a list": lambda env: _callback(env, "b1-graph", [SEL, SEL, ["jsd"], SEL, SEL, []], [SEL]),
+    "selection with type-confused values": lambda env: _view_model(env, "cached", sel={"run": "ref", "image": "0", "layer": [0], "head": {}}),
+    "selection with a traversal run": lambda env: _view_model(env, "cached", sel={"run": "../ref"}),
+    "missing input": lambda env: _view_model(env, "cached", drop="k-metric"),
+    "metric as a list": lambda env: _view_model(env, "cached", **{"k-metric": {"run": "ref", "metric": ["jsd"]}}),
     "prune mode as a string": lambda env: _callback(env, "b2-graph.clickData", [{"points": [{"customdata": "x"}]}]),
     "prune mode out of range": lambda env: _callback(env, "b2-graph.clickData", [{"points": [{"customdata": 99}]}]),
-    "threshold as a string": lambda env: _callback(env, "..d3-graph", [SEL, "lots"]),
-    "threshold out of range": lambda env: _callback(env, "..d3-graph", [SEL, 1e9]),
+    "threshold as a string": lambda env: _view_model(env, "online", **{"k-thr": "lots"}),
+    "threshold out of range": lambda env: _view_model(env, "online", **{"k-thr": {"thr": "q1e9"}}),
     "hover data without points": lambda env: _callback(env, "..a-tooltip", [{"points": "all"}], [SEL]),
     "hover data without bbox": lambda env: _callback(env, "..a-tooltip", [{"points": [{"customdata": 0}]}], [SEL]),
     "click data with an object as customdata": lambda env: _callback(env, "a-graph.clickData", [{"points": [{"customdata": {}}]}, None, None, None], [None]),
-    "D3 hover token as text": lambda env: _callback(env, "..d2-images", [SEL, {"points": [{"customdata": [0, "x"]}]}]),
-    "changedPropIds naming a non-input": lambda env: {**_callback(env, "b1-graph", [SEL, "jsd"]), "changedPropIds": ["x.y"]},
+    "D3 hover token as text": lambda env: _view_model(env, "online", **{"d3-graph": {"points": [{"customdata": [0, "x"]}]}}),
+    "changedPropIds naming a non-input": lambda env: {**_view_model(env, "cached"), "changedPropIds": ["x.y"]},
 }
 for _name, _make in FORGED.items():
     def _probe(env, make=_make):
@@ -669,8 +687,10 @@ for _name, _make in FORGED.items():
 
 @case("genuine callback request still answered")
 def _(env):
-    r = env.client().post("/_dash-update-component", json=_callback(env, "b1-graph", [SEL] * 5 + [[]], [SEL]))
-    return expect(r.status_code == 200, f"{r.status_code}")
+    for model in ("cached", "online"):
+        r = env.client().post("/_dash-update-component", json=_view_model(env, model))
+        expect(r.status_code == 200, f"{model}: {r.status_code} {r.get_data(as_text=True)[:120]}")
+    return "both view models answered"
 
 
 @case("20 MB callback body refused before parsing (413)")
