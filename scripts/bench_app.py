@@ -5,9 +5,9 @@
 
 Builds (once) a synthetic run with scripts/make_synthetic_cache.py, creates the app, and POSTs to
 /_dash-update-component in-process (Flask test client: the full Dash request path, JSON included,
-no sockets) exactly what the browser sends when the selection changes. Every Explorer callback
-that depends on the selection is timed; a selection alternates between a new image and a new
-head. Reports p50 / p95 / max per callback and over all of them.
+no sockets) what the browser sends when the selection changes: the Explorer's two view-model
+requests (app/views.py ViewModel), with the record each response gives back; a selection alternates
+between a new image and a new head. Reports p50 / p95 / max.
 
 Online views (B2/B3 partial pruning, D2-D5 attention) are timed on a second synthetic run whose
 manifest names a randomly initialised model of the default model's architecture
@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-
-ONLINE_IDS = ("b2-graph", "d3-graph", "d2-images")
 
 def ensure_run(cache: Path, name: str, **kw) -> Path:
     from analysis.runs.synthetic import make_run
@@ -49,16 +47,6 @@ class Client:
         self.deps = json.loads(self.http.get("/_dash-dependencies").data)
         self.values = dict(values)
 
-    def callbacks_on(self, prop: str, ids: set[str]) -> list[dict]:
-        """Callbacks with input ``prop`` whose outputs are all among ``ids`` (one page)."""
-        found = []
-        for cb in self.deps:
-            if cb.get("clientside_function") or not any(f"{i['id']}.{i['property']}" == prop for i in cb["inputs"]):
-                continue
-            if all(o["id"] in ids for o in parse_outputs(cb["output"])):
-                found.append(cb)
-        return found
-
     def call(self, cb: dict, changed: str) -> float:
         def props(items):
             return [{**i, "value": self.values.get(f"{i['id']}.{i['property']}")} for i in items]
@@ -79,80 +67,74 @@ class Client:
             raise RuntimeError(f"{cb['output']}: HTTP {r.status_code} {r.data[:300]!r}")
         return ms
 
-def component_ids(layout) -> set[str]:
-    ids, stack = set(), [layout]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (list, tuple)):
-            stack.extend(node)
-            continue
-        if getattr(node, "id", None) is not None and isinstance(node.id, str):
-            ids.add(node.id)
-        for attr in ("children", "label"):
-            child = getattr(node, attr, None)
-            if child is not None and not isinstance(child, (str, int, float)):
-                stack.append(child)
-    return ids
-
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 def initial_values(run: str) -> dict:
-    return {"sel.data": {"run": run, "image": None, "layer": None, "head": None}, "metric.value": "prob",
-            "d1-kind.value": "cls", "d1-style.value": "density", "d1-key.data": None, "prune-mode.data": 1,
-            "q-slider.value": 0.0, "d3-graph.hoverData": None}
+    return {"d1-color.value": "layer", "b1-overlay.value": [], "d2-own.value": [], "d3-graph.hoverData": None}
+
+
+def select(client: "Client", sel: dict) -> None:
+    """The state ``sel`` as the page holds it: the store sel and its k-* parts (app/state.py PARTS)."""
+    from app.state import PART_WHEN, PARTS
+
+    client.values["sel.data"] = sel
+    for part, keys in PARTS.items():
+        when = PART_WHEN.get(part)
+        keys = keys + tuple(when["keys"]) if when and sel.get(when["if"][0]) == when["if"][1] else keys
+        client.values[f"k-{part}.data"] = {k: sel.get(k) for k in keys}
+
+
+def view_model(client: "Client", name: str) -> dict:
+    """The Explorer's view-model callback ``name`` ("cached" or "online", app/views.py ViewModel)."""
+    return next(cb for cb in client.deps if f"vm-{name}.data" in cb["output"])
+
 
 def bench_cached(app, run: str, n_sel: int, seed: int, L: int, H: int, n_images: int) -> dict:
-
-    page_ids = component_ids(sys.modules["app.pages.explorer"].layout())
+    """Server time of the cached view model (A, B1, C1-C3, D1, the header) per selection change; its
+    record goes back with the next request, as the browser sends it (only changed views recompute)."""
     client = Client(app, initial_values(run))
-    cbs = [cb for cb in client.callbacks_on("sel.data", page_ids)
-           if not any(o["id"] in ONLINE_IDS for o in parse_outputs(cb["output"]))]
+    cb = view_model(client, "cached")
     rng = random.Random(seed)
-    t = time.perf_counter()
-    for cb in cbs:  # first view of the run: builds the per-run index
-        client.call(cb, "sel.data")
-    first = (time.perf_counter() - t) * 1000
-    times = {cb["output"]: [] for cb in cbs}
-    events = []
     sel = {"run": run, "image": 0, "layer": 0, "head": 0}
+    select(client, sel)
+    t = time.perf_counter()
+    client.call(cb, "k-image.data")  # first view of the run: builds the per-run index
+    first = (time.perf_counter() - t) * 1000
+    times = {"image": [], "head": []}
     for i in range(n_sel + 3):
-        if i % 2 == 0:
+        what = "image" if i % 2 == 0 else "head"
+        if what == "image":
             sel = {**sel, "image": rng.randrange(n_images)}
         else:
             sel = {**sel, "layer": rng.randrange(L), "head": rng.randrange(H)}
-        client.values["sel.data"] = sel
-        per = [client.call(cb, "sel.data") for cb in cbs]
+        select(client, sel)
+        ms = client.call(cb, f"k-{what}.data")
         if i >= 3:  # the first selections warm caches (figure backgrounds)
-            for cb, ms in zip(cbs, per):
-                times[cb["output"]].append(ms)
-            events.append((max(per), sum(per)))
-    return {"first_view_ms": first, "times": times, "events": events}
+            times[what].append(ms)
+    return {"first_view_ms": first, "times": times}
+
 
 def bench_online(app, run: str, n: int, seed: int, L: int, H: int, n_images: int) -> dict:
-    page_ids = component_ids(sys.modules["app.pages.explorer"].layout())
+    """Server time of the online view model (B2/B3, D2-D5 in parallel threads) for a new image and
+    head (a cold result), and for a threshold change."""
     client = Client(app, initial_values(run))
-    cbs = {o: cb for cb in client.callbacks_on("sel.data", page_ids)
-           for o in ONLINE_IDS if o in cb["output"]}
+    cb = view_model(client, "online")
     rng = random.Random(seed)
-    client.values["sel.data"] = {"run": run, "image": 0, "layer": 0, "head": 0}
+    select(client, {"run": run, "image": 0, "layer": 0, "head": 0})
     t = time.perf_counter()
-    client.call(cbs["d3-graph"], "sel.data")
+    client.call(cb, "k-image.data")
     load = (time.perf_counter() - t) * 1000
-    res = {"model_load_ms": load, "attention_views": [], "d3_d5": [], "d2": [], "pruning": [], "threshold": []}
+    res = {"model_load_ms": load, "new_head": [], "threshold": []}
     for _ in range(n):
-        client.values["sel.data"] = {"run": run, "image": rng.randrange(n_images), "layer": rng.randrange(L),
-                                     "head": rng.randrange(H)}
-        d35 = client.call(cbs["d3-graph"], "sel.data")
-        d2 = client.call(cbs["d2-images"], "sel.data")
-        res["d3_d5"].append(d35)
-        res["d2"].append(d2)
-        res["attention_views"].append(d35 + d2)
-        res["pruning"].append(client.call(cbs["b2-graph"], "sel.data"))
-        client.values["q-slider.value"] = rng.uniform(-1, 1)
-        res["threshold"].append(client.call(cbs["d3-graph"], "q-slider.value"))
+        sel = {"run": run, "image": rng.randrange(n_images), "layer": rng.randrange(L), "head": rng.randrange(H)}
+        select(client, sel)
+        res["new_head"].append(client.call(cb, "k-image.data"))
+        select(client, {**sel, "thr": f"q{rng.uniform(0.1, 10):.3g}"})
+        res["threshold"].append(client.call(cb, "k-thr.data"))
     return res
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,19 +166,11 @@ def main(argv=None) -> int:
     app = create_app(cache, name)
     print(f"create_app: {(time.perf_counter() - t) * 1000:.0f} ms")
     r = bench_cached(app, name, args.selections, args.seed, args.layers, args.heads, args.images)
-    print(f"\nCached views, run {name} ({args.images} images x {args.layers * args.heads} heads), "
-          f"{args.selections} selection changes (image / head alternately), server time per callback:")
+    print(f"\nCached views (A, B1, C1-C3, D1, the header: one request), run {name} ({args.images} images x "
+          f"{args.layers * args.heads} heads), {args.selections} selection changes (image / head alternately):")
     print(f"  first view of the run (index build + all views): {r['first_view_ms']:.0f} ms")
-    print(f"  {'callback outputs':58s} {'p50':>7s} {'p95':>7s} {'max':>7s}")
-    every = []
-    for out, ms in r["times"].items():
-        every += ms
-        print(f"  {out[:58]:58s} {pct(ms, 50):7.1f} {pct(ms, 95):7.1f} {max(ms):7.1f}")
-    print(f"  {'ALL callbacks':58s} {pct(every, 50):7.1f} {pct(every, 95):7.1f} {max(every):7.1f}")
-    slowest = [e[0] for e in r["events"]]
-    total = [e[1] for e in r["events"]]
-    print(f"  per selection, slowest callback: p50 {pct(slowest, 50):.1f}  p95 {pct(slowest, 95):.1f} ms; "
-          f"all callbacks back to back: p50 {pct(total, 50):.1f}  p95 {pct(total, 95):.1f} ms")
+    for what, ms in r["times"].items():
+        print(f"  a new {what:5s}  p50 {pct(ms, 50):7.1f}  p95 {pct(ms, 95):7.1f}  max {max(ms):7.1f} ms")
     report = {"cached": {k: v for k, v in r.items()}}
     if not args.skip_online:
         oname = f"bench-online-{args.online_model}-{args.online_img_size}"
@@ -210,9 +184,8 @@ def main(argv=None) -> int:
               f"{mf['depth']} layers x {mf['heads']} heads, grid {mf['grid']}), in-process on the CPU, "
               f"{torch.get_num_threads()} torch thread(s):")
         print(f"  first query (loads the model): {o['model_load_ms']:.0f} ms")
-        for key, label in (("attention_views", "D2-D5 for a new image/head (attention + 4 views)"),
-                           ("d3_d5", "  of which D3-D5 callback"), ("d2", "  of which D2 callback"),
-                           ("pruning", "B2/B3 partial pruning (8 modes)"), ("threshold", "threshold change (D3-D5)")):
+        for key, label in (("new_head", "a new image and head (B2/B3 + D2-D5, one request)"),
+                           ("threshold", "a threshold change (D3-D5)")):
             v = o[key]
             print(f"  {label:50s} p50 {pct(v, 50):7.1f}  p95 {pct(v, 95):7.1f}  max {max(v):7.1f} ms")
         report["online"] = o

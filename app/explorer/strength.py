@@ -72,19 +72,18 @@ def vector_metric(names: list[str], current=None) -> str | None:
 @callbacks.server(Output("c1-metric", "options"), Output("c1-metric", "placeholder"), Input("k-run", "data"),
                   State("sel", "data"), State("c1-metric", "value"))
 def c1_metric_options(_k, sel, current):
-    options, value = c1_choices(sel, current)
-    if current is not None and value != current:
+    options, default = c1_choices(sel)
+    if current is not None and current not in [o["value"] for o in options]:
         dash.set_props("c1-metric", {"value": None})
-    return options, registry.get_metric(c1_choices(sel)[1]).option if options else "no properties"
+    return options, registry.get_metric(default).option if options else "no properties"
 
 
 @callbacks.server(Output("c2-metric", "options"), Output("c2-metric", "placeholder"), Output("c2-choice", "style"),
                   Input("k-run", "data"), State("sel", "data"), State("c2-metric", "value"))
 def c2_metric_options(_k, sel, current):
-    options, value, style = c2_choices(sel, current)
-    if current is not None and value != current:
+    options, default, style = c2_choices(sel)
+    if current is not None and current not in [o["value"] for o in options]:
         dash.set_props("c2-metric", {"value": None})
-    default = c2_choices(sel)[1]
     return options, registry.get_metric(default).label if default else "no vector metric", style
 
 
