@@ -92,15 +92,20 @@ window.hsWarm = function (sel, pick) {
     fetch(window.hsUrl.base() + 'api/warm?' + new URLSearchParams({run: s.run, image, layer, head})).catch(() => {});
 };
 
-// sel's head set with [layer, head] added, or removed when it is in it (null: empty), sorted as the
-// server writes it (app/panels/head_sets.py) and at most as long as the state declares (app/state.py)
+// [[layer, head], ...] as sel.heads holds it: sorted as the server writes it (app/panels/head_sets.py),
+// at most as long as the state declares (app/state.py), null when empty
+window.hsHeadSet = function (heads) {
+    const max = (window.hsUrl.spec().keys.find(k => k.name === 'heads') || {}).max || heads.length;
+    const sorted = heads.slice().sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    return sorted.length ? sorted.slice(0, max) : null;
+};
+
+// sel's head set with [layer, head] added, or removed when it is in it
 window.hsToggleHead = function (sel, cd) {
     const heads = ((sel || {}).heads || []).map(h => [Number(h[0]), Number(h[1])]);
     const key = h => h[0] + ':' + h[1], i = heads.findIndex(h => key(h) === key(cd));
     if (i >= 0) { heads.splice(i, 1); } else { heads.push([Number(cd[0]), Number(cd[1])]); }
-    const max = (window.hsUrl.spec().keys.find(k => k.name === 'heads') || {}).max || heads.length;
-    heads.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-    return heads.length ? heads.slice(0, max) : null;
+    return window.hsHeadSet(heads);
 };
 
 // The Explorer's clientside callbacks (app/explorer/*.py: ClientsideFunction('explorer', name)).

@@ -14,8 +14,8 @@ from analysis.models.pruning import MODE_LABELS
 from analysis.serving.transport import OnlineError
 
 from app import figures as F
-from app.explorer.selection import (SCOPES, cached, chosen_metric, image_caption, metric_title, online, pruning_mode, pruning_rows,
-                                    scope_positions, selection)
+from app.explorer.selection import (SCOPES, cached, chosen_metric, image_caption, metric_title, online, pruning_mode,
+                                    pruning_rows, scope_positions, selection)
 from app.panels import head_sets
 from app.views import Callbacks, card, graph, load, loading, message
 

@@ -184,9 +184,10 @@ def _heads(sel: dict) -> list[list[int]]:
     return [[int(l), int(h)] for l, h in (sel or {}).get("heads") or []]
 
 
-# The chip box -> sel.heads, in the browser: a removed chip (×) or a typed head; the box filled by
-# show_set from sel.heads gives the same heads and changes nothing (no request, and nothing that the
-# views' requests must wait for). Bad entries are dropped (the guard checks sel on every request).
+# The chip box -> sel.heads, in the browser (assets/explorer.js hsHeadSet): a removed chip or a
+# typed head; the box filled by show_set from sel.heads gives the same heads and changes nothing (no
+# request, and nothing that the views' requests must wait for). Bad entries are dropped (the guard
+# checks sel on every request).
 _clientside(
     """
     function(typed, sel) {
@@ -195,12 +196,9 @@ _clientside(
             const p = String(key).split(':').map(Number);
             if (p.length === 2 && p.every(v => Number.isInteger(v) && v >= 0)) { heads.push(p); }
         }
-        heads.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-        const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
-        const now = (s.heads || []).map(h => [Number(h[0]), Number(h[1])]);
-        if (same(heads, now)) { return C.no_update; }
-        const max = (window.hsUrl.spec().keys.find(k => k.name === 'heads') || {}).max || heads.length;
-        return Object.assign({}, s, {heads: heads.length ? heads.slice(0, max) : null});
+        const next = window.hsHeadSet(heads), now = (s.heads || []).map(h => [Number(h[0]), Number(h[1])]);
+        if (JSON.stringify(next) === JSON.stringify(now.length ? now : null)) { return C.no_update; }
+        return Object.assign({}, s, {heads: next});
     }
     """,
     Output("sel", "data", allow_duplicate=True), Input("hs-set", "value"), State("sel", "data"),
