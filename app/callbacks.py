@@ -117,9 +117,10 @@ def _ints(*lengths):
 
 
 def _overlay_traces(v):
-    """A's or D1's selection layer (at most 3 small traces; drawn in the browser, never run on the server)."""
-    if not (isinstance(v, list) and len(v) <= 3 and all(isinstance(t, dict) for t in v)):
-        raise Invalid("expected a list of at most 3 traces")
+    """A's or D1's selection layer (at most 4 small traces: D1's density, the head's points, the image's,
+    the ring; drawn in the browser, never run on the server)."""
+    if not (isinstance(v, list) and len(v) <= 4 and all(isinstance(t, dict) for t in v)):
+        raise Invalid("expected a list of at most 4 traces")
 
 
 def _popped(v):

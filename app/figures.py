@@ -133,6 +133,15 @@ def selected_ring(x, y, text=None) -> dict:
             "name": text or "selected"}
 
 
+def selected_ring_shape(x, y, size: int = 18) -> dict:
+    """The selected head's ring as a layout shape (``size`` px across at data (x, y)): a new head
+    changes only the figure's shapes, which plotly redraws without redrawing its traces."""
+    r = size / 2
+    return {"type": "circle", "xref": "x", "yref": "y", "xsizemode": "pixel", "ysizemode": "pixel",
+            "xanchor": x, "yanchor": y, "x0": -r, "x1": r, "y0": -r, "y1": r,
+            "line": {"color": ACCENT, "width": 3}, "name": "selected"}
+
+
 # ---- A: image overview ---------------------------------------------------------------------
 COLOR_BY = {"class": "class", "prob": "P(true label)", "correct": "correct / wrong", "head": "metric of the head"}
 CORRECT_COLOURS = (("correct", "#0072B2", "circle"), ("wrong", ACCENT, "x"))
@@ -466,8 +475,8 @@ AXIS_TITLE_PX = 11  # C1's y title (folded to the plot's height: fold_title)
 def property_overview(values, L: int, H: int, selected=None, title: str | None = None,
                       y_title: str = "strength entropy", y_range=(0, 1), height: int | None = None) -> dict:
     """C1: every head at x = layer (spread by head), y = a per-head property (default: the
-    normalised strength entropy), coloured by layer. y_range None: automatic. ``height``: the
-    graph's height in px, to which the y title is folded (fold_title) so that it spans no more than
+    normalised strength entropy), coloured by layer, ``selected`` = (layer, head) ringed (a layout
+    shape). y_range None: automatic. ``height``: the graph's height in px, to which the y title is folded (fold_title) so that it spans no more than
     the plot."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
@@ -481,16 +490,17 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
                         "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
              "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>" + y_title
                               + " %{y:.4g}<extra></extra>"}]
-    if selected is not None:
+    shapes = []
+    if selected is not None and np.isfinite(ent[selected[0] * H + selected[1]]):
         i = selected[0] * H + selected[1]
-        data.append({**selected_ring(float(x[i]), float(ent[i])), "cliponaxis": False})  # whole at y = 1
+        shapes.append(selected_ring_shape(float(x[i]), float(ent[i])))
     margin = {"l": 55, "r": 10, "t": 28 if title else 10, "b": 40}
     shown = y_title if height is None else fold_title(y_title, height - margin["t"] - margin["b"], AXIS_TITLE_PX)
     y_axis = axis(shown, range=_padded(y_range)) if y_range else axis(shown)
     if "title" in y_axis:
         y_axis["title"]["font"] = {"size": AXIS_TITLE_PX}
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),
-                 yaxis=y_axis, margin=margin)
+                 yaxis=y_axis, margin=margin, shapes=shapes)
     return {"data": data, "layout": lay}
 
 
@@ -616,6 +626,12 @@ def density_contours(points: np.ndarray, lines: bool = True, bins: int = DENSITY
             "line": {"width": 0.5, "color": "#999", "smoothing": 1.3}, "name": "density"}
 
 
+def pattern_density(xy: np.ndarray, lines: bool = True) -> dict:
+    """D1's density (``density_contours``) of the heads ``xy`` [n, L*H, 2] that have a position."""
+    flat = xy.reshape(-1, 2)
+    return density_contours(flat[~np.isnan(flat).any(1)], lines)
+
+
 def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patterns=None, label: str = "pattern",
                        colours: dict | None = PATTERN_COLOURS) -> list[dict]:
     """D1's context layer (independent of the selection), as in the paper's Fig. 12:
@@ -625,16 +641,15 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
     PATTERN_COLOURS by default, None = palette colours; a legend entry each, the full label on hover), in
     ``background_groups`` order; customdata [image id, layer, head] for hover and click (a plain
     list, no smaller as a typed array, and Dash's clickData keeps only a list's).
-    "contours": smooth density contours of all of them (histogram2dcontour); "both": contours under
-    the points."""
+    "contours": the density of all of them (``pattern_density``). "points + contours" draws the
+    density under the points in the selection layer (``pattern_overlay``): toggling it redraws no point."""
     n, LH, _ = xy.shape
     flat = xy.reshape(-1, 2)
-    ok = ~np.isnan(flat).any(1)
     L = LH // H
     out = []
-    if style in ("contours", "both"):
-        out.append(density_contours(flat[ok], style == "contours"))
-    if style in ("points", "both"):
+    if style == "contours":
+        out.append(pattern_density(xy))
+    if style == "points":
         ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
         labels = None if patterns is None else np.asarray(patterns, dtype=object).reshape(-1)
         hover = "image %{customdata[0]} · layer %{customdata[1]} head %{customdata[2]}" + ("" if labels is None else " · %{text}")
@@ -661,15 +676,18 @@ def pattern_background(xy: np.ndarray, style: str, H: int, image_ids=None, patte
 OVERLAY_GL_POINTS = 500
 
 
-def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None) -> list[dict]:
+def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=None, head_label=None,
+                    density: dict | None = None) -> list[dict]:
     """D1's selection layer, drawn by assets/overlay.js as a plot of its own over the background
     (which then never redraws for a selection): the selected head over all images or the selected
     set (orange), the selected image's heads emphasised (large, coloured by layer, black outline) and
     a ring around the selected head. The head's points, the image's and the ring are plots of their
     own (``meta.layer``): a new image does not redraw the head's points, a new head of the same image
     not the image's. It takes no mouse events: hover
-    and clicks reach the background points beneath (customdata [image id, layer, head])."""
-    data = []
+    and clicks reach the background points beneath (customdata [image id, layer, head]).
+    ``density`` (``pattern_density``, without lines: "points + contours") is drawn under the
+    background (``meta.under``), whose points then never redraw when it comes or goes."""
+    data = [] if density is None else [dict(density, meta={"layer": "density", "under": True})]
     if head_all_images is not None:
         data.append({"type": "scattergl" if len(head_all_images) > OVERLAY_GL_POINTS else "scatter", "mode": "markers",
                      "x": typed(head_all_images[:, 0]), "y": typed(head_all_images[:, 1]),
@@ -689,9 +707,9 @@ def pattern_overlay(xy_image, L: int, H: int, selected=None, head_all_images=Non
 
 def pattern_layout(background: list[dict], kind: str, uirevision=None) -> dict:
     """D1's background figure (cached per run/kind/style/colouring); the selection is drawn over it
-    by assets/overlay.js (``pattern_overlay``)."""
+    by assets/overlay.js (``pattern_overlay``), the density under it: a transparent background."""
     title = "CLS attention vectors" if kind == "cls" else "patch attention latents"
-    lay = layout(None, xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
+    lay = layout(None, paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""), uirevision=uirevision,
                  margin={"l": 6, "r": 6, "t": 6, "b": 6}, hoverdistance=6,
                  annotations=[{"text": f"2-D layout of {title}", "xref": "paper", "yref": "paper", "x": 0, "y": 1,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, clientside_callback, dcc, html, no_update
+from dash import Input, Output, Patch, State, callback, clientside_callback, dcc, html, no_update
 
 from analysis.errors import HeadScopeError
 
@@ -87,6 +87,16 @@ def changed_inputs() -> set[str]:
     """The component ids of the running view's Inputs whose values differ from those the browser
     shows it for (every Input on its first draw); empty outside a view model (the report, tests)."""
     return _CHANGED.get() or set()
+
+
+def layout_patch(figure: dict, *keys: str) -> Patch:
+    """A Patch setting only ``keys`` of ``figure``'s layout (e.g. "shapes"): what a view sends when
+    nothing else of its figure changed (``changed_inputs``); the browser keeps the figure's traces,
+    and plotly redraws only those layout parts (shapes and annotations without replotting)."""
+    patch = Patch()
+    for key in keys:
+        patch["layout"][key] = figure["layout"].get(key, [])
+    return patch
 
 
 def _fingerprint(value) -> str:

@@ -5,23 +5,24 @@
 // and axis ranges; they follow zoom, pan and resizes), that take no mouse events, so hover, click,
 // lasso and zoom all reach the points beneath. The traces are grouped by ``meta.layer`` into one plot
 // each, and a plot is redrawn only when its traces change: a new image does not redraw D1's selected
-// head over all images, nor A's set.
+// head over all images, nor A's set. A layer with ``meta.under`` is drawn under the graph instead (D1's
+// density: toggling it redraws none of the graph's points).
 (function () {
-  const views = {};  // view ('a', 'd1') -> {traces, tries, shown: [what each plot draws]}
+  const views = {};  // view ('a', 'd1') -> {traces, tries}
 
   function parts(id) {  // '<view>-graph' and its host '<view>-overlay'
     const host = document.getElementById(id + '-overlay');
     return {host, bg: document.querySelector('#' + id + '-graph .js-plotly-plot')};
   }
 
-  function groups(traces) {  // [[traces of one meta.layer], ...] in the order of their first trace
+  function groups(traces) {  // meta.layer -> [its traces], in the order of their first trace
     const out = new Map();
     for (const t of traces) {
       const k = (t.meta && t.meta.layer) || '';
       if (!out.has(k)) { out.set(k, []); }
       out.get(k).push(t);
     }
-    return [...out.values()];
+    return out;
   }
 
   function sync(id) {
@@ -44,13 +45,23 @@
       paper_bgcolor: 'rgba(0,0,0,0)', plot_bgcolor: 'rgba(0,0,0,0)',
     };
     if (ok) { layout.xaxis = axis(fl.xaxis); layout.yaxis = axis(fl.yaxis); }
+    // one plot per layer name, kept for it: a layer that comes or goes (D1's density) redraws no other
+    // (a WebGL plot given another layer's traces would build its context anew)
     const layers = groups(ok ? view.traces : []);
-    while (host.children.length < Math.max(layers.length, 1)) {
-      host.appendChild(Object.assign(document.createElement('div'), {className: 'overlay-plot'}));
+    const plots = new Map([...host.children].map(el => [el.dataset.layer, el]));
+    for (const name of layers.keys()) {
+      if (!plots.has(name)) {
+        const plot = Object.assign(document.createElement('div'), {className: 'overlay-plot'});
+        plot.dataset.layer = name;
+        plots.set(name, host.appendChild(plot));
+      }
     }
     const frame = JSON.stringify([layout, r.left - p.left, r.top - p.top]);
-    [...host.children].forEach((plot, i) => {
-      const traces = layers[i] || [];
+    const order = [...layers.keys()];
+    plots.forEach((plot, name) => {
+      const traces = layers.get(name) || [];
+      // stacked in the traces' order; a layer under the graph (D1's density: the graph's background is transparent)
+      plot.style.zIndex = traces.some(t => t.meta && t.meta.under) ? '-1' : String(order.indexOf(name) + 1);
       const shown = frame + JSON.stringify(traces);  // the same traces on the same axes: nothing to redraw
       if (plot.__hsShown === shown) { return; }
       plot.style.left = (r.left - p.left) + 'px';

@@ -65,7 +65,8 @@ def visit(dash_duo, app, path="/"):
 
 # A selection layer ('a-overlay', 'd1-overlay': assets/overlay.js) is one plot per group of traces:
 # as ``gd`` its traces together, with the first plot's layout and position
-LAYER = ("const plots = [...document.querySelectorAll('#ID .js-plotly-plot')].filter(p => p.data);"
+LAYER = ("const plots = [...document.querySelectorAll('#ID .js-plotly-plot')].filter(p => p.data)"
+         ".sort((a, b) => a.style.zIndex - b.style.zIndex);"  # the layers' order (assets/overlay.js)
          "const gd = plots.length ? {data: plots.flatMap(p => p.data), _fullData: plots.flatMap(p => p._fullData),"
          " _fullLayout: plots[0]._fullLayout, getBoundingClientRect: () => plots[0].getBoundingClientRect()} : null;")
 
@@ -181,7 +182,7 @@ def test_clicking_an_image_in_a_updates_b1_c1_d1(dash_duo, app):
     visit(dash_duo, app, "/")
     dash_duo.wait_for_element("#a-graph .scatterlayer .trace .point", timeout=TIMEOUT)
     wait_js(dash_duo, "b1-graph", "gd.data.length", lambda n: n == 3, "mean and band only")
-    wait_js(dash_duo, "d1-overlay", "gd.data.length", lambda n: n == 0, "no selection layer yet")
+    wait_js(dash_duo, "d1-overlay", "gd.data.length", lambda n: not n, "no selection layer yet")
     # hovering an image shows its thumbnail, label, prediction and probability
     point = dash_duo.find_element("#a-graph .scatterlayer .trace:nth-of-type(3) .point")
     ActionChains(dash_duo.driver).move_to_element(point).pause(0.5).perform()
@@ -728,7 +729,13 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
     assert dash_duo.find_element("#d1-style input[value=both]").is_selected()
     assert dash_duo.find_element("#bins input[value=linear]").is_selected()
     assert dash_duo.find_element("#band-scope").get_attribute("value") == "class"
-    assert js(dash_duo, "d1-graph", "gd.data[0].type") == "contour"  # the density, counted on the server
+    # the density (counted on the server) under D1's points, which the graph's transparent background shows
+    wait_js(dash_duo, "d1-overlay", "gd.data[0].type", lambda t: t == "contour", "the density under D1")
+    assert dash_duo.driver.execute_script(
+        "const p = [...document.querySelectorAll('#d1-overlay .overlay-plot')].find(p => p.data && p.data.length"
+        " && p.data[0].type === 'contour'); return p && [getComputedStyle(p).zIndex,"
+        " getComputedStyle(document.querySelector('#d1-graph .main-svg')).backgroundColor]") == ["-1", "rgba(0, 0, 0, 0)"]
+    assert "scattergl" in js(dash_duo, "d1-graph", "gd.data.map(t => t.type)")
     wait_js(dash_duo, "b2-graph", "gd.data[0].marker.color[3]", lambda c: c == "#D55E00", "mode 3 chosen for B3")
     assert "JSD" in js(dash_duo, "b1-graph", "gd.layout.yaxis.title.text")
     # a head from C1, Back to the URL the page was loaded with, Forward
@@ -781,6 +788,11 @@ def test_real_state_is_in_the_url_and_back_forward_step_through_it(dash_duo, rea
           msg="control follows Back from another page")
     settle(dash_duo)
     assert query(dash_duo) == {**full, "layer": "1", "head": "1"}
+    # "points + contours" -> "points": the density under the graph goes, D1's points stay as drawn
+    dash_duo.driver.execute_script("document.querySelector('#d1-graph .js-plotly-plot').data[0].hsMark = 1;")
+    click(dash_duo, "#d1-style input[value=points]")
+    wait_js(dash_duo, "d1-overlay", "gd.data.some(t => t.type === 'contour')", lambda v: v is False, "density gone")
+    assert js(dash_duo, "d1-graph", "gd.data[0].hsMark") == 1, "the points were drawn anew"
     no_console_errors(dash_duo)
 
 

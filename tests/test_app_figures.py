@@ -211,7 +211,11 @@ def test_strength_views():
     pts = fig["data"][0]
     assert pts["marker"]["color"] == [l for l in range(L) for _ in range(H)]
     assert all(abs(x - l) < 0.5 for x, l in zip(pts["x"], pts["marker"]["color"]))
-    assert fig["data"][1]["y"] == [pytest.approx(ent[2 * H])]
+    ring = fig["layout"]["shapes"][0]  # the selected head's ring, a shape (a new head moves only the shapes)
+    assert len(fig["data"]) == 1 and ring["type"] == "circle" and ring["xsizemode"] == ring["ysizemode"] == "pixel"
+    assert (ring["xanchor"], ring["yanchor"]) == (pytest.approx(pts["x"][2 * H]), pytest.approx(ent[2 * H]))
+    assert "shapes" not in roundtrip(F.property_overview(ent, L, H))["layout"] or \
+        not roundtrip(F.property_overview(ent, L, H))["layout"]["shapes"]
     fig = roundtrip(F.strength_bars([0.5, 0.2, 0.1]))
     assert fig["data"][0]["x"] == [0, 1, 2]
     fig = roundtrip(F.distribution(np.array([0.1, 0.1, 0.9, np.nan]), current=0.9, bins=10))
@@ -227,10 +231,13 @@ def test_pattern_layout_background_and_overlay():
     n = 5
     xy = np.random.rand(n, L * H, 2)
     ids = np.arange(50, 50 + n)
-    kinds = {"points": ["scattergl"] * L + ["scatter"], "contours": ["contour", "scatter"],
-             "both": ["contour"] + ["scattergl"] * L + ["scatter"]}
+    kinds = {"points": ["scattergl"] * L + ["scatter"], "contours": ["contour", "scatter"]}
     for style, types in kinds.items():
         assert [t["type"] for t in F.pattern_background(xy, style, H, ids)] == types
+    # "points + contours": the density (without lines) comes first in the selection layer, drawn under the points
+    under = F.pattern_overlay(xy[0], L, H, (0, 1), density=F.pattern_density(xy, lines=False))
+    assert under[0]["type"] == "contour" and under[0]["meta"] == {"layer": "density", "under": True}
+    assert not under[0]["contours"]["showlines"] and F.pattern_background(xy, "contours", H, ids)[0]["contours"]["showlines"]
     # the density: counts of a 60 x 60 grid over the points' range, as a plain loop counts them
     dens = F.pattern_background(xy, "contours", H, ids)[0]
     pts, x, y, z = xy.reshape(-1, 2), F.untyped(dens["x"]), F.untyped(dens["y"]), F.untyped(dens["z"]).reshape(60, 60)
@@ -269,8 +276,9 @@ def test_pattern_layout_background_and_overlay():
     assert [(t["name"], t["marker"]["color"], t["showlegend"]) for t in by_pattern] == \
            [("pattern: diagonal", F.PATTERN_COLOURS["diagonal"], True), ("pattern: block", F.PATTERN_COLOURS["block"], True)]
     assert by_pattern[0]["text"][0] == "diagonal:self" and len(by_pattern[1]["customdata"]) == n * L * H // 2
-    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "both", H, ids), "cls"))
-    assert [t["type"] for t in fig["data"]] == kinds["both"]
+    fig = roundtrip(F.pattern_layout(F.pattern_background(xy, "points", H, ids), "cls"))
+    assert [t["type"] for t in fig["data"]] == kinds["points"]
+    assert fig["layout"]["plot_bgcolor"] == "rgba(0,0,0,0)"  # the density under it shows through
     # the selection layer: the head over all images, the image's heads (by layer), the ring; no events
     overlay = roundtrip({"data": F.pattern_overlay(xy[2], L, H, selected=(1, 1), head_all_images=xy[:, 4]),
                          "layout": {}})["data"]

@@ -17,7 +17,7 @@ from app import figures as F
 from app.explorer.selection import (SCOPES, cached, chosen_metric, image_caption, metric_title, online, pruning_mode,
                                     pruning_rows, scope_positions, selection)
 from app.panels import head_sets
-from app.views import Callbacks, card, graph, load, loading, message
+from app.views import Callbacks, card, changed_inputs, graph, layout_patch, load, loading, message
 
 callbacks = Callbacks()
 HEIGHT = {"b1": 190, "b2": 150}  # px: the four views fit one 1920x1080 screen (assets/headscope.css)
@@ -73,11 +73,13 @@ def view_b1(_ki, _kh, _km, _ks, _khs, overlay, sel):
     else:
         sub = index.values(metric)[members]
         mean, std, band = np.nanmean(sub, 0), np.nanstd(sub, 0), f"mean over {name} ({len(members)})"
-    return F.head_importance(index.L, index.H, metric_title(metric), mean, std, image_values=values, selected=head,
-                             image_label=None if pos is None else image_caption(index, pos),
-                             value_range=registry.get_metric(metric).range or (None, None), band_label=band,
-                             reference=unpruned_reference(index, metric, pos),
-                             **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
+    fig = F.head_importance(index.L, index.H, metric_title(metric), mean, std, image_values=values, selected=head,
+                            image_label=None if pos is None else image_caption(index, pos),
+                            value_range=registry.get_metric(metric).range or (None, None), band_label=band,
+                            reference=unpruned_reference(index, metric, pos),
+                            **head_sets.b1_extras(index, metric, pos, overlay, sel.get("heads")))
+    # a new head only moves its marker, a shape: the curves stay as drawn
+    return layout_patch(fig, "shapes") if changed_inputs() == {"k-head"} else fig
 
 
 @online.view(Output("b2-graph", "figure"), Output("b3-graph", "figure"), Output("b2-msg", "children"),

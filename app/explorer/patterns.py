@@ -142,7 +142,13 @@ def view_d1(_ki, _kh, _kd, _ks, color, sel, drawn):
     if head is not None:
         head_xy = xy[slice(None) if members is None else members, head[0] * index.H + head[1]]
         head_label = f"{F.head_name(*head)} in " + ("all images" if members is None else f"{name} ({len(members)})")
-    overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label)
+    # "points + contours": the points' background with the density under it, in the selection layer
+    # (the toggle redraws no point)
+    density = index.memo(("d1-density", kind, scope), lambda: F.pattern_density(xy[rows], lines=False)) \
+        if style == "both" else None
+    overlay = F.pattern_overlay(None if pos is None else xy[pos], index.L, index.H, head, head_xy, head_label,
+                                density)
+    style = "points" if style == "both" else style
     key = f"{index.name}#{index.stamp}|{kind}|{style}|{category or 'layer'}|{scope}"
     if drawn == key:
         return no_update, overlay, no_update, note

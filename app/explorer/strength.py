@@ -11,7 +11,7 @@ from analysis.metrics import registry
 
 from app import data, figures as F
 from app.explorer.selection import cached, image_caption, scope_positions, selection
-from app.views import Callbacks, card, graph, load, message
+from app.views import Callbacks, card, changed_inputs, graph, layout_patch, load, message
 
 callbacks = Callbacks()
 # C2's vector metric when the run has it (else its first vector metric, registry order)
@@ -122,6 +122,8 @@ def view_c(_ki, _kh, _ks, prop, sel, vector=None):
     else:
         c1 = F.property_overview(values[pos], index.L, index.H, head, image_caption(index, pos),
                                  y_title=m.title, y_range=m.range, height=HEIGHT["c1"])
+    if changed_inputs() == {"k-head"}:  # a new head only moves C1's ring, a shape: the points stay as drawn
+        c1 = layout_patch(c1, "shapes")
     c2 = profile(index, pos, head, vector)
     if head is None:
         return c1, c2, F.empty("… and its values over all images."), None
