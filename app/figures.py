@@ -476,8 +476,9 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
                       y_title: str = "strength entropy", y_range=(0, 1), height: int | None = None) -> dict:
     """C1: every head at x = layer (spread by head), y = a per-head property (default: the
     normalised strength entropy), coloured by layer, ``selected`` = (layer, head) ringed (a layout
-    shape). y_range None: automatic. ``height``: the graph's height in px, to which the y title is folded (fold_title) so that it spans no more than
-    the plot."""
+    shape, placed on the paper's y so that the plot area does not clip it at the axis' end: the y range
+    is fixed, ``y_range`` padded or, None, the values' own). ``height``: the graph's height in px, to
+    which the y title is folded (fold_title) so that it spans no more than the plot."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
     jitter = (head - (H - 1) / 2) * (0.6 / max(H, 1))
@@ -490,13 +491,21 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
                         "colorbar": {"title": {"text": "layer"}, "thickness": 10, "len": 0.9}},
              "hovertemplate": "layer %{customdata[0]} head %{customdata[1]}<br>" + y_title
                               + " %{y:.4g}<extra></extra>"}]
+    finite = ent[np.isfinite(ent)]
+    if y_range:
+        lo, hi = _padded(y_range)
+    elif len(finite) and finite.max() > finite.min():
+        pad = 0.08 * (finite.max() - finite.min())
+        lo, hi = float(finite.min() - pad), float(finite.max() + pad)
+    else:
+        lo, hi = (float(finite[0]) - 0.5, float(finite[0]) + 0.5) if len(finite) else (0.0, 1.0)
     shapes = []
     if selected is not None and np.isfinite(ent[selected[0] * H + selected[1]]):
         i = selected[0] * H + selected[1]
-        shapes.append(selected_ring_shape(float(x[i]), float(ent[i])))
+        shapes.append({**selected_ring_shape(float(x[i]), (float(ent[i]) - lo) / (hi - lo)), "yref": "paper"})
     margin = {"l": 55, "r": 10, "t": 28 if title else 10, "b": 40}
     shown = y_title if height is None else fold_title(y_title, height - margin["t"] - margin["b"], AXIS_TITLE_PX)
-    y_axis = axis(shown, range=_padded(y_range)) if y_range else axis(shown)
+    y_axis = axis(shown, range=[lo, hi])
     if "title" in y_axis:
         y_axis["title"]["font"] = {"size": AXIS_TITLE_PX}
     lay = layout(title, xaxis=axis("layer", tickmode="linear", dtick=1 if L <= 16 else 2, range=[-0.6, L - 0.4]),

@@ -18,12 +18,13 @@ import argparse
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from headless import chromium, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,12 +92,6 @@ requestAnimationFrame(tick);
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_app(code_root: Path, cache: Path, run: str, port: int) -> subprocess.Popen:
     """The app of ``code_root`` on ``cache``/``run`` in a subprocess, served as the README serves it
     (``python -m app``: werkzeug, threaded, one torch thread per online query; PYTHONPATH and cwd
@@ -114,19 +109,6 @@ def start_app(code_root: Path, cache: Path, run: str, port: int) -> subprocess.P
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"the app of {code_root} did not start on port {port}")
-
-
-def browser(width: int, height: int):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options)
-    driver.set_script_timeout(60)
-    return driver
 
 
 def timed(driver, action, event: str = "mousedown") -> float:
@@ -247,7 +229,7 @@ class Session:
         port = free_port()
         self.proc = start_app(code_root, cache, run, port)
         self.base = f"http://127.0.0.1:{port}"
-        self.driver = browser(*size)
+        self.driver = chromium(*size)
         self.reset()
         for _ in range(240):  # the first online query loads the model
             if self.driver.execute_script("return document.querySelectorAll('#d2-images img').length") >= 3:

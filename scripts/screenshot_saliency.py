@@ -9,10 +9,10 @@ otherwise the maps are computed online first. The app is served on a free port i
 from __future__ import annotations
 
 import argparse
-import socket
-import threading
 import time
 from pathlib import Path
+
+from headless import chromium, serve
 
 
 def main(argv=None) -> None:
@@ -23,23 +23,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="assets/screenshot_saliency.png", help="PNG to write")
     args = ap.parse_args(argv)
 
-    from selenium import webdriver
-    from werkzeug.serving import make_server
-
-    from app import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server("127.0.0.1", port, create_app(Path(args.cache), args.run).server, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--window-size=1920,1080", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options)
+    base, server = serve(Path(args.cache), args.run)
+    driver = chromium()
     try:
-        driver.get(f"http://127.0.0.1:{port}/?run={args.run}&image={args.image}&layer=11&head=0")
+        driver.get(f"{base}/?run={args.run}&image={args.image}&layer=11&head=0")
         for _ in range(120):  # the switch over D3 shows D6 in D3-D5's place
             switch = driver.find_elements("css selector", "#d-panel input[value=saliency]")
             if switch:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import threading
 import time
 from pathlib import Path
+
+from headless import chromium, serve
 
 WIDTH, HEIGHT = 1920, 1080
 TIMEOUT = 600  # s a view may take to draw (the circuit is computed online on a busy CPU)
@@ -45,27 +45,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import torch
-    from selenium import webdriver
-    from werkzeug.serving import make_server
-
-    from app import create_app
 
     torch.set_num_threads(1)  # as `python -m app` serves: one torch thread per online query
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server("127.0.0.1", port, create_app(Path(args.cache), args.run).server, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                f"--window-size={WIDTH},{HEIGHT}", "--hide-scrollbars"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
-    driver = webdriver.Chrome(options=options)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+    base, server = serve(Path(args.cache), args.run)
+    driver = chromium(WIDTH, HEIGHT, console=True)
     out = Path(args.out_dir)
-    base = f"http://127.0.0.1:{port}"
+    out.mkdir(parents=True, exist_ok=True)
     explorer = f"{base}/?run={args.run}&image={args.image}&layer={args.layer}&head={args.head}"
 
     def js(script, *a):
@@ -85,7 +70,8 @@ def main(argv=None) -> None:
     def save(name, graphs, what, element=None):
         took = wait(graphs, what)
         path = out / name
-        (driver.find_element("css selector", element).screenshot if element else driver.save_screenshot)(str(path))
+        if not (driver.find_element("css selector", element).screenshot if element else driver.save_screenshot)(str(path)):
+            raise SystemExit(f"could not write {path}")
         print(f"wrote {path}: {what} (drawn after {took:.0f} s)")
         for text in js(ALERTS):
             print("  alert:", text.replace("\n", " "))

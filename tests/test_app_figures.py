@@ -37,9 +37,6 @@ def index(cache):
 
 
 def test_synthetic_run_is_schema_valid(cache):
-    from analysis.runs.reader import open_run
-    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
-    from analysis.runs.tables import write_table
 
     run = open_run(cache / "syn")
     assert len(run.images) == 24 and len(run.head_metrics) == 24 * L * H
@@ -57,9 +54,6 @@ def test_synthetic_run_is_schema_valid(cache):
 
 
 def test_index_arrays(index, cache):
-    from analysis.runs.reader import open_run
-    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
-    from analysis.runs.tables import write_table
 
     hm = open_run(cache / "syn").head_metrics
     assert index.L == L and index.H == H and index.n == 24
@@ -77,9 +71,6 @@ def test_index_arrays(index, cache):
 def test_index_reports_missing_columns(tmp_path):
     import pandas as pd
 
-    from analysis.runs.reader import open_run
-    from analysis.runs.schema import IMAGE_COLUMNS, head_columns, summary_columns
-    from analysis.runs.tables import write_table
 
     run = make_run(tmp_path / "gaps", n_images=6, layers=2, heads=2, grid=3, n_classes=2)
     hm = pd.read_parquet(run / "head_metrics.parquet")
@@ -213,7 +204,12 @@ def test_strength_views():
     assert all(abs(x - l) < 0.5 for x, l in zip(pts["x"], pts["marker"]["color"]))
     ring = fig["layout"]["shapes"][0]  # the selected head's ring, a shape (a new head moves only the shapes)
     assert len(fig["data"]) == 1 and ring["type"] == "circle" and ring["xsizemode"] == ring["ysizemode"] == "pixel"
-    assert (ring["xanchor"], ring["yanchor"]) == (pytest.approx(pts["x"][2 * H]), pytest.approx(ent[2 * H]))
+    lo, hi = fig["layout"]["yaxis"]["range"]  # on the paper's y (the plot area does not clip it at y = 1)
+    assert (ring["xref"], ring["yref"]) == ("x", "paper") and lo < 0 and hi > 1
+    assert (ring["xanchor"], lo + ring["yanchor"] * (hi - lo)) == (pytest.approx(pts["x"][2 * H]), pytest.approx(ent[2 * H]))
+    free = roundtrip(F.property_overview(ent * 5 - 1, L, H, selected=(2, 0), y_range=None))  # no range: the values'
+    lo, hi = free["layout"]["yaxis"]["range"]
+    assert lo < -1 and hi > 4 and lo + free["layout"]["shapes"][0]["yanchor"] * (hi - lo) == pytest.approx(ent[2 * H] * 5 - 1)
     assert "shapes" not in roundtrip(F.property_overview(ent, L, H))["layout"] or \
         not roundtrip(F.property_overview(ent, L, H))["layout"]["shapes"]
     fig = roundtrip(F.strength_bars([0.5, 0.2, 0.1]))
