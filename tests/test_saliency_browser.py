@@ -170,6 +170,7 @@ def test_saliency_panel_maps_agreement_hover_click_and_deletion(dash_duo, real, 
     wait_js(dash_duo, "sal-deletion", "gd.layout.shapes.map(s => s.x0)", lambda s: s == [steps[1]], "n marked")
     handle.send_keys(Keys.END)
     wait_js(dash_duo, "sal-deletion", "gd.layout.shapes.map(s => s.x0)", lambda s: s == [steps[-1]], "n at the end")
+    settle(dash_duo)  # no request left for the server's stop to interrupt (a SystemExit warning in its thread)
     no_console_errors(dash_duo)
     assert server_errors == []
 
