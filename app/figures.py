@@ -133,12 +133,13 @@ def selected_ring(x, y, text=None) -> dict:
             "name": text or "selected"}
 
 
-def selected_ring_shape(x, y, size: int = 18) -> dict:
-    """The selected head's ring as a layout shape (``size`` px across at data (x, y)): a new head
-    changes only the figure's shapes, which plotly redraws without redrawing its traces."""
+def selected_ring_shape(x, y_paper, size: int = 18) -> dict:
+    """The selected head's ring as a layout shape, ``size`` px across at data x and paper y (which the
+    plot area does not clip at the axis' end): a new head changes only the figure's shapes, which
+    plotly redraws without redrawing its traces."""
     r = size / 2
-    return {"type": "circle", "xref": "x", "yref": "y", "xsizemode": "pixel", "ysizemode": "pixel",
-            "xanchor": x, "yanchor": y, "x0": -r, "x1": r, "y0": -r, "y1": r,
+    return {"type": "circle", "xref": "x", "yref": "paper", "xsizemode": "pixel", "ysizemode": "pixel",
+            "xanchor": x, "yanchor": y_paper, "x0": -r, "x1": r, "y0": -r, "y1": r,
             "line": {"color": ACCENT, "width": 3}, "name": "selected"}
 
 
@@ -476,9 +477,9 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
                       y_title: str = "strength entropy", y_range=(0, 1), height: int | None = None) -> dict:
     """C1: every head at x = layer (spread by head), y = a per-head property (default: the
     normalised strength entropy), coloured by layer, ``selected`` = (layer, head) ringed (a layout
-    shape, placed on the paper's y so that the plot area does not clip it at the axis' end: the y range
-    is fixed, ``y_range`` padded or, None, the values' own). ``height``: the graph's height in px, to
-    which the y title is folded (fold_title) so that it spans no more than the plot."""
+    shape on the paper's y, so the y range is fixed: ``y_range`` padded or, None, the values' own).
+    ``height``: the graph's height in px, to which the y title is folded (fold_title) so that it
+    spans no more than the plot."""
     idx = np.arange(L * H)
     layer, head = idx // H, idx % H
     jitter = (head - (H - 1) / 2) * (0.6 / max(H, 1))
@@ -502,7 +503,7 @@ def property_overview(values, L: int, H: int, selected=None, title: str | None =
     shapes = []
     if selected is not None and np.isfinite(ent[selected[0] * H + selected[1]]):
         i = selected[0] * H + selected[1]
-        shapes.append({**selected_ring_shape(float(x[i]), (float(ent[i]) - lo) / (hi - lo)), "yref": "paper"})
+        shapes.append(selected_ring_shape(float(x[i]), (float(ent[i]) - lo) / (hi - lo)))
     margin = {"l": 55, "r": 10, "t": 28 if title else 10, "b": 40}
     shown = y_title if height is None else fold_title(y_title, height - margin["t"] - margin["b"], AXIS_TITLE_PX)
     y_axis = axis(shown, range=[lo, hi])
@@ -718,7 +719,8 @@ def pattern_layout(background: list[dict], kind: str, uirevision=None) -> dict:
     """D1's background figure (cached per run/kind/style/colouring); the selection is drawn over it
     by assets/overlay.js (``pattern_overlay``), the density under it: a transparent background."""
     title = "CLS attention vectors" if kind == "cls" else "patch attention latents"
-    lay = layout(None, paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
+    lay = layout(None, paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
+                 xaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""),
                  yaxis=axis(None, showticklabels=False, showgrid=False, showline=False, ticks=""), uirevision=uirevision,
                  margin={"l": 6, "r": 6, "t": 6, "b": 6}, hoverdistance=6,
                  annotations=[{"text": f"2-D layout of {title}", "xref": "paper", "yref": "paper", "x": 0, "y": 1,
