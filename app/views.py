@@ -85,7 +85,8 @@ _CHANGED: contextvars.ContextVar = contextvars.ContextVar("changed_inputs", defa
 
 def changed_inputs() -> set[str]:
     """The component ids of the running view's Inputs whose values differ from those the browser
-    shows it for (every Input on its first draw); empty outside a view model (the report, tests)."""
+    shows it for (every Input on its first draw), plus ViewModel.VERSION when the data changed under
+    them; empty outside a view model (the report, tests)."""
     return _CHANGED.get() or set()
 
 
@@ -112,10 +113,14 @@ class ViewModel:
     the browser drops, superseded by a newer request, leaves it as it was, so nothing is skipped) and
     sends no_update for the others, so a new head does not resend what depends on the image only.
     ``parallel``: the views run in threads (the online views, whose model queries release the GIL).
+    ``version(values)``: the identity of the data the views read (a run replaced in place has another):
+    when it changes, every view is drawn anew, whatever its Inputs (and patches nothing).
     The decorated functions stay plain functions (tests, the report and the exports call them)."""
 
-    def __init__(self, name: str, parallel: bool = False):
-        self.name, self.parallel, self.views = name, parallel, []
+    VERSION = "@version"  # the record's entry for ``version``, beside each view's Inputs
+
+    def __init__(self, name: str, parallel: bool = False, version: Callable[[dict], str | None] | None = None):
+        self.name, self.parallel, self.version, self.views = name, parallel, version, []
 
     @property
     def record_id(self) -> str:
@@ -152,11 +157,14 @@ class ViewModel:
         fingerprints differ from ``shown`` (the record: view -> {input: fingerprint}), no_update for
         the rest. ``values``: "id.prop" -> value."""
         shown = shown if isinstance(shown, dict) else {}
+        version = self.version(values) if self.version else None
         record, todo = {}, []
         for v in self.views:
             record[v.name] = {k: _fingerprint(values.get(k)) for k in v.inputs}
+            if version is not None:
+                record[v.name][self.VERSION] = version
             was = shown.get(v.name) if isinstance(shown.get(v.name), dict) else {}
-            changed = {k.rpartition(".")[0] for k in v.inputs if was.get(k) != record[v.name][k]}
+            changed = {k.rpartition(".")[0] or k for k, fp in record[v.name].items() if was.get(k) != fp}
             if changed:
                 todo.append((v, changed))
 

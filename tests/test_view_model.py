@@ -116,7 +116,7 @@ def test_a_new_head_sends_b1_and_c1_only_their_shapes(tmp_path):
 
     make_synthetic_run(tmp_path / "syn", n_images=6, layers=3, heads=2, grid=3, n_classes=2, seed=2)
     config.configure(tmp_path, "syn")
-    model = ViewModel("t")
+    model = ViewModel("t", version=selection.run_version)
     model.views.extend(v for v in selection.cached.views if v.name in ("view_b1", "view_c"))
     sel = {"run": "syn", "image": 2, "layer": 0, "head": 1, "metric": "prob_drop"}
     values = {"k-image.data": 2, "k-head.data": [0, 1], "k-metric.data": "prob_drop", "k-set.data": None,
@@ -136,6 +136,14 @@ def test_a_new_head_sends_b1_and_c1_only_their_shapes(tmp_path):
     # a new image with the head redraws B1's curves: a whole figure
     (b1_img, *_), _ = model.run({**values, "k-image.data": 3, "sel.data": {**sel, "image": 3}}, shown)
     assert not isinstance(b1_img, Patch) and len(b1_img["data"]) >= 3
+    # the run replaced in place (rebuilt): the same head change draws both anew, with the new run's numbers
+    import shutil
+    shutil.rmtree(tmp_path / "syn")
+    make_synthetic_run(tmp_path / "syn", n_images=6, layers=3, heads=2, grid=3, n_classes=2, seed=5)
+    (b1_new, c1_new, *_), _ = model.run({**values, "k-head.data": [2, 0], "sel.data": moved}, shown)
+    assert not isinstance(b1_new, Patch) and not isinstance(c1_new, Patch)
+    assert json.loads(json.dumps(b1_new)) == json.loads(json.dumps(importance.view_b1(None, None, None, None, None, [], moved)))
+    assert json.dumps(b1_new["data"][3]["y"]) != json.dumps(b1["data"][3]["y"])  # the image's values of the new run
 
 
 

@@ -15,8 +15,17 @@ from app.views import ViewModel
 # The Explorer's views answer a state change in two requests: the views read from the run's tables
 # (A, B1, C1-C3, D1, the header), and the online views (B2/B3, D2-D5), whose model queries run in
 # parallel; each computes only the views whose inputs changed (app/views.py ViewModel).
-cached = ViewModel("cached")
-online = ViewModel("online", parallel=True)
+def run_version(values: dict) -> str | None:
+    """The identity of the selected run's index (a new one when the run is replaced in place), so that
+    the views draw the new run's numbers at the next state change; None when the run cannot be opened."""
+    try:
+        return data.get_index((values.get("sel.data") or {}).get("run")).stamp
+    except Exception:  # no run, or one that cannot be read: the views say which (views.load)
+        return None
+
+
+cached = ViewModel("cached", version=run_version)
+online = ViewModel("online", parallel=True, version=run_version)
 SCOPES = {"set": "all images (or the lasso set)", "class": "the image's class", "wrong": "mispredicted images"}
 
 
